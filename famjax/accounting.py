@@ -1,0 +1,81 @@
+"""Parameter and FLOP counts of a family and of each exit's deployable sub-model, from ModelConfig.
+
+Conventions (Chinchilla, Hoffmann et al. 2022, appendix F): a matmul with a weight of P entries costs
+2P FLOPs per token forward and 4P backward; attention costs 2*T*D for the scores and 2*T*D for the
+weighted values per token and layer forward (full T x T product, as the kernels compute it).
+Training = forward + backward = 3 x forward. Norms, softmax and the embedding gather are not counted.
+"Non-embedding" excludes the input embedding and every unembedding matrix (Kaplan et al. 2020).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from famjax.config import ModelConfig
+
+
+def block_params(cfg: ModelConfig) -> int:
+  """One decoder block: q, k, v, o projections, SwiGLU (three matrices) and two RMSNorm scales."""
+  return 4 * cfg.d_model * cfg.d_model + 3 * cfg.d_model * cfg.d_ff + 2 * cfg.d_model
+
+
+def block_matmul_params(cfg: ModelConfig) -> int:
+  return 4 * cfg.d_model * cfg.d_model + 3 * cfg.d_model * cfg.d_ff
+
+
+def private_blocks(cfg: ModelConfig) -> tuple[int, ...]:
+  """1 where exit g has its own decoder block ("block" heads, every exit but the last)."""
+  return tuple(int(cfg.exit_head == "block" and g < cfg.n_exits - 1) for g in range(cfg.n_exits))
+
+
+def n_unembeddings(cfg: ModelConfig) -> int:
+  return {"tied": 0, "shared": 1, "per_exit": cfg.n_exits}[cfg.unembed]
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+  params_total: int  # every parameter of the family
+  params_non_embedding: int  # without the input embedding and the unembedding matrices
+  params_per_exit: tuple[int, ...]  # exit g's deployable sub-model: layers 1..l_g + its head
+  non_embedding_per_exit: tuple[int, ...]
+  flops_per_token: float  # training the family, forward + backward, every exit head included
+  train_flops_per_token_per_exit: tuple[float, ...]  # training sub-model g alone (a dense model)
+  forward_flops_per_token_per_exit: tuple[float, ...]  # inference through exit g
+
+
+def _attention_flops(cfg: ModelConfig, seq_len: int) -> int:
+  return 4 * seq_len * cfg.d_model
+
+
+def account(cfg: ModelConfig, seq_len: int) -> Accounting:
+  """All counts for sequences of seq_len tokens (attention FLOPs grow with seq_len)."""
+  vd = cfg.vocab_size * cfg.d_model
+  block, block_mm = block_params(cfg), block_matmul_params(cfg)
+  private = private_blocks(cfg)
+  n_attention_layers = cfg.n_layers + sum(private)
+
+  params_total = (vd + cfg.n_layers * block + sum(cfg.d_model + p * block for p in private)
+                  + n_unembeddings(cfg) * vd)
+  params_non_embedding = params_total - vd - n_unembeddings(cfg) * vd
+  own_unembed = 0 if cfg.unembed == "tied" else vd
+  per_exit, non_emb_per_exit, train_per_exit, forward_per_exit = [], [], [], []
+  for g, layers in enumerate(cfg.exit_layers):
+    depth = layers + private[g]
+    non_emb = depth * block + cfg.d_model
+    per_exit.append(vd + non_emb + own_unembed)
+    non_emb_per_exit.append(non_emb)
+    forward = 2 * (depth * block_mm + vd) + depth * _attention_flops(cfg, seq_len)
+    forward_per_exit.append(float(forward))
+    train_per_exit.append(3.0 * forward)
+
+  forward_family = (2 * (n_attention_layers * block_mm + cfg.n_exits * vd)
+                    + n_attention_layers * _attention_flops(cfg, seq_len))
+  return Accounting(
+      params_total=params_total,
+      params_non_embedding=params_non_embedding,
+      params_per_exit=tuple(per_exit),
+      non_embedding_per_exit=tuple(non_emb_per_exit),
+      flops_per_token=3.0 * forward_family,
+      train_flops_per_token_per_exit=tuple(train_per_exit),
+      forward_flops_per_token_per_exit=tuple(forward_per_exit),
+  )

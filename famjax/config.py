@@ -1,0 +1,214 @@
+"""Frozen, validated configuration dataclasses; every invalid value is a ValueError naming its field."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+HEAD_KINDS = ("norm", "block")
+UNEMBED_MODES = ("tied", "shared", "per_exit")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "wsd")
+TOKENIZERS = ("byte", "bpe")
+
+
+def _require(ok: bool, field: str, allowed: str, got: Any) -> None:
+  if not ok:
+    raise ValueError(f"{field} must be {allowed}; got {got!r}")
+
+
+def _positive_int(field: str, value: Any) -> None:
+  _require(isinstance(value, int) and value > 0, field, "a positive integer", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A familial decoder-only transformer: one backbone, one exit after each layer in exit_layers."""
+
+  vocab_size: int = 259  # tokens, specials included (byte tokenizer: 256 bytes + 3 specials)
+  d_model: int = 128  # residual stream width
+  n_layers: int = 4  # backbone decoder blocks
+  n_heads: int = 4  # attention heads; head dim = d_model // n_heads
+  d_ff: int = 384  # SwiGLU hidden width
+  max_seq_len: int = 256  # longest sequence the rotary tables cover
+  exit_layers: tuple[int, ...] = (2, 3, 4)  # exit g sits after layer exit_layers[g]; last == n_layers
+  exit_head: str = "norm"  # "norm": RMSNorm + unembed; "block": private block + RMSNorm + unembed
+  unembed: str = "per_exit"  # "tied" (input embedding), "shared" (one head) or "per_exit"
+  rope_theta: float = 10_000.0  # rotary base frequency
+  norm_eps: float = 1e-6  # RMSNorm epsilon
+  dtype: str = "float32"  # compute dtype; parameters always stay float32
+
+  def __post_init__(self):
+    object.__setattr__(self, "exit_layers", tuple(self.exit_layers))
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+      _positive_int(f"model.{name}", getattr(self, name))
+    _require(self.d_model % self.n_heads == 0, "model.d_model",
+             f"divisible by model.n_heads={self.n_heads}", self.d_model)
+    _require((self.d_model // self.n_heads) % 2 == 0, "model.d_model // model.n_heads",
+             "even (rotary embeddings rotate pairs)", self.d_model // self.n_heads)
+    layers = self.exit_layers
+    _require(len(layers) >= 1 and all(isinstance(l, int) for l in layers), "model.exit_layers",
+             "a non-empty tuple of integers", layers)
+    _require(all(1 <= l <= self.n_layers for l in layers), "model.exit_layers",
+             f"entries in 1..{self.n_layers} (model.n_layers)", layers)
+    _require(all(a < b for a, b in zip(layers, layers[1:])), "model.exit_layers",
+             "strictly increasing", layers)
+    _require(layers[-1] == self.n_layers, "model.exit_layers",
+             f"a tuple whose last entry equals model.n_layers={self.n_layers}", layers)
+    _require(self.exit_head in HEAD_KINDS, "model.exit_head", f"one of {HEAD_KINDS}", self.exit_head)
+    _require(self.unembed in UNEMBED_MODES, "model.unembed", f"one of {UNEMBED_MODES}",
+             self.unembed)
+    _require(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
+    _require(self.rope_theta > 0, "model.rope_theta", "> 0", self.rope_theta)
+    _require(self.norm_eps > 0, "model.norm_eps", "> 0", self.norm_eps)
+
+  @property
+  def n_exits(self) -> int:
+    return len(self.exit_layers)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the text comes from, how it is tokenized and where the token cache lives."""
+
+  corpus: str = "stdlib"  # "stdlib", or comma-separated files / directories / .jsonl files
+  tokenizer: str = "byte"  # "byte" (nothing to train) or "bpe" (trained locally, cached)
+  bpe_vocab_size: int = 4096  # vocabulary of the BPE tokenizer, specials included
+  val_fraction: float = 0.01  # share of documents (by path hash) held out for validation
+  cache_dir: str = ""  # token cache; "" = ~/.cache/famjax
+
+  def __post_init__(self):
+    _require(isinstance(self.corpus, str) and self.corpus.strip() != "", "data.corpus",
+             '"stdlib" or a comma-separated list of paths', self.corpus)
+    _require(self.tokenizer in TOKENIZERS, "data.tokenizer", f"one of {TOKENIZERS}",
+             self.tokenizer)
+    _require(isinstance(self.bpe_vocab_size, int) and 260 <= self.bpe_vocab_size <= 65_535,
+             "data.bpe_vocab_size", "an integer in 260..65535", self.bpe_vocab_size)
+    _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", "in (0, 0.5)",
+             self.val_fraction)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh shape; -1 takes all devices the other axis leaves."""
+
+  data: int = -1  # data-parallel axis (batch)
+  model: int = 1  # model-parallel axis (heads, MLP hidden, vocabulary)
+
+  def __post_init__(self):
+    for name in ("data", "model"):
+      value = getattr(self, name)
+      _require(isinstance(value, int) and (value == -1 or value >= 1), f"mesh.{name}",
+               "-1 (all remaining devices) or a positive integer", value)
+    _require(not (self.data == -1 and self.model == -1), "mesh", "at most one axis equal to -1",
+             (self.data, self.model))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, schedule, logging and checkpointing of one training run."""
+
+  seed: int = 0  # parameter init and data order
+  batch_size: int = 16  # global batch, sequences
+  seq_len: int = 128  # tokens per sequence
+  steps: int = 200  # optimizer steps; ignored when tokens > 0
+  tokens: int = 0  # token budget D; > 0 sets steps = tokens // (batch_size * seq_len)
+  learning_rate: float = 3e-3  # peak learning rate
+  min_lr_ratio: float = 0.1  # final learning rate / peak
+  warmup_steps: int = 20  # linear warmup from 0
+  schedule: str = "cosine"  # "cosine" decay, or "wsd" (warmup, stable, linear decay)
+  decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+  weight_decay: float = 0.1  # AdamW decoupled weight decay
+  b1: float = 0.9  # Adam beta1
+  b2: float = 0.95  # Adam beta2
+  grad_clip: float = 1.0  # global-norm clipping threshold
+  exit_weights: tuple[float, ...] = ()  # loss weight per exit; () = 1/G each
+  log_every: int = 10  # steps between train-loss logs
+  eval_every: int = 50  # steps between validation evaluations
+  eval_batches: int = 4  # fixed validation batches per evaluation
+  checkpoint_every: int = 50  # steps between checkpoints
+  keep_checkpoints: int = 3  # checkpoints kept on disk
+  progress: bool = True  # show a tqdm bar
+
+  def __post_init__(self):
+    object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
+    for name in ("batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+                 "checkpoint_every", "keep_checkpoints"):
+      _positive_int(f"train.{name}", getattr(self, name))
+    _require(isinstance(self.seed, int) and self.seed >= 0, "train.seed",
+             "a non-negative integer", self.seed)
+    _require(isinstance(self.steps, int) and self.steps >= 0, "train.steps",
+             "a non-negative integer", self.steps)
+    _require(isinstance(self.tokens, int) and self.tokens >= 0, "train.tokens",
+             "a non-negative integer", self.tokens)
+    _require(self.total_steps > 0, "train.steps / train.tokens",
+             f"at least one step (tokens >= batch_size * seq_len = "
+             f"{self.batch_size * self.seq_len})", (self.steps, self.tokens))
+    _require(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
+    _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "in [0, 1]",
+             self.min_lr_ratio)
+    _require(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.total_steps,
+             "train.warmup_steps", f"an integer in 0..{self.total_steps - 1}", self.warmup_steps)
+    _require(self.schedule in SCHEDULES, "train.schedule", f"one of {SCHEDULES}", self.schedule)
+    _require(0.0 < self.decay_fraction <= 1.0, "train.decay_fraction", "in (0, 1]",
+             self.decay_fraction)
+    _require(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+    _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "train.b1 / train.b2", "in [0, 1)",
+             (self.b1, self.b2))
+    _require(self.grad_clip > 0, "train.grad_clip", "> 0", self.grad_clip)
+    _require(all(w >= 0 for w in self.exit_weights), "train.exit_weights", "non-negative",
+             self.exit_weights)
+    _require(not self.exit_weights or sum(self.exit_weights) > 0, "train.exit_weights",
+             "not all zero", self.exit_weights)
+
+  @property
+  def total_steps(self) -> int:
+    if self.tokens > 0:
+      return self.tokens // (self.batch_size * self.seq_len)
+    return self.steps
+
+  def weights_for(self, n_exits: int) -> tuple[float, ...]:
+    """Loss weight of each exit: the configured ones, or 1/G each."""
+    if not self.exit_weights:
+      return (1.0 / n_exits,) * n_exits
+    _require(len(self.exit_weights) == n_exits, "train.exit_weights",
+             f"a tuple of length {n_exits} (one weight per exit)", self.exit_weights)
+    return self.exit_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything one training run needs."""
+
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+
+  def __post_init__(self):
+    self.train.weights_for(self.model.n_exits)
+    _require(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
+             f"<= model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str):
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"unknown config field(s) {[f'{prefix}.{u}' for u in unknown]}; "
+                     f"allowed: {sorted(known)}")
+  return cls(**values)
+
+
+def experiment_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
+  """Builds an ExperimentConfig from nested mappings (e.g. ml_collections.ConfigDict.to_dict())."""
+  sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
+  unknown = sorted(set(values) - set(sections))
+  if unknown:
+    raise ValueError(f"unknown config section(s) {unknown}; allowed: {sorted(sections)}")
+  return ExperimentConfig(**{name: _build(cls, dict(values.get(name, {})), name)
+                             for name, cls in sections.items()})

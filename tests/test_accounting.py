@@ -1,0 +1,60 @@
+import itertools
+
+import jax
+import pytest
+from flax import nnx
+
+from famjax import accounting
+from famjax.config import ModelConfig
+from famjax.model import ExitSubModel, FamilialTransformer
+from famjax.sharding import create_model, make_mesh
+
+from conftest import tiny_model
+
+
+def n_params(module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize("head, unembed",
+                         itertools.product(("norm", "block"), ("tied", "shared", "per_exit")))
+def test_counts_equal_the_parameter_tree(head, unembed):
+  cfg = tiny_model(exit_head=head, unembed=unembed, exit_layers=(1, 3), d_ff=48)
+  with nnx.use_eager_sharding(False):
+    family = nnx.eval_shape(lambda: FamilialTransformer(cfg, rngs=nnx.Rngs(0)))
+  acc = accounting.account(cfg, seq_len=16)
+  assert acc.params_total == n_params(family)
+  for g in range(cfg.n_exits):
+    assert acc.params_per_exit[g] == n_params(ExitSubModel(family, g))
+  embedding = cfg.vocab_size * cfg.d_model * (1 + accounting.n_unembeddings(cfg))
+  assert acc.params_non_embedding == acc.params_total - embedding
+
+
+def test_flops_match_a_hand_count():
+  # V=10, D=4, F=8, L=2, exits after layers 1 and 2, private exit block, per-exit heads, T=3.
+  cfg = ModelConfig(vocab_size=10, d_model=4, n_heads=2, d_ff=8, n_layers=2, exit_layers=(1, 2),
+                    exit_head="block", unembed="per_exit", max_seq_len=8)
+  acc = accounting.account(cfg, seq_len=3)
+  block_matmuls = 4 * 4 * 4 + 3 * 4 * 8            # q, k, v, o + gate, up, down = 160
+  attention = 2 * 3 * 4 + 2 * 3 * 4                  # scores + weighted values, per token = 48
+  forward = (3 * (2 * block_matmuls + attention)     # 2 backbone layers + 1 private exit block
+             + 2 * (2 * 10 * 4))                     # two unembeddings
+  assert acc.flops_per_token == 3 * forward == 3 * (3 * 368 + 160)
+  # exit 1 alone: layer 1 + its private block + its head
+  assert acc.forward_flops_per_token_per_exit[0] == 2 * (2 * block_matmuls + 40) + 2 * attention
+  # params: embed 40, blocks 2 * (160 + 8), exit block 168, two norms 8, two heads 80
+  assert acc.params_total == 40 + 336 + 168 + 8 + 80
+  assert acc.params_per_exit == (40 + 168 + 168 + 4 + 40, 40 + 336 + 4 + 40)
+
+
+def test_flops_agree_with_the_compiler():
+  """XLA's own count of the train step lands within 10% of the accounting (norms, softmax extra)."""
+  cfg = ModelConfig(vocab_size=512, d_model=128, n_heads=4, d_ff=512, n_layers=2,
+                    exit_layers=(1, 2), exit_head="block", max_seq_len=64)
+  model = create_model(cfg, 0, make_mesh())
+  graphdef, params = nnx.split(model)
+  x = jax.numpy.zeros((2, 64), jax.numpy.int32)
+  loss = lambda p: nnx.merge(graphdef, p)(x).sum()
+  cost = jax.jit(jax.value_and_grad(loss)).lower(params).compile().cost_analysis()
+  predicted = accounting.account(cfg, seq_len=64).flops_per_token * 2 * 64
+  assert 0.9 < cost["flops"] / predicted < 1.1
