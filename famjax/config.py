@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 HEAD_KINDS = ("norm", "block")
@@ -148,7 +149,8 @@ class TrainConfig:
     _require(self.total_steps > 0, "train.steps / train.tokens",
              f"at least one step (tokens >= batch_size * seq_len = "
              f"{self.batch_size * self.seq_len})", (self.steps, self.tokens))
-    _require(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
+    _require(0 < self.learning_rate < math.inf, "train.learning_rate", "finite and > 0",
+             self.learning_rate)
     _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "in [0, 1]",
              self.min_lr_ratio)
     _require(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.total_steps,
@@ -160,8 +162,8 @@ class TrainConfig:
     _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "train.b1 / train.b2", "in [0, 1)",
              (self.b1, self.b2))
     _require(self.grad_clip > 0, "train.grad_clip", "> 0", self.grad_clip)
-    _require(all(w >= 0 for w in self.exit_weights), "train.exit_weights", "non-negative",
-             self.exit_weights)
+    _require(all(0 <= w < math.inf for w in self.exit_weights), "train.exit_weights",
+             "finite and non-negative", self.exit_weights)
     _require(not self.exit_weights or sum(self.exit_weights) > 0, "train.exit_weights",
              "not all zero", self.exit_weights)
 

@@ -177,8 +177,9 @@ def _check_finite(step: int, metrics: dict) -> None:
 def _run_identity(cfg: ExperimentConfig) -> dict:
   """The fields a resumed run must share with the run that wrote the workdir."""
   tc = cfg.train
-  return {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
-          "seed": tc.seed, "batch_size": tc.batch_size, "seq_len": tc.seq_len}
+  identity = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+              "seed": tc.seed, "batch_size": tc.batch_size, "seq_len": tc.seq_len}
+  return json.loads(json.dumps(identity))  # tuples become lists, as when read back
 
 
 def _claim_workdir(workdir: Path, cfg: ExperimentConfig) -> None:
