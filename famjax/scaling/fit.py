@@ -14,6 +14,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import jaxopt
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 
@@ -22,6 +23,7 @@ from famjax.scaling.laws import Law
 DEFAULT_DELTA = 1e-3
 DEFAULT_MAXITER = 1000
 DEFAULT_TOL = 1e-9  # on the gradient norm; objectives here are ~1e-3
+DEFAULT_CHUNK = 500  # starts per vmapped solve: a chunk runs until its slowest start finishes
 
 
 def objective(params, data, weights_R, *, law: Law, delta: float, fixed: Mapping | None = None):
@@ -29,9 +31,19 @@ def objective(params, data, weights_R, *, law: Law, delta: float, fixed: Mapping
   return jnp.sum(weights_R * optax.losses.huber_loss(residual_R, delta=delta))
 
 
+def dense_solve(matvec, b, **_):
+  """Solves matvec(x) = b exactly. The Hessians here are tiny (one row per parameter) and too
+  ill-conditioned for jaxopt's default conjugate gradients, which return wrong implicit gradients."""
+  flat_b, unravel = ravel_pytree(b)
+  flat_matvec = lambda x: ravel_pytree(matvec(unravel(x)))[0]
+  matrix = jax.vmap(flat_matvec, out_axes=1)(jnp.eye(flat_b.size, dtype=flat_b.dtype))
+  return unravel(jnp.linalg.solve(matrix, flat_b))
+
+
 def _solver(law: Law, delta: float, fixed, maxiter: int, tol: float) -> jaxopt.LBFGS:
   fun = functools.partial(objective, law=law, delta=delta, fixed=fixed)
-  return jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=tol, implicit_diff=True)
+  return jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=tol, implicit_diff=True,
+                      implicit_diff_solve=dense_solve)
 
 
 def solve(law: Law, init: Mapping, data: Mapping, weights_R=None, *, delta: float = DEFAULT_DELTA,
@@ -39,7 +51,8 @@ def solve(law: Law, init: Mapping, data: Mapping, weights_R=None, *, delta: floa
   """One L-BFGS run from `init`; returns (params, state). Pure: jit, vmap and grad (implicit
   differentiation with respect to the data, e.g. the observed losses) all work on it."""
   weights_R = jnp.ones_like(data["loss"]) if weights_R is None else weights_R
-  return _solver(law, delta, fixed, maxiter, tol).run(dict(init), data, weights_R)
+  init = {k: jnp.asarray(v, jnp.float64) for k, v in init.items()}
+  return _solver(law, delta, fixed, maxiter, tol).run(init, data, weights_R)
 
 
 @functools.partial(jax.jit, static_argnames=("law", "delta", "maxiter", "tol"))
@@ -52,6 +65,30 @@ def solve_many(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None
                           tol=tol)
     return params, state.value, state.error, state.iter_num
   return jax.vmap(one)(dict(inits_S), weights_SR)
+
+
+def solve_chunked(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
+                  delta: float = DEFAULT_DELTA, maxiter: int = DEFAULT_MAXITER,
+                  tol: float = DEFAULT_TOL, chunk: int = DEFAULT_CHUNK, progress: bool = False,
+                  desc: str = "fit"):
+  """solve_many over fixed-size chunks (the last one padded), so one compilation serves any S.
+
+  Returns numpy (params {name: [S]}, objective [S], gradient norm [S]).
+  """
+  from tqdm.auto import tqdm
+  inits_S = {k: np.asarray(v, np.float64) for k, v in inits_S.items()}
+  weights_SR = np.asarray(weights_SR, np.float64)
+  n = weights_SR.shape[0]
+  size = min(chunk, n)
+  pad = lambda x, lo: np.concatenate([x[lo:lo + size], np.repeat(x[-1:], max(0, lo + size - n), 0)])
+  pieces = []
+  for lo in tqdm(range(0, n, size), desc=desc, unit="chunk", disable=not progress):
+    out = solve_many(law, {k: pad(v, lo) for k, v in inits_S.items()}, data, pad(weights_SR, lo),
+                     fixed, delta=delta, maxiter=maxiter, tol=tol)
+    pieces.append(jax.tree.map(lambda x: np.asarray(x)[: min(size, n - lo)], out[:3]))
+  params, value, error = (jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+                          for parts in zip(*pieces))
+  return params, value, error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +108,8 @@ def as_data(data: Mapping) -> dict[str, jnp.ndarray]:
 
 
 def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping | None = None,
-        fixed: Mapping | None = None, maxiter: int = DEFAULT_MAXITER,
-        tol: float = DEFAULT_TOL) -> FitResult:
+        fixed: Mapping | None = None, maxiter: int = DEFAULT_MAXITER, tol: float = DEFAULT_TOL,
+        chunk: int = DEFAULT_CHUNK, progress: bool = False) -> FitResult:
   """Fits `law` from every grid start (the law's own grid by default) and keeps the best.
 
   The best start is the lowest objective among converged starts (among all finite ones if none
@@ -84,15 +121,15 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
     grid = {k: np.asarray(v, np.float64) for k, v in (grid or law.grid()).items()
             if k not in fixed}
     n_starts = len(next(iter(grid.values())))
-    weights_SR = jnp.ones((n_starts, data["loss"].shape[0]))
-    params_S, value_S, error_S, _ = solve_many(law, grid, data, weights_SR, fixed, delta=delta,
-                                               maxiter=maxiter, tol=tol)
-    value_S, error_S = np.asarray(value_S), np.asarray(error_S)
+    weights_SR = np.ones((n_starts, data["loss"].shape[0]))
+    params_S, value_S, error_S = solve_chunked(law, grid, data, weights_SR, fixed, delta=delta,
+                                               maxiter=maxiter, tol=tol, chunk=chunk,
+                                               progress=progress)
     converged_S = np.isfinite(value_S) & (error_S <= tol)
     candidates = np.where(converged_S if converged_S.any() else np.isfinite(value_S),
                           value_S, np.inf)
     best = int(np.argmin(candidates))
-    starts = {k: np.asarray(v) for k, v in params_S.items()}
+    starts = dict(params_S)
     return FitResult(law=law.name, params={k: float(v[best]) for k, v in starts.items()},
                      objective=float(value_S[best]), n_rows=int(data["loss"].shape[0]),
                      starts=starts, start_objective=value_S, start_converged=converged_S,

@@ -80,18 +80,22 @@ PAPER_FAMILIAL = {"E": 1.0059, "A": 403.4289, "alpha": 0.2982, "B": 2980.058, "b
                   "gamma": 0.0333}
 
 
-def to_log_params(natural: Mapping[str, float]) -> dict[str, float]:
-  """{E, A, B, ...} -> {e, a, b, ...} (exponents pass through)."""
-  rename = {"E": "e", "A": "a", "B": "b"}
-  return {rename.get(k, k): (float(np.log(v)) if k in rename else float(v))
-          for k, v in natural.items()}
+def _convert(params: Mapping, rename: Mapping[str, str], fn):
+  out = {}
+  for k, v in params.items():
+    value = fn(np.asarray(v, np.float64)) if k in rename else np.asarray(v, np.float64)
+    out[rename.get(k, k)] = float(value) if value.ndim == 0 else value
+  return out
 
 
-def to_natural_params(logp: Mapping[str, float]) -> dict[str, float]:
-  """{e, a, b, ...} -> {E, A, B, ...}."""
-  rename = {"e": "E", "a": "A", "b": "B"}
-  return {rename.get(k, k): (float(np.exp(v)) if k in rename else float(v))
-          for k, v in logp.items()}
+def to_log_params(natural: Mapping) -> dict:
+  """{E, A, B, ...} -> {e, a, b, ...} (exponents pass through); scalars or arrays."""
+  return _convert(natural, {"E": "e", "A": "a", "B": "b"}, np.log)
+
+
+def to_natural_params(logp: Mapping) -> dict:
+  """{e, a, b, ...} -> {E, A, B, ...}; scalars or arrays."""
+  return _convert(logp, {"e": "E", "a": "A", "b": "B"}, np.exp)
 
 
 def loss(law: Law, params: Params, data: Data) -> jnp.ndarray:

@@ -1,0 +1,68 @@
+"""Reading and validating fit data (CSV, JSONL, parquet), and the public reference data sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from famjax.scaling.laws import Law
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"--data: {path} does not exist")
+  readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True),
+             ".parquet": pd.read_parquet}
+  if path.suffix not in readers:
+    raise ValueError(f"--data: {path.name} must end in one of {sorted(readers)}")
+  return readers[path.suffix](path)
+
+
+def validate(frame: pd.DataFrame, law: Law) -> dict[str, np.ndarray]:
+  """The law's columns as float64 arrays; every problem is an error naming its rows or columns."""
+  needed = ("loss",) + law.columns
+  missing = [c for c in needed if c not in frame.columns]
+  if missing:
+    raise ValueError(f"the {law.name} law needs columns {list(needed)}; missing {missing} "
+                     f"(found {list(frame.columns)})")
+  columns = {}
+  for name in needed:
+    values = pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float64)
+    bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
+    if bad.size:
+      raise ValueError(f"column {name!r} must be finite and > 0; rows {bad[:10].tolist()}"
+                       f"{' ...' if bad.size > 10 else ''} are not")
+    columns[name] = values
+  if len(frame) < len(law.param_names) + 1:
+    raise ValueError(f"the {law.name} law has {len(law.param_names)} parameters; {len(frame)} "
+                     f"rows are too few to fit it (need at least {len(law.param_names) + 1})")
+  if "G" in law.columns and np.unique(columns["G"]).size < 2:
+    raise ValueError(f"the {law.name} law needs at least two granularities in column 'G' to "
+                     f"identify gamma; found only G={np.unique(columns['G']).tolist()}")
+  if "exit" in law.columns:
+    bad = np.flatnonzero(columns["exit"] > columns["G"])
+    if bad.size:
+      raise ValueError(f"column 'exit' must be in 1..G; rows {bad[:10].tolist()} are not")
+  return columns
+
+
+def reference_data_dir() -> Path:
+  """../shared/reference-data beside the checkout, or $FAMJAX_REFERENCE_DATA."""
+  env = os.environ.get("FAMJAX_REFERENCE_DATA")
+  if env:
+    return Path(env)
+  return Path(__file__).resolve().parents[3] / "shared" / "reference-data"
+
+
+def epoch_chinchilla(path: str | Path | None = None) -> dict[str, np.ndarray]:
+  """Epoch AI's reconstruction of Chinchilla Approach 3: the 240 rows they fit (5 highest losses
+  dropped), with D = C / (6N)."""
+  path = Path(path) if path else reference_data_dir() / "chinchilla-epoch" / "svg_extracted_data.csv"
+  frame = pd.read_csv(path).sort_values("loss", kind="stable").iloc[:-5]
+  n = frame["Model Size"].to_numpy(np.float64)
+  return {"N": n, "D": frame["Training FLOP"].to_numpy(np.float64) / (6.0 * n),
+          "loss": frame["loss"].to_numpy(np.float64)}

@@ -1,0 +1,76 @@
+"""Compute-optimal allocation N*(C), D*(C) per G, and Efficiency Leverage, from a fitted law.
+
+Budgets: C = k(N) * D with k(N) = flops_per_token(N) (default 6N). Pure JAX (float64).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from famjax.scaling.laws import FAMILIAL, Law
+
+FlopsPerToken = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def six_n(n):
+  return 6.0 * n
+
+
+def _loss(law: Law, params: Mapping, n, d, g):
+  data = {"N": n, "D": d, "G": jnp.broadcast_to(jnp.asarray(g, jnp.float64), jnp.shape(n)),
+          "exit": jnp.broadcast_to(jnp.asarray(g, jnp.float64), jnp.shape(n))}
+  return jnp.exp(law.log_loss(params, data))
+
+
+def compute_optimal(params: Mapping, budget, n_exits=1, *, law: Law = FAMILIAL,
+                    flops_per_token: FlopsPerToken = six_n, log10_n_range=(4.0, 16.0)):
+  """(N*, D*) minimising the law along C = flops_per_token(N) * D: a coarse then a fine log grid.
+
+  Relative precision on N* is about 1e-5; budgets below the range's lower end are an error upstream.
+  """
+  def loss_at(log_n):
+    n = jnp.exp(log_n)
+    return _loss(law, params, n, budget / flops_per_token(n), n_exits)
+
+  lo, hi = (jnp.log(10.0) * x for x in log10_n_range)
+  coarse = jnp.linspace(lo, hi, 2401)
+  best = coarse[jnp.argmin(loss_at(coarse))]
+  step = coarse[1] - coarse[0]
+  fine = jnp.linspace(best - step, best + step, 2001)
+  n_star = jnp.exp(fine[jnp.argmin(loss_at(fine))])
+  return n_star, budget / flops_per_token(n_star)
+
+
+def efficiency_leverage(params: Mapping, budget, n_exits: int, *, law: Law = FAMILIAL,
+                        ladder: Sequence[float] | None = None,
+                        budget_split: Sequence[float] | None = None,
+                        flops_per_token: FlopsPerToken = six_n):
+  """EL(C, G) = mean_g L_dense(N_g, D_g) / L_family(N*, D*, G).
+
+  The family is trained compute-optimally at budget C (N*, D*); its mean exit loss is the law at G
+  (equal exit weights, as the paper). Exit g's sub-model has N_g = ladder[g] * N* parameters
+  (default ladder g/G: exits evenly spaced in depth). The G independent dense models have the same
+  sizes N_g and share the budget: model g gets budget_split[g] * C (default C/G each), so
+  D_g = budget_split[g] * C / flops_per_token(N_g); their loss is the law at G = 1.
+  """
+  g = jnp.arange(1, n_exits + 1, dtype=jnp.float64)
+  ladder = g / n_exits if ladder is None else jnp.asarray(ladder, jnp.float64)
+  split = (jnp.full(n_exits, 1.0 / n_exits) if budget_split is None
+           else jnp.asarray(budget_split, jnp.float64))
+  n_star, d_star = compute_optimal(params, budget, n_exits, law=law,
+                                   flops_per_token=flops_per_token)
+  family = _loss(law, params, n_star, d_star, n_exits)
+  n_g = ladder * n_star
+  dense = _loss(law, params, n_g, split * budget / flops_per_token(n_g), 1.0)
+  return jnp.mean(dense) / family
+
+
+def leverage_table(params: Mapping, budgets, granularities, **kwargs):
+  """EL for every (budget, G): array [len(budgets), len(granularities)]."""
+  with jax.enable_x64(True):
+    budgets = jnp.asarray(budgets, jnp.float64)
+    return jnp.stack([jax.vmap(lambda c: efficiency_leverage(params, c, g, **kwargs))(budgets)
+                      for g in granularities], axis=1)

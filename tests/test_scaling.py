@@ -1,0 +1,141 @@
+"""Laws, fits, bootstrap and leverage on small problems (the full published checks are slow)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from famjax.scaling import bootstrap, fit, io, laws, leverage
+
+PAPER = laws.to_log_params(laws.PAPER_FAMILIAL)
+
+
+def synthetic_family(noise=0.0, seed=0):
+  """An IsoFLOP-like design over N, D and G drawn from the paper's law."""
+  rng = np.random.default_rng(seed)
+  n, d, g = np.meshgrid(np.geomspace(3e7, 3e9, 6), np.geomspace(1e9, 1e11, 5), [1, 2, 4, 8])
+  data = {"N": n.ravel(), "D": d.ravel(), "G": g.ravel().astype(float)}
+  with jax.enable_x64(True):
+    clean = np.asarray(laws.loss(laws.FAMILIAL, PAPER, fit.as_data(data)))
+  data["loss"] = clean * np.exp(noise * rng.standard_normal(clean.shape))
+  return data
+
+
+def test_laws_match_their_closed_forms():
+  n, d, g, e = np.array([1e8, 1e9]), np.array([1e10, 3e10]), np.array([2.0, 4.0]), np.array([1., 3.])
+  nat = laws.PAPER_FAMILIAL
+  dense = nat["E"] + nat["A"] / n ** nat["alpha"] + nat["B"] / d ** nat["beta"]
+  with jax.enable_x64(True):
+    data = fit.as_data({"N": n, "D": d, "G": g, "exit": e})
+    np.testing.assert_allclose(laws.loss(laws.CHINCHILLA, PAPER, data), dense, rtol=1e-12)
+    np.testing.assert_allclose(laws.loss(laws.FAMILIAL, PAPER, data), dense * g ** nat["gamma"],
+                               rtol=1e-12)
+    branch = {**PAPER, "alpha_b": 1e-3, "beta_b": 0.0397}
+    expected = dense * (1 + e - 1) ** 1e-3 * (1 + g - e) ** 0.0397
+    np.testing.assert_allclose(laws.loss(laws.BRANCH, branch, data), expected, rtol=1e-12)
+
+
+def test_grids():
+  assert len(laws.CHINCHILLA.grid()["a"]) == 4500
+  assert len(laws.FAMILIAL.grid()["gamma"]) == 13500
+  assert set(laws.BRANCH.grid()) == set(laws.BRANCH.param_names)
+
+
+def test_compute_optimal_matches_the_closed_form():
+  nat = laws.PAPER_FAMILIAL
+  alpha, beta = nat["alpha"], nat["beta"]
+  g_coef = (alpha * nat["A"] / (beta * nat["B"])) ** (1 / (alpha + beta))
+  with jax.enable_x64(True):
+    for c in (1e19, 1e21):
+      n_star, d_star = leverage.compute_optimal(PAPER, c, 4)
+      assert float(n_star) == pytest.approx(g_coef * (c / 6) ** (beta / (alpha + beta)), rel=1e-4)
+      assert float(6 * n_star * d_star) == pytest.approx(c, rel=1e-9)
+
+
+def test_efficiency_leverage_of_the_published_law():
+  """EL > 1 and falling with compute over 1e19..1e21 for G = 3..6 (ladder N_g = g/G N*)."""
+  table = np.asarray(leverage.leverage_table(PAPER, np.geomspace(1e19, 1e21, 5), [3, 4, 5, 6]))
+  assert np.all(table > 1.0)
+  assert np.all(np.diff(table, axis=0) < 0)
+  assert np.all(np.diff(table, axis=1) > 0)  # more exits, more leverage at a fixed budget
+
+
+def small_grid(law, every):
+  return {k: v[::every] for k, v in law.grid().items()}
+
+
+@pytest.fixture(scope="module")
+def familial_fit():
+  data = synthetic_family(noise=0.0005, seed=3)
+  return data, fit.fit(laws.FAMILIAL, data, grid=small_grid(laws.FAMILIAL, 450), tol=1e-12,
+                       maxiter=3000)
+
+
+def test_fit_recovers_the_generating_parameters(familial_fit):
+  _, result = familial_fit
+  got = laws.to_natural_params(result.params)
+  for name, truth in laws.PAPER_FAMILIAL.items():
+    assert got[name] == pytest.approx(truth, rel=0.03), name
+  assert result.objective < 1e-4 and result.start_converged.any()
+  assert result.start_objective.shape == result.start_converged.shape == (30,)
+
+
+def test_fitted_parameters_are_differentiable_in_the_observed_losses(familial_fit):
+  data, result = familial_fit
+  with jax.enable_x64(True):
+    arrays = fit.as_data(data)
+
+    def alpha_of(losses):
+      params, _ = fit.solve(laws.FAMILIAL, result.params, {**arrays, "loss": losses}, tol=1e-12,
+                            maxiter=3000)
+      return params["alpha"]
+
+    grad = jax.grad(alpha_of)(arrays["loss"])
+    assert grad.shape == arrays["loss"].shape and bool(jnp.all(jnp.isfinite(grad)))
+    bump = jnp.zeros_like(arrays["loss"]).at[0].set(1e-5 * arrays["loss"][0])
+    numeric = (alpha_of(arrays["loss"] + bump) - alpha_of(arrays["loss"] - bump)) / (2 * bump[0])
+    assert float(grad[0]) == pytest.approx(float(numeric), rel=1e-3)
+
+
+def test_bootstrap_spreads_and_gamma_test(familial_fit):
+  data = synthetic_family(noise=0.01, seed=1)
+  result = fit.fit(laws.FAMILIAL, data, grid=small_grid(laws.FAMILIAL, 450))
+  boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=64, seed=0, chunk=32)
+  assert boot.converged > 0.9 and set(boot.ci95) >= {"E", "A", "gamma", "a_opt"}
+  lo, hi = boot.ci95["gamma"]
+  assert 0 < boot.se["gamma"] < 0.05 and lo < laws.PAPER_FAMILIAL["gamma"] < hi
+  tests = bootstrap.gamma_tests(data, result, boot, grid=small_grid(laws.FAMILIAL, 450))
+  assert tests["bootstrap_p"] < 0.05 and tests["lrt_p"] < 1e-3
+
+
+def test_group_resampling_keeps_groups_whole():
+  groups = np.repeat([0, 1, 2, 3], 5)
+  counts = bootstrap.resample_counts(20, 50, seed=0, groups=groups)
+  assert counts.shape == (50, 20) and np.all(counts.sum(axis=1) == 20)
+  for row in counts:
+    assert all(len(set(row[groups == k])) == 1 for k in range(4))
+
+
+@pytest.mark.parametrize("frame, law, message", [
+    (pd.DataFrame({"N": [1.0] * 8, "loss": [2.0] * 8}), laws.CHINCHILLA, r"missing \['D'\]"),
+    (pd.DataFrame({"N": [1e8, -1, 1e8, 1e8, 1e8, 1e8], "D": [1e9] * 6, "loss": [2.0] * 6}),
+     laws.CHINCHILLA, r"'N' must be finite and > 0; rows \[1\]"),
+    (pd.DataFrame({"N": [1e8] * 6, "D": [1e9] * 6, "loss": [2.0, np.nan, 2, 2, 2, 2]}),
+     laws.CHINCHILLA, r"'loss' must be finite and > 0; rows \[1\]"),
+    (pd.DataFrame({"N": [1e8] * 4, "D": [1e9] * 4, "loss": [2.0] * 4}), laws.CHINCHILLA,
+     "too few"),
+    (pd.DataFrame({"N": [1e8] * 9, "D": [1e9] * 9, "G": [4] * 9, "loss": [2.0] * 9}),
+     laws.FAMILIAL, "at least two granularities"),
+])
+def test_bad_fit_data_is_a_clear_error(frame, law, message):
+  with pytest.raises(ValueError, match=message):
+    io.validate(frame, law)
+
+
+def test_epoch_rows():
+  path = io.reference_data_dir() / "chinchilla-epoch" / "svg_extracted_data.csv"
+  if not path.exists():
+    pytest.skip(f"reference data not found at {path} (set FAMJAX_REFERENCE_DATA)")
+  data = io.epoch_chinchilla(path)
+  assert len(data["loss"]) == 240 and data["loss"].max() < 3.447
