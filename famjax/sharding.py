@@ -59,6 +59,17 @@ def state_shardings(state, mesh: jax.sharding.Mesh):
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def check_fits_mesh(cfg: ModelConfig, batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  """Every sharded dimension must split evenly over its mesh axis; errors name field and size."""
+  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  needs = {"model.n_heads": (cfg.n_heads, "model"), "model.d_ff": (cfg.d_ff, "model"),
+           "model.vocab_size": (cfg.vocab_size, "model"), "train.batch_size": (batch_size, "data")}
+  for field, (value, axis) in needs.items():
+    if value % sizes[axis]:
+      raise ValueError(f"{field}={value} must be divisible by mesh.{axis}={sizes[axis]} "
+                       f"(it is split over that mesh axis)")
+
+
 def create_model(cfg: ModelConfig, seed: int, mesh: jax.sharding.Mesh) -> FamilialTransformer:
   """Initialises the model inside jit, so every parameter is born with its rules-table sharding."""
 

@@ -79,6 +79,7 @@ class Trainer:
 
   @classmethod
   def create(cls, cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> "Trainer":
+    sharding.check_fits_mesh(cfg.model, cfg.train.batch_size, mesh)
     model = sharding.create_model(cfg.model, cfg.train.seed, mesh)
     graphdef, params = nnx.split(model)
     optimizer = make_optimizer(cfg.train)

@@ -1,0 +1,77 @@
+"""Run in a subprocess with 8 fake CPU devices (XLA_FLAGS set before JAX starts); prints JSON.
+
+Called by tests/test_sharding.py so the rest of the suite keeps one fast device.
+"""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_model, write_corpus  # noqa: E402
+from famjax import checkpoint, sharding, train  # noqa: E402
+from famjax.config import DataConfig, ExperimentConfig, MeshConfig, TrainConfig  # noqa: E402
+
+
+def specs(state):
+  flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
+  return {"/".join(map(str, path)): str(leaf.sharding.spec) for path, leaf in flat}
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def main(workdir: Path):
+  assert jax.device_count() == 8, jax.device_count()
+  corpus = write_corpus(workdir / "corpus")
+  cfg = ExperimentConfig(
+      model=tiny_model(d_model=32, n_heads=8, exit_head="block", unembed="per_exit",
+                       vocab_size=264),
+      data=DataConfig(corpus=str(corpus), val_fraction=0.1),
+      train=TrainConfig(batch_size=8, seq_len=32, steps=12, learning_rate=1e-2, warmup_steps=2,
+                        log_every=2, eval_every=6, eval_batches=1, checkpoint_every=6,
+                        progress=False))
+  one = sharding.make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1])
+  meshes = {shape: sharding.make_mesh(MeshConfig(data=shape[0], model=shape[1]))
+            for shape in ((8, 1), (1, 8), (2, 4))}
+  batch = np.random.default_rng(0).integers(0, 259, (8, 33), dtype=np.int32)
+  out = {"step": {}}
+
+  reference = train.Trainer.create(cfg, one)
+  ref_loss = float(reference.step(batch)["loss"])
+  ref_params = leaves(reference.params)
+  for shape, mesh in meshes.items():
+    trainer = train.Trainer.create(cfg, mesh)
+    if shape == (2, 4):
+      out["param_specs"] = specs(trainer.params)
+      mu = trainer.opt_state[1][0].mu
+      out["mu_specs"] = specs(mu)
+    loss = float(trainer.step(batch)["loss"])
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(leaves(trainer.params), ref_params)]
+    out["step"][str(shape)] = {"loss": loss, "ref_loss": ref_loss, "max_param_diff": max(diffs)}
+
+  # save on (8, 1), resume on (2, 4), then on one device; compare with an uninterrupted run
+  straight = train.train(cfg, workdir / "straight", mesh=one)
+  train.train(cfg, workdir / "moved", mesh=meshes[(8, 1)], stop_after=6)
+  train.train(dataclasses.replace(cfg), workdir / "moved", mesh=meshes[(2, 4)], stop_after=12)
+  moved = train.train(cfg, workdir / "moved", mesh=one)
+  out["resume"] = {"straight": straight["val_loss"], "moved": moved["val_loss"],
+                   "straight_train": straight["train_loss"], "moved_train": moved["train_loss"]}
+  mngr = checkpoint.manager(workdir / "moved", 3)
+  state, _ = checkpoint.restore(mngr, 12, train.Trainer.create(cfg, one).state)
+  ref_state, _ = checkpoint.restore(checkpoint.manager(workdir / "straight", 3), 12,
+                                    train.Trainer.create(cfg, one).state)
+  out["resume"]["max_param_diff"] = max(
+      float(np.max(np.abs(a - b))) for a, b in zip(leaves(state["params"]),
+                                                   leaves(ref_state["params"])))
+  print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+  main(Path(sys.argv[1]))
