@@ -16,6 +16,7 @@ import grain
 import numpy as np
 
 from famjax.config import DataConfig
+from famjax.files import atomic_write_text
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS = (PAD, BOS, EOS)
@@ -167,7 +168,7 @@ class BPETokenizer:
     return cls(Tokenizer.from_file(str(path)))
 
   def save(self, path: Path) -> None:
-    _atomic_write_text(path, self._tok.to_str())
+    atomic_write_text(path, self._tok.to_str())
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text).ids, dtype=np.int32)
@@ -177,14 +178,6 @@ class BPETokenizer:
 
 
 # --- Token cache ---------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def default_cache_dir() -> Path:

@@ -6,8 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from tqdm.auto import tqdm
 
 from famjax import accounting, checkpoint, data, sharding
 from famjax.config import ExperimentConfig, TrainConfig
+from famjax.files import atomic_write_text
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -157,13 +156,6 @@ class MetricsLog:
     if self.enabled:
       self._file.close()
       self._tb.close()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _check_finite(step: int, metrics: dict) -> None:

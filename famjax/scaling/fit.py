@@ -23,6 +23,9 @@ from famjax.scaling.laws import Law
 DEFAULT_DELTA = 1e-3
 DEFAULT_MAXITER = 1000
 DEFAULT_TOL = 1e-9  # on the gradient norm; objectives here are ~1e-3
+# ... or a step that lowers the objective by less than this fraction: Huber kinks can keep the
+# gradient norm from ever reaching tol (scipy's L-BFGS-B stops on the same kind of test).
+DEFAULT_FTOL = 1e-10
 DEFAULT_CHUNK = 500  # starts per vmapped solve: a chunk runs until its slowest start finishes
 
 
@@ -55,16 +58,45 @@ def solve(law: Law, init: Mapping, data: Mapping, weights_R=None, *, delta: floa
   return _solver(law, delta, fixed, maxiter, tol).run(init, data, weights_R)
 
 
-@functools.partial(jax.jit, static_argnames=("law", "delta", "maxiter", "tol"))
+@functools.partial(jax.jit, static_argnames=("law", "delta", "maxiter", "tol", "ftol"))
 def solve_many(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
                delta: float = DEFAULT_DELTA, maxiter: int = DEFAULT_MAXITER,
-               tol: float = DEFAULT_TOL):
-  """S independent runs in one vmap: start s from inits_S[.][s] with row weights weights_SR[s]."""
-  def one(init, weights_R):
-    params, state = solve(law, init, data, weights_R, delta=delta, fixed=fixed, maxiter=maxiter,
-                          tol=tol)
-    return params, state.value, state.error, state.iter_num
-  return jax.vmap(one)(dict(inits_S), weights_SR)
+               tol: float = DEFAULT_TOL, ftol: float = DEFAULT_FTOL):
+  """S independent L-BFGS runs in one vmap: start s from inits_S[.][s] with row weights
+  weights_SR[s]. Returns (params {name: [S]}, objective [S], converged [S], iterations [S]);
+  a lane has converged when its gradient norm is <= tol or a step lowered its objective by less
+  than ftol (relative).
+
+  Under vmap every lane steps until the last one is done, and a finished lane's line search can
+  spin to its limit on every step. So a lane that has converged (or whose line search failed) is
+  frozen and its objective weights zeroed: its later steps cost one evaluation and change nothing.
+  """
+  solver = _solver(law, delta, fixed, maxiter, tol)
+  inits_S = {k: jnp.asarray(v, jnp.float64) for k, v in inits_S.items()}
+  update = jax.vmap(solver.update, in_axes=(0, 0, None, 0))
+  state = jax.vmap(solver.init_state, in_axes=(0, None, 0))(inits_S, data, weights_SR)
+  n = weights_SR.shape[0]
+  converged_S = state.error <= tol
+  carry = (inits_S, state, ~converged_S, state.value, converged_S, jnp.zeros(n, jnp.int32), 0)
+
+  def step(carry):
+    params, state, active_S, value_S, converged_S, iters_S, it = carry
+    live_SR = weights_SR * active_S[:, None]
+    new_params, state = update(params, state, data, live_SR)
+    params = jax.tree.map(lambda new, old: jnp.where(active_S, new, old), new_params, params)
+    stalled_S = (value_S - state.value) <= ftol * jnp.abs(value_S)
+    converged_S = converged_S | (active_S & ((state.error <= tol) | stalled_S))
+    value_S = jnp.where(active_S, state.value, value_S)
+    iters_S = iters_S + active_S
+    # A failed line search leaves a lane stuck: it stops there, counted as not converged.
+    active_S = (active_S & ~converged_S & jnp.isfinite(state.value) & ~state.failed_linesearch)
+    return params, state, active_S, value_S, converged_S, iters_S, it + 1
+
+  def keep_going(carry):
+    return jnp.any(carry[2]) & (carry[-1] < maxiter)
+
+  params, _, _, value_S, converged_S, iters_S, _ = jax.lax.while_loop(keep_going, step, carry)
+  return params, value_S, converged_S, iters_S
 
 
 def solve_chunked(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
@@ -73,7 +105,7 @@ def solve_chunked(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=N
                   desc: str = "fit"):
   """solve_many over fixed-size chunks (the last one padded), so one compilation serves any S.
 
-  Returns numpy (params {name: [S]}, objective [S], gradient norm [S]).
+  Returns numpy (params {name: [S]}, objective [S], converged [S]).
   """
   from tqdm.auto import tqdm
   inits_S = {k: np.asarray(v, np.float64) for k, v in inits_S.items()}
@@ -99,7 +131,7 @@ class FitResult:
   n_rows: int
   starts: dict[str, np.ndarray]  # every start's final parameters, [S] each
   start_objective: np.ndarray  # [S]
-  start_converged: np.ndarray  # [S] bool: gradient norm <= tol within maxiter
+  start_converged: np.ndarray  # [S] bool: gradient norm <= tol or objective stalled (ftol)
   fixed: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -122,10 +154,10 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
             if k not in fixed}
     n_starts = len(next(iter(grid.values())))
     weights_SR = np.ones((n_starts, data["loss"].shape[0]))
-    params_S, value_S, error_S = solve_chunked(law, grid, data, weights_SR, fixed, delta=delta,
+    params_S, value_S, converged_S = solve_chunked(law, grid, data, weights_SR, fixed, delta=delta,
                                                maxiter=maxiter, tol=tol, chunk=chunk,
                                                progress=progress)
-    converged_S = np.isfinite(value_S) & (error_S <= tol)
+    converged_S = converged_S & np.isfinite(value_S)
     candidates = np.where(converged_S if converged_S.any() else np.isfinite(value_S),
                           value_S, np.inf)
     best = int(np.argmin(candidates))
