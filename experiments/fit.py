@@ -21,6 +21,8 @@ _GROUP_BY = flags.DEFINE_string("group_by", None, "Resample whole groups of rows
 _DELTA = flags.DEFINE_float("huber_delta", fit.DEFAULT_DELTA, "Huber delta on log residuals.",
                             lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+_GRID_EVERY = flags.DEFINE_integer("grid_every", 1, "Keep every k-th grid start (1: the whole "
+                                   "grid; larger for a quick look).", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "fit.json", "Where the JSON result goes (written atomically).")
 
 ORDER = ("E", "A", "B", "alpha", "beta", "gamma", "alpha_b", "beta_b", "a_opt", "b_opt")
@@ -37,7 +39,8 @@ def main(argv):
       raise ValueError(f"--group_by={_GROUP_BY.value!r} is not a column of {_DATA.value}")
     groups = frame[_GROUP_BY.value].to_numpy()
   start = time.perf_counter()
-  result = fit.fit(law, data, delta=_DELTA.value, progress=True)
+  grid = {k: v[::_GRID_EVERY.value] for k, v in law.grid().items()}
+  result = fit.fit(law, data, delta=_DELTA.value, grid=grid, progress=True)
   natural = laws.to_natural_params(result.params)
   record = {"law": law.name, "params": natural, "objective": result.objective,
             "n_rows": result.n_rows,
@@ -52,7 +55,8 @@ def main(argv):
                            "converged": boot.converged,
                            "resampled": _GROUP_BY.value or "rows"}
   if law is laws.FAMILIAL:
-    record["gamma_test"] = bootstrap.gamma_tests(data, result, boot, delta=_DELTA.value)
+    record["gamma_test"] = bootstrap.gamma_tests(data, result, boot, delta=_DELTA.value,
+                                                 grid=grid)
   record["seconds"] = time.perf_counter() - start
 
   print(f"{law.name} law, {result.n_rows} rows, objective {result.objective:.10g}")

@@ -139,3 +139,34 @@ def test_epoch_rows():
     pytest.skip(f"reference data not found at {path} (set FAMJAX_REFERENCE_DATA)")
   data = io.epoch_chinchilla(path)
   assert len(data["loss"]) == 240 and data["loss"].max() < 3.447
+
+
+def test_fit_command_line(tmp_path):
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+  data = synthetic_family(noise=0.01, seed=2)
+  pd.DataFrame(data).to_csv(tmp_path / "runs.csv", index=False)
+  root = Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-m", "experiments.fit", f"--data={tmp_path / 'runs.csv'}",
+                        "--law=familial", "--bootstrap=32", "--grid_every=450",
+                        f"--out={tmp_path / 'fit.json'}"], cwd=root, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  record = json.loads((tmp_path / "fit.json").read_text())
+  assert record["law"] == "familial" and record["n_rows"] == 120
+  assert set(record["params"]) == {"E", "A", "B", "alpha", "beta", "gamma"}
+  assert record["bootstrap"]["n"] == 32 and len(record["bootstrap"]["ci95"]["gamma"]) == 2
+  assert "gamma > 0?" in out.stdout and "95% CI" in out.stdout
+
+
+def test_fit_command_line_rejects_bad_data(tmp_path):
+  import subprocess
+  import sys
+  from pathlib import Path
+  pd.DataFrame({"N": [1e8] * 9, "D": [1e9] * 9, "loss": [2.0] * 9}).to_csv(tmp_path / "x.csv")
+  root = Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-m", "experiments.fit", f"--data={tmp_path / 'x.csv'}",
+                        "--law=familial"], cwd=root, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "missing ['G']" in out.stderr
