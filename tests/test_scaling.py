@@ -170,3 +170,20 @@ def test_fit_command_line_rejects_bad_data(tmp_path):
   out = subprocess.run([sys.executable, "-m", "experiments.fit", f"--data={tmp_path / 'x.csv'}",
                         "--law=familial"], cwd=root, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "missing ['G']" in out.stderr
+
+
+@pytest.mark.slow
+def test_epoch_chinchilla_full_grid_and_bootstrap():
+  """Epoch AI's best grid fit and bootstrap standard errors (arXiv 2404.10102), 4500 starts."""
+  path = io.reference_data_dir() / "chinchilla-epoch" / "svg_extracted_data.csv"
+  if not path.exists():
+    pytest.skip(f"reference data not found at {path} (set FAMJAX_REFERENCE_DATA)")
+  data = io.epoch_chinchilla(path)
+  result = fit.fit(laws.CHINCHILLA, data)
+  assert result.objective <= 0.0010182741
+  got = laws.to_natural_params(result.params)
+  for name, value in {"A": 477.8, "B": 2143, "E": 1.8172, "alpha": 0.3473, "beta": 0.3672}.items():
+    assert got[name] == pytest.approx(value, rel=0.005), name
+  boot = bootstrap.bootstrap(laws.CHINCHILLA, data, result, n=4000, seed=0)
+  for name, se in {"A": 124.5, "B": 1293, "E": 0.0257, "alpha": 0.0154, "beta": 0.0206}.items():
+    assert boot.se[name] == pytest.approx(se, rel=0.10), name

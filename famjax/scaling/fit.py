@@ -26,6 +26,7 @@ DEFAULT_TOL = 1e-9  # on the gradient norm; objectives here are ~1e-3
 # ... or a step that lowers the objective by less than this fraction: Huber kinks can keep the
 # gradient norm from ever reaching tol (scipy's L-BFGS-B stops on the same kind of test).
 DEFAULT_FTOL = 1e-10
+DEFAULT_MAXLS = 20  # line-search trials per step, as scipy's L-BFGS-B (jaxopt's default is 30)
 DEFAULT_CHUNK = 500  # starts per vmapped solve: a chunk runs until its slowest start finishes
 
 
@@ -45,8 +46,8 @@ def dense_solve(matvec, b, **_):
 
 def _solver(law: Law, delta: float, fixed, maxiter: int, tol: float) -> jaxopt.LBFGS:
   fun = functools.partial(objective, law=law, delta=delta, fixed=fixed)
-  return jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=tol, implicit_diff=True,
-                      implicit_diff_solve=dense_solve)
+  return jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=tol, maxls=DEFAULT_MAXLS,
+                      implicit_diff=True, implicit_diff_solve=dense_solve)
 
 
 def solve(law: Law, init: Mapping, data: Mapping, weights_R=None, *, delta: float = DEFAULT_DELTA,
