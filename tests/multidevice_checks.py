@@ -3,7 +3,6 @@
 Called by tests/test_sharding.py so the rest of the suite keeps one fast device.
 """
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from famjax.config import DataConfig, ExperimentConfig, MeshConfig, TrainConfig 
 
 
 def specs(state):
-  flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
+  flat = nnx.to_flat_state(state)
   return {"/".join(map(str, path)): str(leaf.sharding.spec) for path, leaf in flat}
 
 
@@ -59,7 +58,7 @@ def main(workdir: Path):
   # save on (8, 1), resume on (2, 4), then on one device; compare with an uninterrupted run
   straight = train.train(cfg, workdir / "straight", mesh=one)
   train.train(cfg, workdir / "moved", mesh=meshes[(8, 1)], stop_after=6)
-  train.train(dataclasses.replace(cfg), workdir / "moved", mesh=meshes[(2, 4)], stop_after=12)
+  train.train(cfg, workdir / "moved", mesh=meshes[(2, 4)], stop_after=12)
   moved = train.train(cfg, workdir / "moved", mesh=one)
   out["resume"] = {"straight": straight["val_loss"], "moved": moved["val_loss"],
                    "straight_train": straight["train_loss"], "moved_train": moved["train_loss"]}
