@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from flax import nnx
@@ -100,7 +102,6 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   On Cloud TPU and SLURM, jax.distributed discovers everything itself: set JAX_COORDINATOR_ADDRESS
   or pass the address to opt in. With neither, this is a single-process run and nothing happens.
   """
-  import os
   address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not address:
     return

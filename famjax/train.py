@@ -120,10 +120,6 @@ class Trainer:
   def load_state(self, state: dict) -> None:
     self.params, self.opt_state = state["params"], state["opt_state"]
 
-  @property
-  def model(self) -> nnx.Module:
-    return nnx.merge(self.graphdef, self.params)
-
 
 class MetricsLog:
   """Appends records to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard (process 0 only)."""

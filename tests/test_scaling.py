@@ -133,11 +133,17 @@ def test_bad_fit_data_is_a_clear_error(frame, law, message):
     io.validate(frame, law)
 
 
-def test_epoch_rows():
+@pytest.fixture(scope="module")
+def epoch_data():
+  """Epoch AI's Chinchilla rows; the shared reference data is absent outside a project checkout."""
   path = io.reference_data_dir() / "chinchilla-epoch" / "svg_extracted_data.csv"
   if not path.exists():
     pytest.skip(f"reference data not found at {path} (set FAMJAX_REFERENCE_DATA)")
-  data = io.epoch_chinchilla(path)
+  return io.epoch_chinchilla(path)
+
+
+def test_epoch_rows(epoch_data):
+  data = epoch_data
   assert len(data["loss"]) == 240 and data["loss"].max() < 3.447
 
 
@@ -173,12 +179,9 @@ def test_fit_command_line_rejects_bad_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_epoch_chinchilla_full_grid_and_bootstrap():
+def test_epoch_chinchilla_full_grid_and_bootstrap(epoch_data):
   """Epoch AI's best grid fit and bootstrap standard errors (arXiv 2404.10102), 4500 starts."""
-  path = io.reference_data_dir() / "chinchilla-epoch" / "svg_extracted_data.csv"
-  if not path.exists():
-    pytest.skip(f"reference data not found at {path} (set FAMJAX_REFERENCE_DATA)")
-  data = io.epoch_chinchilla(path)
+  data = epoch_data
   result = fit.fit(laws.CHINCHILLA, data)
   assert result.objective <= 0.0010182741
   got = laws.to_natural_params(result.params)
