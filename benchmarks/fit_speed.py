@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import huber, logsumexp
+from scipy.special import huber
 
 from famjax.scaling import bootstrap, fit, io, laws
 
@@ -20,12 +20,14 @@ PARAMS = ("a", "b", "e", "alpha", "beta")
 
 
 def scipy_grid(data, grid, delta):
-  """What a researcher would write (after Epoch AI's replication): L-BFGS-B from every start."""
+  """What a researcher would write (after Epoch AI's replication): L-BFGS-B from every start,
+  with a lean numpy objective (np.logaddexp; scipy.special.logsumexp over a list is ~7x slower
+  per call here, which would flatter famjax) and scipy's finite-difference gradients."""
   log_n, log_d, log_l = np.log(data["N"]), np.log(data["D"]), np.log(data["loss"])
 
   def objective(x):
     a, b, e, alpha, beta = x
-    pred = logsumexp([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)], axis=0)
+    pred = np.logaddexp(np.logaddexp(a - alpha * log_n, b - beta * log_d), e)
     return np.sum(huber(delta, pred - log_l))
 
   best = None

@@ -101,7 +101,7 @@ def test_fitted_parameters_are_differentiable_in_the_observed_losses(familial_fi
 def test_bootstrap_spreads_and_gamma_test(familial_fit):
   data = synthetic_family(noise=0.01, seed=1)
   result = fit.fit(laws.FAMILIAL, data, grid=small_grid(laws.FAMILIAL, 450))
-  boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=64, seed=0, chunk=32)
+  boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=64, seed=0, lanes=32)
   assert boot.converged > 0.9 and set(boot.ci95) >= {"E", "A", "gamma", "a_opt"}
   lo, hi = boot.ci95["gamma"]
   assert 0 < boot.se["gamma"] < 0.05 and lo < laws.PAPER_FAMILIAL["gamma"] < hi
@@ -190,3 +190,47 @@ def test_epoch_chinchilla_full_grid_and_bootstrap(epoch_data):
   boot = bootstrap.bootstrap(laws.CHINCHILLA, data, result, n=4000, seed=0)
   for name, se in {"A": 124.5, "B": 1293, "E": 0.0257, "alpha": 0.0154, "beta": 0.0206}.items():
     assert boot.se[name] == pytest.approx(se, rel=0.10), name
+
+
+def isoflop_family(noise, seed):
+  """IsoFLOP design from the paper's law: 5 budgets C = 6ND in 1e18..1e20, 6 model sizes spread
+  4x either side of the compute-optimal N*(C), families of G = 1, 2 and 4 exits; lognormal noise."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for c in np.geomspace(1e18, 1e20, 5):
+    with jax.enable_x64(True):
+      n_star, _ = leverage.compute_optimal(PAPER, c, 1)
+    for n in np.geomspace(float(n_star) / 4, float(n_star) * 4, 6):
+      rows += [(n, c / (6 * n), g) for g in (1.0, 2.0, 4.0)]
+  n, d, g = map(np.array, zip(*rows))
+  data = {"N": n, "D": d, "G": g}
+  with jax.enable_x64(True):
+    clean = np.asarray(laws.loss(laws.FAMILIAL, PAPER, fit.as_data(data)))
+  data["loss"] = clean * np.exp(noise * rng.standard_normal(clean.shape))
+  return data
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 2026-11-23: coverage 0.82 (E, A, alpha), 0.88 "
+                   "(B, beta), 1.0 (gamma), short of 0.9; open in issue 3")
+def test_bootstrap_intervals_cover_the_truth():
+  """Over 50 replicate IsoFLOP data sets the 95% bootstrap intervals cover each true parameter
+  at least 90% of the time, and the fits land near the truth."""
+  replicates, n_boot = 50, 200
+  covered = {name: [] for name in laws.PAPER_FAMILIAL}
+  errors = {name: [] for name in laws.PAPER_FAMILIAL}
+  grid = small_grid(laws.FAMILIAL, 450)
+  for seed in range(replicates):
+    data = isoflop_family(noise=0.005, seed=seed)
+    result = fit.fit(laws.FAMILIAL, data, grid=grid)
+    boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=n_boot, seed=seed)
+    estimate = laws.to_natural_params(result.params)
+    for name, truth in laws.PAPER_FAMILIAL.items():
+      lo, hi = boot.ci95[name]
+      covered[name].append(lo <= truth <= hi)
+      errors[name].append(abs(estimate[name] / truth - 1))
+  coverage = {name: float(np.mean(hits)) for name, hits in covered.items()}
+  print("coverage", coverage, "median relative error",
+        {name: float(np.median(e)) for name, e in errors.items()})
+  assert min(coverage.values()) >= 0.9, coverage
+  assert np.median(errors["alpha"]) < 0.05 and np.median(errors["gamma"]) < 0.1

@@ -23,7 +23,7 @@ class BootstrapResult:
   samples: dict[str, np.ndarray]  # natural parameters and derived quantities, [n] each
   se: dict[str, float]
   ci95: dict[str, tuple[float, float]]
-  converged: float  # share of refits that converged (see fit.solve_many)
+  converged: float  # share of refits that converged (see fit.fit)
 
 
 def resample_counts(n_rows: int, n: int, seed: int, groups: Sequence | None = None) -> np.ndarray:
@@ -45,15 +45,16 @@ def derived(natural: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 4000, seed: int = 0,
               groups: Sequence | None = None, delta: float = fitlib.DEFAULT_DELTA,
               maxiter: int = fitlib.DEFAULT_MAXITER, tol: float = fitlib.DEFAULT_TOL,
-              chunk: int = fitlib.DEFAULT_CHUNK, progress: bool = False) -> BootstrapResult:
+              lanes: int = fitlib.DEFAULT_LANES, progress: bool = False) -> BootstrapResult:
   """Refits on n resamples, each started from the full-data optimum `result`."""
   with jax.enable_x64(True):
     data = fitlib.as_data(data)
     counts_BR = resample_counts(int(data["loss"].shape[0]), n, seed, groups)
+    fixed = {k: jnp.float64(v) for k, v in result.fixed.items()}
     inits = {k: np.full(n, v) for k, v in result.params.items()}
-    params_B, _, converged_B = fitlib.solve_chunked(law, inits, data, counts_BR, result.fixed,
-                                                delta=delta, maxiter=maxiter, tol=tol,
-                                                chunk=chunk, progress=progress, desc="bootstrap")
+    params_B, _, converged_B = fitlib.solve_batch(law, inits, data, counts_BR, fixed, delta=delta,
+                                                  maxiter=maxiter, tol=tol, lanes=lanes,
+                                                  progress=progress, desc="bootstrap")
   natural = to_natural_params(params_B)
   natural = {k: np.asarray(v) for k, v in natural.items()}
   if "alpha" in natural and "beta" in natural:

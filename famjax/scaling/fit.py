@@ -27,7 +27,12 @@ DEFAULT_TOL = 1e-9  # on the gradient norm; objectives here are ~1e-3
 # gradient norm from ever reaching tol (scipy's L-BFGS-B stops on the same kind of test).
 DEFAULT_FTOL = 1e-10
 DEFAULT_MAXLS = 20  # line-search trials per step, as scipy's L-BFGS-B (jaxopt's default is 30)
-DEFAULT_CHUNK = 500  # starts per vmapped solve: a chunk runs until its slowest start finishes
+# Grid starts: under vmap each step costs the most trials any lane needs, and far-off starts
+# spend them all before failing; the best starts are then polished with DEFAULT_MAXLS.
+GRID_MAXLS = 5
+N_POLISHED = 8  # best grid starts rerun with DEFAULT_MAXLS
+DEFAULT_LANES = 256  # vmapped solver lanes that a queue of starts streams through
+QUEUE_BLOCK = 8192  # queues are padded to a multiple of this, to share one compilation
 
 
 def objective(params, data, weights_R, *, law: Law, delta: float, fixed: Mapping | None = None):
@@ -44,9 +49,10 @@ def dense_solve(matvec, b, **_):
   return unravel(jnp.linalg.solve(matrix, flat_b))
 
 
-def _solver(law: Law, delta: float, fixed, maxiter: int, tol: float) -> jaxopt.LBFGS:
+def _solver(law: Law, delta: float, fixed, maxiter: int, tol: float,
+            maxls=DEFAULT_MAXLS) -> jaxopt.LBFGS:
   fun = functools.partial(objective, law=law, delta=delta, fixed=fixed)
-  return jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=tol, maxls=DEFAULT_MAXLS,
+  return jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=tol, maxls=maxls,
                       implicit_diff=True, implicit_diff_solve=dense_solve)
 
 
@@ -59,69 +65,114 @@ def solve(law: Law, init: Mapping, data: Mapping, weights_R=None, *, delta: floa
   return _solver(law, delta, fixed, maxiter, tol).run(init, data, weights_R)
 
 
-@functools.partial(jax.jit, static_argnames=("law", "delta", "maxiter", "tol", "ftol"))
-def solve_many(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
-               delta: float = DEFAULT_DELTA, maxiter: int = DEFAULT_MAXITER,
-               tol: float = DEFAULT_TOL, ftol: float = DEFAULT_FTOL):
-  """S independent L-BFGS runs in one vmap: start s from inits_S[.][s] with row weights
-  weights_SR[s]. Returns (params {name: [S]}, objective [S], converged [S], iterations [S]);
-  a lane has converged when its gradient norm is <= tol or a step lowered its objective by less
-  than ftol (relative).
+def _select(mask_L, new, old):
+  """Per lane: new where mask_L, else old (any pytree of [L, ...] arrays)."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(mask_L.reshape(mask_L.shape + (1,) * (a.ndim - 1)), a, b), new, old)
 
-  Under vmap every lane steps until the last one is done, and a finished lane's line search can
-  spin to its limit on every step. So a lane that has converged (or whose line search failed) is
-  frozen and its objective weights zeroed: its later steps cost one evaluation and change nothing.
+
+_progress_bar = None  # the tqdm bar of the solve_batch call in progress, if it asked for one
+
+
+def _report_progress(n_started):
+  if _progress_bar is not None:
+    _progress_bar.update(int(n_started) - _progress_bar.n)
+
+
+@functools.partial(jax.jit, static_argnames=("law", "delta", "lanes", "maxiter", "progress"))
+def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts, fixed, tol, ftol,
+                maxls, *, delta: float, lanes: int, maxiter: int, progress: bool = False):
+  """The first n_starts of S independent L-BFGS runs (start s from inits_S[.][s], row weights
+  weights_SR[s]), streamed through `lanes` vmapped solver lanes.
+
+  Under vmap every lane waits for the slowest lane's line search, and a batch of starts would run
+  until its slowest start is done. So a lane whose start has finished takes the next start from
+  the queue (once an eighth of the lanes are free), and a free lane's weights are zero, which ends
+  its line search at the first trial. tol, ftol and maxls are traced: one compilation serves
+  every call with the same shapes. Returns (params {name: [S]}, objective [S], converged [S]).
   """
-  solver = _solver(law, delta, fixed, maxiter, tol)
-  inits_S = {k: jnp.asarray(v, jnp.float64) for k, v in inits_S.items()}
+  solver = _solver(law, delta, fixed, maxiter, DEFAULT_TOL, maxls)
+  n_total = weights_SR.shape[0]
+  init_state = jax.vmap(solver.init_state, in_axes=(0, None, 0))
   update = jax.vmap(solver.update, in_axes=(0, 0, None, 0))
-  state = jax.vmap(solver.init_state, in_axes=(0, None, 0))(inits_S, data, weights_SR)
-  n = weights_SR.shape[0]
-  converged_S = state.error <= tol
-  carry = (inits_S, state, ~converged_S, state.value, converged_S, jnp.zeros(n, jnp.int32), 0)
+  inits_S = {k: jnp.asarray(v, jnp.float64) for k, v in inits_S.items()}
+
+  def load(lane, next_start):
+    """Puts the next starts of the queue into the free lanes (start < 0)."""
+    free_L = jnp.ones(lanes, bool) if lane is None else lane["start"] < 0
+    start_L = next_start + jnp.cumsum(free_L) - 1
+    load_L = free_L & (start_L < n_starts)
+    start_L = jnp.where(load_L, start_L, -1)
+    params = {k: v[start_L] for k, v in inits_S.items()}  # free lanes (-1) hold a dummy start
+    weights_LR = weights_SR[start_L]
+    state = init_state(params, data, weights_LR)
+    fresh = dict(start=start_L, params=params, weights=weights_LR, state=state, value=state.value,
+                 iters=jnp.zeros(lanes, jnp.int32))
+    next_start = next_start + jnp.sum(load_L)
+    if progress:
+      jax.debug.callback(_report_progress, next_start)
+    return fresh if lane is None else _select(load_L, fresh, lane), next_start
+
+  lane, next_start = load(None, 0)
+  out = dict(params={k: jnp.zeros(n_total) for k in inits_S}, value=jnp.full(n_total, jnp.inf),
+             converged=jnp.zeros(n_total, bool))
 
   def step(carry):
-    params, state, active_S, value_S, converged_S, iters_S, it = carry
-    live_SR = weights_SR * active_S[:, None]
-    new_params, state = update(params, state, data, live_SR)
-    params = jax.tree.map(lambda new, old: jnp.where(active_S, new, old), new_params, params)
-    stalled_S = (value_S - state.value) <= ftol * jnp.abs(value_S)
-    converged_S = converged_S | (active_S & ((state.error <= tol) | stalled_S))
-    value_S = jnp.where(active_S, state.value, value_S)
-    iters_S = iters_S + active_S
-    # A failed line search leaves a lane stuck: it stops there, counted as not converged.
-    active_S = (active_S & ~converged_S & jnp.isfinite(state.value) & ~state.failed_linesearch)
-    return params, state, active_S, value_S, converged_S, iters_S, it + 1
+    lane, out, next_start = carry
+    n_free = jnp.sum(lane["start"] < 0)
+    wanted = ((n_free >= max(1, lanes // 8)) | (n_free == lanes)) & (next_start < n_starts)
+    lane, next_start = jax.lax.cond(wanted, load, lambda *a: a, lane, next_start)
+    active_L = lane["start"] >= 0
+    new_params, state = update(lane["params"], lane["state"], data,
+                               lane["weights"] * active_L[:, None])
+    stalled_L = (lane["value"] - state.value) <= ftol * jnp.abs(lane["value"])
+    converged_L = (state.error <= tol) | (stalled_L & ~state.failed_linesearch)
+    iters_L = lane["iters"] + 1
+    done_L = active_L & (converged_L | stalled_L | ~jnp.isfinite(state.value)
+                         | (iters_L >= maxiter))
+    # A failed line search can step uphill: a lane then reports the best point it reached.
+    uphill_L = ~(state.value <= lane["value"])
+    best_params = _select(uphill_L, lane["params"], new_params)
+    slot_L = jnp.where(done_L, lane["start"], n_total)  # out of range: dropped
+    put = lambda dest, x: dest.at[slot_L].set(x, mode="drop")
+    out = dict(params={k: put(out["params"][k], best_params[k]) for k in best_params},
+               value=put(out["value"], jnp.where(uphill_L, lane["value"], state.value)),
+               converged=put(out["converged"], converged_L))
+    lane = dict(start=jnp.where(done_L, -1, lane["start"]), weights=lane["weights"],
+                params=_select(active_L, new_params, lane["params"]), state=state,
+                value=jnp.where(active_L, state.value, lane["value"]), iters=iters_L)
+    return lane, out, next_start
 
   def keep_going(carry):
-    return jnp.any(carry[2]) & (carry[-1] < maxiter)
+    lane, _, next_start = carry
+    return jnp.any(lane["start"] >= 0) | (next_start < n_starts)
 
-  params, _, _, value_S, converged_S, iters_S, _ = jax.lax.while_loop(keep_going, step, carry)
-  return params, value_S, converged_S, iters_S
+  _, out, _ = jax.lax.while_loop(keep_going, step, (lane, out, next_start))
+  return out["params"], out["value"], out["converged"]
 
 
-def solve_chunked(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
-                  delta: float = DEFAULT_DELTA, maxiter: int = DEFAULT_MAXITER,
-                  tol: float = DEFAULT_TOL, chunk: int = DEFAULT_CHUNK, progress: bool = False,
-                  desc: str = "fit"):
-  """solve_many over fixed-size chunks (the last one padded), so one compilation serves any S.
-
-  Returns numpy (params {name: [S]}, objective [S], converged [S]).
-  """
+def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
+                delta: float = DEFAULT_DELTA, maxiter: int = DEFAULT_MAXITER,
+                tol: float = DEFAULT_TOL, ftol: float = DEFAULT_FTOL, maxls: int = DEFAULT_MAXLS,
+                lanes: int = DEFAULT_LANES, progress: bool = False, desc: str = "fit"):
+  """solve_queue on a queue padded to a multiple of QUEUE_BLOCK starts, so that grid fits,
+  polishing and bootstraps share one compilation. Returns numpy (params, objective, converged)."""
+  global _progress_bar
   from tqdm.auto import tqdm
   inits_S = {k: np.asarray(v, np.float64) for k, v in inits_S.items()}
   weights_SR = np.asarray(weights_SR, np.float64)
   n = weights_SR.shape[0]
-  size = min(chunk, n)
-  pad = lambda x, lo: np.concatenate([x[lo:lo + size], np.repeat(x[-1:], max(0, lo + size - n), 0)])
-  pieces = []
-  for lo in tqdm(range(0, n, size), desc=desc, unit="chunk", disable=not progress):
-    out = solve_many(law, {k: pad(v, lo) for k, v in inits_S.items()}, data, pad(weights_SR, lo),
-                     fixed, delta=delta, maxiter=maxiter, tol=tol)
-    pieces.append(jax.tree.map(lambda x: np.asarray(x)[: min(size, n - lo)], out[:3]))
-  params, value, error = (jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-                          for parts in zip(*pieces))
-  return params, value, error
+  size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
+  pad = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, 0)])
+  with tqdm(total=n, desc=desc, unit="start", disable=not progress) as _progress_bar:
+    out = solve_queue(law, {k: pad(v) for k, v in inits_S.items()}, data, pad(weights_SR),
+                      jnp.int32(n), fixed or {}, jnp.float64(tol), jnp.float64(ftol),
+                      jnp.int32(maxls), delta=delta, lanes=lanes, maxiter=maxiter,
+                      progress=progress)
+    out = jax.tree.map(lambda x: np.array(x[:n]), out)
+    _progress_bar.update(n - _progress_bar.n)
+  _progress_bar = None
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +193,15 @@ def as_data(data: Mapping) -> dict[str, jnp.ndarray]:
 
 def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping | None = None,
         fixed: Mapping | None = None, maxiter: int = DEFAULT_MAXITER, tol: float = DEFAULT_TOL,
-        chunk: int = DEFAULT_CHUNK, progress: bool = False) -> FitResult:
+        ftol: float = DEFAULT_FTOL, lanes: int = DEFAULT_LANES,
+        progress: bool = False) -> FitResult:
   """Fits `law` from every grid start (the law's own grid by default) and keeps the best.
 
-  The best start is the lowest objective among converged starts (among all finite ones if none
-  converged). `fixed` holds parameters kept constant (e.g. a dense law under the branch law).
+  Every start runs with GRID_MAXLS line-search trials per step; the N_POLISHED lowest objectives
+  are then rerun from where they stopped with DEFAULT_MAXLS. A start has converged when its
+  gradient norm is <= tol or a step lowered its objective by less than ftol of it. The best start
+  is the lowest objective among converged starts (among all finite ones if none converged).
+  `fixed` holds parameters kept constant (e.g. a dense law under the branch law).
   """
   with jax.enable_x64(True):
     data = as_data(data)
@@ -155,15 +210,21 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
             if k not in fixed}
     n_starts = len(next(iter(grid.values())))
     weights_SR = np.ones((n_starts, data["loss"].shape[0]))
-    params_S, value_S, converged_S = solve_chunked(law, grid, data, weights_SR, fixed, delta=delta,
-                                               maxiter=maxiter, tol=tol, chunk=chunk,
-                                               progress=progress)
+    options = dict(delta=delta, maxiter=maxiter, tol=tol, ftol=ftol, lanes=lanes)
+    params_S, value_S, converged_S = solve_batch(law, grid, data, weights_SR, fixed,
+                                                 maxls=GRID_MAXLS, progress=progress, **options)
+    polished = np.argsort(np.where(np.isfinite(value_S), value_S, np.inf))[:N_POLISHED]
+    params_P, value_P, converged_P = solve_batch(
+        law, {k: v[polished] for k, v in params_S.items()}, data, weights_SR[polished], fixed,
+        progress=progress, desc="polish", **options)
+    for k in params_S:
+      params_S[k][polished] = params_P[k]
+    value_S[polished], converged_S[polished] = value_P, converged_P
     converged_S = converged_S & np.isfinite(value_S)
     candidates = np.where(converged_S if converged_S.any() else np.isfinite(value_S),
                           value_S, np.inf)
     best = int(np.argmin(candidates))
-    starts = dict(params_S)
-    return FitResult(law=law.name, params={k: float(v[best]) for k, v in starts.items()},
+    return FitResult(law=law.name, params={k: float(v[best]) for k, v in params_S.items()},
                      objective=float(value_S[best]), n_rows=int(data["loss"].shape[0]),
-                     starts=starts, start_objective=value_S, start_converged=converged_S,
+                     starts=params_S, start_objective=value_S, start_converged=converged_S,
                      fixed={k: float(v) for k, v in fixed.items()})
