@@ -164,14 +164,16 @@ def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=Non
   n = weights_SR.shape[0]
   size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, 0)])
-  with tqdm(total=n, desc=desc, unit="start", disable=not progress) as _progress_bar:
-    out = solve_queue(law, {k: pad(v) for k, v in inits_S.items()}, data, pad(weights_SR),
-                      jnp.int32(n), fixed or {}, jnp.float64(tol), jnp.float64(ftol),
-                      jnp.int32(maxls), delta=delta, lanes=lanes, maxiter=maxiter,
-                      progress=progress)
-    out = jax.tree.map(lambda x: np.array(x[:n]), out)
-    _progress_bar.update(n - _progress_bar.n)
-  _progress_bar = None
+  try:
+    with tqdm(total=n, desc=desc, unit="start", disable=not progress) as _progress_bar:
+      out = solve_queue(law, {k: pad(v) for k, v in inits_S.items()}, data, pad(weights_SR),
+                        jnp.int32(n), fixed or {}, jnp.float64(tol), jnp.float64(ftol),
+                        jnp.int32(maxls), delta=delta, lanes=lanes, maxiter=maxiter,
+                        progress=progress)
+      out = jax.tree.map(lambda x: np.array(x[:n]), out)
+      _progress_bar.update(n - _progress_bar.n)
+  finally:  # a failed call must not leave its closed bar to the next one
+    _progress_bar = None
   return out
 
 
@@ -183,7 +185,8 @@ class FitResult:
   n_rows: int
   starts: dict[str, np.ndarray]  # every start's final parameters, [S] each
   start_objective: np.ndarray  # [S]
-  start_converged: np.ndarray  # [S] bool: gradient norm <= tol or objective stalled (ftol)
+  start_converged: np.ndarray  # [S] bool: gradient <= tol, or stalled (ftol) without a failed
+  #                               line search
   fixed: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
