@@ -109,6 +109,24 @@ def test_bootstrap_spreads_and_gamma_test(familial_fit):
   assert tests["bootstrap_p"] < 0.05 and tests["lrt_p"] < 1e-3
 
 
+def test_newton_refits_match_lbfgs_refits(familial_fit):
+  data, result = familial_fit
+  counts = bootstrap.resample_counts(len(data["loss"]), 32, seed=1)
+  starts = {k: np.full(32, v) for k, v in result.params.items()}
+  with jax.enable_x64(True):
+    arrays = fit.as_data(data)
+    by_method = {method: fit.solve_batch(laws.FAMILIAL, starts, arrays, counts, lanes=16,
+                                         method=method, tol=1e-12, maxiter=3000)
+                 for method in ("lbfgs", "newton")}
+    with pytest.raises(ValueError, match="method must be 'lbfgs' or 'newton'"):
+      fit.solve_batch(laws.FAMILIAL, starts, arrays, counts, method="adam")
+  (lbfgs_params, lbfgs_value, _), (newton_params, newton_value, converged) = by_method.values()
+  assert converged.all()
+  np.testing.assert_array_less(newton_value, lbfgs_value * (1 + 1e-9))
+  for name in ("alpha", "beta", "gamma"):
+    np.testing.assert_allclose(newton_params[name], lbfgs_params[name], rtol=1e-4)
+
+
 def test_group_resampling_keeps_groups_whole():
   groups = np.repeat([0, 1, 2, 3], 5)
   counts = bootstrap.resample_counts(20, 50, seed=0, groups=groups)
@@ -211,18 +229,18 @@ def isoflop_family(noise, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 2026-11-23: coverage 0.82 (E, A, alpha), 0.88 "
-                   "(B, beta), 1.0 (gamma), short of 0.9; open in issue 3")
 def test_bootstrap_intervals_cover_the_truth():
   """Over 50 replicate IsoFLOP data sets the 95% bootstrap intervals cover each true parameter
-  at least 90% of the time, and the fits land near the truth."""
-  replicates, n_boot = 50, 200
+  at least 90% of the time, and the fits land near the truth. Fits use the default grid: smaller
+  grids miss the optimum on some replicates (a term of the law can start switched off, e.g.
+  B/D^beta below 1e-8 of E, where its parameters have no gradient), and 1000 refits, as percentile
+  intervals from 200 under-cover."""
+  replicates, n_boot = 50, 1000
   covered = {name: [] for name in laws.PAPER_FAMILIAL}
   errors = {name: [] for name in laws.PAPER_FAMILIAL}
-  grid = small_grid(laws.FAMILIAL, 450)
   for seed in range(replicates):
     data = isoflop_family(noise=0.005, seed=seed)
-    result = fit.fit(laws.FAMILIAL, data, grid=grid)
+    result = fit.fit(laws.FAMILIAL, data)
     boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=n_boot, seed=seed)
     estimate = laws.to_natural_params(result.params)
     for name, truth in laws.PAPER_FAMILIAL.items():

@@ -54,7 +54,8 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
     inits = {k: np.full(n, v) for k, v in result.params.items()}
     params_B, _, converged_B = fitlib.solve_batch(law, inits, data, counts_BR, fixed, delta=delta,
                                                   maxiter=maxiter, tol=tol, lanes=lanes,
-                                                  progress=progress, desc="bootstrap")
+                                                  method="newton", progress=progress,
+                                                  desc="bootstrap")
   natural = to_natural_params(params_B)
   natural = {k: np.asarray(v) for k, v in natural.items()}
   if "alpha" in natural and "beta" in natural:

@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 
+from famjax.scaling import newton
 from famjax.scaling.laws import Law
 
 DEFAULT_DELTA = 1e-3
@@ -28,9 +29,9 @@ DEFAULT_TOL = 1e-9  # on the gradient norm; objectives here are ~1e-3
 DEFAULT_FTOL = 1e-10
 DEFAULT_MAXLS = 20  # line-search trials per step, as scipy's L-BFGS-B (jaxopt's default is 30)
 # Grid starts: under vmap each step costs the most trials any lane needs, and far-off starts
-# spend them all before failing; the best starts are then polished with DEFAULT_MAXLS.
+# spend them all before failing; the best starts are then polished by Newton steps.
 GRID_MAXLS = 5
-N_POLISHED = 8  # best grid starts rerun with DEFAULT_MAXLS
+N_POLISHED = 8  # best grid starts rerun with famjax.scaling.newton
 DEFAULT_LANES = 256  # vmapped solver lanes that a queue of starts streams through
 QUEUE_BLOCK = 8192  # queues are padded to a multiple of this, to share one compilation
 
@@ -65,12 +66,6 @@ def solve(law: Law, init: Mapping, data: Mapping, weights_R=None, *, delta: floa
   return _solver(law, delta, fixed, maxiter, tol).run(init, data, weights_R)
 
 
-def _select(mask_L, new, old):
-  """Per lane: new where mask_L, else old (any pytree of [L, ...] arrays)."""
-  return jax.tree.map(
-      lambda a, b: jnp.where(mask_L.reshape(mask_L.shape + (1,) * (a.ndim - 1)), a, b), new, old)
-
-
 _progress_bar = None  # the tqdm bar of the solve_batch call in progress, if it asked for one
 
 
@@ -79,11 +74,38 @@ def _report_progress(n_started):
     _progress_bar.update(int(n_started) - _progress_bar.n)
 
 
-@functools.partial(jax.jit, static_argnames=("law", "delta", "lanes", "maxiter", "progress"))
+def _lbfgs_lanes(law, delta, fixed, maxiter, tol, ftol, maxls):
+  """(init, step) of vmapped jaxopt L-BFGS lanes, for solve_queue."""
+  solver = _solver(law, delta, fixed, maxiter, DEFAULT_TOL, maxls)
+  init_state = jax.vmap(solver.init_state, in_axes=(0, None, 0))
+  update = jax.vmap(solver.update, in_axes=(0, 0, None, 0))
+
+  def init(params, data, weights_LR):
+    state = init_state(params, data, weights_LR)
+    return dict(params=params, value=state.value, solver=state)
+
+  def step(lane, data, weights_LR):
+    new_params, state = update(lane["params"], lane["solver"], data, weights_LR)
+    stalled_L = (lane["value"] - state.value) <= ftol * jnp.abs(lane["value"])
+    converged_L = (state.error <= tol) | (stalled_L & ~state.failed_linesearch)
+    # A failed line search can step uphill or to a non-finite objective, which ends the lane:
+    # it reports the best point it reached.
+    uphill_L = ~(state.value <= lane["value"])
+    lane = dict(params=newton.select(uphill_L, lane["params"], new_params), solver=state,
+                value=jnp.where(uphill_L, lane["value"], state.value))
+    return lane, converged_L, stalled_L | ~jnp.isfinite(state.value)
+
+  return init, step
+
+
+@functools.partial(jax.jit, static_argnames=("law", "delta", "lanes", "maxiter", "method",
+                                             "progress"))
 def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts, fixed, tol, ftol,
-                maxls, *, delta: float, lanes: int, maxiter: int, progress: bool = False):
-  """The first n_starts of S independent L-BFGS runs (start s from inits_S[.][s], row weights
-  weights_SR[s]), streamed through `lanes` vmapped solver lanes.
+                maxls, *, delta: float, lanes: int, maxiter: int, method: str = "lbfgs",
+                progress: bool = False):
+  """The first n_starts of S independent runs (start s from inits_S[.][s], row weights
+  weights_SR[s]), streamed through `lanes` vmapped solver lanes; method "lbfgs" (jaxopt) or
+  "newton" (famjax.scaling.newton, for starts near an optimum).
 
   Under vmap every lane waits for the slowest lane's line search, and a batch of starts would run
   until its slowest start is done. So a lane whose start has finished takes the next start from
@@ -91,10 +113,14 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
   its line search at the first trial. tol, ftol and maxls are traced: one compilation serves
   every call with the same shapes. Returns (params {name: [S]}, objective [S], converged [S]).
   """
-  solver = _solver(law, delta, fixed, maxiter, DEFAULT_TOL, maxls)
+  if method == "lbfgs":
+    init, advance = _lbfgs_lanes(law, delta, fixed, maxiter, tol, ftol, maxls)
+  elif method == "newton":
+    init, advance = newton.lanes(
+        functools.partial(objective, law=law, delta=delta, fixed=fixed), tol, ftol)
+  else:
+    raise ValueError(f"method must be 'lbfgs' or 'newton'; got {method!r}")
   n_total = weights_SR.shape[0]
-  init_state = jax.vmap(solver.init_state, in_axes=(0, None, 0))
-  update = jax.vmap(solver.update, in_axes=(0, 0, None, 0))
   inits_S = {k: jnp.asarray(v, jnp.float64) for k, v in inits_S.items()}
 
   def load(lane, next_start):
@@ -104,14 +130,13 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
     load_L = free_L & (start_L < n_starts)
     start_L = jnp.where(load_L, start_L, -1)
     params = {k: v[start_L] for k, v in inits_S.items()}  # free lanes (-1) hold a dummy start
-    weights_LR = weights_SR[start_L]
-    state = init_state(params, data, weights_LR)
-    fresh = dict(start=start_L, params=params, weights=weights_LR, state=state, value=state.value,
-                 iters=jnp.zeros(lanes, jnp.int32))
+    weights_LR = weights_SR[start_L] * load_L[:, None]
+    fresh = dict(start=start_L, weights=weights_LR, iters=jnp.zeros(lanes, jnp.int32),
+                 solver=init(params, data, weights_LR))
     next_start = next_start + jnp.sum(load_L)
     if progress:
       jax.debug.callback(_report_progress, next_start)
-    return fresh if lane is None else _select(load_L, fresh, lane), next_start
+    return fresh if lane is None else newton.select(load_L, fresh, lane), next_start
 
   lane, next_start = load(None, 0)
   out = dict(params={k: jnp.zeros(n_total) for k in inits_S}, value=jnp.full(n_total, jnp.inf),
@@ -122,25 +147,17 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
     n_free = jnp.sum(lane["start"] < 0)
     wanted = ((n_free >= max(1, lanes // 8)) | (n_free == lanes)) & (next_start < n_starts)
     lane, next_start = jax.lax.cond(wanted, load, lambda *a: a, lane, next_start)
-    active_L = lane["start"] >= 0
-    new_params, state = update(lane["params"], lane["state"], data,
-                               lane["weights"] * active_L[:, None])
-    stalled_L = (lane["value"] - state.value) <= ftol * jnp.abs(lane["value"])
-    converged_L = (state.error <= tol) | (stalled_L & ~state.failed_linesearch)
+    solver, converged_L, stopped_L = advance(lane["solver"], data, lane["weights"])
     iters_L = lane["iters"] + 1
-    done_L = active_L & (converged_L | stalled_L | ~jnp.isfinite(state.value)
-                         | (iters_L >= maxiter))
-    # A failed line search can step uphill: a lane then reports the best point it reached.
-    uphill_L = ~(state.value <= lane["value"])
-    best_params = _select(uphill_L, lane["params"], new_params)
+    done_L = (lane["start"] >= 0) & (converged_L | stopped_L | ~jnp.isfinite(solver["value"])
+                                     | (iters_L >= maxiter))
     slot_L = jnp.where(done_L, lane["start"], n_total)  # out of range: dropped
     put = lambda dest, x: dest.at[slot_L].set(x, mode="drop")
-    out = dict(params={k: put(out["params"][k], best_params[k]) for k in best_params},
-               value=put(out["value"], jnp.where(uphill_L, lane["value"], state.value)),
+    out = dict(params={k: put(out["params"][k], solver["params"][k]) for k in out["params"]},
+               value=put(out["value"], solver["value"]),
                converged=put(out["converged"], converged_L))
-    lane = dict(start=jnp.where(done_L, -1, lane["start"]), weights=lane["weights"],
-                params=_select(active_L, new_params, lane["params"]), state=state,
-                value=jnp.where(active_L, state.value, lane["value"]), iters=iters_L)
+    lane = dict(start=jnp.where(done_L, -1, lane["start"]),
+                weights=lane["weights"] * ~done_L[:, None], iters=iters_L, solver=solver)
     return lane, out, next_start
 
   def keep_going(carry):
@@ -154,9 +171,11 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
 def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
                 delta: float = DEFAULT_DELTA, maxiter: int = DEFAULT_MAXITER,
                 tol: float = DEFAULT_TOL, ftol: float = DEFAULT_FTOL, maxls: int = DEFAULT_MAXLS,
-                lanes: int = DEFAULT_LANES, progress: bool = False, desc: str = "fit"):
-  """solve_queue on a queue padded to a multiple of QUEUE_BLOCK starts, so that grid fits,
-  polishing and bootstraps share one compilation. Returns numpy (params, objective, converged)."""
+                lanes: int = DEFAULT_LANES, method: str = "lbfgs", progress: bool = False,
+                desc: str = "fit"):
+  """solve_queue on a queue padded to a multiple of QUEUE_BLOCK starts, so that every call with
+  the same method (polish and bootstrap; or grids) shares one compilation. Returns numpy
+  (params, objective, converged)."""
   global _progress_bar
   from tqdm.auto import tqdm
   inits_S = {k: np.asarray(v, np.float64) for k, v in inits_S.items()}
@@ -169,7 +188,7 @@ def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=Non
       out = solve_queue(law, {k: pad(v) for k, v in inits_S.items()}, data, pad(weights_SR),
                         jnp.int32(n), fixed or {}, jnp.float64(tol), jnp.float64(ftol),
                         jnp.int32(maxls), delta=delta, lanes=lanes, maxiter=maxiter,
-                        progress=progress)
+                        method=method, progress=progress)
       out = jax.tree.map(lambda x: np.array(x[:n]), out)
       _progress_bar.update(n - _progress_bar.n)
   finally:  # a failed call must not leave its closed bar to the next one
@@ -185,8 +204,8 @@ class FitResult:
   n_rows: int
   starts: dict[str, np.ndarray]  # every start's final parameters, [S] each
   start_objective: np.ndarray  # [S]
-  start_converged: np.ndarray  # [S] bool: gradient <= tol, or stalled (ftol) without a failed
-  #                               line search
+  start_converged: np.ndarray  # [S] bool: gradient <= tol, or a last step lowering the objective
+  #                               by < ftol of it (and no failed line search)
   fixed: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -200,10 +219,11 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
         progress: bool = False) -> FitResult:
   """Fits `law` from every grid start (the law's own grid by default) and keeps the best.
 
-  Every start runs with GRID_MAXLS line-search trials per step; the N_POLISHED lowest objectives
-  are then rerun from where they stopped with DEFAULT_MAXLS. A start has converged when its
-  gradient norm is <= tol or a step lowered its objective by less than ftol of it. The best start
-  is the lowest objective among converged starts (among all finite ones if none converged).
+  Every start runs jaxopt L-BFGS with GRID_MAXLS line-search trials per step; the N_POLISHED
+  lowest objectives are then rerun from where they stopped with Newton steps (newton.py). A start
+  has converged when its gradient norm is <= tol, or a step (without a failed line search) lowered
+  its objective by less than ftol of it. The best start is the lowest objective among converged
+  starts (among all finite ones if none converged).
   `fixed` holds parameters kept constant (e.g. a dense law under the branch law).
   """
   with jax.enable_x64(True):
@@ -219,7 +239,7 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
     polished = np.argsort(np.where(np.isfinite(value_S), value_S, np.inf))[:N_POLISHED]
     params_P, value_P, converged_P = solve_batch(
         law, {k: v[polished] for k, v in params_S.items()}, data, weights_SR[polished], fixed,
-        progress=progress, desc="polish", **options)
+        method="newton", progress=progress, desc="polish", **options)
     for k in params_S:
       params_S[k][polished] = params_P[k]
     value_S[polished], converged_S[polished] = value_P, converged_P

