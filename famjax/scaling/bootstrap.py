@@ -1,4 +1,5 @@
-"""Bootstrap refits (rows or whole groups resampled), all in jitted vmaps started from the optimum.
+"""Bootstrap refits (rows or whole groups resampled), all in jitted vmaps started from the optimum
+and run by Newton steps (newton.py).
 
 Standard errors, 95% percentile intervals, the same for derived quantities, and for the familial
 law two tests of gamma > 0.
