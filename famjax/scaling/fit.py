@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Mapping
 
 import jax
@@ -70,7 +71,7 @@ _progress_bar = None  # the tqdm bar of the solve_batch call in progress, if it 
 
 
 def _report_progress(n_started):
-  if _progress_bar is not None:
+  if _progress_bar is not None and n_started > _progress_bar.n:  # another call's count is lower
     _progress_bar.update(int(n_started) - _progress_bar.n)
 
 
@@ -168,6 +169,28 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
   return out["params"], out["value"], out["converged"]
 
 
+def _queue_size(n_starts: int, lanes: int) -> int:
+  return -(-max(n_starts, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
+
+
+def _compile_newton_in_background(law, names, data, fixed, *, lanes, tol, ftol, progress,
+                                  **options) -> threading.Thread:
+  """Compiles the Newton queue that the polish (and a bootstrap) will call, on another thread: XLA
+  compiles without holding the GIL, so this overlaps the L-BFGS grid's own compilation and run.
+  An empty queue (n_starts = 0) compiles it without running a step."""
+  def compile_newton():
+    with jax.enable_x64(True):
+      size = _queue_size(N_POLISHED, lanes)
+      solve_queue(law, {k: np.zeros(size) for k in names}, data,
+                  np.zeros((size, data["loss"].shape[0])), jnp.int32(0), fixed,
+                  jnp.float64(tol), jnp.float64(ftol), jnp.int32(DEFAULT_MAXLS), lanes=lanes,
+                  method="newton", progress=progress, **options)
+
+  thread = threading.Thread(target=compile_newton, name="famjax-compile-newton", daemon=True)
+  thread.start()
+  return thread
+
+
 def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
                 delta: float = DEFAULT_DELTA, maxiter: int = DEFAULT_MAXITER,
                 tol: float = DEFAULT_TOL, ftol: float = DEFAULT_FTOL, maxls: int = DEFAULT_MAXLS,
@@ -181,7 +204,7 @@ def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=Non
   inits_S = {k: np.asarray(v, np.float64) for k, v in inits_S.items()}
   weights_SR = np.asarray(weights_SR, np.float64)
   n = weights_SR.shape[0]
-  size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
+  size = _queue_size(n, lanes)
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, 0)])
   try:
     with tqdm(total=n, desc=desc, unit="start", disable=not progress) as _progress_bar:
@@ -234,8 +257,11 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
     n_starts = len(next(iter(grid.values())))
     weights_SR = np.ones((n_starts, data["loss"].shape[0]))
     options = dict(delta=delta, maxiter=maxiter, tol=tol, ftol=ftol, lanes=lanes)
+    compiling = _compile_newton_in_background(law, tuple(grid), data, fixed, progress=progress,
+                                              **options)
     params_S, value_S, converged_S = solve_batch(law, grid, data, weights_SR, fixed,
                                                  maxls=GRID_MAXLS, progress=progress, **options)
+    compiling.join()
     polished = np.argsort(np.where(np.isfinite(value_S), value_S, np.inf))[:N_POLISHED]
     params_P, value_P, converged_P = solve_batch(
         law, {k: v[polished] for k, v in params_S.items()}, data, weights_SR[polished], fixed,
