@@ -42,7 +42,8 @@ def main(argv):
   grid = {k: v[::_GRID_EVERY.value] for k, v in law.grid().items()}
   result = fit.fit(law, data, delta=_DELTA.value, grid=grid, progress=True)
   natural = laws.to_natural_params(result.params)
-  record = {"law": law.name, "params": natural, "objective": result.objective,
+  derived = bootstrap.derived(natural) if {"alpha", "beta"} <= set(natural) else {}
+  record = {"law": law.name, "params": natural, "derived": derived, "objective": result.objective,
             "n_rows": result.n_rows,
             "starts": {"n": int(result.start_objective.size),
                        "converged": int(result.start_converged.sum())}}
@@ -61,9 +62,9 @@ def main(argv):
 
   print(f"{law.name} law, {result.n_rows} rows, objective {result.objective:.10g}")
   print(f"{'param':>8} {'estimate':>12} {'SE':>10} {'95% CI':>26}")
-  shown = [k for k in ORDER if k in natural or (boot and k in boot.se)]
+  shown = [k for k in ORDER if k in natural or k in derived]
   for name in shown:
-    value = natural.get(name, float("nan"))
+    value = {**natural, **derived}[name]
     if boot:
       lo, hi = boot.ci95[name]
       print(f"{name:>8} {value:>12.5g} {boot.se[name]:>10.4g} {f'[{lo:.5g}, {hi:.5g}]':>26}")

@@ -182,7 +182,10 @@ def test_fit_command_line(tmp_path):
   assert record["law"] == "familial" and record["n_rows"] == 120
   assert set(record["params"]) == {"E", "A", "B", "alpha", "beta", "gamma"}
   assert record["bootstrap"]["n"] == 32 and len(record["bootstrap"]["ci95"]["gamma"]) == 2
-  assert "gamma > 0?" in out.stdout and "95% CI" in out.stdout
+  assert "gamma > 0?" in out.stdout and "95% CI" in out.stdout and "nan" not in out.stdout
+  params = record["params"]
+  assert record["derived"]["a_opt"] == pytest.approx(
+      params["beta"] / (params["alpha"] + params["beta"]))
 
 
 def test_fit_command_line_rejects_bad_data(tmp_path):
