@@ -62,9 +62,9 @@ def main(argv):
 
   print(f"{law.name} law, {result.n_rows} rows, objective {result.objective:.10g}")
   print(f"{'param':>8} {'estimate':>12} {'SE':>10} {'95% CI':>26}")
-  shown = [k for k in ORDER if k in natural or k in derived]
-  for name in shown:
-    value = {**natural, **derived}[name]
+  estimates = {**natural, **derived}
+  for name in [k for k in ORDER if k in estimates]:
+    value = estimates[name]
     if boot:
       lo, hi = boot.ci95[name]
       print(f"{name:>8} {value:>12.5g} {boot.se[name]:>10.4g} {f'[{lo:.5g}, {hi:.5g}]':>26}")

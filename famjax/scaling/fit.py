@@ -150,8 +150,7 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
     lane, next_start = jax.lax.cond(wanted, load, lambda *a: a, lane, next_start)
     solver, converged_L, stopped_L = advance(lane["solver"], data, lane["weights"])
     iters_L = lane["iters"] + 1
-    done_L = (lane["start"] >= 0) & (converged_L | stopped_L | ~jnp.isfinite(solver["value"])
-                                     | (iters_L >= maxiter))
+    done_L = (lane["start"] >= 0) & (converged_L | stopped_L | (iters_L >= maxiter))
     slot_L = jnp.where(done_L, lane["start"], n_total)  # out of range: dropped
     put = lambda dest, x: dest.at[slot_L].set(x, mode="drop")
     out = dict(params={k: put(out["params"][k], solver["params"][k]) for k in out["params"]},
@@ -169,22 +168,27 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
   return out["params"], out["value"], out["converged"]
 
 
-def _queue_size(n_starts: int, lanes: int) -> int:
-  return -(-max(n_starts, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
+def _run_queue(law, inits_S, data, weights_SR, n_starts, fixed, *, delta, maxiter, tol, ftol,
+               maxls, lanes, method, progress):
+  """solve_queue on the queue padded to a multiple of QUEUE_BLOCK starts, so that every call with
+  the same method (polish and bootstrap; or grids) shares one compilation."""
+  n = weights_SR.shape[0]
+  size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
+  pad = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, 0)])
+  return solve_queue(law, {k: pad(np.asarray(v, np.float64)) for k, v in inits_S.items()}, data,
+                     pad(np.asarray(weights_SR, np.float64)), jnp.int32(n_starts), fixed or {},
+                     jnp.float64(tol), jnp.float64(ftol), jnp.int32(maxls), delta=delta,
+                     lanes=lanes, maxiter=maxiter, method=method, progress=progress)
 
 
-def _compile_newton_in_background(law, names, data, fixed, *, lanes, tol, ftol, progress,
-                                  **options) -> threading.Thread:
+def _compile_newton_in_background(law, names, data, fixed, **options) -> threading.Thread:
   """Compiles the Newton queue that the polish (and a bootstrap) will call, on another thread: XLA
   compiles without holding the GIL, so this overlaps the L-BFGS grid's own compilation and run.
   An empty queue (n_starts = 0) compiles it without running a step."""
   def compile_newton():
     with jax.enable_x64(True):
-      size = _queue_size(N_POLISHED, lanes)
-      solve_queue(law, {k: np.zeros(size) for k in names}, data,
-                  np.zeros((size, data["loss"].shape[0])), jnp.int32(0), fixed,
-                  jnp.float64(tol), jnp.float64(ftol), jnp.int32(DEFAULT_MAXLS), lanes=lanes,
-                  method="newton", progress=progress, **options)
+      _run_queue(law, {k: np.zeros(1) for k in names}, data, np.zeros((1, data["loss"].shape[0])),
+                 0, fixed, maxls=DEFAULT_MAXLS, method="newton", **options)
 
   thread = threading.Thread(target=compile_newton, name="famjax-compile-newton", daemon=True)
   thread.start()
@@ -196,22 +200,16 @@ def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=Non
                 tol: float = DEFAULT_TOL, ftol: float = DEFAULT_FTOL, maxls: int = DEFAULT_MAXLS,
                 lanes: int = DEFAULT_LANES, method: str = "lbfgs", progress: bool = False,
                 desc: str = "fit"):
-  """solve_queue on a queue padded to a multiple of QUEUE_BLOCK starts, so that every call with
-  the same method (polish and bootstrap; or grids) shares one compilation. Returns numpy
-  (params, objective, converged)."""
+  """Every start of the queue through solve_queue (see _run_queue), with a tqdm bar when asked.
+  Returns numpy (params, objective, converged)."""
   global _progress_bar
   from tqdm.auto import tqdm
-  inits_S = {k: np.asarray(v, np.float64) for k, v in inits_S.items()}
-  weights_SR = np.asarray(weights_SR, np.float64)
-  n = weights_SR.shape[0]
-  size = _queue_size(n, lanes)
-  pad = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, 0)])
+  n = np.shape(weights_SR)[0]
   try:
     with tqdm(total=n, desc=desc, unit="start", disable=not progress) as _progress_bar:
-      out = solve_queue(law, {k: pad(v) for k, v in inits_S.items()}, data, pad(weights_SR),
-                        jnp.int32(n), fixed or {}, jnp.float64(tol), jnp.float64(ftol),
-                        jnp.int32(maxls), delta=delta, lanes=lanes, maxiter=maxiter,
-                        method=method, progress=progress)
+      out = _run_queue(law, inits_S, data, weights_SR, n, fixed, delta=delta, maxiter=maxiter,
+                       tol=tol, ftol=ftol, maxls=maxls, lanes=lanes, method=method,
+                       progress=progress)
       out = jax.tree.map(lambda x: np.array(x[:n]), out)
       _progress_bar.update(n - _progress_bar.n)
   finally:  # a failed call must not leave its closed bar to the next one
