@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from famjax.scaling import newton
+from famjax.scaling.linesearch import LaneLineSearch
 from famjax.scaling.laws import Law
 
 DEFAULT_DELTA = 1e-3
@@ -52,10 +53,13 @@ def dense_solve(matvec, b, **_):
 
 
 def _solver(law: Law, delta: float, fixed, maxiter: int, tol: float,
-            maxls=DEFAULT_MAXLS) -> jaxopt.LBFGS:
+            lane_maxls=None) -> jaxopt.LBFGS:
+  """jaxopt L-BFGS on the objective: with jaxopt's zoom line search for a single run, or with
+  LaneLineSearch (lane_maxls trials per step) for vmapped lanes."""
   fun = functools.partial(objective, law=law, delta=delta, fixed=fixed)
-  return jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=tol, maxls=maxls,
-                      implicit_diff=True, implicit_diff_solve=dense_solve)
+  linesearch = "zoom" if lane_maxls is None else LaneLineSearch(fun=fun, maxiter=lane_maxls)
+  return jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=tol, maxls=DEFAULT_MAXLS,
+                      linesearch=linesearch, implicit_diff=True, implicit_diff_solve=dense_solve)
 
 
 def solve(law: Law, init: Mapping, data: Mapping, weights_R=None, *, delta: float = DEFAULT_DELTA,
@@ -77,7 +81,7 @@ def _report_progress(n_started):
 
 def _lbfgs_lanes(law, delta, fixed, maxiter, tol, ftol, maxls):
   """(init, step) of vmapped jaxopt L-BFGS lanes, for solve_queue."""
-  solver = _solver(law, delta, fixed, maxiter, DEFAULT_TOL, maxls)
+  solver = _solver(law, delta, fixed, maxiter, DEFAULT_TOL, lane_maxls=maxls)
   init_state = jax.vmap(solver.init_state, in_axes=(0, None, 0))
   update = jax.vmap(solver.update, in_axes=(0, 0, None, 0))
 
