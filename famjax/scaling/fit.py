@@ -52,14 +52,10 @@ def dense_solve(matvec, b, **_):
   return unravel(jnp.linalg.solve(matrix, flat_b))
 
 
-def _solver(law: Law, delta: float, fixed, maxiter: int, tol: float,
-            lane_maxls=None) -> jaxopt.LBFGS:
-  """jaxopt L-BFGS on the objective: with jaxopt's zoom line search for a single run, or with
-  LaneLineSearch (lane_maxls trials per step) for vmapped lanes."""
+def _solver(law: Law, delta: float, fixed, maxiter: int, tol: float) -> jaxopt.LBFGS:
   fun = functools.partial(objective, law=law, delta=delta, fixed=fixed)
-  linesearch = "zoom" if lane_maxls is None else LaneLineSearch(fun=fun, maxiter=lane_maxls)
   return jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=tol, maxls=DEFAULT_MAXLS,
-                      linesearch=linesearch, implicit_diff=True, implicit_diff_solve=dense_solve)
+                      implicit_diff=True, implicit_diff_solve=dense_solve)
 
 
 def solve(law: Law, init: Mapping, data: Mapping, weights_R=None, *, delta: float = DEFAULT_DELTA,
@@ -79,18 +75,29 @@ def _report_progress(n_started):
     _progress_bar.update(int(n_started) - _progress_bar.n)
 
 
-def _lbfgs_lanes(law, delta, fixed, maxiter, tol, ftol, maxls):
-  """(init, step) of vmapped jaxopt L-BFGS lanes, for solve_queue."""
-  solver = _solver(law, delta, fixed, maxiter, DEFAULT_TOL, lane_maxls=maxls)
+def _lbfgs_lanes(law, delta, fixed, names, maxiter, tol, ftol, maxls):
+  """(init, step) of vmapped jaxopt L-BFGS lanes, for solve_queue.
+
+  The lanes run LaneLineSearch (maxls trials per step) rather than jaxopt's zoom, which under vmap
+  costs three evaluations per trial, and see their parameters as one vector (in `names` order), so
+  that jaxopt's tree operations act on one array rather than one per parameter.
+  """
+  def fun(x_P, data, weights_R):
+    return objective(dict(zip(names, x_P)), data, weights_R, law=law, delta=delta, fixed=fixed)
+
+  solver = jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=DEFAULT_TOL,
+                        linesearch=LaneLineSearch(fun=fun, maxiter=maxls))
   init_state = jax.vmap(solver.init_state, in_axes=(0, None, 0))
   update = jax.vmap(solver.update, in_axes=(0, 0, None, 0))
+  as_vector = lambda params: jnp.stack([params[k] for k in names], axis=-1)
 
   def init(params, data, weights_LR):
-    state = init_state(params, data, weights_LR)
+    state = init_state(as_vector(params), data, weights_LR)
     return dict(params=params, value=state.value, solver=state)
 
   def step(lane, data, weights_LR):
-    new_params, state = update(lane["params"], lane["solver"], data, weights_LR)
+    new_x_LP, state = update(as_vector(lane["params"]), lane["solver"], data, weights_LR)
+    new_params = {k: new_x_LP[:, i] for i, k in enumerate(names)}
     stalled_L = (lane["value"] - state.value) <= ftol * jnp.abs(lane["value"])
     converged_L = (state.error <= tol) | (stalled_L & ~state.failed_linesearch)
     # A failed line search can step uphill or to a non-finite objective, which ends the lane:
@@ -103,8 +110,13 @@ def _lbfgs_lanes(law, delta, fixed, maxiter, tol, ftol, maxls):
   return init, step
 
 
+# XLA:CPU hands reductions to YNNPACK by default, which on these [lanes, rows] float64 arrays made
+# the L-BFGS queue 1.8x slower (benchmarks/fit_speed.py); other backends ignore the option.
+_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 @functools.partial(jax.jit, static_argnames=("law", "delta", "lanes", "maxiter", "method",
-                                             "progress"))
+                                             "progress"), compiler_options=_COMPILER_OPTIONS)
 def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts, fixed, tol, ftol,
                 maxls, *, delta: float, lanes: int, maxiter: int, method: str = "lbfgs",
                 progress: bool = False):
@@ -119,7 +131,7 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
   every call with the same shapes. Returns (params {name: [S]}, objective [S], converged [S]).
   """
   if method == "lbfgs":
-    init, advance = _lbfgs_lanes(law, delta, fixed, maxiter, tol, ftol, maxls)
+    init, advance = _lbfgs_lanes(law, delta, fixed, tuple(inits_S), maxiter, tol, ftol, maxls)
   elif method == "newton":
     init, advance = newton.lanes(
         functools.partial(objective, law=law, delta=delta, fixed=fixed), tol, ftol)
@@ -130,7 +142,7 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
 
   def load(lane, next_start):
     """Puts the next starts of the queue into the free lanes (start < 0)."""
-    free_L = jnp.ones(lanes, bool) if lane is None else lane["start"] < 0
+    free_L = lane["start"] < 0
     start_L = next_start + jnp.cumsum(free_L) - 1
     load_L = free_L & (start_L < n_starts)
     start_L = jnp.where(load_L, start_L, -1)
@@ -141,9 +153,17 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
     next_start = next_start + jnp.sum(load_L)
     if progress:
       jax.debug.callback(_report_progress, next_start)
-    return fresh if lane is None else newton.select(load_L, fresh, lane), next_start
+    return newton.select(load_L, fresh, lane), next_start
 
-  lane, next_start = load(None, 0)
+  # Every lane starts free, with a zero solver state, and the first step loads it: the lane
+  # method's init is then compiled once, inside the loop.
+  n_rows = weights_SR.shape[1]
+  solver_shapes = jax.eval_shape(init, {k: jnp.zeros(lanes) for k in inits_S}, data,
+                                 jnp.zeros((lanes, n_rows)))
+  lane = dict(start=jnp.full(lanes, -1), weights=jnp.zeros((lanes, n_rows)),
+              iters=jnp.zeros(lanes, jnp.int32),
+              solver=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), solver_shapes))
+  next_start = jnp.asarray(0)
   out = dict(params={k: jnp.zeros(n_total) for k in inits_S}, value=jnp.full(n_total, jnp.inf),
              converged=jnp.zeros(n_total, bool))
 
