@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 from typing import Mapping
 
 import jax
@@ -34,7 +33,7 @@ DEFAULT_MAXLS = 20  # line-search trials per step, as scipy's L-BFGS-B (jaxopt's
 # spend them all before failing; the best starts are then polished by Newton steps.
 GRID_MAXLS = 5
 N_POLISHED = 8  # best grid starts rerun with famjax.scaling.newton
-DEFAULT_LANES = 256  # vmapped solver lanes that a queue of starts streams through
+DEFAULT_LANES = 128  # vmapped solver lanes that a queue of starts streams through
 QUEUE_BLOCK = 8192  # queues are padded to a multiple of this, to share one compilation
 
 
@@ -71,7 +70,7 @@ _progress_bar = None  # the tqdm bar of the solve_batch call in progress, if it 
 
 
 def _report_progress(n_started):
-  if _progress_bar is not None and n_started > _progress_bar.n:  # another call's count is lower
+  if _progress_bar is not None:
     _progress_bar.update(int(n_started) - _progress_bar.n)
 
 
@@ -87,18 +86,33 @@ def _lbfgs_lanes(law, delta, fixed, names, maxiter, tol, ftol, maxls):
 
   solver = jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=DEFAULT_TOL,
                         linesearch=LaneLineSearch(fun=fun, maxiter=maxls))
-  init_state = jax.vmap(solver.init_state, in_axes=(0, None, 0))
   update = jax.vmap(solver.update, in_axes=(0, 0, None, 0))
   as_vector = lambda params: jnp.stack([params[k] for k in names], axis=-1)
 
   def init(params, data, weights_LR):
-    state = init_state(as_vector(params), data, weights_LR)
+    """A fresh lane: jaxopt's initial state, but with an infinite objective and a zero gradient
+    in place of an evaluation; its first step evaluates the start (LaneLineSearch takes a zero
+    direction from an infinite objective as that), so the queue compiles one evaluation."""
+    x_LP = as_vector(params)
+    shapes = jax.eval_shape(jax.vmap(solver.init_state, in_axes=(0, None, 0)), x_LP, data,
+                            weights_LR)
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    fresh = jnp.ones(x_LP.shape[0], x_LP.dtype)
+    state = state._replace(value=fresh * jnp.inf, error=fresh * jnp.inf, gamma=fresh,
+                           stepsize=fresh * solver.max_stepsize)
     return dict(params=params, value=state.value, solver=state)
 
   def step(lane, data, weights_LR):
+    fresh_L = ~jnp.isfinite(lane["value"])
     new_x_LP, state = update(as_vector(lane["params"]), lane["solver"], data, weights_LR)
+    # The evaluation of a fresh start left a pair (s = 0, y = gradient) in the history: drop it.
+    initial = lambda a: jnp.where(fresh_L.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a)
+    state = state._replace(s_history=initial(state.s_history), y_history=initial(state.y_history),
+                           rho_history=initial(state.rho_history),
+                           iter_num=initial(state.iter_num),
+                           gamma=jnp.where(fresh_L, 1.0, state.gamma))
     new_params = {k: new_x_LP[:, i] for i, k in enumerate(names)}
-    stalled_L = (lane["value"] - state.value) <= ftol * jnp.abs(lane["value"])
+    stalled_L = ~fresh_L & ((lane["value"] - state.value) <= ftol * jnp.abs(lane["value"]))
     converged_L = (state.error <= tol) | (stalled_L & ~state.failed_linesearch)
     # A failed line search can step uphill or to a non-finite objective, which ends the lane:
     # it reports the best point it reached.
@@ -110,8 +124,8 @@ def _lbfgs_lanes(law, delta, fixed, names, maxiter, tol, ftol, maxls):
   return init, step
 
 
-# XLA:CPU hands reductions to YNNPACK by default, which on these [lanes, rows] float64 arrays made
-# the L-BFGS queue 1.8x slower (benchmarks/fit_speed.py); other backends ignore the option.
+# XLA:CPU hands reductions to YNNPACK by default, which is slower on these small [lanes, rows]
+# float64 arrays (README, "fit speed"); other backends ignore the option.
 _COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -127,7 +141,7 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
   Under vmap every lane waits for the slowest lane's line search, and a batch of starts would run
   until its slowest start is done. So a lane whose start has finished takes the next start from
   the queue (once an eighth of the lanes are free), and a free lane's weights are zero, which ends
-  its line search at the first trial. tol, ftol and maxls are traced: one compilation serves
+  its line search at once. tol, ftol and maxls are traced: one compilation serves
   every call with the same shapes. Returns (params {name: [S]}, objective [S], converged [S]).
   """
   if method == "lbfgs":
@@ -205,20 +219,6 @@ def _run_queue(law, inits_S, data, weights_SR, n_starts, fixed, *, delta, maxite
                      lanes=lanes, maxiter=maxiter, method=method, progress=progress)
 
 
-def _compile_newton_in_background(law, names, data, fixed, **options) -> threading.Thread:
-  """Compiles the Newton queue that the polish (and a bootstrap) will call, on another thread: XLA
-  compiles without holding the GIL, so this overlaps the L-BFGS grid's own compilation and run.
-  An empty queue (n_starts = 0) compiles it without running a step."""
-  def compile_newton():
-    with jax.enable_x64(True):
-      _run_queue(law, {k: np.zeros(1) for k in names}, data, np.zeros((1, data["loss"].shape[0])),
-                 0, fixed, maxls=DEFAULT_MAXLS, method="newton", **options)
-
-  thread = threading.Thread(target=compile_newton, name="famjax-compile-newton", daemon=True)
-  thread.start()
-  return thread
-
-
 def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
                 delta: float = DEFAULT_DELTA, maxiter: int = DEFAULT_MAXITER,
                 tol: float = DEFAULT_TOL, ftol: float = DEFAULT_FTOL, maxls: int = DEFAULT_MAXLS,
@@ -279,11 +279,8 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
     n_starts = len(next(iter(grid.values())))
     weights_SR = np.ones((n_starts, data["loss"].shape[0]))
     options = dict(delta=delta, maxiter=maxiter, tol=tol, ftol=ftol, lanes=lanes)
-    compiling = _compile_newton_in_background(law, tuple(grid), data, fixed, progress=progress,
-                                              **options)
     params_S, value_S, converged_S = solve_batch(law, grid, data, weights_SR, fixed,
                                                  maxls=GRID_MAXLS, progress=progress, **options)
-    compiling.join()
     polished = np.argsort(np.where(np.isfinite(value_S), value_S, np.inf))[:N_POLISHED]
     params_P, value_P, converged_P = solve_batch(
         law, {k: v[polished] for k, v in params_S.items()}, data, weights_SR[polished], fixed,

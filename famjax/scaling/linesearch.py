@@ -76,11 +76,15 @@ class LaneLineSearch(base.IterativeLineSearch):
     if value is None or grad is None:
       value, grad = jax.value_and_grad(self.fun)(params, *fun_args, **fun_kwargs)
       n_evals = 1
+    value = jnp.asarray(value, jnp.result_type(*jax.tree.leaves(params)))
     if descent_direction is None:
       descent_direction = jax.tree.map(jnp.negative, grad)
     slope = tree_vdot_real(grad, descent_direction)
-    not_descent = ~(slope < 0)  # also a zero gradient: nothing to search
-    dtype = jnp.result_type(value)
+    # Nothing to search along a zero gradient or an ascent direction, except from an infinite
+    # objective, where the first trial (the start itself, as the direction is then zero)
+    # evaluates the start: fit.py's queue uses this to evaluate a fresh start.
+    not_descent = ~(slope < 0) & jnp.isfinite(value)
+    dtype = value.dtype
     zero = jnp.zeros((), dtype)
     return LineSearchState(
         iter_num=jnp.asarray(0), params=params, value=value, grad=grad, aux=None,

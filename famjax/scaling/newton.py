@@ -5,8 +5,8 @@ eigenvalues dropped (saddle-free Newton), and keeps d when the objective falls b
 what that quadratic model predicts; the damping shrinks after good steps and grows after poor ones.
 A step is one evaluation of value, gradient and Hessian (a few parameters, so the Hessian is
 cheap) and no line search, so no lane waits on another's. From the full-data optimum a bootstrap
-refit of Epoch's data takes a median of 7 steps. jaxopt and optax have no Newton method for a
-general objective, hence this module.
+refit of Epoch's data takes a median of 7 steps after the one that evaluates its start. jaxopt and
+optax have no Newton method for a general objective, hence this module.
 """
 
 from __future__ import annotations
