@@ -102,7 +102,7 @@ class LaneLineSearch(base.IterativeLineSearch):
     point = tree_add_scalar_mul(state.start, step, state.direction)
     value, grad = jax.value_and_grad(self.fun)(point, *fun_args, **(fun_kwargs or {}))
     slope = tree_vdot_real(grad, state.direction)
-    (low_step, low_value, low_slope), high = state.low, state.high
+    (low_step, low_value, _), high = state.low, state.high
     bracketed = jnp.isfinite(high[0])
 
     decrease = (value <= state.value_init + self.c1 * step * state.slope_init) & jnp.isfinite(slope)

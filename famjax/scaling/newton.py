@@ -53,12 +53,12 @@ def lanes(objective: Callable, tol, ftol):
     n_lanes, n_params = weights_LR.shape[0], len(params)
     zeros = jnp.zeros((n_lanes, n_params, n_params), weights_LR.dtype)
     return dict(params=params, value=jnp.full(n_lanes, jnp.inf, weights_LR.dtype),
-                grad=zeros[..., 0], hessian=zeros, damping=jnp.full(n_lanes, MIN_DAMPING),
-                fresh=jnp.ones(n_lanes, bool))
+                grad=zeros[..., 0], hessian=zeros, damping=jnp.full(n_lanes, MIN_DAMPING))
 
   def step(lane, data, weights_LR):
     names = tuple(lane["params"])
-    fresh_L = lane["fresh"]
+    fresh_L = ~jnp.isfinite(lane["value"])  # a start not yet evaluated (a lane that reaches a
+    #                                          non-finite objective is stuck, and leaves the queue)
     eig_LP, vectors_LPP = jnp.linalg.eigh(lane["hessian"])
     curvature_LP = jnp.abs(eig_LP)
     scale_LP = curvature_LP + lane["damping"][:, None] * curvature_LP.max(-1, keepdims=True)
@@ -76,8 +76,7 @@ def lanes(objective: Callable, tol, ftol):
     damping_L = jnp.where(ratio_L > GOOD_RATIO, lane["damping"] / 4,
                           jnp.where(ratio_L < POOR_RATIO, lane["damping"] * 4, lane["damping"]))
     damping_L = jnp.clip(jnp.where(fresh_L, lane["damping"], damping_L), MIN_DAMPING, MAX_DAMPING)
-    new = {**select(accepted_L, trial, {k: lane[k] for k in trial}), "damping": damping_L,
-           "fresh": jnp.zeros_like(fresh_L)}
+    new = {**select(accepted_L, trial, {k: lane[k] for k in trial}), "damping": damping_L}
     small_step_L = accepted_L & (lane["value"] - trial["value"] <= ftol * jnp.abs(lane["value"]))
     converged_L = ((jnp.linalg.norm(new["grad"], axis=-1) <= tol)
                    | (~fresh_L & (small_step_L | (decrement_L <= ftol * jnp.abs(lane["value"])))))
