@@ -1,4 +1,5 @@
-"""LaneLineSearch: strong Wolfe steps, one evaluation per trial, and jaxopt.LBFGS driving it."""
+"""LaneLineSearch: strong Wolfe steps, one evaluation per trial, and jaxopt.LBFGS driving it;
+OneTrialLineSearch: the same L-BFGS path, one trial per update."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import jaxopt
 import numpy as np
 import pytest
 
-from famjax.scaling.linesearch import LaneLineSearch
+from famjax.scaling.linesearch import LaneLineSearch, OneTrialLineSearch, ended
 
 
 def rosenbrock(x):
@@ -77,3 +78,31 @@ def test_jaxopt_lbfgs_with_it_minimises_rosenbrock_in_every_lane(starts):
     params, state = jax.jit(jax.vmap(solver.run))(starts)
     assert bool(jnp.all(state.error <= 1e-10))
     assert bool(jnp.allclose(params, 1.0, atol=1e-8))
+
+
+def test_one_trial_updates_retrace_the_full_searches_path(starts):
+  """jaxopt.LBFGS.update with OneTrialLineSearch, the state kept until each search ends (as
+  fit's lanes do), visits the same iterates as with LaneLineSearch, in as many trials."""
+  n_steps = 12
+  with jax.enable_x64(True):
+    x0 = starts[0]
+    full = jaxopt.LBFGS(fun=rosenbrock, linesearch=LaneLineSearch(fun=rosenbrock))
+    x, state = x0, full.init_state(x0)
+    path = []
+    for _ in range(n_steps):
+      x, state = jax.jit(full.update)(x, state)
+      path.append(np.asarray(x))
+    one_trial = OneTrialLineSearch(fun=rosenbrock)
+    solver = jaxopt.LBFGS(fun=rosenbrock, linesearch=one_trial)
+    update = jax.jit(solver.update)
+    x, one_state = x0, solver.init_state(x0)
+    search = one_trial.init_state(1.0, x0, one_state.value, one_state.grad)  # no trial yet
+    n_trials, reached = 0, []
+    while len(reached) < n_steps:
+      new_x, new_state = update(x, one_state, search=search)
+      search, n_trials = new_state.aux, n_trials + 1
+      if bool(ended(search)):
+        x, one_state = new_x, new_state._replace(aux=None)
+        reached.append(np.asarray(x))
+    np.testing.assert_array_equal(np.stack(reached), np.stack(path))
+    assert n_trials == int(state.num_linesearch_iter) > n_steps

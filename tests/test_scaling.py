@@ -109,22 +109,54 @@ def test_bootstrap_spreads_and_gamma_test(familial_fit):
   assert tests["bootstrap_p"] < 0.05 and tests["lrt_p"] < 1e-3
 
 
-def test_newton_refits_match_lbfgs_refits(familial_fit):
+def test_whitened_coordinates_make_the_hessian_the_identity(familial_fit):
+  """The finite-difference Hessian from the compiled queue's gradients matches jax.hessian (on a
+  smooth objective: a Huber delta beyond every residual)."""
+  data, result = familial_fit
+  names = tuple(result.params)
+  coordinates = fit.whitened(laws.FAMILIAL, result.params, data, delta=1.0)
+  with jax.enable_x64(True):
+    arrays = fit.as_data(data)
+    weights = jnp.ones_like(arrays["loss"])
+    in_solver = lambda z: fit.objective(
+        dict(zip(names, coordinates.origin + coordinates.basis @ z)), arrays, weights,
+        law=laws.FAMILIAL, delta=1.0)
+    hessian = np.asarray(jax.hessian(in_solver)(jnp.zeros(len(names))))
+  np.testing.assert_allclose(coordinates.origin, [result.params[k] for k in names])
+  np.testing.assert_allclose(np.abs(hessian), np.eye(len(names)), atol=1e-3)
+  x = np.random.default_rng(0).normal(size=(3, len(names)))
+  np.testing.assert_allclose(coordinates.to_params(coordinates.to_solver(x)), x, atol=1e-12)
+
+
+def test_whitened_refits_match_refits_in_the_laws_coordinates(familial_fit):
   data, result = familial_fit
   counts = bootstrap.resample_counts(len(data["loss"]), 32, seed=1)
   starts = {k: np.full(32, v) for k, v in result.params.items()}
   with jax.enable_x64(True):
     arrays = fit.as_data(data)
-    by_method = {method: fit.solve_batch(laws.FAMILIAL, starts, arrays, counts, lanes=16,
-                                         method=method, tol=1e-12, maxiter=3000)
-                 for method in ("lbfgs", "newton")}
-    with pytest.raises(ValueError, match="method must be 'lbfgs' or 'newton'"):
-      fit.solve_batch(laws.FAMILIAL, starts, arrays, counts, method="adam")
-  (lbfgs_params, lbfgs_value, _), (newton_params, newton_value, converged) = by_method.values()
+    whitened = fit.whitened(laws.FAMILIAL, result.params, data)
+    by_coordinates = [fit.solve_batch(laws.FAMILIAL, starts, arrays, counts, lanes=16,
+                                      coordinates=coordinates, tol=1e-12, maxiter=3000)
+                      for coordinates in (None, whitened)]
+  (plain_params, plain_value, _), (white_params, white_value, converged) = by_coordinates
   assert converged.all()
-  np.testing.assert_array_less(newton_value, lbfgs_value * (1 + 1e-9))
+  np.testing.assert_array_less(white_value, plain_value * (1 + 1e-9))
   for name in ("alpha", "beta", "gamma"):
-    np.testing.assert_allclose(newton_params[name], lbfgs_params[name], rtol=1e-4)
+    np.testing.assert_allclose(white_params[name], plain_params[name], rtol=1e-4)
+
+
+def test_the_queue_evaluates_its_starts_when_maxiter_is_zero():
+  data = synthetic_family(noise=0.01)
+  starts = {k: np.full(3, v) + np.array([0.0, 0.1, -0.1]) for k, v in PAPER.items()}
+  with jax.enable_x64(True):
+    arrays = fit.as_data(data)
+    weights = np.ones((3, len(data["loss"])))
+    params, value, _ = fit.solve_batch(laws.FAMILIAL, starts, arrays, weights, maxiter=0, lanes=8)
+    expected = [fit.objective({k: v[s] for k, v in starts.items()}, arrays, weights[s],
+                              law=laws.FAMILIAL, delta=fit.DEFAULT_DELTA) for s in range(3)]
+  np.testing.assert_allclose(value, expected, rtol=1e-12)
+  for k in starts:
+    np.testing.assert_array_equal(params[k], starts[k])
 
 
 def test_group_resampling_keeps_groups_whole():

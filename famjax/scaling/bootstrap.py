@@ -1,5 +1,5 @@
-"""Bootstrap refits (rows or whole groups resampled), all in jitted vmaps started from the optimum
-and run by Newton steps (newton.py).
+"""Bootstrap refits (rows or whole groups resampled), all in one jitted vmap of L-BFGS lanes
+started from the optimum, in coordinates whitened by the full-data Hessian there (fit.whitened).
 
 Standard errors, 95% percentile intervals, the same for derived quantities, and for the familial
 law two tests of gamma > 0.
@@ -53,10 +53,11 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
     counts_BR = resample_counts(int(data["loss"].shape[0]), n, seed, groups)
     fixed = {k: jnp.float64(v) for k, v in result.fixed.items()}
     inits = {k: np.full(n, v) for k, v in result.params.items()}
-    params_B, _, converged_B = fitlib.solve_batch(law, inits, data, counts_BR, fixed, delta=delta,
+    coordinates = fitlib.whitened(law, result.params, data, delta=delta, fixed=fixed)
+    params_B, _, converged_B = fitlib.solve_batch(law, inits, data, counts_BR, fixed,
+                                                  coordinates=coordinates, delta=delta,
                                                   maxiter=maxiter, tol=tol, lanes=lanes,
-                                                  method="newton", progress=progress,
-                                                  desc="bootstrap")
+                                                  progress=progress, desc="bootstrap")
   natural = to_natural_params(params_B)
   natural = {k: np.asarray(v) for k, v in natural.items()}
   if "alpha" in natural and "beta" in natural:

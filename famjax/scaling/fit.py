@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,7 @@ from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 
-from famjax.scaling import newton
-from famjax.scaling.linesearch import LaneLineSearch
+from famjax.scaling.linesearch import LaneLineSearch, OneTrialLineSearch, ended
 from famjax.scaling.laws import Law
 
 DEFAULT_DELTA = 1e-3
@@ -29,11 +28,8 @@ DEFAULT_TOL = 1e-9  # on the gradient norm; objectives here are ~1e-3
 # gradient norm from ever reaching tol (scipy's L-BFGS-B stops on the same kind of test).
 DEFAULT_FTOL = 1e-10
 DEFAULT_MAXLS = 20  # line-search trials per step, as scipy's L-BFGS-B (jaxopt's default is 30)
-# Grid starts: under vmap each step costs the most trials any lane needs, and far-off starts
-# spend them all before failing; the best starts are then polished by Newton steps.
-GRID_MAXLS = 5
-N_POLISHED = 8  # best grid starts rerun with famjax.scaling.newton
-DEFAULT_LANES = 128  # vmapped solver lanes that a queue of starts streams through
+N_POLISHED = 8  # best grid starts rerun in coordinates whitened at the best one
+DEFAULT_LANES = 256  # vmapped solver lanes that a queue of starts streams through
 QUEUE_BLOCK = 8192  # queues are padded to a multiple of this, to share one compilation
 
 
@@ -49,6 +45,59 @@ def dense_solve(matvec, b, **_):
   flat_matvec = lambda x: ravel_pytree(matvec(unravel(x)))[0]
   matrix = jax.vmap(flat_matvec, out_axes=1)(jnp.eye(flat_b.size, dtype=flat_b.dtype))
   return unravel(jnp.linalg.solve(matrix, flat_b))
+
+
+class Coordinates(NamedTuple):
+  """Solver coordinates z of parameters x (in a law's parameter order): x = origin + basis @ z."""
+  origin: np.ndarray  # [P]
+  basis: np.ndarray  # [P, P]
+
+  @classmethod
+  def identity(cls, n_params: int) -> "Coordinates":
+    return cls(np.zeros(n_params), np.eye(n_params))
+
+  def to_solver(self, x_SP: np.ndarray) -> np.ndarray:
+    return np.linalg.solve(self.basis, (x_SP - self.origin).T).T
+
+  def to_params(self, z_SP: np.ndarray) -> np.ndarray:
+    return self.origin + z_SP @ self.basis.T
+
+
+FD_STEP = 1e-5  # central differences of the gradient, for `whitened`
+
+
+def whitened(law: Law, params: Mapping[str, float], data: Mapping, *, delta: float = DEFAULT_DELTA,
+             fixed: Mapping | None = None) -> Coordinates:
+  """Coordinates centred on `params` in which the full-data objective's Hessian there is the
+  identity (its eigenvalues taken in absolute value, floored at 1e-12 of the largest).
+
+  Near an optimum L-BFGS then starts with the right curvature: refits of Epoch's data converge
+  in a few steps, where in the law's own coordinates (Hessian eigenvalues 1e-4..1e3) they take
+  hundreds. The Hessian is central differences (FD_STEP) of gradients that the compiled queue
+  evaluates (maxiter 0), so it costs no compilation of its own. Falls back to the identity where
+  the Hessian is not finite.
+  """
+  names = tuple(params)
+  x_P = np.array([params[k] for k in names], np.float64)
+  n_params = len(names)
+  offsets_KP = FD_STEP * np.concatenate([np.eye(n_params), -np.eye(n_params)])
+  with jax.enable_x64(True):
+    data = as_data(data)
+    fixed = {k: jnp.float64(v) for k, v in (fixed or {}).items()}
+    _, _, grad_KP, _ = _run_queue(
+        law, names, x_P + offsets_KP, data, np.ones((len(offsets_KP), data["loss"].shape[0])),
+        fixed, Coordinates.identity(n_params), maxiter=0, tol=DEFAULT_TOL, ftol=DEFAULT_FTOL,
+        maxls=1, delta=delta, lanes=DEFAULT_LANES)
+  hessian_PP = (grad_KP[:n_params] - grad_KP[n_params:]) / (2 * FD_STEP)
+  hessian_PP = (hessian_PP + hessian_PP.T) / 2
+  identity = Coordinates(x_P, np.eye(n_params))
+  if not np.all(np.isfinite(hessian_PP)):
+    return identity
+  eig_P, vectors_PP = np.linalg.eigh(hessian_PP)
+  curvature_P = np.maximum(np.abs(eig_P), 1e-12 * np.abs(eig_P).max(initial=0.0))
+  if not np.all(curvature_P > 0):
+    return identity
+  return Coordinates(x_P, vectors_PP / np.sqrt(curvature_P))
 
 
 def _solver(law: Law, delta: float, fixed, maxiter: int, tol: float) -> jaxopt.LBFGS:
@@ -74,52 +123,63 @@ def _report_progress(n_started):
     _progress_bar.update(int(n_started) - _progress_bar.n)
 
 
-def _lbfgs_lanes(law, delta, fixed, names, maxiter, tol, ftol, maxls):
-  """(init, step) of vmapped jaxopt L-BFGS lanes, for solve_queue.
+def _select(mask_L, new, old):
+  """Per lane: new where mask_L, else old (any pytree of [L, ...] arrays)."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(mask_L.reshape(mask_L.shape + (1,) * (a.ndim - 1)), a, b), new, old)
 
-  The lanes run LaneLineSearch (maxls trials per step) rather than jaxopt's zoom, which under vmap
-  costs three evaluations per trial, and see their parameters as one vector (in `names` order), so
-  that jaxopt's tree operations act on one array rather than one per parameter.
+
+def _lbfgs_lanes(fun, maxiter, tol, ftol, maxls):
+  """(init, step) of vmapped jaxopt L-BFGS lanes minimising fun(z_P, data, weights_R), for
+  solve_queue.
+
+  A step is one jaxopt.LBFGS.update in every lane, whose OneTrialLineSearch makes one trial
+  (at most maxls per search): under vmap a full line search would make every lane wait for the
+  lane that needs most trials (on Epoch's grid, a mean of 1.3 trials per search, but 3.7 for the
+  slowest of the lanes). A lane keeps its L-BFGS state until its search ends. step returns
+  (lane, converged_L, stopped_L), both false while a search goes on.
   """
-  def fun(x_P, data, weights_R):
-    return objective(dict(zip(names, x_P)), data, weights_R, law=law, delta=delta, fixed=fixed)
-
-  solver = jaxopt.LBFGS(fun=fun, maxiter=maxiter, tol=DEFAULT_TOL,
-                        linesearch=LaneLineSearch(fun=fun, maxiter=maxls))
+  linesearch = OneTrialLineSearch(fun=fun, maxiter=maxls)
+  solver = jaxopt.LBFGS(fun=fun, tol=DEFAULT_TOL, linesearch=linesearch)  # update reads no maxiter
   update = jax.vmap(solver.update, in_axes=(0, 0, None, 0))
-  as_vector = lambda params: jnp.stack([params[k] for k in names], axis=-1)
 
-  def init(params, data, weights_LR):
+  def init(z_LP, data, weights_LR):
     """A fresh lane: jaxopt's initial state, but with an infinite objective and a zero gradient
-    in place of an evaluation; its first step evaluates the start (LaneLineSearch takes a zero
+    in place of an evaluation; its first trial evaluates the start (LaneLineSearch takes a zero
     direction from an infinite objective as that), so the queue compiles one evaluation."""
-    x_LP = as_vector(params)
-    shapes = jax.eval_shape(jax.vmap(solver.init_state, in_axes=(0, None, 0)), x_LP, data,
+    shapes = jax.eval_shape(jax.vmap(solver.init_state, in_axes=(0, None, 0)), z_LP, data,
                             weights_LR)
     state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    fresh = jnp.ones(x_LP.shape[0], x_LP.dtype)
+    fresh = jnp.ones(z_LP.shape[0], z_LP.dtype)
     state = state._replace(value=fresh * jnp.inf, error=fresh * jnp.inf, gamma=fresh,
                            stepsize=fresh * solver.max_stepsize)
-    return dict(params=params, value=state.value, solver=state)
+    # A search that has made no trial starts afresh at the lane's first step.
+    search_shapes = jax.eval_shape(jax.vmap(linesearch.init_state, in_axes=(None, 0, 0, 0, 0)),
+                                   1.0, z_LP, state.value, z_LP, z_LP)
+    search = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), search_shapes)
+    return dict(z=z_LP, solver=state, search=search)
 
   def step(lane, data, weights_LR):
-    fresh_L = ~jnp.isfinite(lane["value"])
-    new_x_LP, state = update(as_vector(lane["params"]), lane["solver"], data, weights_LR)
+    state = lane["solver"]
+    fresh_L = ~jnp.isfinite(state.value)
+    new_z_LP, new = update(lane["z"], state, data, weights_LR, search=lane["search"])
+    search, new = new.aux, new._replace(aux=None)
+    ended_L = ended(search)
     # The evaluation of a fresh start left a pair (s = 0, y = gradient) in the history: drop it.
     initial = lambda a: jnp.where(fresh_L.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a)
-    state = state._replace(s_history=initial(state.s_history), y_history=initial(state.y_history),
-                           rho_history=initial(state.rho_history),
-                           iter_num=initial(state.iter_num),
-                           gamma=jnp.where(fresh_L, 1.0, state.gamma))
-    new_params = {k: new_x_LP[:, i] for i, k in enumerate(names)}
-    stalled_L = ~fresh_L & ((lane["value"] - state.value) <= ftol * jnp.abs(lane["value"]))
-    converged_L = (state.error <= tol) | (stalled_L & ~state.failed_linesearch)
+    new = new._replace(s_history=initial(new.s_history), y_history=initial(new.y_history),
+                       rho_history=initial(new.rho_history), iter_num=initial(new.iter_num),
+                       gamma=jnp.where(fresh_L, 1.0, new.gamma))
+    stalled_L = ended_L & ~fresh_L & ((state.value - new.value) <= ftol * jnp.abs(state.value))
+    converged_L = ended_L & ((new.error <= tol) | (stalled_L & ~new.failed_linesearch))
     # A failed line search can step uphill or to a non-finite objective, which ends the lane:
-    # it reports the best point it reached.
-    uphill_L = ~(state.value <= lane["value"])
-    lane = dict(params=newton.select(uphill_L, lane["params"], new_params), solver=state,
-                value=jnp.where(uphill_L, lane["value"], state.value))
-    return lane, converged_L, stalled_L | ~jnp.isfinite(state.value)
+    # it keeps the best point it reached.
+    moved_L = ended_L & (new.value <= state.value)
+    state = _select(moved_L, new, state)
+    stopped_L = (stalled_L | (ended_L & ~moved_L) | ~jnp.isfinite(new.value)
+                 | (state.iter_num >= maxiter))
+    return dict(z=_select(moved_L, new_z_LP, lane["z"]), solver=state, search=search), \
+        converged_L, stopped_L
 
   return init, step
 
@@ -129,57 +189,50 @@ def _lbfgs_lanes(law, delta, fixed, names, maxiter, tol, ftol, maxls):
 _COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-@functools.partial(jax.jit, static_argnames=("law", "delta", "lanes", "maxiter", "method",
-                                             "progress"), compiler_options=_COMPILER_OPTIONS)
-def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts, fixed, tol, ftol,
-                maxls, *, delta: float, lanes: int, maxiter: int, method: str = "lbfgs",
+@functools.partial(jax.jit, static_argnames=("law", "names", "delta", "lanes", "progress"),
+                   compiler_options=_COMPILER_OPTIONS)
+def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n_starts, fixed,
+                maxiter, tol, ftol, maxls, *, names: tuple[str, ...], delta: float, lanes: int,
                 progress: bool = False):
-  """The first n_starts of S independent runs (start s from inits_S[.][s], row weights
-  weights_SR[s]), streamed through `lanes` vmapped solver lanes; method "lbfgs" (jaxopt) or
-  "newton" (famjax.scaling.newton, for starts near an optimum).
+  """The first n_starts of S independent L-BFGS runs (start s from z_SP[s], row weights
+  weights_SR[s]) in solver coordinates z (parameters `names` = origin_P + basis_PP @ z), streamed
+  through `lanes` vmapped solver lanes.
 
-  Under vmap every lane waits for the slowest lane's line search, and a batch of starts would run
-  until its slowest start is done. So a lane whose start has finished takes the next start from
-  the queue (once an eighth of the lanes are free), and a free lane's weights are zero, which ends
-  its line search at once. tol, ftol and maxls are traced: one compilation serves
-  every call with the same shapes. Returns (params {name: [S]}, objective [S], converged [S]).
+  A step is one line-search trial in every lane (see _lbfgs_lanes), and a batch of starts would
+  run until its slowest start is done, so a lane whose start has finished takes the next start
+  from the queue (once an eighth of the lanes are free; a free lane's row weights are zero). The
+  coordinates, maxiter, tol, ftol and maxls are traced: one compilation serves every call with
+  the same shapes (maxiter 0 evaluates the starts).
+  Returns (z [S, P], objective [S], gradient in z [S, P], converged [S]).
   """
-  if method == "lbfgs":
-    init, advance = _lbfgs_lanes(law, delta, fixed, tuple(inits_S), maxiter, tol, ftol, maxls)
-  elif method == "newton":
-    init, advance = newton.lanes(
-        functools.partial(objective, law=law, delta=delta, fixed=fixed), tol, ftol)
-  else:
-    raise ValueError(f"method must be 'lbfgs' or 'newton'; got {method!r}")
-  n_total = weights_SR.shape[0]
-  inits_S = {k: jnp.asarray(v, jnp.float64) for k, v in inits_S.items()}
+  def fun(z_P, data, weights_R):
+    x_P = origin_P + basis_PP @ z_P
+    return objective(dict(zip(names, x_P)), data, weights_R, law=law, delta=delta, fixed=fixed)
+
+  init, advance = _lbfgs_lanes(fun, maxiter, tol, ftol, maxls)
+  n_total, n_rows = weights_SR.shape
 
   def load(lane, next_start):
     """Puts the next starts of the queue into the free lanes (start < 0)."""
     free_L = lane["start"] < 0
     start_L = next_start + jnp.cumsum(free_L) - 1
     load_L = free_L & (start_L < n_starts)
-    start_L = jnp.where(load_L, start_L, -1)
-    params = {k: v[start_L] for k, v in inits_S.items()}  # free lanes (-1) hold a dummy start
+    start_L = jnp.where(load_L, start_L, -1)  # free lanes (-1) hold a dummy start
     weights_LR = weights_SR[start_L] * load_L[:, None]
-    fresh = dict(start=start_L, weights=weights_LR, iters=jnp.zeros(lanes, jnp.int32),
-                 solver=init(params, data, weights_LR))
+    fresh = dict(start=start_L, weights=weights_LR, solver=init(z_SP[start_L], data, weights_LR))
     next_start = next_start + jnp.sum(load_L)
     if progress:
       jax.debug.callback(_report_progress, next_start)
-    return newton.select(load_L, fresh, lane), next_start
+    return _select(load_L, fresh, lane), next_start
 
-  # Every lane starts free, with a zero solver state, and the first step loads it: the lane
-  # method's init is then compiled once, inside the loop.
-  n_rows = weights_SR.shape[1]
-  solver_shapes = jax.eval_shape(init, {k: jnp.zeros(lanes) for k in inits_S}, data,
-                                 jnp.zeros((lanes, n_rows)))
+  # Every lane starts free, with a zero solver state, and the first step loads it: the lanes'
+  # init is then compiled once, inside the loop.
+  solver_shapes = jax.eval_shape(init, z_SP[:lanes], data, weights_SR[:lanes])
   lane = dict(start=jnp.full(lanes, -1), weights=jnp.zeros((lanes, n_rows)),
-              iters=jnp.zeros(lanes, jnp.int32),
               solver=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), solver_shapes))
   next_start = jnp.asarray(0)
-  out = dict(params={k: jnp.zeros(n_total) for k in inits_S}, value=jnp.full(n_total, jnp.inf),
-             converged=jnp.zeros(n_total, bool))
+  out = dict(z=jnp.zeros_like(z_SP), value=jnp.full(n_total, jnp.inf),
+             grad=jnp.zeros_like(z_SP), converged=jnp.zeros(n_total, bool))
 
   def step(carry):
     lane, out, next_start = carry
@@ -187,15 +240,14 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
     wanted = ((n_free >= max(1, lanes // 8)) | (n_free == lanes)) & (next_start < n_starts)
     lane, next_start = jax.lax.cond(wanted, load, lambda *a: a, lane, next_start)
     solver, converged_L, stopped_L = advance(lane["solver"], data, lane["weights"])
-    iters_L = lane["iters"] + 1
-    done_L = (lane["start"] >= 0) & (converged_L | stopped_L | (iters_L >= maxiter))
+    done_L = (lane["start"] >= 0) & (converged_L | stopped_L)
     slot_L = jnp.where(done_L, lane["start"], n_total)  # out of range: dropped
     put = lambda dest, x: dest.at[slot_L].set(x, mode="drop")
-    out = dict(params={k: put(out["params"][k], solver["params"][k]) for k in out["params"]},
-               value=put(out["value"], solver["value"]),
+    out = dict(z=put(out["z"], solver["z"]), value=put(out["value"], solver["solver"].value),
+               grad=put(out["grad"], solver["solver"].grad),
                converged=put(out["converged"], converged_L))
     lane = dict(start=jnp.where(done_L, -1, lane["start"]),
-                weights=lane["weights"] * ~done_L[:, None], iters=iters_L, solver=solver)
+                weights=lane["weights"] * ~done_L[:, None], solver=solver)
     return lane, out, next_start
 
   def keep_going(carry):
@@ -203,42 +255,48 @@ def solve_queue(law: Law, inits_S: Mapping, data: Mapping, weights_SR, n_starts,
     return jnp.any(lane["start"] >= 0) | (next_start < n_starts)
 
   _, out, _ = jax.lax.while_loop(keep_going, step, (lane, out, next_start))
-  return out["params"], out["value"], out["converged"]
+  return out["z"], out["value"], out["grad"], out["converged"]
 
 
-def _run_queue(law, inits_S, data, weights_SR, n_starts, fixed, *, delta, maxiter, tol, ftol,
-               maxls, lanes, method, progress):
-  """solve_queue on the queue padded to a multiple of QUEUE_BLOCK starts, so that every call with
-  the same method (polish and bootstrap; or grids) shares one compilation."""
-  n = weights_SR.shape[0]
-  size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
-  pad = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, 0)])
-  return solve_queue(law, {k: pad(np.asarray(v, np.float64)) for k, v in inits_S.items()}, data,
-                     pad(np.asarray(weights_SR, np.float64)), jnp.int32(n_starts), fixed or {},
-                     jnp.float64(tol), jnp.float64(ftol), jnp.int32(maxls), delta=delta,
-                     lanes=lanes, maxiter=maxiter, method=method, progress=progress)
-
-
-def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
-                delta: float = DEFAULT_DELTA, maxiter: int = DEFAULT_MAXITER,
-                tol: float = DEFAULT_TOL, ftol: float = DEFAULT_FTOL, maxls: int = DEFAULT_MAXLS,
-                lanes: int = DEFAULT_LANES, method: str = "lbfgs", progress: bool = False,
-                desc: str = "fit"):
-  """Every start of the queue through solve_queue (see _run_queue), with a tqdm bar when asked.
-  Returns numpy (params, objective, converged)."""
+def _run_queue(law, names, x_SP, data, weights_SR, fixed, coordinates, *, maxiter, tol, ftol,
+               maxls, delta, lanes, progress=False, desc="fit"):
+  """solve_queue on the queue padded to a multiple of QUEUE_BLOCK starts (so that queues of
+  similar length share one compilation), with a tqdm bar when asked. Returns numpy
+  (params [S, P], objective [S], gradient in solver coordinates [S, P], converged [S])."""
   global _progress_bar
   from tqdm.auto import tqdm
-  n = np.shape(weights_SR)[0]
+  n = len(x_SP)
+  size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
+  pad = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, 0)])
   try:
     with tqdm(total=n, desc=desc, unit="start", disable=not progress) as _progress_bar:
-      out = _run_queue(law, inits_S, data, weights_SR, n, fixed, delta=delta, maxiter=maxiter,
-                       tol=tol, ftol=ftol, maxls=maxls, lanes=lanes, method=method,
-                       progress=progress)
-      out = jax.tree.map(lambda x: np.array(x[:n]), out)
+      out = solve_queue(law, pad(coordinates.to_solver(x_SP)), coordinates.origin,
+                        coordinates.basis, data, pad(np.asarray(weights_SR, np.float64)),
+                        jnp.int32(n), fixed or {}, jnp.int32(maxiter), jnp.float64(tol),
+                        jnp.float64(ftol), jnp.int32(maxls), names=names, delta=delta,
+                        lanes=lanes, progress=progress)
+      z_SP, value_S, grad_SP, converged_S = (np.array(x)[:n] for x in out)
       _progress_bar.update(n - _progress_bar.n)
   finally:  # a failed call must not leave its closed bar to the next one
     _progress_bar = None
-  return out
+  return coordinates.to_params(z_SP), value_S, grad_SP, converged_S
+
+
+def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=None, *,
+                coordinates: Coordinates | None = None, delta: float = DEFAULT_DELTA,
+                maxiter: int = DEFAULT_MAXITER, tol: float = DEFAULT_TOL,
+                ftol: float = DEFAULT_FTOL, maxls: int = DEFAULT_MAXLS,
+                lanes: int = DEFAULT_LANES, progress: bool = False, desc: str = "fit"):
+  """Every start of the queue ({name: [S]}, row weights [S, R]) through solve_queue, in the
+  given solver coordinates (the parameters' own by default; `whitened` ones for starts near an
+  optimum). Returns numpy (params {name: [S]}, objective [S], converged [S])."""
+  names = tuple(inits_S)
+  x_SP = np.stack([np.asarray(inits_S[k], np.float64) for k in names], -1)
+  x_SP, value_S, _, converged_S = _run_queue(
+      law, names, x_SP, data, weights_SR, fixed, coordinates or Coordinates.identity(len(names)),
+      maxiter=maxiter, tol=tol, ftol=ftol, maxls=maxls, delta=delta, lanes=lanes,
+      progress=progress, desc=desc)
+  return {k: x_SP[:, i] for i, k in enumerate(names)}, value_S, converged_S
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +322,8 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
         progress: bool = False) -> FitResult:
   """Fits `law` from every grid start (the law's own grid by default) and keeps the best.
 
-  Every start runs jaxopt L-BFGS with GRID_MAXLS line-search trials per step; the N_POLISHED
-  lowest objectives are then rerun from where they stopped with Newton steps (newton.py). A start
+  Every start runs jaxopt L-BFGS; the N_POLISHED lowest objectives are then rerun from where
+  they stopped, in coordinates whitened at the lowest (see `whitened`). A start
   has converged when its gradient norm is <= tol, or a step (without a failed line search) lowered
   its objective by less than ftol of it. The best start is the lowest objective among converged
   starts (among all finite ones if none converged).
@@ -280,11 +338,13 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
     weights_SR = np.ones((n_starts, data["loss"].shape[0]))
     options = dict(delta=delta, maxiter=maxiter, tol=tol, ftol=ftol, lanes=lanes)
     params_S, value_S, converged_S = solve_batch(law, grid, data, weights_SR, fixed,
-                                                 maxls=GRID_MAXLS, progress=progress, **options)
+                                                 progress=progress, **options)
     polished = np.argsort(np.where(np.isfinite(value_S), value_S, np.inf))[:N_POLISHED]
+    around = {k: v[polished[0]] for k, v in params_S.items()}
     params_P, value_P, converged_P = solve_batch(
         law, {k: v[polished] for k, v in params_S.items()}, data, weights_SR[polished], fixed,
-        method="newton", progress=progress, desc="polish", **options)
+        coordinates=whitened(law, around, data, delta=delta, fixed=fixed), progress=progress,
+        desc="polish", **options)
     for k in params_S:
       params_S[k][polished] = params_P[k]
     value_S[polished], converged_S[polished] = value_P, converged_P

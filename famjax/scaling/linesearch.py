@@ -1,10 +1,12 @@
-"""A strong-Wolfe line search for jaxopt.LBFGS in which every trial is one objective evaluation.
+"""Strong-Wolfe line searches for vmapped jaxopt.LBFGS, in which every trial is one evaluation.
 
 jaxopt's zoom line search evaluates the objective inside lax.cond branches. Under vmap a cond
 whose predicate differs between lanes runs both branches, so each trial of a vmapped zoom costs
-three evaluations, and its first trial is traced twice. This search brackets and zooms as
+three evaluations, and its first trial is traced twice. LaneLineSearch brackets and zooms as
 Nocedal & Wright's Algorithms 3.5-3.6 do, but picks each trial step with jnp.where alone and runs
-in one while_loop, so a vmapped lane pays one evaluation per trial.
+in one while_loop, so a vmapped lane pays one evaluation per trial. OneTrialLineSearch makes one
+trial of the same search per call, so that vmapped lanes need not wait for each other's searches
+(fit.solve_queue).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class LaneLineSearch(base.IterativeLineSearch):
     dtype = value.dtype
     zero = jnp.zeros((), dtype)
     return LineSearchState(
-        iter_num=jnp.asarray(0), params=params, value=value, grad=grad, aux=None,
+        iter_num=jnp.asarray(0, base.NUM_EVAL_DTYPE), params=params, value=value, grad=grad, aux=None,
         done=jnp.asarray(False), failed=not_descent,
         num_fun_eval=jnp.asarray(n_evals, base.NUM_EVAL_DTYPE),
         num_grad_eval=jnp.asarray(n_evals, base.NUM_EVAL_DTYPE),
@@ -146,3 +148,31 @@ class LaneLineSearch(base.IterativeLineSearch):
                                        fun_kwargs=fun_kwargs)
     return jax.lax.while_loop(searching, advance,
                               base.LineSearchStep(stepsize=state.low[0], state=state))
+
+
+@dataclasses.dataclass(eq=False)
+class OneTrialLineSearch(LaneLineSearch):
+  """LaneLineSearch one trial per run, for lanes that must not wait on each other.
+
+  jaxopt.LBFGS.update runs its line search to the end, so under vmap each update costs the trials
+  of the lane that needs most. With this search each update makes one trial: the search so far
+  comes in as fun_kwargs["search"] and leaves as the returned state's `aux`. The caller keeps the
+  L-BFGS state of a lane whose search has not ended (`ended`), and passes the search back in: the
+  next update recomputes the same direction and makes the next trial. A search that has ended,
+  or has made no trial yet, starts afresh from the update's direction.
+  """
+
+  def run(self, init_stepsize, params, value=None, grad=None, descent_direction=None,
+          fun_args=(), fun_kwargs=None) -> base.LineSearchStep:
+    fun_kwargs = dict(fun_kwargs or {})
+    search = fun_kwargs.pop("search")
+    fresh = self.init_state(init_stepsize, params, value, grad, descent_direction, fun_args,
+                            fun_kwargs)
+    restart = (search.iter_num == 0) | ended(search)
+    state = jax.tree.map(lambda new, old: jnp.where(restart, new, old), fresh, search)
+    step = self.update(state.low[0], state, fun_args=fun_args, fun_kwargs=fun_kwargs)
+    return step._replace(state=step.state._replace(aux=step.state))
+
+
+def ended(search: LineSearchState) -> jnp.ndarray:
+  return search.done | search.failed
