@@ -31,6 +31,7 @@ DEFAULT_MAXLS = 20  # line-search trials per step, as scipy's L-BFGS-B (jaxopt's
 N_POLISHED = 8  # best grid starts rerun in coordinates whitened at the best one
 DEFAULT_LANES = 256  # vmapped solver lanes that a queue of starts streams through
 QUEUE_BLOCK = 8192  # queues are padded to a multiple of this, to share one compilation
+PROGRESS_STEPS = 50  # progress-bar updates per queue
 
 
 def objective(params, data, weights_R, *, law: Law, delta: float, fixed: Mapping | None = None):
@@ -189,11 +190,10 @@ def _lbfgs_lanes(fun, maxiter, tol, ftol, maxls):
 _COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-@functools.partial(jax.jit, static_argnames=("law", "names", "delta", "lanes", "progress"),
+@functools.partial(jax.jit, static_argnames=("law", "names", "delta", "lanes"),
                    compiler_options=_COMPILER_OPTIONS)
 def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n_starts, fixed,
-                maxiter, tol, ftol, maxls, *, names: tuple[str, ...], delta: float, lanes: int,
-                progress: bool = False):
+                maxiter, tol, ftol, maxls, *, names: tuple[str, ...], delta: float, lanes: int):
   """The first n_starts of S independent L-BFGS runs (start s from z_SP[s], row weights
   weights_SR[s]) in solver coordinates z (parameters `names` = origin_P + basis_PP @ z), streamed
   through `lanes` vmapped solver lanes.
@@ -220,16 +220,18 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
     start_L = jnp.where(load_L, start_L, -1)  # free lanes (-1) hold a dummy start
     weights_LR = weights_SR[start_L] * load_L[:, None]
     fresh = dict(start=start_L, weights=weights_LR, solver=init(z_SP[start_L], data, weights_LR))
-    next_start = next_start + jnp.sum(load_L)
-    if progress:
-      jax.debug.callback(_report_progress, next_start)
-    return _select(load_L, fresh, lane), next_start
+    started = next_start + jnp.sum(load_L)
+    # A host callback costs ~1 ms, so the bar moves in steps of 1/PROGRESS_STEPS of the queue
+    # (and the callback is a no-op unless a bar is open).
+    step = lambda n: n * PROGRESS_STEPS // n_starts
+    jax.lax.cond(step(started) > step(next_start),
+                 lambda: jax.debug.callback(_report_progress, started), lambda: None)
+    return _select(load_L, fresh, lane), started
 
-  # Every lane starts free, with a zero solver state, and the first step loads it: the lanes'
-  # init is then compiled once, inside the loop.
-  solver_shapes = jax.eval_shape(init, z_SP[:lanes], data, weights_SR[:lanes])
-  lane = dict(start=jnp.full(lanes, -1), weights=jnp.zeros((lanes, n_rows)),
-              solver=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), solver_shapes))
+  # Every lane starts free, and the first step loads it.
+  weights_LR = jnp.zeros((lanes, n_rows))
+  lane = dict(start=jnp.full(lanes, -1), weights=weights_LR,
+              solver=init(z_SP[:lanes], data, weights_LR))
   next_start = jnp.asarray(0)
   out = dict(z=jnp.zeros_like(z_SP), value=jnp.full(n_total, jnp.inf),
              grad=jnp.zeros_like(z_SP), converged=jnp.zeros(n_total, bool))
@@ -274,7 +276,7 @@ def _run_queue(law, names, x_SP, data, weights_SR, fixed, coordinates, *, maxite
                         coordinates.basis, data, pad(np.asarray(weights_SR, np.float64)),
                         jnp.int32(n), fixed or {}, jnp.int32(maxiter), jnp.float64(tol),
                         jnp.float64(ftol), jnp.int32(maxls), names=names, delta=delta,
-                        lanes=lanes, progress=progress)
+                        lanes=lanes)
       z_SP, value_S, grad_SP, converged_S = (np.array(x)[:n] for x in out)
       _progress_bar.update(n - _progress_bar.n)
   finally:  # a failed call must not leave its closed bar to the next one
