@@ -53,7 +53,7 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
     counts_BR = resample_counts(int(data["loss"].shape[0]), n, seed, groups)
     fixed = {k: jnp.float64(v) for k, v in result.fixed.items()}
     inits = {k: np.full(n, v) for k, v in result.params.items()}
-    coordinates = fitlib.whitened(law, result.params, data, delta=delta, fixed=fixed)
+    coordinates = fitlib.whitened(law, result.params, data, delta=delta, fixed=fixed, lanes=lanes)
     params_B, _, converged_B = fitlib.solve_batch(law, inits, data, counts_BR, fixed,
                                                   coordinates=coordinates, delta=delta,
                                                   maxiter=maxiter, tol=tol, lanes=lanes,

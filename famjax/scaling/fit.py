@@ -68,15 +68,15 @@ FD_STEP = 1e-5  # central differences of the gradient, for `whitened`
 
 
 def whitened(law: Law, params: Mapping[str, float], data: Mapping, *, delta: float = DEFAULT_DELTA,
-             fixed: Mapping | None = None) -> Coordinates:
+             fixed: Mapping | None = None, lanes: int = DEFAULT_LANES) -> Coordinates:
   """Coordinates centred on `params` in which the full-data objective's Hessian there is the
   identity (its eigenvalues taken in absolute value, floored at 1e-12 of the largest).
 
   Near an optimum L-BFGS then starts with the right curvature: refits of Epoch's data converge
   in a few steps, where in the law's own coordinates (Hessian eigenvalues 1e-4..1e3) they take
   hundreds. The Hessian is central differences (FD_STEP) of gradients that the compiled queue
-  evaluates (maxiter 0), so it costs no compilation of its own. Falls back to the identity where
-  the Hessian is not finite.
+  evaluates (maxiter 0), so it costs no compilation of its own (given the `lanes` of the fit it
+  serves). Falls back to the identity where the Hessian is not finite.
   """
   names = tuple(params)
   x_P = np.array([params[k] for k in names], np.float64)
@@ -88,7 +88,7 @@ def whitened(law: Law, params: Mapping[str, float], data: Mapping, *, delta: flo
     _, _, grad_KP, _ = _run_queue(
         law, names, x_P + offsets_KP, data, np.ones((len(offsets_KP), data["loss"].shape[0])),
         fixed, Coordinates.identity(n_params), maxiter=0, tol=DEFAULT_TOL, ftol=DEFAULT_FTOL,
-        maxls=1, delta=delta, lanes=DEFAULT_LANES)
+        maxls=1, delta=delta, lanes=lanes)
   hessian_PP = (grad_KP[:n_params] - grad_KP[n_params:]) / (2 * FD_STEP)
   hessian_PP = (hessian_PP + hessian_PP.T) / 2
   identity = Coordinates(x_P, np.eye(n_params))
@@ -345,8 +345,8 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
     around = {k: v[polished[0]] for k, v in params_S.items()}
     params_P, value_P, converged_P = solve_batch(
         law, {k: v[polished] for k, v in params_S.items()}, data, weights_SR[polished], fixed,
-        coordinates=whitened(law, around, data, delta=delta, fixed=fixed), progress=progress,
-        desc="polish", **options)
+        coordinates=whitened(law, around, data, delta=delta, fixed=fixed, lanes=lanes),
+        progress=progress, desc="polish", **options)
     for k in params_S:
       params_S[k][polished] = params_P[k]
     value_S[polished], converged_S[polished] = value_P, converged_P
