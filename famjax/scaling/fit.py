@@ -213,12 +213,15 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
   n_total, n_rows = weights_SR.shape
 
   def load(lane, next_start):
-    """Puts the next starts of the queue into the free lanes (start < 0)."""
+    """Puts the next starts of the queue into the free lanes (start < 0), once an eighth of the
+    lanes are free (or all are)."""
     free_L = lane["start"] < 0
+    n_free = jnp.sum(free_L)
     start_L = next_start + jnp.cumsum(free_L) - 1
-    load_L = free_L & (start_L < n_starts)
+    load_L = (free_L & (start_L < n_starts)
+              & ((n_free >= max(1, lanes // 8)) | (n_free == lanes)))
     start_L = jnp.where(load_L, start_L, -1)  # free lanes (-1) hold a dummy start
-    weights_LR = weights_SR[start_L] * load_L[:, None]
+    weights_LR = weights_SR[start_L]
     fresh = dict(start=start_L, weights=weights_LR, solver=init(z_SP[start_L], data, weights_LR))
     started = next_start + jnp.sum(load_L)
     # A host callback costs ~1 ms, so the bar moves in steps of 1/PROGRESS_STEPS of the queue
@@ -228,7 +231,8 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
                  lambda: jax.debug.callback(_report_progress, started), lambda: None)
     return _select(load_L, fresh, lane), started
 
-  # Every lane starts free, and the first step loads it.
+  # Every lane starts free (its first step is idle), and the end of each step loads free lanes:
+  # XLA then fuses the load's selects with the step's own.
   weights_LR = jnp.zeros((lanes, n_rows))
   lane = dict(start=jnp.full(lanes, -1), weights=weights_LR,
               solver=init(z_SP[:lanes], data, weights_LR))
@@ -238,9 +242,6 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
 
   def step(carry):
     lane, out, next_start = carry
-    n_free = jnp.sum(lane["start"] < 0)
-    wanted = ((n_free >= max(1, lanes // 8)) | (n_free == lanes)) & (next_start < n_starts)
-    lane, next_start = jax.lax.cond(wanted, load, lambda *a: a, lane, next_start)
     solver, converged_L, stopped_L = advance(lane["solver"], data, lane["weights"])
     done_L = (lane["start"] >= 0) & (converged_L | stopped_L)
     slot_L = jnp.where(done_L, lane["start"], n_total)  # out of range: dropped
@@ -248,8 +249,9 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
     out = dict(z=put(out["z"], solver["z"]), value=put(out["value"], solver["solver"].value),
                grad=put(out["grad"], solver["solver"].grad),
                converged=put(out["converged"], converged_L))
-    lane = dict(start=jnp.where(done_L, -1, lane["start"]),
-                weights=lane["weights"] * ~done_L[:, None], solver=solver)
+    lane = dict(start=jnp.where(done_L, -1, lane["start"]), weights=lane["weights"],
+                solver=solver)
+    lane, next_start = load(lane, next_start)
     return lane, out, next_start
 
   def keep_going(carry):
