@@ -200,7 +200,7 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
 
   A step is one line-search trial in every lane (see _lbfgs_lanes), and a batch of starts would
   run until its slowest start is done, so a lane whose start has finished takes the next start
-  from the queue (once an eighth of the lanes are free; a free lane's row weights are zero). The
+  from the queue (once an eighth of the lanes are free; a free lane's work is discarded). The
   coordinates, maxiter, tol, ftol and maxls are traced: one compilation serves every call with
   the same shapes (maxiter 0 evaluates the starts).
   Returns (z [S, P], objective [S], gradient in z [S, P], converged [S]).
