@@ -210,7 +210,7 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
     return objective(dict(zip(names, x_P)), data, weights_R, law=law, delta=delta, fixed=fixed)
 
   init, advance = _lbfgs_lanes(fun, maxiter, tol, ftol, maxls)
-  n_total, n_rows = weights_SR.shape
+  n_total = weights_SR.shape[0]
 
   def load(lane, next_start):
     """Puts the next starts of the queue into the free lanes (start < 0), once an eighth of the
@@ -221,8 +221,7 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
     load_L = (free_L & (start_L < n_starts)
               & ((n_free >= max(1, lanes // 8)) | (n_free == lanes)))
     start_L = jnp.where(load_L, start_L, -1)  # free lanes (-1) hold a dummy start
-    weights_LR = weights_SR[start_L]
-    fresh = dict(start=start_L, weights=weights_LR, solver=init(z_SP[start_L], data, weights_LR))
+    fresh = dict(start=start_L, solver=init(z_SP[start_L], data, weights_SR[start_L]))
     started = next_start + jnp.sum(load_L)
     # A host callback costs ~1 ms, so the bar moves in steps of 1/PROGRESS_STEPS of the queue
     # (and the callback is a no-op unless a bar is open).
@@ -233,24 +232,21 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
 
   # Every lane starts free (its first step is idle), and the end of each step loads free lanes:
   # XLA then fuses the load's selects with the step's own.
-  weights_LR = jnp.zeros((lanes, n_rows))
-  lane = dict(start=jnp.full(lanes, -1), weights=weights_LR,
-              solver=init(z_SP[:lanes], data, weights_LR))
+  lane = dict(start=jnp.full(lanes, -1), solver=init(z_SP[:lanes], data, weights_SR[:lanes]))
   next_start = jnp.asarray(0)
   out = dict(z=jnp.zeros_like(z_SP), value=jnp.full(n_total, jnp.inf),
              grad=jnp.zeros_like(z_SP), converged=jnp.zeros(n_total, bool))
 
   def step(carry):
     lane, out, next_start = carry
-    solver, converged_L, stopped_L = advance(lane["solver"], data, lane["weights"])
+    solver, converged_L, stopped_L = advance(lane["solver"], data, weights_SR[lane["start"]])
     done_L = (lane["start"] >= 0) & (converged_L | stopped_L)
     slot_L = jnp.where(done_L, lane["start"], n_total)  # out of range: dropped
     put = lambda dest, x: dest.at[slot_L].set(x, mode="drop")
     out = dict(z=put(out["z"], solver["z"]), value=put(out["value"], solver["solver"].value),
                grad=put(out["grad"], solver["solver"].grad),
                converged=put(out["converged"], converged_L))
-    lane = dict(start=jnp.where(done_L, -1, lane["start"]), weights=lane["weights"],
-                solver=solver)
+    lane = dict(start=jnp.where(done_L, -1, lane["start"]), solver=solver)
     lane, next_start = load(lane, next_start)
     return lane, out, next_start
 
