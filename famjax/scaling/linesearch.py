@@ -89,8 +89,8 @@ class LaneLineSearch(base.IterativeLineSearch):
     dtype = value.dtype
     zero = jnp.zeros((), dtype)
     return LineSearchState(
-        iter_num=jnp.asarray(0, base.NUM_EVAL_DTYPE), params=params, value=value, grad=grad, aux=None,
-        done=jnp.asarray(False), failed=not_descent,
+        iter_num=jnp.asarray(0, base.NUM_EVAL_DTYPE), params=params, value=value, grad=grad,
+        aux=None, done=jnp.asarray(False), failed=not_descent,
         num_fun_eval=jnp.asarray(n_evals, base.NUM_EVAL_DTYPE),
         num_grad_eval=jnp.asarray(n_evals, base.NUM_EVAL_DTYPE),
         start=params, direction=descent_direction, value_init=value, slope_init=slope,
