@@ -1,12 +1,21 @@
-"""Orbax checkpoints of (params, optimizer state) plus the data-iterator state, restorable on any mesh."""
+"""Orbax checkpoints of (params, optimizer state) plus the data-iterator state, restorable on any mesh.
+
+A checkpoint that no longer restores (a file truncated or deleted by a crash or a full disk) is
+moved aside to WORKDIR/checkpoints_damaged/ and the newest one that restores is used instead.
+"""
 
 from __future__ import annotations
 
+import datetime
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+DAMAGED_DIR = "checkpoints_damaged"
 
 
 def manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
@@ -27,3 +36,35 @@ def restore(mngr: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dic
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                         data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
+  source = Path(mngr.directory) / str(step)
+  stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+  target = Path(mngr.directory).parent / DAMAGED_DIR / f"{step}-{stamp}"
+  target.parent.mkdir(parents=True, exist_ok=True)
+  shutil.move(str(source), str(target))
+  return target
+
+
+def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, dict] | None:
+  """(step, state, data state) of the newest checkpoint that restores, or None if none exists.
+
+  Checkpoints newer than that one failed to restore: each is moved to checkpoints_damaged/
+  (process 0 moves; every process restores the same step) with one warning line.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state, data_state = restore(mngr, step, like)
+    except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      where = "kept in place"
+      if jax.process_index() == 0:
+        where = f"moved to {_set_aside(mngr, step)}"
+      logging.warning("checkpoint at step %d does not restore (%s: %s); %s; trying an older one",
+                      step, type(e).__name__, reason, where)
+      continue
+    mngr.reload()
+    return step, state, data_state
+  mngr.reload()
+  return None

@@ -287,7 +287,8 @@ def train_batches(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
   lo = process_index * local
   ds = (grain.MapDataset.source(windows).shuffle(seed=seed).repeat()
         .batch(batch_size, drop_remainder=True).map(lambda b: b[lo:lo + local]))
-  return iter(ds.to_iter_dataset())
+  # Reading a batch is a few memmap slices: prefetch threads would cost more than they save.
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from famjax.config import ModelConfig
+from famjax.sharding import constrain
 
 KERNEL_INIT = nnx.initializers.lecun_normal()
 
@@ -30,15 +31,6 @@ def _linear(d_in, d_out, axes, cfg: ModelConfig, rngs: nnx.Rngs, in_axis=-1) -> 
   return nnx.LinearGeneral(d_in, d_out, axis=in_axis, use_bias=False, dtype=_dtype(cfg),
                            param_dtype=jnp.float32,
                            kernel_init=nnx.with_partitioning(KERNEL_INIT, axes), rngs=rngs)
-
-
-def constrain(x, logical_axes: tuple[str | None, ...]):
-  """Sharding constraint by logical axis names; a no-op outside a mesh or rules context."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  from famjax.sharding import logical_spec  # local: sharding imports this module's users
-  return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes))
 
 
 def rotary(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:

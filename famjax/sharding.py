@@ -1,4 +1,7 @@
-"""Device mesh, the one logical-axis rules table, and helpers that place parameters and batches."""
+"""Device mesh, the one logical-axis rules table, and helpers that place parameters and batches.
+
+Imports no model code: the model imports `constrain` from here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from famjax.config import MeshConfig, ModelConfig
-from famjax.model import FamilialTransformer
 
 MESH_AXES = ("data", "model")
 
@@ -53,6 +55,13 @@ def logical_spec(logical_axes) -> PartitionSpec:
   return PartitionSpec(*(table[a] if a is not None else None for a in logical_axes))
 
 
+def constrain(x, logical_axes: tuple[str | None, ...]):
+  """Sharding constraint by logical axis names; a no-op outside a mesh."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes))
+
+
 def state_shardings(state, mesh: jax.sharding.Mesh):
   """NamedSharding for every leaf of an NNX state (or a pytree holding one), from RULES."""
   with nnx.logical_axis_rules(RULES):
@@ -72,17 +81,6 @@ def check_fits_mesh(cfg: ModelConfig, batch_size: int, mesh: jax.sharding.Mesh) 
                        f"(it is split over that mesh axis)")
 
 
-def create_model(cfg: ModelConfig, seed: int, mesh: jax.sharding.Mesh) -> FamilialTransformer:
-  """Initialises the model inside jit, so every parameter is born with its rules-table sharding."""
-
-  @nnx.jit
-  def init():
-    return FamilialTransformer(cfg, rngs=nnx.Rngs(seed))
-
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-    return init()
-
-
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, logical_spec(("batch", "length")))
 
@@ -90,6 +88,8 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 def put_batch(batch_BT: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
   """Places this process's rows of the global batch; on one host that is the whole batch."""
   sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch_BT, sharding)
   n_global = batch_BT.shape[0] * jax.process_count()
   return jax.make_array_from_process_local_data(sharding, batch_BT,
                                                 (n_global,) + batch_BT.shape[1:])

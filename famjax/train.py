@@ -1,4 +1,10 @@
-"""Training: Optax AdamW on the weighted sum of per-exit losses, Orbax resume, JSONL/TensorBoard logs."""
+"""Training: Optax AdamW on the weighted sum of per-exit losses, Orbax resume, JSONL/TensorBoard logs.
+
+The compiled programs (parameter init, optimizer init, train step, evaluation) depend on the model
+config and the mesh only: the learning rate of each step, the other optimizer hyperparameters and
+the exit weights are inputs, so runs that differ in steps, budgets or schedules (an IsoFLOP sweep)
+share one compilation per model shape.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from famjax import accounting, checkpoint, data, sharding
-from famjax.config import ExperimentConfig, TrainConfig
-from famjax.files import atomic_write_text
+from famjax.config import ExperimentConfig, ModelConfig, TrainConfig
+from famjax.files import WorkdirLock, atomic_write_text
+from famjax.model import FamilialTransformer
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -36,16 +44,33 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
       boundaries=[tc.warmup_steps, tc.warmup_steps + stable])
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW; norm scales (1-D parameters) get no weight decay."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+def decay_mask(params):
+  """Weight decay on matrices only: norm scales (1-D parameters) are not decayed."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer() -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW, with every numeric hyperparameter held in the optimizer
+  state (optax.inject_hyperparams) and set each step by `with_hyperparameters`."""
   return optax.chain(
-      optax.clip_by_global_norm(tc.grad_clip),
-      optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
-                  mask=decay_mask))
+      optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=1.0),
+      optax.inject_hyperparams(optax.adamw, static_args="mask")(
+          learning_rate=0.0, b1=0.9, b2=0.95, weight_decay=0.0, mask=decay_mask))
 
 
-def exit_losses(graphdef: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array) -> jax.Array:
+def hyperparameters(tc: TrainConfig, learning_rate) -> dict:
+  return {"max_norm": tc.grad_clip, "learning_rate": learning_rate, "b1": tc.b1, "b2": tc.b2,
+          "weight_decay": tc.weight_decay}
+
+
+def with_hyperparameters(opt_state, hparams: dict):
+  clip, adamw = opt_state
+  set_ = lambda s, keys: s._replace(hyperparams={
+      **s.hyperparams, **{k: jnp.asarray(hparams[k], s.hyperparams[k].dtype) for k in keys}})
+  return (set_(clip, ("max_norm",)), set_(adamw, ("learning_rate", "b1", "b2", "weight_decay")))
+
+
+def exit_losses(graphdef: nnx.GraphDef, params: dict, tokens_BT: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy of every exit, ce_G (float32)."""
   model = nnx.merge(graphdef, params)
   logits_GBTV = model(tokens_BT[:, :-1])
@@ -53,76 +78,162 @@ def exit_losses(graphdef: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array)
   return ce_GBT.mean(axis=(1, 2))
 
 
-def train_step(params, opt_state, tokens_BT, *, graphdef, optimizer, weights_G):
+def train_step(params, opt_state, tokens_BT, hparams, weights_G, *, graphdef, optimizer):
   def loss_fn(p):
     ce_G = exit_losses(graphdef, p, tokens_BT)
     return jnp.dot(weights_G, ce_G), ce_G
 
   (loss, ce_G), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  opt_state = with_hyperparameters(opt_state, hparams)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   return params, opt_state, {"loss": loss, "exit_loss": ce_G, "grad_norm": optax.global_norm(grads)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The jitted functions of one model config on one mesh (built once per process, see
+  `programs`)."""
+
+  graphdef: nnx.GraphDef
+  init_params: Any  # seed -> params, each parameter born with its rules-table sharding
+  init_opt: Any  # params -> optimizer state
+  step: Any  # (params, opt_state, tokens_BT, hparams, weights_G) -> (params, opt_state, metrics)
+  evaluate: Any  # (params, tokens_BT) -> ce_G
+
+
+@functools.lru_cache(maxsize=32)
+def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Programs:
+  """Parameters and optimizer state are plain nested dicts of arrays (nnx.to_pure_dict), which
+  jit flattens several times faster than nnx.State: on tiny models that is a tenth of a step."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+    abstract = nnx.eval_shape(lambda: FamilialTransformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh))
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  optimizer = make_optimizer()
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, abstract_params), param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+  batch = sharding.batch_sharding(mesh)
+
+  def init_params(seed):
+    with nnx.logical_axis_rules(sharding.RULES):
+      model = FamilialTransformer(cfg, rngs=nnx.Rngs(jax.random.key(seed)))
+    return nnx.to_pure_dict(nnx.state(model))
+
+  return Programs(
+      graphdef=graphdef,
+      # Compiling at optimisation level 0 saves a third of the init's compile time (~0.6 s a
+      # model shape on CPU); it runs once per run, in milliseconds either way.
+      init_params=jax.jit(init_params, out_shardings=param_shardings,
+                          compiler_options={"xla_backend_optimization_level": 0}),
+      init_opt=jax.jit(optimizer.init, in_shardings=(param_shardings,),
+                       out_shardings=opt_shardings),
+      step=jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer),
+                   in_shardings=(param_shardings, opt_shardings, batch, replicated, replicated),
+                   out_shardings=(param_shardings, opt_shardings, replicated),
+                   donate_argnums=(0, 1)),
+      evaluate=jax.jit(functools.partial(exit_losses, graphdef),
+                       in_shardings=(param_shardings, batch), out_shardings=replicated))
+
+
+def create_model(cfg: ModelConfig, seed: int, mesh: jax.sharding.Mesh) -> FamilialTransformer:
+  """The model with every parameter initialised inside jit, born with its rules-table sharding."""
+  progs = programs(cfg, mesh)
+  with jax.set_mesh(mesh):
+    return nnx.merge(progs.graphdef, progs.init_params(seed))
+
+
 @dataclasses.dataclass
 class Trainer:
-  """Compiled train and eval steps for one config on one mesh, and the state they update."""
+  """Compiled train and eval steps for one config on one mesh, and the state they update.
+
+  `step_count` is the number of optimizer steps the state has taken; it picks each step's
+  learning rate from the schedule.
+  """
 
   cfg: ExperimentConfig
   mesh: jax.sharding.Mesh
-  graphdef: nnx.GraphDef
-  params: nnx.State
+  progs: Programs
+  params: dict  # nested dict of arrays (nnx.to_pure_dict of the model's state)
   opt_state: Any
-  step_fn: Any
-  eval_fn: Any
+  learning_rates: np.ndarray  # [total_steps], the schedule's value at each step
+  constants: tuple  # (hyperparameters but the learning rate, exit weights), on the devices
+  step_count: int = 0
 
   @classmethod
   def create(cls, cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> "Trainer":
     sharding.check_fits_mesh(cfg.model, cfg.train.batch_size, mesh)
-    model = sharding.create_model(cfg.model, cfg.train.seed, mesh)
-    graphdef, params = nnx.split(model)
-    optimizer = make_optimizer(cfg.train)
-    param_shardings = sharding.state_shardings(params, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+    progs = programs(cfg.model, mesh)
     with jax.set_mesh(mesh):
-      opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    weights_G = jnp.asarray(cfg.train.weights_for(cfg.model.n_exits), jnp.float32)
-    batch = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, weights_G=weights_G),
-        in_shardings=(param_shardings, opt_shardings, batch),
-        out_shardings=(param_shardings, opt_shardings, replicated),
-        donate_argnums=(0, 1))
-    eval_fn = jax.jit(functools.partial(exit_losses, graphdef),
-                      in_shardings=(param_shardings, batch), out_shardings=replicated)
-    return cls(cfg, mesh, graphdef, params, opt_state, step_fn, eval_fn)
+      params = progs.init_params(cfg.train.seed)
+      opt_state = progs.init_opt(params)
+    tc = cfg.train
+    learning_rates = np.asarray(learning_rate_schedule(tc)(np.arange(tc.total_steps)), np.float32)
+    hparams = {k: np.float32(v) for k, v in hyperparameters(tc, 0.0).items()}
+    weights_G = np.asarray(tc.weights_for(cfg.model.n_exits), np.float32)
+    constants = jax.device_put((hparams, weights_G), NamedSharding(mesh, PartitionSpec()))
+    return cls(cfg, mesh, progs, params, opt_state, learning_rates, constants)
 
   def step(self, tokens_BT: np.ndarray) -> dict:
     batch = sharding.put_batch(tokens_BT, self.mesh)
+    hparams, weights_G = self.constants
+    lr = self.learning_rates[min(self.step_count, len(self.learning_rates) - 1)]
     with jax.set_mesh(self.mesh):
-      self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, batch)
+      self.params, self.opt_state, metrics = self.progs.step(
+          self.params, self.opt_state, batch, {**hparams, "learning_rate": lr}, weights_G)
+    self.step_count += 1
     return metrics
 
   def evaluate(self, batches: list[np.ndarray]) -> np.ndarray:
     """Mean per-exit loss over fixed batches, shape [G]."""
     with jax.set_mesh(self.mesh):
-      losses = [self.eval_fn(self.params, sharding.put_batch(b, self.mesh)) for b in batches]
+      losses = [self.progs.evaluate(self.params, sharding.put_batch(b, self.mesh))
+                for b in batches]
     return np.mean(np.stack(jax.device_get(losses)), axis=0)
 
   @property
   def state(self) -> dict:
     return {"params": self.params, "opt_state": self.opt_state}
 
-  def load_state(self, state: dict) -> None:
-    self.params, self.opt_state = state["params"], state["opt_state"]
+  def load_state(self, state: dict, step: int) -> None:
+    self.params, self.opt_state, self.step_count = state["params"], state["opt_state"], step
+
+
+def read_metrics(path: Path) -> list[dict]:
+  """The records of a metrics.jsonl. A malformed last line (a kill mid-write) is dropped with a
+  warning; a malformed line before it is an error naming the file and line."""
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines()
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not a record with an integer 'step'")
+    except ValueError as e:
+      if number == len(lines):
+        logging.warning("%s:%d: dropping a malformed last line (a write cut short?): %s", path,
+                        number, e)
+        break
+      raise ValueError(f"{path}:{number}: malformed metrics record ({e}); fix or remove the "
+                       "line to resume") from None
+    records.append(record)
+  return records
 
 
 class MetricsLog:
-  """Appends records to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard (process 0 only)."""
+  """Appends records to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard (process 0 only).
+
+  Opening it for a run resumed at `resume_step` keeps the records up to that step (each once) and
+  drops the rest, which a resumed run writes again.
+  """
 
   def __init__(self, workdir: Path, resume_step: int):
     self.enabled = jax.process_index() == 0
@@ -130,10 +241,13 @@ class MetricsLog:
     self._tb = None
     if not self.enabled:
       return
-    if resume_step and self.path.exists():  # drop records past the checkpoint we resume from
-      kept = [l for l in self.path.read_text().splitlines()
-              if l.strip() and json.loads(l)["step"] <= resume_step]
-      atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+    kept, seen = [], set()
+    for record in read_metrics(self.path):
+      key = (record["step"], tuple(sorted(record)))
+      if record["step"] <= resume_step and key not in seen:
+        seen.add(key)
+        kept.append(record)
+    atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(str(workdir / "tensorboard"))
     self._file = self.path.open("a")
@@ -163,63 +277,109 @@ def _check_finite(step: int, metrics: dict) -> None:
         "train.grad_clip and rerun with the same workdir to resume.")
 
 
+def _jsonable(value):
+  return json.loads(json.dumps(value, default=list))  # tuples become lists, as when read back
+
+
 def _run_identity(cfg: ExperimentConfig) -> dict:
   """The fields a resumed run must share with the run that wrote the workdir."""
   tc = cfg.train
-  identity = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
-              "seed": tc.seed, "batch_size": tc.batch_size, "seq_len": tc.seq_len}
-  return json.loads(json.dumps(identity))  # tuples become lists, as when read back
+  return _jsonable({"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+                    "seed": tc.seed, "batch_size": tc.batch_size, "seq_len": tc.seq_len})
 
 
-def _claim_workdir(workdir: Path, cfg: ExperimentConfig) -> None:
+def _recorded_config(workdir: Path) -> dict | None:
   path = workdir / "config.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _check_identity(workdir: Path, cfg: ExperimentConfig) -> None:
+  previous = _recorded_config(workdir)
+  if previous is None:
+    return
   identity = _run_identity(cfg)
-  if path.exists():
-    previous = json.loads(path.read_text())
-    if previous["identity"] != identity:
-      changed = sorted(k for k in identity if previous["identity"].get(k) != identity[k])
-      raise ValueError(f"workdir {workdir} holds a run with a different {changed}; use a new "
-                       "--workdir or the original config")
-  atomic_write_text(path, json.dumps({"identity": identity, "config": dataclasses.asdict(cfg)},
-                                     indent=1, default=list))
+  if previous["identity"] != identity:
+    changed = sorted(k for k in identity if previous["identity"].get(k) != identity[k])
+    raise ValueError(f"workdir {workdir} holds a run with a different {changed}; use a new "
+                     "--workdir or the original config")
+
+
+def _claim_workdir(workdir: Path, cfg: ExperimentConfig, start: int) -> None:
+  """Writes config.json: the run's identity, its current config, and the history of the
+  optimisation settings (`train` section), each entry with the step it took effect."""
+  previous = _recorded_config(workdir) or {}
+  history = previous.get("history", [])
+  current = _jsonable(dataclasses.asdict(cfg.train))
+  if history and history[-1]["train"] != current:
+    changed = sorted(k for k in current if history[-1]["train"].get(k) != current[k])
+    logging.warning("resuming %s at step %d with changed settings %s (recorded in config.json)",
+                    workdir, start, ", ".join(f"train.{k}: {history[-1]['train'].get(k)!r} -> "
+                                              f"{current[k]!r}" for k in changed))
+  if not history or history[-1]["train"] != current:
+    history = history + [{"from_step": start, "train": current}]
+  atomic_write_text(workdir / "config.json", json.dumps(
+      {"identity": _run_identity(cfg), "config": _jsonable(dataclasses.asdict(cfg)),
+       "history": history}, indent=1))
 
 
 def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, tokens: data.TokenData | None = None) -> dict:
   """Trains (or resumes) the family in `workdir`; returns and writes summary.json.
 
   stop_after pauses the run after that step with a checkpoint, as a preemption would; rerunning
-  with the same workdir continues it.
+  with the same workdir continues it. `tokens` (from data.load_tokens(cfg.data)) saves reading
+  the corpus again when one process trains many runs. The workdir is locked for the run
+  (files.WorkdirBusy if another process holds it) and claimed (config.json) only once the run
+  can start.
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   tc = cfg.train
-  tokens = data.load_tokens(cfg.data)
+  tokens = data.load_tokens(cfg.data) if tokens is None else tokens
   if tokens.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                      f"{tokens.vocab_size}-token vocabulary of data.tokenizer={cfg.data.tokenizer!r}")
-  if jax.process_index() == 0:
-    _claim_workdir(workdir, cfg)
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
-  trainer = Trainer.create(cfg, mesh)
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   batches = data.train_batches(tokens.train, tc.seq_len, tc.batch_size, tc.seed, **proc)
   val_batches = data.eval_batches(tokens.val, tc.seq_len, tc.batch_size, tc.eval_batches, **proc)
+  trainer = Trainer.create(cfg, mesh)
 
+  lock = WorkdirLock(workdir)
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    _check_identity(workdir, cfg)
+    return _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_after)
+  finally:
+    lock.release()
+
+
+def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_after) -> dict:
+  tc = cfg.train
   mngr = checkpoint.manager(workdir, tc.keep_checkpoints)
-  start = mngr.latest_step() or 0
-  if start:
-    state, data_state = checkpoint.restore(mngr, start, trainer.state)
-    trainer.load_state(state)
-    batches.set_state(data_state)
-  log = MetricsLog(workdir, start)
+  start, elapsed = 0, 0.0
+  restored = checkpoint.restore_latest(mngr, trainer.state)
+  if restored is not None:
+    start, state, data_state = restored
+    trainer.load_state(state, start)
+    batches.set_state(data_state["batches"])
+    elapsed = data_state["elapsed_seconds"]
   total = tc.total_steps
-  last = total if stop_after is None else min(total, stop_after)
+  if start > total:
+    raise ValueError(
+        f"train.steps={total} (or train.tokens) is below step {start} of the latest checkpoint "
+        f"in {workdir}: that state has trained longer than asked. Ask for at least {start} "
+        "steps, or use a new workdir")
+  if jax.process_index() == 0:
+    _claim_workdir(workdir, cfg, start)
+  log = MetricsLog(workdir, start)
+  last = total if stop_after is None else max(start, min(total, stop_after))
   tokens_per_step = tc.batch_size * tc.seq_len
   window: list[np.ndarray] = []  # per-exit train losses since the last log line
   bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not tc.progress,
              dynamic_ncols=True)
-  tic, tic_step = time.perf_counter(), start
+  began = tic = time.perf_counter()
+  tic_step = start
   pending = None  # previous step's metrics, fetched after the next step is dispatched
 
   def consume(step: int, metrics) -> None:
@@ -228,13 +388,13 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
     _check_finite(step, metrics)
     window.append(np.asarray(metrics["exit_loss"]))
     if step % tc.log_every == 0 or step == total:
-      elapsed = time.perf_counter() - tic
-      tokens_per_s = (step - tic_step) * tokens_per_step / max(elapsed, 1e-9)
+      now = time.perf_counter()
+      tokens_per_s = (step - tic_step) * tokens_per_step / max(now - tic, 1e-9)
       train_loss = np.mean(window[-tc.log_every:], axis=0)
       log.write(step, {"train_loss": train_loss.tolist(), "loss": float(metrics["loss"]),
                        "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s})
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}")
-      tic, tic_step = time.perf_counter(), step
+      tic, tic_step = now, step
 
   try:
     for step in range(start + 1, last + 1):
@@ -250,7 +410,9 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
         if at_eval or step == total:
           log.write(step, {"val_loss": trainer.evaluate(val_batches).tolist()})
         if at_save or step == last:
-          checkpoint.save(mngr, step, trainer.state, batches.get_state())
+          data_state = {"batches": batches.get_state(),
+                        "elapsed_seconds": elapsed + time.perf_counter() - began}
+          checkpoint.save(mngr, step, trainer.state, data_state)
   finally:
     bar.close()
     mngr.wait_until_finished()
@@ -258,18 +420,21 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
 
   val_loss = trainer.evaluate(val_batches)
   if not window:  # resumed a finished run: report the last logged train loss
-    window = [np.asarray(_last_record(workdir, "train_loss"))]
+    train_records = [r for r in read_metrics(workdir / "metrics.jsonl") if "train_loss" in r]
+    window = [np.asarray(train_records[-1]["train_loss"])] if train_records else []
   acc = accounting.account(cfg.model, tc.seq_len)
   summary = {
       "exit_layers": list(cfg.model.exit_layers),
-      "train_loss": np.mean(window[-tc.log_every:], axis=0).tolist(),
+      "train_loss": np.mean(window[-tc.log_every:], axis=0).tolist() if window else None,
       "val_loss": val_loss.tolist(),
-      "step": last,
-      "tokens": last * tokens_per_step,
+      "step": trainer.step_count,
+      "tokens": trainer.step_count * tokens_per_step,
       "params_per_exit": list(acc.params_per_exit),
       "non_embedding_params_per_exit": list(acc.non_embedding_per_exit),
       "params_total": acc.params_total,
+      "params_non_embedding": acc.params_non_embedding,
       "flops_per_token": acc.flops_per_token,
+      "train_seconds": elapsed + time.perf_counter() - began,
       "corpus_fingerprint": tokens.fingerprint,
   }
   if jax.process_index() == 0:
@@ -277,6 +442,12 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
   return summary
 
 
-def _last_record(workdir: Path, key: str):
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l]
-  return [r[key] for r in lines if key in r][-1]
+def use_compilation_cache(directory: str | Path | None = None) -> Path:
+  """Turns on JAX's persistent compilation cache (default: the famjax cache's xla/), so that
+  reruns, resumed sweeps and other processes on this machine skip compiling programs they share.
+  A process-wide setting: entry points call it, library code does not."""
+  path = Path(directory) if directory else data.default_cache_dir() / "xla"
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  return path

@@ -49,7 +49,7 @@ def main(workdir: Path):
     trainer = train.Trainer.create(cfg, mesh)
     if shape == (2, 4):
       out["param_specs"] = specs(trainer.params)
-      mu = trainer.opt_state[1][0].mu
+      mu = trainer.opt_state[1].inner_state[0].mu
       out["mu_specs"] = specs(mu)
     loss = float(trainer.step(batch)["loss"])
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(leaves(trainer.params), ref_params)]

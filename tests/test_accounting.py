@@ -7,7 +7,8 @@ from flax import nnx
 from famjax import accounting
 from famjax.config import ModelConfig
 from famjax.model import ExitSubModel, FamilialTransformer
-from famjax.sharding import create_model, make_mesh
+from famjax.sharding import make_mesh
+from famjax.train import create_model
 
 from conftest import tiny_model
 
