@@ -79,3 +79,15 @@ def account(cfg: ModelConfig, seq_len: int) -> Accounting:
       train_flops_per_token_per_exit=tuple(train_per_exit),
       forward_flops_per_token_per_exit=tuple(forward_per_exit),
   )
+
+
+# Dense bfloat16 peak FLOP/s per device (vendor datasheets, without sparsity): the denominator of
+# model FLOPs utilisation (MFU) and of planned accelerator-hours.
+PEAK_FLOPS = {
+    "h100": 989e12,  # H100 SXM
+    "h200": 989e12,  # H200 SXM (H100's compute, more memory)
+    "a100": 312e12,  # A100 SXM
+    "tpu_v4": 275e12,
+    "tpu_v5e": 197e12,
+    "tpu_v5p": 459e12,
+}

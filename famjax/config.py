@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from typing import Any, Mapping
 
@@ -197,6 +199,12 @@ class ExperimentConfig:
              f"<= model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
 
 
+def config_hash(cfg: ExperimentConfig) -> str:
+  """A short fingerprint of every field of a run's config."""
+  text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=list)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _build(cls, values: Mapping[str, Any], prefix: str):
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - known)
@@ -214,3 +222,125 @@ def experiment_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
     raise ValueError(f"unknown config section(s) {unknown}; allowed: {sorted(sections)}")
   return ExperimentConfig(**{name: _build(cls, dict(values.get(name, {})), name)
                              for name, cls in sections.items()})
+
+
+FLOP_RULES = ("accounting", "6N")
+PARAM_COUNTS = ("non_embedding", "total")
+FIT_LOSSES = ("val", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """An IsoFLOP study: budgets x granularities x a ladder of model sizes, trained and fitted.
+
+  Shape rule: a model of width d_model has n_heads = d_model / head_dim, d_ff = ff_ratio * d_model
+  (rounded to a multiple of 8) and n_layers = d_model / aspect_ratio rounded up to a multiple of
+  layer_multiple, at least min_layers. Each budget C trains the sizes_per_budget consecutive
+  widths of the ladder centred on the width whose dense model sees tokens_per_param tokens per
+  parameter when trained on C FLOPs (famjax.isoflop).
+  """
+
+  budgets: tuple[float, ...] = (1e10, 3e10, 1e11)  # training FLOPs C of each IsoFLOP curve
+  granularities: tuple[int, ...] = (1, 2, 4)  # G: exits per family; G = 1 is the dense baseline
+  widths: tuple[int, ...] = (16, 24, 32, 40, 48, 64)  # d_model ladder, smallest to largest
+  head_dim: int = 8  # n_heads = d_model // head_dim
+  ff_ratio: float = 3.0  # d_ff = ff_ratio * d_model, rounded to a multiple of 8
+  aspect_ratio: float = 32.0  # d_model / n_layers before rounding
+  min_layers: int = 4  # at least max(granularities): every exit needs a layer of its own
+  layer_multiple: int = 4  # n_layers rounded up to a multiple of this
+  sizes_per_budget: int = 4  # consecutive ladder widths trained at each budget
+  tokens_per_param: float = 20.0  # prior optimum D/N, centre of each budget's sizes
+  param_count: str = "non_embedding"  # N of the laws: "non_embedding" (Kaplan) or "total"
+  flops: str = "accounting"  # FLOPs per token: "accounting" (famjax.accounting) or "6N"
+  exit_layers: str = ""  # explicit exits per G, "2:2,4;4:1,2,3,4"; others evenly spaced
+  min_steps: int = 50  # runs with fewer optimizer steps are dropped
+  max_epochs: float = 1.0  # runs needing more passes over the training corpus are dropped
+  warmup_fraction: float = 0.05  # of each run's steps
+  seeds: tuple[int, ...] = (0,)  # every (C, G, size) is trained once per seed
+  leverage: str = ""  # (C, G) points where G size-matched dense models are trained: "1e11:2,1e11:4"
+  leverage_granularities: tuple[int, ...] = ()  # G of the law's EL table; () = granularities >= 2
+  fit_loss: str = "val"  # loss the laws are fitted to: "val" (held out) or "train" (as the paper)
+  bootstrap: int = 1000  # bootstrap refits per law (whole runs resampled)
+  grid_every: int = 1  # keep every k-th grid start of each law's fit
+  device: str = "h100"  # accelerator for --dry_run's hours estimate (accounting.PEAK_FLOPS)
+  mfu: float = 0.4  # model FLOPs utilisation assumed by that estimate
+  planned_corpus_tokens: int = 0  # training tokens assumed by --dry_run; 0 reads data.corpus
+
+  def __post_init__(self):
+    object.__setattr__(self, "budgets", tuple(float(c) for c in self.budgets))
+    for name in ("granularities", "widths", "seeds", "leverage_granularities"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    _require(len(self.budgets) >= 1 and all(0 < c < math.inf for c in self.budgets),
+             "study.budgets", "a non-empty tuple of finite FLOP counts > 0", self.budgets)
+    _require(list(self.budgets) == sorted(set(self.budgets)), "study.budgets",
+             "strictly increasing", self.budgets)
+    _require(len(self.granularities) >= 1
+             and all(isinstance(g, int) and g >= 1 for g in self.granularities)
+             and list(self.granularities) == sorted(set(self.granularities)),
+             "study.granularities", "strictly increasing integers >= 1", self.granularities)
+    for name in ("head_dim", "min_layers", "layer_multiple", "sizes_per_budget", "min_steps",
+                 "grid_every"):
+      _positive_int(f"study.{name}", getattr(self, name))
+    _require(self.head_dim % 2 == 0, "study.head_dim", "even (rotary embeddings rotate pairs)",
+             self.head_dim)
+    _require(len(self.widths) >= 1 and all(isinstance(w, int) and w > 0 and w % self.head_dim == 0
+                                           for w in self.widths)
+             and list(self.widths) == sorted(set(self.widths)), "study.widths",
+             f"strictly increasing multiples of study.head_dim={self.head_dim}", self.widths)
+    _require(self.sizes_per_budget <= len(self.widths), "study.sizes_per_budget",
+             f"at most len(study.widths)={len(self.widths)}", self.sizes_per_budget)
+    _require(self.min_layers >= self.granularities[-1], "study.min_layers",
+             f">= the largest granularity {self.granularities[-1]}", self.min_layers)
+    for name in ("ff_ratio", "aspect_ratio", "tokens_per_param", "max_epochs"):
+      _require(0 < getattr(self, name) < math.inf, f"study.{name}", "finite and > 0",
+               getattr(self, name))
+    _require(0 <= self.warmup_fraction < 1, "study.warmup_fraction", "in [0, 1)",
+             self.warmup_fraction)
+    _require(len(self.seeds) >= 1 and all(isinstance(s, int) and s >= 0 for s in self.seeds)
+             and len(set(self.seeds)) == len(self.seeds), "study.seeds",
+             "distinct non-negative integers", self.seeds)
+    _require(self.param_count in PARAM_COUNTS, "study.param_count", f"one of {PARAM_COUNTS}",
+             self.param_count)
+    _require(self.flops in FLOP_RULES, "study.flops", f"one of {FLOP_RULES}", self.flops)
+    _require(self.fit_loss in FIT_LOSSES, "study.fit_loss", f"one of {FIT_LOSSES}",
+             self.fit_loss)
+    _require(self.bootstrap == 0 or self.bootstrap >= 100, "study.bootstrap",
+             "0 (no intervals) or at least 100", self.bootstrap)
+    _require(0 < self.mfu <= 1, "study.mfu", "in (0, 1]", self.mfu)
+    _require(isinstance(self.planned_corpus_tokens, int) and self.planned_corpus_tokens >= 0,
+             "study.planned_corpus_tokens", "a non-negative integer", self.planned_corpus_tokens)
+    _require(all(isinstance(g, int) and g >= 2 for g in self.leverage_granularities),
+             "study.leverage_granularities", "integers >= 2", self.leverage_granularities)
+    for g, layers in self.explicit_exits.items():
+      _require(g in self.granularities and len(layers) == g, "study.exit_layers",
+               f"entries 'G:l1,...,lG' with G in {self.granularities} and G layers", self.exit_layers)
+    for c, g in self.leverage_points:
+      _require(c in self.budgets and g in self.granularities and g >= 2, "study.leverage",
+               f"'C:G' pairs with C in study.budgets {self.budgets} and G >= 2 in "
+               f"study.granularities {self.granularities}", self.leverage)
+
+  @property
+  def explicit_exits(self) -> dict[int, tuple[int, ...]]:
+    """{G: exit layers} parsed from exit_layers."""
+    out = {}
+    for part in filter(None, (p.strip() for p in self.exit_layers.split(";"))):
+      try:
+        g, layers = part.split(":")
+        out[int(g)] = tuple(int(l) for l in layers.split(","))
+      except ValueError:
+        raise ValueError(f"study.exit_layers must look like '2:2,4;4:1,2,3,4'; got "
+                         f"{self.exit_layers!r}") from None
+    return out
+
+  @property
+  def leverage_points(self) -> tuple[tuple[float, int], ...]:
+    """(C, G) pairs parsed from leverage."""
+    out = []
+    for part in filter(None, (p.strip() for p in self.leverage.split(","))):
+      try:
+        c, g = part.split(":")
+        out.append((float(c), int(g)))
+      except ValueError:
+        raise ValueError(f"study.leverage must look like '1e11:2,1e11:4'; got "
+                         f"{self.leverage!r}") from None
+    return tuple(out)

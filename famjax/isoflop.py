@@ -1,0 +1,243 @@
+"""IsoFLOP planner: budgets x granularities x a ladder of model sizes -> run specs (pure functions).
+
+Shape rule (StudyConfig): width d_model; n_heads = d_model / head_dim; d_ff = ff_ratio * d_model,
+rounded to a multiple of 8; n_layers = d_model / aspect_ratio rounded up to a multiple of
+layer_multiple, at least min_layers. Exits: exit g of G sits after layer round(g * n_layers / G)
+(evenly spaced; the last exit is the final layer) unless study.exit_layers lists them.
+Sizes: at budget C the study trains the sizes_per_budget consecutive ladder widths centred on the
+prior optimum, the width that sees tokens_per_param tokens per parameter when trained on C FLOPs
+(Hoffmann et al.: ~20), so that each IsoFLOP curve brackets its minimum if the prior is right
+within the window (the report says when a minimum sits at an edge).
+Tokens: D = C / (training FLOPs per token), rounded down to whole optimizer steps, so that
+D x FLOPs per token = C within one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from famjax import accounting
+from famjax.config import ExperimentConfig, ModelConfig, StudyConfig, config_hash
+
+ISOFLOP, DENSE_MATCH = "isoflop", "dense_match"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One training run of a study."""
+
+  run_id: str
+  kind: str  # ISOFLOP: a point of an IsoFLOP curve; DENSE_MATCH: a size-matched dense model
+  budget: float  # C of the curve; a dense match belongs to the leverage point (C, G)
+  granularity: int  # G of the family (of the matched family for DENSE_MATCH)
+  seed: int
+  experiment: ExperimentConfig
+  flops_per_token: float  # by the study's FLOP rule
+  tokens: int  # D, whole optimizer steps
+  matches: str = ""  # DENSE_MATCH: run id of the family it is compared with
+  matched_exit: int = 0  # DENSE_MATCH: the family's exit (1-based) whose sub-model it matches
+
+  @property
+  def steps(self) -> int:
+    return self.experiment.train.total_steps
+
+  @property
+  def flops(self) -> float:
+    return self.flops_per_token * self.tokens
+
+  def describe(self) -> dict:
+    """The plan-table fields of this run, JSON-ready."""
+    acc = accounting.account(self.experiment.model, self.experiment.train.seq_len)
+    return {"run_id": self.run_id, "kind": self.kind, "C": self.budget, "G": self.granularity,
+            "seed": self.seed, "d_model": self.experiment.model.d_model,
+            "n_layers": self.experiment.model.n_layers,
+            "exit_layers": list(self.experiment.model.exit_layers),
+            "N_per_exit": list(acc.params_per_exit),
+            "N_non_embedding_per_exit": list(acc.non_embedding_per_exit), "D": self.tokens,
+            "steps": self.steps, "flops": self.flops, "flops_per_token": self.flops_per_token,
+            "matches": self.matches, "matched_exit": self.matched_exit,
+            "config_hash": config_hash(self.experiment)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  runs: tuple[RunSpec, ...]
+  dropped: tuple[tuple[str, str], ...]  # (run id, why it was dropped)
+  notes: tuple[str, ...]  # warnings about the design, e.g. a prior N* outside the ladder
+
+  @property
+  def total_flops(self) -> float:
+    return sum(r.flops for r in self.runs)
+
+  def accelerator_hours(self, device: str, mfu: float) -> float:
+    return self.total_flops / (accounting.PEAK_FLOPS[device] * mfu) / 3600.0
+
+  def run(self, run_id: str) -> RunSpec:
+    return next(r for r in self.runs if r.run_id == run_id)
+
+  def share(self, task_index: int, num_tasks: int) -> tuple[RunSpec, ...]:
+    """Task i's runs: the plan sorted by FLOPs (largest first), dealt round-robin, so shares
+    are balanced and together hold every run exactly once."""
+    if not (isinstance(num_tasks, int) and num_tasks >= 1):
+      raise ValueError(f"num_tasks must be an integer >= 1; got {num_tasks!r}")
+    if not (isinstance(task_index, int) and 0 <= task_index < num_tasks):
+      raise ValueError(f"task_index must be in 0..{num_tasks - 1}; got {task_index!r}")
+    ordered = sorted(self.runs, key=lambda r: (-r.flops, r.run_id))
+    return tuple(ordered[task_index::num_tasks])
+
+
+def model_shape(study: StudyConfig, base: ModelConfig, d_model: int, granularity: int,
+                n_layers: int | None = None) -> ModelConfig:
+  """The model of width d_model under the shape rule (n_layers overrides the rule's depth)."""
+  if n_layers is None:
+    by_aspect = math.ceil(d_model / study.aspect_ratio / study.layer_multiple)
+    n_layers = max(study.min_layers, by_aspect * study.layer_multiple)
+  d_ff = max(8, int(round(study.ff_ratio * d_model / 8)) * 8)
+  return dataclasses.replace(base, d_model=d_model, n_heads=d_model // study.head_dim, d_ff=d_ff,
+                             n_layers=n_layers,
+                             exit_layers=exit_layers(study, n_layers, granularity))
+
+
+def exit_layers(study: StudyConfig, n_layers: int, granularity: int) -> tuple[int, ...]:
+  """study.exit_layers for this G if given, else evenly spaced: round(g * n_layers / G)."""
+  layers = study.explicit_exits.get(granularity)
+  if layers is None:
+    layers = tuple(int(round(g * n_layers / granularity)) for g in range(1, granularity + 1))
+  if layers[-1] != n_layers or len(set(layers)) != granularity:
+    raise ValueError(f"study.exit_layers: exits {layers} for G={granularity} must be distinct "
+                     f"and end at the final layer of a {n_layers}-layer model")
+  return layers
+
+
+def family_params(study: StudyConfig, acc: accounting.Accounting) -> int:
+  """N of a family under study.param_count."""
+  return acc.params_non_embedding if study.param_count == "non_embedding" else acc.params_total
+
+
+def flops_per_token(study: StudyConfig, model: ModelConfig, seq_len: int) -> float:
+  acc = accounting.account(model, seq_len)
+  if study.flops == "6N":
+    return 6.0 * family_params(study, acc)
+  return acc.flops_per_token
+
+
+def budget_widths(study: StudyConfig, base: ExperimentConfig, budget: float) -> tuple[list, str]:
+  """The sizes_per_budget consecutive ladder widths centred on the prior optimum: the width whose
+  dense model, trained on C FLOPs, sees tokens_per_param tokens per parameter (D/N falls as the
+  width grows). Also a note if the prior optimum lies outside the ladder."""
+  seq_len = base.train.seq_len
+  models = [model_shape(study, base.model, w, 1) for w in study.widths]
+  n_w = np.array([family_params(study, accounting.account(m, seq_len)) for m in models], float)
+  d_w = np.array([budget / flops_per_token(study, m, seq_len) for m in models])
+  log_ratio = np.log(d_w / n_w)[::-1]  # increasing
+  position = len(n_w) - 1 - np.interp(np.log(study.tokens_per_param), log_ratio,
+                                      np.arange(len(n_w)))
+  k = study.sizes_per_budget
+  start = int(np.clip(round(position - (k - 1) / 2), 0, len(n_w) - k))
+  note = ""
+  if not log_ratio[0] <= np.log(study.tokens_per_param) <= log_ratio[-1]:
+    note = (f"C={budget:.3g}: D/N = study.tokens_per_param={study.tokens_per_param:g} falls "
+            f"outside the ladder (D/N from {d_w[-1] / n_w[-1]:.3g} to {d_w[0] / n_w[0]:.3g}); "
+            "its curve may not bracket the minimum (extend study.widths)")
+  return list(study.widths[start:start + k]), note
+
+
+def _tag(budget: float) -> str:
+  return f"{budget:.3g}".replace("+", "")
+
+
+def _spec(study, base, run_id, kind, budget, run_budget, granularity, seed, model,
+          corpus_tokens, dropped, **extra) -> RunSpec | None:
+  """A run training `model` on run_budget FLOPs, or None (reason appended to dropped)."""
+  tc = base.train
+  per_step = tc.batch_size * tc.seq_len
+  fpt = flops_per_token(study, model, tc.seq_len)
+  steps = int(run_budget / fpt // per_step)
+  if steps < study.min_steps:
+    dropped.append((run_id, f"C={run_budget:.3g} buys {steps} steps of {per_step} tokens at "
+                            f"{fpt:,.0f} FLOPs/token, fewer than study.min_steps={study.min_steps}"))
+    return None
+  tokens = steps * per_step
+  if corpus_tokens and tokens > study.max_epochs * corpus_tokens:
+    dropped.append((run_id, f"D={tokens:,} tokens is {tokens / corpus_tokens:.2f} epochs of the "
+                            f"{corpus_tokens:,}-token training corpus, more than "
+                            f"study.max_epochs={study.max_epochs}"))
+    return None
+  warmup = min(steps - 1, int(round(study.warmup_fraction * steps)))
+  train = dataclasses.replace(tc, steps=steps, tokens=0, warmup_steps=warmup, seed=seed,
+                              exit_weights=())
+  experiment = dataclasses.replace(base, model=model, train=train)
+  return RunSpec(run_id=run_id, kind=kind, budget=budget, granularity=granularity, seed=seed,
+                 experiment=experiment, flops_per_token=fpt, tokens=tokens, **extra)
+
+
+def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None = None) -> Plan:
+  """Every run of the study. `base` gives everything but the model's shape and the steps
+  (vocabulary, exit heads, batch, sequence length, optimizer); corpus_tokens (training tokens of
+  the corpus) enables the epochs check."""
+  runs, dropped, notes = [], [], []
+  for budget in study.budgets:
+    widths, note = budget_widths(study, base, budget)
+    if note:
+      notes.append(note)
+    for granularity in study.granularities:
+      for width in widths:
+        model = model_shape(study, base.model, width, granularity)
+        for seed in study.seeds:
+          run_id = f"C{_tag(budget)}_G{granularity}_d{width}L{model.n_layers}_s{seed}"
+          spec = _spec(study, base, run_id, ISOFLOP, budget, budget, granularity, seed, model,
+                       corpus_tokens, dropped)
+          if spec:
+            runs.append(spec)
+  for budget, granularity in study.leverage_points:
+    runs.extend(_dense_matches(study, base, budget, granularity, runs, corpus_tokens, dropped))
+  return Plan(tuple(runs), tuple(dropped), tuple(notes))
+
+
+def _dense_matches(study, base, budget, granularity, runs, corpus_tokens, dropped) -> list:
+  """The G dense models matched to the family at (C, G) in the middle of the budget's widths:
+  dense model g has exit g's sub-model (layers 1..l_g, plus the exit's private block if it has
+  one) and trains C / G FLOPs, as leverage.efficiency_leverage assumes."""
+  seed = study.seeds[0]
+  family = [r for r in runs if r.kind == ISOFLOP and r.budget == budget
+            and r.granularity == granularity and r.seed == seed]
+  if not family:
+    dropped.append((f"C{_tag(budget)}_G{granularity}_dense*", "its family was dropped"))
+    return []
+  widths = budget_widths(study, base, budget)[0]
+  middle = widths[(len(widths) - 1) // 2]
+  target = min(family, key=lambda r: abs(r.experiment.model.d_model - middle))
+  model = target.experiment.model
+  private = accounting.private_blocks(model)
+  matches, matched_dropped = [], []
+  for g, layer in enumerate(model.exit_layers, start=1):
+    depth = layer + private[g - 1]
+    dense = model_shape(study, base.model, model.d_model, 1, n_layers=depth)
+    spec = _spec(study, base, f"{target.run_id}_dense{g}", DENSE_MATCH, budget,
+                 budget / granularity, granularity, seed, dense, corpus_tokens, matched_dropped,
+                 matches=target.run_id, matched_exit=g)
+    matches.append(spec)
+  dropped.extend(matched_dropped)
+  if matched_dropped:  # a leverage point needs all G dense models
+    dropped.extend((m.run_id, "another dense model of its leverage point was dropped")
+                   for m in matches if m is not None)
+    return []
+  return matches
+
+
+def table(plan_: Plan) -> str:
+  """The plan as a text table, with total FLOPs."""
+  header = (f"{'run id':<34} {'C':>8} {'G':>2} {'exit layers':<12} {'N per exit (total)':<34} "
+            f"{'D':>12} {'steps':>6} {'FLOPs':>9}")
+  lines = [header, "-" * len(header)]
+  for r in plan_.runs:
+    d = r.describe()
+    n = ",".join(f"{x:,}" for x in d["N_per_exit"])
+    lines.append(f"{r.run_id:<34} {r.budget:>8.2g} {r.granularity:>2} "
+                 f"{','.join(map(str, d['exit_layers'])):<12} {n:<34} {r.tokens:>12,} "
+                 f"{r.steps:>6} {r.flops:>9.3g}")
+  lines.append(f"{len(plan_.runs)} runs, {plan_.total_flops:.3g} training FLOPs in all")
+  return "\n".join(lines)
