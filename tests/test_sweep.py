@@ -1,0 +1,179 @@
+"""The sweep: skip, resume and failure handling with a stand-in trainer (fast), and a real sweep
+killed with SIGKILL mid-run and rerun (a subprocess, as a user's launcher would run it)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from famjax import isoflop, results, sweep, train
+from famjax.config import DataConfig, ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mini_plan(corpus_dir):
+  study = StudyConfig(budgets=(2e7, 4e7), granularities=(1, 2), widths=(8, 16), head_dim=4,
+                      min_layers=2, layer_multiple=2, sizes_per_budget=2, min_steps=5,
+                      tokens_per_param=20.0)
+  base = ExperimentConfig(model=ModelConfig(vocab_size=264, max_seq_len=16),
+                          data=DataConfig(corpus=str(corpus_dir), val_fraction=0.1),
+                          train=TrainConfig(batch_size=4, seq_len=16, steps=1, warmup_steps=0,
+                                            eval_batches=2, progress=False))
+  return isoflop.plan(study, base)
+
+
+class FakeTokens:
+  fingerprint = "f" * 64
+
+
+def fake_train(fail_on=()):
+  """Stands in for train.train: a summary whose losses fall with the run's tokens."""
+  calls = []
+
+  def run(cfg, workdir, tokens=None, **_):
+    calls.append(Path(workdir).name)
+    if Path(workdir).name in fail_on:
+      raise RuntimeError("simulated out-of-memory")
+    n = cfg.model.n_exits
+    loss = [3.0 - 0.1 * g for g in range(n)]
+    return {"train_loss": loss, "val_loss": loss, "tokens": cfg.train.total_steps * 64,
+            "train_seconds": 0.5}
+
+  return run, calls
+
+
+def test_a_failing_run_is_recorded_and_the_rest_continue(corpus_dir, tmp_path, monkeypatch):
+  plan = mini_plan(corpus_dir)
+  bad = plan.runs[1].run_id
+  run, calls = fake_train(fail_on={bad})
+  monkeypatch.setattr(train, "train", run)
+  outcome = sweep.run(plan, tmp_path, tokens=FakeTokens(), progress=False)
+  assert list(outcome.failed) == [bad] and "simulated out-of-memory" in outcome.failed[bad]
+  assert len(outcome.trained) == len(plan.runs) - 1
+  frame = results.collect(tmp_path)
+  failed = frame[frame["run_id"] == bad]
+  assert set(failed["status"]) == {"failed"} and failed["val_loss"].isna().all()
+  assert "RuntimeError" in (tmp_path / "runs" / bad / "error.txt").read_text()
+  # the next sweep retries the failed run only
+  run, calls = fake_train()
+  monkeypatch.setattr(train, "train", run)
+  again = sweep.run(plan, tmp_path, tokens=FakeTokens(), progress=False)
+  assert calls == [bad] and again.trained == [bad]
+  assert len(again.skipped) == len(plan.runs) - 1
+  assert set(results.collect(tmp_path)["status"]) == {"ok"}
+
+
+def test_two_tasks_train_every_run_exactly_once(corpus_dir, tmp_path, monkeypatch):
+  plan = mini_plan(corpus_dir)
+  run, calls = fake_train()
+  monkeypatch.setattr(train, "train", run)
+  for task in range(2):
+    sweep.run(plan, tmp_path, task_index=task, num_tasks=2, tokens=FakeTokens(), progress=False)
+  assert sorted(calls) == sorted(r.run_id for r in plan.runs)
+  frame = results.collect(tmp_path)
+  assert frame.groupby(["run_id", "exit"]).size().max() == 1
+
+
+def test_a_run_held_by_another_process_is_left_to_it(corpus_dir, tmp_path, monkeypatch):
+  from famjax.files import WorkdirLock
+  plan = mini_plan(corpus_dir)
+  run, calls = fake_train()
+  monkeypatch.setattr(train, "train", run)
+  held = plan.runs[0].run_id
+  with WorkdirLock(sweep.run_dir(tmp_path, held)):
+    monkeypatch.setattr(train, "train", _locking(run))
+    outcome = sweep.run(plan, tmp_path, tokens=FakeTokens(), progress=False)
+  assert list(outcome.busy) == [held] and f"process {os.getpid()}" in outcome.busy[held]
+  assert not (sweep.run_dir(tmp_path, held) / results.RECORDS).exists()
+
+
+def _locking(run):
+  """The stand-in trainer takes the workdir lock, as train.train does."""
+  from famjax.files import WorkdirLock
+
+  def locked(cfg, workdir, **kwargs):
+    with WorkdirLock(workdir):
+      return run(cfg, workdir, **kwargs)
+  return locked
+
+
+def test_a_study_directory_of_another_plan_is_refused(corpus_dir, tmp_path):
+  plan = mini_plan(corpus_dir)
+  sweep.write_plan(tmp_path, plan)
+  other = isoflop.Plan(plan.runs[:2], (), ())
+  with pytest.raises(ValueError, match="holds a study with another plan"):
+    sweep.write_plan(tmp_path, other)
+  sweep.write_plan(tmp_path, plan)  # the same plan again is fine
+
+
+MINI_PRESET = """
+import ml_collections
+from experiments.configs.isoflop import get_config as base
+
+def get_config():
+  config = base("tiny")
+  config.study.budgets = (2e7, 4e7)
+  config.study.granularities = (1, 2)
+  config.study.widths = (8, 16)
+  config.study.min_layers = 2
+  config.study.layer_multiple = 2
+  config.study.sizes_per_budget = 2
+  config.study.min_steps = 5
+  config.study.tokens_per_param = 20.0
+  config.study.leverage = ""
+  config.study.bootstrap = 100
+  config.study.grid_every = 100
+  config.model.max_seq_len = 16
+  config.data.corpus = {corpus!r}
+  config.data.val_fraction = 0.1
+  config.train.batch_size = 4
+  config.train.seq_len = 16
+  config.train.eval_batches = 2
+  config.train.checkpoint_every = 5
+  return config
+"""
+
+
+def test_a_sweep_killed_mid_run_loses_nothing_and_duplicates_nothing(corpus_dir, tmp_path):
+  preset = tmp_path / "mini.py"
+  preset.write_text(MINI_PRESET.format(corpus=str(corpus_dir)))
+  study_dir = tmp_path / "study"
+  cmd = [sys.executable, "-m", "experiments.isoflop", f"--config={preset}",
+         f"--outdir={study_dir}", "--live_fit=false", "--compilation_cache=none"]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  records = lambda: sorted(study_dir.glob(f"runs/*/{results.RECORDS}"))
+  deadline = time.time() + 300
+  while len(records()) < 2 and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.2)
+  # wait until a run without records has a checkpoint: the kill lands mid-run
+  started = lambda: [d for d in study_dir.glob("runs/*") if (d / "checkpoints").exists()
+                     and not (d / results.RECORDS).exists()]
+  while not started() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  before = {p.parent.name: p.read_text() for p in records()}
+  assert len(before) >= 2
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  plan = json.loads((study_dir / sweep.PLAN).read_text())
+  after = {p.parent.name: p.read_text() for p in records()}
+  assert sorted(after) == sorted(r["run_id"] for r in plan["runs"])
+  for run_id, text in before.items():
+    assert after[run_id] == text, f"{run_id} was trained again"
+  frame = results.collect(study_dir)
+  assert (frame.groupby(["run_id", "exit"]).size() == 1).all()
+  assert set(frame["status"]) == {"ok"}
+  for run in study_dir.glob("runs/*"):
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
+             if "train_loss" in l]
+    assert steps == sorted(set(steps)), run.name
+  assert (study_dir / "report.md").exists() and "familial law" in done.stdout
