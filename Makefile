@@ -1,30 +1,38 @@
-# Set-up and main commands. `make run` and `make test` create .venv on first use.
+# Set-up and main commands. `make run` and `make test` create .venv on first use, and rebuild it
+# when the dependency pins change or its interpreter is missing or broken.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-WORKDIR ?= runs/tiny
+STAMP := $(VENV)/.installed
+STUDY ?= runs/isoflop-tiny
 
-.PHONY: run test test-fast bench clean
+.PHONY: run test test-fast bench lint venv clean
 
-# Rebuilt whenever the dependency pins change.
-$(VENV): setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+venv:
+	@$(PY) -c "import famjax" 2>/dev/null || rm -rf $(VENV)
+	@$(MAKE) --no-print-directory $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	touch $(VENV)
+	touch $(STAMP)
 
-run: $(VENV)
-	$(PY) -m experiments.train --config=experiments/configs/train.py:tiny --workdir=$(WORKDIR)
+# The tiny IsoFLOP study (training, fits, report, plots) on the embedded corpus; rerunning
+# resumes it and skips finished runs.
+run: venv
+	$(PY) -m experiments.isoflop --config=experiments/configs/isoflop.py:tiny --outdir=$(STUDY)
 
-test: $(VENV)
+test: venv
 	$(PY) -m pytest -q tests
 
-test-fast: $(VENV)
+test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: $(VENV)
+bench: venv
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/fit_speed.py
 
+# Removes the environment and caches only: runs/ (checkpoints, studies) is never touched.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .pytest_cache build *.egg-info

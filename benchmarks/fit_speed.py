@@ -45,7 +45,7 @@ def main():
   parser.add_argument("--delta", type=float, default=1e-3)
   args = parser.parse_args()
   data = io.epoch_chinchilla()
-  grid = {k: v[::args.every] for k, v in laws.CHINCHILLA.grid().items()}
+  grid = laws.CHINCHILLA.grid(args.every)
   n_starts = len(grid["a"])
 
   start = time.perf_counter()

@@ -1,16 +1,18 @@
-"""Trains one familial model: python -m experiments.train --config=...:tiny --workdir=DIR.
+"""Trains one familial model: python -m experiments.train --config=experiments/configs/train.py:tiny
+--workdir=DIR [--config.train.steps=500 ...].
 
 Logic lives in famjax (importable from Colab); this file only parses flags.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
 from famjax import config as famjax_config
 from famjax import sharding, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/train.py:tiny",
-                                          "Preset file and name, e.g. configs/train.py:tiny.")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          cli.config_help("train.py", "tiny", "small"))
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics and summary go here; "
                                "rerunning with the same workdir resumes.")
 _COORDINATOR = flags.DEFINE_string(
@@ -31,10 +33,11 @@ def main(argv):
         f"{summary['corpus_fingerprint'][:12]}")
   print(f"{'exit':>4} {'layer':>5} {'params':>12} {'train loss':>10} {'val loss':>9}")
   for g, layer in enumerate(summary["exit_layers"]):
+    train_loss = summary["train_loss"][g] if summary["train_loss"] else float("nan")
     print(f"{g + 1:>4} {layer:>5} {summary['params_per_exit'][g]:>12,} "
-          f"{summary['train_loss'][g]:>10.4f} {summary['val_loss'][g]:>9.4f}")
+          f"{train_loss:>10.4f} {summary['val_loss'][g]:>9.4f}")
   print(f"summary: {_WORKDIR.value}/summary.json")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "train.py", "tiny")

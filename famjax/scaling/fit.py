@@ -258,6 +258,20 @@ def solve_queue(law: Law, z_SP, origin_P, basis_PP, data: Mapping, weights_SR, n
   return out["z"], out["value"], out["grad"], out["converged"]
 
 
+MIN_ROWS = 16  # row counts are padded to a power of two at least this
+
+
+def _pad_rows(data: Mapping, weights_SR: np.ndarray):
+  """Pads the rows to a power of two (copies of row 0 with zero weight, which add nothing to the
+  objective), so a study that grows run by run compiles ~log2(rows) programs, not one per row."""
+  n_rows = weights_SR.shape[1]
+  size = max(MIN_ROWS, 1 << (n_rows - 1).bit_length())
+  if size == n_rows:
+    return data, weights_SR
+  padded = {k: jnp.concatenate([v, jnp.repeat(v[:1], size - n_rows)]) for k, v in data.items()}
+  return padded, np.pad(weights_SR, ((0, 0), (0, size - n_rows)))
+
+
 def _run_queue(law, names, x_SP, data, weights_SR, fixed, coordinates, *, maxiter, tol, ftol,
                maxls, delta, lanes, progress=False, desc="fit"):
   """solve_queue on the queue padded to a multiple of QUEUE_BLOCK starts (so that queues of
@@ -268,10 +282,11 @@ def _run_queue(law, names, x_SP, data, weights_SR, fixed, coordinates, *, maxite
   n = len(x_SP)
   size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, 0)])
+  data, weights_SR = _pad_rows(data, np.asarray(weights_SR, np.float64))
   try:
     with tqdm(total=n, desc=desc, unit="start", disable=not progress) as _progress_bar:
       out = solve_queue(law, pad(coordinates.to_solver(x_SP)), coordinates.origin,
-                        coordinates.basis, data, pad(np.asarray(weights_SR, np.float64)),
+                        coordinates.basis, data, pad(weights_SR),
                         jnp.int32(n), fixed or {}, jnp.int32(maxiter), jnp.float64(tol),
                         jnp.float64(ftol), jnp.int32(maxls), names=names, delta=delta,
                         lanes=lanes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +13,35 @@ from famjax.scaling.laws import Law
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
+  """A table of runs from CSV, JSONL or parquet; errors name the file."""
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"--data: {path} does not exist")
+    raise FileNotFoundError(f"{path} does not exist")
   readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True),
              ".parquet": pd.read_parquet}
   if path.suffix not in readers:
-    raise ValueError(f"--data: {path.name} must end in one of {sorted(readers)}")
-  return readers[path.suffix](path)
+    raise ValueError(f"{path} must end in one of {sorted(readers)}")
+  try:
+    frame = readers[path.suffix](path)
+  except (ValueError, OSError) as e:  # pandas' EmptyDataError and parser errors are ValueErrors
+    raise ValueError(f"{path} is not a readable {path.suffix[1:]} table: {e}") from None
+  if frame.empty:
+    raise ValueError(f"{path} holds no rows")
+  return frame
 
 
-def validate(frame: pd.DataFrame, law: Law) -> dict[str, np.ndarray]:
-  """The law's columns as float64 arrays; every problem is an error naming its rows or columns."""
+def validate(frame: pd.DataFrame, law: Law, *, source: str = "the data") -> dict[str, np.ndarray]:
+  """The law's columns as float64 arrays; every problem is an error naming its rows or columns.
+
+  Refused: missing or non-positive values, too few rows, a variable the law needs that does not
+  vary (N and D; G for the familial law; the exit's upstream and downstream counts P = exit - 1
+  and Q = G - exit for the branch law), and a non-integer G or exit. Exact duplicate rows are
+  allowed, with a warning: each counts as a separate run and narrows the intervals.
+  """
   needed = ("loss",) + law.columns
   missing = [c for c in needed if c not in frame.columns]
   if missing:
-    raise ValueError(f"the {law.name} law needs columns {list(needed)}; missing {missing} "
+    raise ValueError(f"the {law.name} law needs columns {list(needed)}; {source} lacks {missing} "
                      f"(found {list(frame.columns)})")
   columns = {}
   for name in needed:
@@ -36,17 +50,33 @@ def validate(frame: pd.DataFrame, law: Law) -> dict[str, np.ndarray]:
     if bad.size:
       raise ValueError(f"column {name!r} must be finite and > 0; rows {bad[:10].tolist()}"
                        f"{' ...' if bad.size > 10 else ''} are not")
+    if name in ("G", "exit"):
+      bad = np.flatnonzero(values != np.round(values))
+      if bad.size:
+        raise ValueError(f"column {name!r} must hold integers; rows {bad[:10].tolist()} do not")
     columns[name] = values
   if len(frame) < len(law.param_names) + 1:
     raise ValueError(f"the {law.name} law has {len(law.param_names)} parameters; {len(frame)} "
                      f"rows are too few to fit it (need at least {len(law.param_names) + 1})")
-  if "G" in law.columns and np.unique(columns["G"]).size < 2:
-    raise ValueError(f"the {law.name} law needs at least two granularities in column 'G' to "
-                     f"identify gamma; found only G={np.unique(columns['G']).tolist()}")
   if "exit" in law.columns:
     bad = np.flatnonzero(columns["exit"] > columns["G"])
     if bad.size:
       raise ValueError(f"column 'exit' must be in 1..G; rows {bad[:10].tolist()} are not")
+  varying = {"N": columns["N"], "D": columns["D"]}
+  if "G" in law.columns:
+    varying["G"] = columns["G"]
+  if "exit" in law.columns:
+    varying["P = exit - 1"] = columns["exit"] - 1
+    varying["Q = G - exit"] = columns["G"] - columns["exit"]
+  for name, values in varying.items():
+    if np.unique(values).size < 2:
+      raise ValueError(f"the {law.name} law cannot be identified: {name} takes one value "
+                       f"({values[0]:g}) in every row of {source}; it needs at least two")
+  duplicated = frame.duplicated(subset=list(needed))
+  if duplicated.any():
+    warnings.warn(f"{source}: rows {np.flatnonzero(duplicated)[:10].tolist()} repeat earlier rows "
+                  "exactly; each counts as a separate run (and narrows the intervals)",
+                  stacklevel=2)
   return columns
 
 

@@ -59,12 +59,15 @@ class Law:
   columns: tuple[str, ...]  # data columns the law reads, besides "loss"
   extra_grid: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
-  def grid(self) -> dict[str, np.ndarray]:
-    """Every combination of the Hoffmann grid and this law's own axes: {name: [S]} float64."""
+  def grid(self, every: int = 1) -> dict[str, np.ndarray]:
+    """Every combination of the Hoffmann grid and this law's own axes, {name: [S]} float64; with
+    every=k, every k-th of them (a quick look; small grids can miss the optimum)."""
+    if not (isinstance(every, int) and every >= 1):
+      raise ValueError(f"grid every must be an integer >= 1; got {every!r}")
     axes = {**HOFFMANN_GRID, **self.extra_grid}
     names = list(axes)
     combos = np.array(list(itertools.product(*(axes[n] for n in names))), dtype=np.float64)
-    return {n: combos[:, i] for i, n in enumerate(names) if n in self.param_names}
+    return {n: combos[::every, i] for i, n in enumerate(names) if n in self.param_names}
 
 
 CHINCHILLA = Law("chinchilla", ("a", "b", "e", "alpha", "beta"), chinchilla_log_loss, ("N", "D"))

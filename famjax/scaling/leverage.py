@@ -26,10 +26,10 @@ def _loss(law: Law, params: Mapping, n, d, g):
 
 
 def compute_optimal(params: Mapping, budget, n_exits=1, *, law: Law = FAMILIAL,
-                    flops_per_token: FlopsPerToken = six_n, log10_n_range=(4.0, 16.0)):
-  """(N*, D*) minimising the law along C = flops_per_token(N) * D: a coarse then a fine log grid.
-
-  Relative precision on N* is about 1e-5; budgets below the range's lower end are an error upstream.
+                    flops_per_token: FlopsPerToken = six_n, log10_n_range=(0.0, 16.0)):
+  """(N*, D*) minimising the law along C = flops_per_token(N) * D: a coarse then a fine log grid
+  over N in 10**log10_n_range. Relative precision on N* is about 1e-5. Where the minimum is at
+  an end of the range (the law has no minimum inside it), N* and D* are nan.
   """
   def loss_at(log_n):
     n = jnp.exp(log_n)
@@ -37,17 +37,19 @@ def compute_optimal(params: Mapping, budget, n_exits=1, *, law: Law = FAMILIAL,
 
   lo, hi = (jnp.log(10.0) * x for x in log10_n_range)
   coarse = jnp.linspace(lo, hi, 2401)
-  best = coarse[jnp.argmin(loss_at(coarse))]
+  index = jnp.argmin(loss_at(coarse))
+  best = coarse[index]
   step = coarse[1] - coarse[0]
   fine = jnp.linspace(best - step, best + step, 2001)
-  n_star = jnp.exp(fine[jnp.argmin(loss_at(fine))])
+  inside = (index > 0) & (index < coarse.size - 1)
+  n_star = jnp.where(inside, jnp.exp(fine[jnp.argmin(loss_at(fine))]), jnp.nan)
   return n_star, budget / flops_per_token(n_star)
 
 
 def efficiency_leverage(params: Mapping, budget, n_exits: int, *, law: Law = FAMILIAL,
                         ladder: Sequence[float] | None = None,
                         budget_split: Sequence[float] | None = None,
-                        flops_per_token: FlopsPerToken = six_n):
+                        flops_per_token: FlopsPerToken = six_n, log10_n_range=(0.0, 16.0)):
   """EL(C, G) = mean_g L_dense(N_g, D_g) / L_family(N*, D*, G).
 
   The family is trained compute-optimally at budget C (N*, D*); its mean exit loss is the law at G
@@ -61,7 +63,7 @@ def efficiency_leverage(params: Mapping, budget, n_exits: int, *, law: Law = FAM
   split = (jnp.full(n_exits, 1.0 / n_exits) if budget_split is None
            else jnp.asarray(budget_split, jnp.float64))
   n_star, d_star = compute_optimal(params, budget, n_exits, law=law,
-                                   flops_per_token=flops_per_token)
+                                   flops_per_token=flops_per_token, log10_n_range=log10_n_range)
   family = _loss(law, params, n_star, d_star, n_exits)
   n_g = ladder * n_star
   dense = _loss(law, params, n_g, split * budget / flops_per_token(n_g), 1.0)

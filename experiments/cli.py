@@ -1,0 +1,74 @@
+"""What every entry point shares: a --config flag whose presets resolve from any directory, and
+one-line errors for unknown --config.* fields."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def config_help(preset_file: str, default: str, example: str) -> str:
+  """Help of an entry point's --config flag (whose default `run` supplies)."""
+  return (f"Preset as FILE:NAME, e.g. experiments/configs/{preset_file}:{example}; unset: "
+          f"{preset_file}:{default}. Override any field with --config.SECTION.FIELD=VALUE, "
+          "e.g. --config.train.steps=500.")
+
+
+def _load_preset(spec: str):
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("famjax_preset", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def _unknown_field(spec: str, argv: list[str]) -> str | None:
+  """A one-line message for the first --config.* override naming no field of the preset."""
+  try:
+    config = _load_preset(spec)
+  except Exception:  # the preset itself is broken: let the original error speak
+    return None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node, walked = config, []
+    for key in path:
+      fields = list(node.keys()) if hasattr(node, "keys") else []
+      if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=1)
+        where = ".".join(walked) or "the config"
+        hint = f"; did you mean {'.'.join(walked + close)}?" if close else ""
+        return (f"unknown config field {'.'.join(walked + [key])} ({where} has "
+                f"{', '.join(sorted(fields))}){hint}")
+      node, walked = node[key], walked + [key]
+  return None
+
+
+def _parse(argv: list[str], default: str) -> list[str]:
+  if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    argv = argv[:1] + [f"--config={default}"] + argv[1:]
+  spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+  path, _, preset = spec.partition(":")
+  if not Path(path).exists() and (CONFIGS / Path(path).name).exists():
+    spec = f"{CONFIGS / Path(path).name}:{preset}" if preset else str(CONFIGS / Path(path).name)
+    argv = [f"--config={spec}" if a.startswith("--config=") else a for a in argv]
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nPass --helpfull to see every flag.")
+  except (AttributeError, KeyError) as e:  # ml_collections: an override naming no field
+    sys.exit(f"error: {_unknown_field(spec, argv) or e}")
+
+
+def run(main, preset_file: str, preset: str) -> None:
+  """absl's app.run with a default --config of experiments/configs/PRESET_FILE:PRESET."""
+  default = f"{CONFIGS / preset_file}:{preset}"
+  app.run(main, flags_parser=functools.partial(_parse, default=default))

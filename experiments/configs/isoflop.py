@@ -1,0 +1,70 @@
+"""Presets for experiments/isoflop.py: `--config=experiments/configs/isoflop.py:tiny` (or `small`,
+`paper`). Sections: `study` (famjax.config.StudyConfig: budgets, granularities, the size ladder,
+fitting), and `model`, `data`, `train`, `mesh` as for experiments/train.py, which every run starts
+from (the planner sets each run's shape, exits, steps, warmup and seed). Override any field, e.g.
+`--config.study.budgets="(1e11,3e11)" --config.study.seeds="(0,1)"`.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from famjax.config import DataConfig, MeshConfig, ModelConfig, StudyConfig, TrainConfig
+
+PADDED_BYTE_VOCAB = 264  # 259 byte-tokenizer ids, padded to split over up to 8 model shards
+
+# Runs of the CPU presets: byte-level families of 4 layers, batch 16 x 64 tokens, one final
+# evaluation on 32 fixed validation batches (32,768 tokens); checkpoints for resumption.
+_CPU_MODEL = ModelConfig(vocab_size=PADDED_BYTE_VOCAB, max_seq_len=64)
+_CPU_TRAIN = TrainConfig(batch_size=16, seq_len=64, steps=1, warmup_steps=0, learning_rate=6e-3,
+                         eval_every=10**9, eval_batches=32, checkpoint_every=500,
+                         keep_checkpoints=2, log_every=10, progress=False)
+
+PRESETS = {
+    # The whole study on this project's 2-core CPU in under 10 minutes: 3 budgets x G in {1, 2, 4}
+    # x 4 sizes (N ~ 1k-13k non-embedding parameters, where these budgets' optima lie), 2 dense
+    # models matched to the G = 2 family at 4e10 FLOPs. tokens_per_param 130 (non-embedding N)
+    # centres the sizes on the optima a pilot sweep found.
+    "tiny": dict(
+        study=StudyConfig(budgets=(2e10, 4e10, 8e10), granularities=(1, 2, 4),
+                          widths=(4, 8, 12, 16, 20, 24, 32), head_dim=4, sizes_per_budget=4,
+                          tokens_per_param=130.0, min_steps=50, leverage="4e10:2",
+                          bootstrap=1000),
+        model=_CPU_MODEL, train=_CPU_TRAIN),
+    # About an hour on the same CPU: 3 budgets a decade apart, 5 sizes each, 2 seeds per point,
+    # measured EL for G = 2 and 4 at the middle budget.
+    "small": dict(
+        study=StudyConfig(budgets=(3e10, 1e11, 3e11), granularities=(1, 2, 4),
+                          widths=(4, 8, 12, 16, 20, 24, 32, 40, 48), head_dim=4,
+                          sizes_per_budget=5, tokens_per_param=100.0, min_steps=50, seeds=(0, 1),
+                          leverage="1e11:2,1e11:4", bootstrap=2000),
+        model=_CPU_MODEL, train=_CPU_TRAIN),
+    # The paper's design (arXiv 2512.23407): 1e19..1e21 FLOPs, G up to 4 for the law, EL for
+    # G = 3..6, for an accelerator cluster (here: --dry_run only). The paper trained 1B-12B
+    # families but publishes no shapes; this ladder centred on ~20 tokens/parameter spans
+    # 0.2B-7B families.
+    # BPE vocabulary of 32768, 2048-token sequences, 1M-token batches, SwiGLU d_ff = 8/3 d_model,
+    # d_model / n_layers ~ 128, heads of 128; a 2T-token corpus assumed by --dry_run.
+    "paper": dict(
+        study=StudyConfig(budgets=(1e19, 3e19, 1e20, 3e20, 1e21), granularities=(1, 2, 3, 4),
+                          widths=tuple(range(1024, 8193, 512)), head_dim=128, ff_ratio=8 / 3,
+                          aspect_ratio=128.0, min_layers=8, layer_multiple=4, sizes_per_budget=5,
+                          tokens_per_param=20.0, param_count="non_embedding", min_steps=500,
+                          leverage="1e20:3,1e20:4", leverage_granularities=(3, 4, 5, 6),
+                          fit_loss="train", bootstrap=4000,
+                          planned_corpus_tokens=2_000_000_000_000),
+        model=ModelConfig(vocab_size=32768, max_seq_len=2048, dtype="bfloat16"),
+        data=DataConfig(tokenizer="bpe", bpe_vocab_size=32768),
+        train=TrainConfig(batch_size=512, seq_len=2048, steps=1, warmup_steps=0,
+                          learning_rate=3e-4, eval_every=10**9, eval_batches=64,
+                          checkpoint_every=1000, progress=True)),
+}
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+  sections = {"study": StudyConfig(), "model": ModelConfig(), "data": DataConfig(),
+              "train": TrainConfig(), "mesh": MeshConfig(), **PRESETS[preset]}
+  return ml_collections.ConfigDict(
+      {name: dataclasses.asdict(value) for name, value in sections.items()})

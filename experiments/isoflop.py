@@ -1,0 +1,56 @@
+"""The IsoFLOP study: python -m experiments.isoflop --config=experiments/configs/isoflop.py:tiny
+--outdir=DIR [--dry_run] [--fit_only] [--task_index=i --num_tasks=n].
+
+Plans budgets x granularities x sizes, trains this task's share of the runs (rerunning resumes and
+skips finished runs), refits as records arrive and writes DIR/report.md, report.json and plots/.
+Logic lives in famjax.study; this file only parses flags and prints.
+"""
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from experiments import cli
+from famjax import sharding, study, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          cli.config_help("isoflop.py", "tiny", "small"))
+_OUTDIR = flags.DEFINE_string("outdir", "runs/isoflop", "Study directory (shared by every task).")
+_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "Print the plan, its FLOPs and accelerator-hours; "
+                                "train nothing.")
+_FIT_ONLY = flags.DEFINE_boolean("fit_only", False, "Train nothing: refit and rewrite the report "
+                                 "from the records present (other tasks may still be training).")
+_TASK_INDEX = flags.DEFINE_integer("task_index", 0, "This task's share of the plan (0-based), e.g. "
+                                   "$SLURM_ARRAY_TASK_ID.", lower_bound=0)
+_NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "Tasks sharing the plan, e.g. "
+                                  "$SLURM_ARRAY_TASK_COUNT.", lower_bound=1)
+_LIVE_FIT = flags.DEFINE_boolean("live_fit", True, "Refit the familial law after every run.")
+_ALLOW_OTHER_CORPORA = flags.DEFINE_boolean("allow_other_corpora", False, "Fit records made on "
+                                            "another corpus than the study's.")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "JAX's persistent compilation cache "
+                             "(default: the famjax cache dir's xla/; 'none' turns it off).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 when each run spans several hosts (or "
+    "set JAX_COORDINATOR_ADDRESS); unset on one host.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes per run (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  study_cfg, base = study.configs(_CONFIG.value.to_dict())
+  if _DRY_RUN.value:
+    print(study.dry_run(study_cfg, base))
+    return
+  if _CACHE.value != "none":
+    train.use_compilation_cache(_CACHE.value or None)
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  result = study.run(study_cfg, base, _OUTDIR.value, task_index=_TASK_INDEX.value,
+                     num_tasks=_NUM_TASKS.value, fit_only=_FIT_ONLY.value,
+                     live_fit=_LIVE_FIT.value, allow_other_corpora=_ALLOW_OTHER_CORPORA.value)
+  print(study.summary(result, _OUTDIR.value))
+
+
+if __name__ == "__main__":
+  cli.run(main, "isoflop.py", "tiny")

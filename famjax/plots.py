@@ -1,0 +1,202 @@
+"""Figures of an IsoFLOP study (matplotlib, written as PNG): IsoFLOP curves with the fitted law,
+loss against G, the branch law's factors, Efficiency Leverage, bootstrap spreads and predicted
+against observed loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from famjax.scaling import fit as fitlib  # noqa: E402
+from famjax.scaling import laws  # noqa: E402
+
+
+def _law_loss(law: laws.Law, params: dict, columns: dict) -> np.ndarray:
+  with jax.enable_x64(True):
+    return np.asarray(laws.loss(law, params, fitlib.as_data(columns)))
+
+
+def _colours(values) -> dict:
+  cmap = plt.get_cmap("viridis")
+  values = sorted(values)
+  return {v: cmap(i / max(1, len(values) - 1) * 0.85) for i, v in enumerate(values)}
+
+
+def _tokens_along_curve(rows: pd.DataFrame):
+  """D(N) on an IsoFLOP curve: FLOPs per token ~ N^b fitted per G over the runs (C / D)."""
+  fits = {}
+  for g, group in rows.groupby("G"):
+    slope, intercept = np.polyfit(np.log(group["N"]), np.log(group["C"] / group["D"]), 1)
+    fits[g] = (slope, intercept)
+  return lambda c, n, g: c / np.exp(fits[g][1] + fits[g][0] * np.log(n))
+
+
+def _save(fig, path: Path) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.stem}.tmp.png")
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  tmp.replace(path)
+  return path
+
+
+def isoflop_curves(rows: pd.DataFrame, params: dict | None, path: Path) -> Path:
+  budgets = sorted(rows["C"].unique())
+  colours = _colours(rows["G"].unique())
+  tokens = _tokens_along_curve(rows)
+  fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
+  for ax, c in zip(axes[0], budgets):
+    curve = rows[rows["C"] == c]
+    for g, group in curve.groupby("G"):
+      ax.scatter(group["N"], group["loss"], color=colours[g], label=f"G={g:g}", zorder=3)
+      if params is not None:
+        n = np.geomspace(group["N"].min() / 1.3, group["N"].max() * 1.3, 60)
+        d = tokens(c, n, g)
+        ax.plot(n, _law_loss(laws.FAMILIAL, params, {"N": n, "D": d, "G": np.full_like(n, g)}),
+                color=colours[g], lw=1)
+    ax.set(xscale="log", title=f"C = {c:.3g} FLOPs", xlabel="N (parameters)")
+  axes[0][0].set_ylabel("loss")
+  axes[0][-1].legend(fontsize=8)
+  fig.suptitle("IsoFLOP curves: points measured, lines the fitted familial law")
+  return _save(fig, path)
+
+
+def loss_against_granularity(rows: pd.DataFrame, params: dict | None, path: Path) -> Path:
+  """Per budget: the lowest measured loss over sizes at each G, and the law's minimum along the
+  same IsoFLOP curve."""
+  tokens = _tokens_along_curve(rows)
+  colours = _colours(rows["C"].unique())
+  fig, ax = plt.subplots(figsize=(5, 3.8))
+  for c, curve in rows.groupby("C"):
+    best = curve.groupby("G")["loss"].min()
+    ax.plot(best.index, best.to_numpy(), "o", color=colours[c], label=f"C={c:.2g}")
+    if params is not None:
+      n = np.geomspace(curve["N"].min() / 2, curve["N"].max() * 2, 200)
+      law_best = [_law_loss(laws.FAMILIAL, params,
+                            {"N": n, "D": tokens(c, n, g), "G": np.full_like(n, g)}).min()
+                  for g in best.index]
+      ax.plot(best.index, law_best, "-", color=colours[c], lw=1)
+  ax.set(xlabel="G (exits)", ylabel="lowest loss at C", xticks=sorted(rows["G"].unique()),
+         title="Loss against granularity at fixed compute")
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def branch_factors(rows: pd.DataFrame, params: dict, path: Path) -> Path:
+  """Each exit's loss over the dense part of the branch law, against P (divided by the fitted Q
+  factor) and against Q (divided by the fitted P factor), with the fitted factors."""
+  p = rows["exit"] - 1
+  q = rows["G"] - rows["exit"]
+  dense = _law_loss(laws.CHINCHILLA, params, {"N": rows["N"].to_numpy(float),
+                                              "D": rows["D"].to_numpy(float)})
+  ratio = rows["loss"].to_numpy(float) / dense
+  p_factor = (1 + p) ** params["alpha_b"]
+  q_factor = (1 + q) ** params["beta_b"]
+  colours = _colours(rows["G"].unique())
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+  for ax, x, y, exponent, label in ((axes[0], p, ratio / q_factor, params["alpha_b"], "P"),
+                                    (axes[1], q, ratio / p_factor, params["beta_b"], "Q")):
+    for g in sorted(rows["G"].unique()):
+      mask = (rows["G"] == g).to_numpy()
+      ax.scatter(x[mask], y[mask], color=colours[g], s=14, label=f"G={g:g}")
+    grid = np.linspace(0, max(1, x.max()), 50)
+    ax.plot(grid, (1 + grid) ** exponent, "k-", lw=1,
+            label=f"(1+{label})^{exponent:.3g}")
+    ax.set(xlabel=f"{label} ({'upstream' if label == 'P' else 'downstream'} exits)",
+           ylabel="loss / dense law")
+    ax.legend(fontsize=8)
+  fig.suptitle("Branch law: per-exit loss factors")
+  return _save(fig, path)
+
+
+def leverage_plot(report: dict, path: Path) -> Path:
+  fig, ax = plt.subplots(figsize=(5.2, 3.8))
+  from_law = report.get("from_law", {}).get("leverage", [])
+  frame = pd.DataFrame(from_law)
+  colours = _colours(set(frame["G"]) | {e["G"] for e in report["measured_leverage"]}
+                     if len(frame) else {e["G"] for e in report["measured_leverage"]})
+  for g, group in (frame.groupby("G") if len(frame) else []):
+    ax.plot(group["C"], group["EL"], "-", color=colours[g], label=f"law, G={g}")
+    cis = [ci for ci in group["ci95"] if ci]
+    if len(cis) == len(group):
+      lo, hi = np.array(cis).T
+      ax.fill_between(group["C"], lo, hi, color=colours[g], alpha=0.2)
+  for e in report["measured_leverage"]:
+    ax.plot(e["C"], e["measured"], "D", color=colours[e["G"]], markeredgecolor="k",
+            label=f"measured, G={e['G']}")
+    if e.get("law_ci95"):
+      ax.errorbar(e["C"] * 1.04, e["law"], yerr=[[e["law"] - e["law_ci95"][0]],
+                                                  [e["law_ci95"][1] - e["law"]]],
+                  fmt="s", color=colours[e["G"]], ms=4, capsize=3)
+  ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+  ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="Efficiency Leverage",
+         title="EL: law (bands: 95%), measured (diamonds)")
+  ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def bootstrap_spreads(samples: dict, estimates: dict, ci95: dict, path: Path) -> Path:
+  names = [k for k in ("gamma", "alpha", "beta") if k in samples]
+  fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    values = np.asarray(samples[name])
+    ax.hist(values[np.isfinite(values)], bins=40, color="#4c72b0", alpha=0.8)
+    ax.axvline(estimates[name], color="k", lw=1.2, label="estimate")
+    for x in ci95[name]:
+      ax.axvline(x, color="k", ls="--", lw=0.8)
+    ax.set(title=name, xlabel="bootstrap refits")
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle("Bootstrap distributions (dashed: 95% interval)")
+  return _save(fig, path)
+
+
+def predicted_vs_observed(rows: pd.DataFrame, params: dict, extrapolation: pd.DataFrame | None,
+                          path: Path) -> Path:
+  predicted = _law_loss(laws.FAMILIAL, params, {k: rows[k].to_numpy(float) for k in "NDG"})
+  fig, ax = plt.subplots(figsize=(4.4, 4.2))
+  colours = _colours(rows["G"].unique())
+  for g in sorted(rows["G"].unique()):
+    mask = (rows["G"] == g).to_numpy()
+    ax.scatter(rows["loss"][mask], predicted[mask], color=colours[g], s=16, label=f"G={g:g}")
+  if extrapolation is not None:
+    held = extrapolation[extrapolation["held_out"]]
+    ax.scatter(held["loss"], held["predicted"], marker="x", color="crimson",
+               label="held-out budget,\nfit without it")
+  lo, hi = rows["loss"].min() * 0.98, rows["loss"].max() * 1.02
+  ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+  ax.set(xlabel="observed loss", ylabel="familial law", title="Predicted against observed")
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def draw_all(outdir: Path, analysis) -> dict[str, Path]:
+  """Every figure the analysis has data for, as {name: path}."""
+  outdir = Path(outdir)
+  fits, rows, report = analysis.fits, analysis.rows, analysis.report
+  familial = fits.get("familial")
+  params = familial.result.params if familial else None
+  figures = {}
+  if len(rows["familial"]):
+    figures["isoflop"] = isoflop_curves(rows["familial"], params, outdir / "isoflop.png")
+    figures["loss_vs_G"] = loss_against_granularity(rows["familial"], params,
+                                                    outdir / "loss_vs_G.png")
+  if "branch" in fits:
+    figures["branch"] = branch_factors(rows["branch"], fits["branch"].result.params,
+                                       outdir / "branch.png")
+  if report.get("from_law", {}).get("leverage") or report["measured_leverage"]:
+    figures["leverage"] = leverage_plot(report, outdir / "leverage.png")
+  if familial and familial.boot:
+    figures["bootstrap"] = bootstrap_spreads(familial.boot.samples, familial.record["params"],
+                                             familial.boot.ci95, outdir / "bootstrap.png")
+  if familial:
+    figures["predicted_vs_observed"] = predicted_vs_observed(
+        rows["familial"], params, analysis.extrapolation_rows,
+        outdir / "predicted_vs_observed.png")
+  return figures

@@ -1,0 +1,113 @@
+"""An IsoFLOP study from end to end: plan, this task's share of the sweep (with a live fit as
+records arrive), then the report from every record present.
+
+STUDY/ holds plan.json, runs/RUN_ID/ (each run's workdir and records.json), data/ (records and
+fit-ready rows as CSV and parquet), report.json, report.md and plots/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping
+
+import jax
+
+from famjax import accounting, data, isoflop, report, results, sweep
+from famjax.config import ExperimentConfig, StudyConfig, experiment_from_dict
+
+
+def configs(values: Mapping) -> tuple[StudyConfig, ExperimentConfig]:
+  """(study, base run config) from nested mappings (an isoflop preset's to_dict())."""
+  values = dict(values)
+  study = values.pop("study", {})
+  known = {f.name for f in dataclasses.fields(StudyConfig)}
+  unknown = sorted(set(study) - known)
+  if unknown:
+    raise ValueError(f"unknown config field(s) {[f'study.{u}' for u in unknown]}; "
+                     f"allowed: {sorted(known)}")
+  return StudyConfig(**study), experiment_from_dict(values)
+
+
+def options(study: StudyConfig) -> report.Options:
+  return report.Options(loss=study.fit_loss, param_count=study.param_count,
+                        n_bootstrap=study.bootstrap, grid_every=study.grid_every)
+
+
+def dry_run(study: StudyConfig, base: ExperimentConfig) -> str:
+  """The plan as a table, what was dropped and why, total FLOPs and accelerator-hours; trains
+  nothing (reads the corpus only to count its tokens, unless study.planned_corpus_tokens)."""
+  corpus_tokens = study.planned_corpus_tokens or len(data.load_tokens(base.data).train)
+  plan = isoflop.plan(study, base, corpus_tokens)
+  peak = accounting.PEAK_FLOPS[study.device]
+  lines = [isoflop.table(plan), ""]
+  lines += [f"dropped {run_id}: {why}" for run_id, why in plan.dropped]
+  lines += [f"note: {note}" for note in plan.notes]
+  lines.append(f"training corpus: {corpus_tokens:,} tokens; {plan.total_flops:.3g} FLOPs = "
+               f"{plan.accelerator_hours(study.device, study.mfu):,.3g} {study.device} hours at "
+               f"{study.mfu:.0%} MFU ({peak:.3g} FLOP/s peak)")
+  return "\n".join(lines)
+
+
+def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task_index: int = 0,
+        num_tasks: int = 1, fit_only: bool = False, live_fit: bool = True,
+        allow_other_corpora: bool = False, progress: bool = True) -> dict:
+  """Trains this task's share (unless fit_only), then writes the report if every planned run
+  has finished, or fit_only asks for one from the records so far. Returns {"report": dict or
+  None, "files": {name: path}, "sweep": SweepOutcome or None, "missing": [run ids]}."""
+  outdir = Path(outdir)
+  tokens = data.load_tokens(base.data)
+  plan = isoflop.plan(study, base, len(tokens.train))
+  if not plan.runs:
+    raise ValueError("the plan holds no run: " + "; ".join(f"{i}: {w}" for i, w in plan.dropped))
+  sweep.write_plan(outdir, plan, {"corpus_fingerprint": tokens.fingerprint,
+                                  "study": dataclasses.asdict(study)})
+  opts = options(study)
+  outcome = None
+  if not fit_only:
+    live = report.LiveFit(outdir, opts, tokens.fingerprint) if live_fit else None
+    outcome = sweep.run(plan, outdir, task_index=task_index, num_tasks=num_tasks, tokens=tokens,
+                        on_finished=_quietly(live) if live else None, progress=progress)
+  frame = results.collect(outdir, tokens.fingerprint, allow_other_corpora)
+  done = set(frame.loc[frame["status"] == results.OK, "run_id"]) if len(frame) else set()
+  missing = sorted(r.run_id for r in plan.runs if r.run_id not in done)
+  out = {"report": None, "files": {}, "sweep": outcome, "missing": missing}
+  unfinished = {r.run_id for r in plan.runs} - done - set(outcome.failed if outcome else {})
+  if (fit_only or not unfinished) and jax.process_index() == 0 and len(frame):
+    plan_record = sweep.read_plan(outdir)
+    analysis = report.analyze(frame, opts, plan_record, progress=progress)
+    out["report"], out["files"] = analysis.report, report.write(outdir, analysis)
+  return out
+
+
+def _quietly(live):
+  """The live fit must never stop a sweep: a failure is one printed line."""
+  def call(spec, records):
+    try:
+      live(spec, records)
+    except Exception as e:  # noqa: BLE001 (reported, and the sweep goes on)
+      print(f"live fit skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+  return call
+
+
+def summary(result: dict, outdir: str | Path) -> str:
+  """What `make run` prints: where the report is and the familial law with its intervals."""
+  from famjax.scaling import record
+  report_ = result["report"]
+  if report_ is None:
+    return (f"{len(result['missing'])} planned runs have not finished yet (other tasks, or "
+            f"failures); rerun with --fit_only for a report from the records so far: {outdir}")
+  lines = []
+  familial = report_["laws"].get("familial")
+  if familial:
+    lines.append(record.table(familial))
+  else:
+    lines.append(f"familial law not fitted: {report_['skipped_laws'].get('familial')}")
+  for e in report_.get("measured_leverage", []):
+    law = f", law {e['law']:.3f}" if "law" in e else ""
+    lines.append(f"measured EL at C={e['C']:.3g}, G={e['G']}: {e['measured']:.3f}{law}")
+  failed = report_["runs"]["failed"]
+  if failed:
+    lines.append(f"{len(failed)} runs failed: {', '.join(sorted(failed))} (see report.md)")
+  lines.append(f"report: {Path(outdir) / 'report.md'} (and report.json, plots/)")
+  return "\n".join(lines)

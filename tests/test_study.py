@@ -1,0 +1,122 @@
+"""A miniature IsoFLOP study end to end (real training, fits, report and plots), and the report's
+pieces on synthetic records."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from famjax import isoflop, report, results, study
+from famjax.config import (DataConfig, ExperimentConfig, ModelConfig, StudyConfig,
+                           TrainConfig)
+from famjax.scaling import io, laws
+
+
+def mini(corpus_dir, **study_overrides):
+  values = dict(budgets=(2e7, 4e7, 8e7), granularities=(1, 2), widths=(8, 12), head_dim=4,
+                min_layers=2, layer_multiple=2, sizes_per_budget=2, min_steps=5,
+                tokens_per_param=20.0, leverage="4e7:2", bootstrap=100, grid_every=50)
+  values.update(study_overrides)
+  base = ExperimentConfig(model=ModelConfig(vocab_size=264, max_seq_len=16),
+                          data=DataConfig(corpus=str(corpus_dir), val_fraction=0.1),
+                          train=TrainConfig(batch_size=4, seq_len=16, steps=1, warmup_steps=0,
+                                            learning_rate=1e-2, eval_batches=2,
+                                            checkpoint_every=50, progress=False))
+  return StudyConfig(**values), base
+
+
+@pytest.fixture(scope="module")
+def mini_study(corpus_dir, tmp_path_factory):
+  outdir = tmp_path_factory.mktemp("study")
+  study_cfg, base = mini(corpus_dir)
+  result = study.run(study_cfg, base, outdir, progress=False)
+  return outdir, result, study_cfg, base
+
+
+def test_a_miniature_study_writes_its_report_and_plots(mini_study):
+  outdir, result, study_cfg, base = mini_study
+  plan = isoflop.plan(study_cfg, base)
+  assert result["missing"] == [] and result["sweep"].failed == {}
+  rep = json.loads((outdir / "report.json").read_text())
+  assert rep["runs"]["finished"] == rep["runs"]["planned"] == len(plan.runs)
+  assert set(rep["laws"]) == {"familial", "branch", "chinchilla"}
+  familial = rep["laws"]["familial"]
+  assert familial["bootstrap"]["n"] == 100 and familial["bootstrap"]["resampled"] == "runs"
+  assert {"lrt_p", "bootstrap_p"} <= set(familial["gamma_test"])
+  assert len(rep["measured_leverage"]) == 1 and rep["measured_leverage"][0]["G"] == 2
+  assert {e["G"] for e in rep["from_law"]["compute_optimal"]} == {1, 2}
+  assert "held_out_budget" in rep["extrapolation"]
+  assert rep["extrapolation"]["held_out_budget"] == 8e7
+  for name in ("isoflop", "loss_vs_G", "branch", "leverage", "bootstrap",
+               "predicted_vs_observed"):
+    assert (outdir / "plots" / f"{name}.png").stat().st_size > 5000, name
+  text = (outdir / "report.md").read_text()
+  assert "## familial law" in text and "plots/isoflop.png" in text
+  for law in ("familial", "branch", "chinchilla"):
+    io.validate(io.read_table(outdir / "data" / f"{law}.csv"), laws.LAWS[law])
+
+
+def test_rerunning_a_finished_study_trains_nothing(mini_study):
+  outdir, _, study_cfg, base = mini_study
+  again = study.run(study_cfg, base, outdir, live_fit=False, progress=False)
+  assert again["sweep"].trained == [] and len(again["sweep"].skipped) > 0
+  assert again["report"] is not None
+
+
+def test_fit_only_reports_from_the_records_present(mini_study, tmp_path):
+  import shutil
+  outdir, _, study_cfg, base = mini_study
+  partial = tmp_path / "partial"
+  shutil.copytree(outdir, partial)
+  gone = sorted(partial.glob("runs/*"))[0]
+  shutil.rmtree(gone)
+  result = study.run(study_cfg, base, partial, fit_only=True, progress=False)
+  assert result["missing"] == [gone.name]
+  assert result["report"]["runs"]["missing"] == [gone.name]
+  assert "1 not yet run" in (partial / "report.md").read_text()
+
+
+def test_summary_prints_the_law_with_intervals(mini_study):
+  outdir, result, _, _ = mini_study
+  text = study.summary(result, outdir)
+  assert "familial law" in text and "95% CI" in text and str(outdir / "report.md") in text
+
+
+def synthetic_frame(curves_at_edge=False):
+  """Records of a study whose familial losses follow the paper's law exactly."""
+  paper = laws.to_log_params(laws.PAPER_FAMILIAL)
+  rows = []
+  for c in (1e18, 1e19, 1e20):
+    for n in np.geomspace(1e7, 3e9, 5):
+      for g in (1, 2, 4):
+        d = c / (6 * n)
+        loss = float(np.asarray(laws.loss(laws.FAMILIAL, paper, {
+            "N": np.array([n]), "D": np.array([d]), "G": np.array([float(g)])}))[0])
+        if curves_at_edge:
+          loss = 3.0 + np.log10(n)  # the smallest size is always best
+        for exit_ in range(1, g + 1):
+          rows.append({"run_id": f"C{c:g}_G{g}_N{n:.0f}", "kind": isoflop.ISOFLOP, "status": "ok",
+                       "error": "", "C": c, "G": g, "exit": exit_, "exit_layer": exit_, "P": exit_ - 1,
+                       "Q": g - exit_, "N_exit": n * exit_ / g, "N_exit_non_embedding": n * exit_ / g,
+                       "N_family": n, "N_family_non_embedding": n, "D": d, "train_loss": loss,
+                       "val_loss": loss, "exit_weight": 1 / g, "flops_per_token": 6 * n,
+                       "seed": 0, "corpus_fingerprint": "x", "config_hash": "y",
+                       "wall_seconds": 1.0, "matches": "", "matched_exit": 0, "matched_G": g})
+  return pd.DataFrame(rows)
+
+
+def test_edges_flag_minima_the_sizes_did_not_bracket():
+  frame = synthetic_frame(curves_at_edge=True)
+  edges = report._edges(results.law_rows(frame, "familial"))
+  assert len(edges) == 9 and {e["minimum_at"] for e in edges} == {"smallest"}
+  inner = report._edges(results.law_rows(synthetic_frame(), "familial"))
+  assert all(e["minimum_at"] in ("interior", "smallest", "largest") for e in inner)
+
+
+def test_extrapolation_recovers_an_exact_law():
+  rows = results.law_rows(synthetic_frame(), "familial")
+  out, table = report._extrapolation(rows, report.Options(grid_every=10))
+  assert out["held_out_budget"] == 1e20 and out["n_held_out"] == 15
+  assert out["max_abs_relative_error"] < 1e-3
+  assert table["held_out"].sum() == 15
