@@ -1,15 +1,18 @@
-"""What every entry point shares: a --config flag whose presets resolve from any directory, and
-one-line errors for unknown --config.* fields."""
+"""What every entry point shares: a --config flag whose presets resolve from any directory,
+one-line errors for unknown --config.* fields and for bad input."""
 
 from __future__ import annotations
 
 import difflib
 import functools
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 from absl import app, flags
+
+from famjax.files import WorkdirBusy
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -68,7 +71,25 @@ def _parse(argv: list[str], default: str) -> list[str]:
     sys.exit(f"error: {_unknown_field(spec, argv) or e}")
 
 
-def run(main, preset_file: str, preset: str) -> None:
-  """absl's app.run with a default --config of experiments/configs/PRESET_FILE:PRESET."""
+def _one_line_errors(main):
+  """Errors about the user's input (bad values, missing or busy files) end the program with one
+  line rather than a traceback; FAMJAX_TRACEBACK=1 shows the traceback."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (ValueError, OSError, WorkdirBusy) as e:
+      if os.environ.get("FAMJAX_TRACEBACK"):
+        raise
+      sys.exit(f"error: {e}")
+  return wrapped
+
+
+def run(main, preset_file: str | None = None, preset: str | None = None) -> None:
+  """absl's app.run, with a default --config of experiments/configs/PRESET_FILE:PRESET if the
+  entry point has one, and one-line errors."""
+  if preset_file is None:
+    app.run(_one_line_errors(main))
+    return
   default = f"{CONFIGS / preset_file}:{preset}"
-  app.run(main, flags_parser=functools.partial(_parse, default=default))
+  app.run(_one_line_errors(main), flags_parser=functools.partial(_parse, default=default))

@@ -5,16 +5,24 @@ Logic lives in famjax.scaling; this file only parses flags and prints.
 """
 
 import json
+import os
+from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from famjax.files import atomic_write_text
 from famjax.scaling import fit, io, laws, record
 
+MIN_BOOTSTRAP = 100
+
 _DATA = flags.DEFINE_string("data", None, "CSV, JSONL or parquet file of runs.", required=True)
 _LAW = flags.DEFINE_enum("law", "familial", sorted(laws.LAWS), "Law to fit.")
-_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 4000, "Bootstrap resamples (0: none).",
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 4000, "Bootstrap resamples: 0 (none) or at least "
+                                  f"{MIN_BOOTSTRAP} (fewer give no usable 95% interval).",
                                   lower_bound=0)
+flags.register_validator("bootstrap", lambda n: n == 0 or n >= MIN_BOOTSTRAP,
+                         f"--bootstrap must be 0 (no intervals) or at least {MIN_BOOTSTRAP}")
 _GROUP_BY = flags.DEFINE_string("group_by", None, "Resample whole groups of rows sharing this "
                                 "column (e.g. an IsoFLOP budget) instead of single rows.")
 _DELTA = flags.DEFINE_float("huber_delta", fit.DEFAULT_DELTA, "Huber delta on log residuals.",
@@ -25,11 +33,21 @@ _GRID_EVERY = flags.DEFINE_integer("grid_every", 1, "Keep every k-th grid start 
 _OUT = flags.DEFINE_string("out", "fit.json", "Where the JSON result goes (written atomically).")
 
 
+def _check_writable(path: Path) -> None:
+  """Fails before the fit, not after it, when --out cannot be written."""
+  parent = path.parent
+  if not parent.is_dir():
+    raise FileNotFoundError(f"--out={path}: directory {parent} does not exist")
+  if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    raise PermissionError(f"--out={path}: not writable")
+
+
 def main(argv):
   del argv
+  _check_writable(Path(_OUT.value))
   law = laws.LAWS[_LAW.value]
   frame = io.read_table(_DATA.value)
-  data = io.validate(frame, law)
+  data = io.validate(frame, law, source=_DATA.value)
   groups = None
   if _GROUP_BY.value:
     if _GROUP_BY.value not in frame.columns:
@@ -44,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -202,14 +202,14 @@ def test_fit_command_line(tmp_path):
   pd.DataFrame(data).to_csv(tmp_path / "runs.csv", index=False)
   root = Path(__file__).resolve().parents[1]
   out = subprocess.run([sys.executable, "-m", "experiments.fit", f"--data={tmp_path / 'runs.csv'}",
-                        "--law=familial", "--bootstrap=32", "--grid_every=450",
+                        "--law=familial", "--bootstrap=100", "--grid_every=450",
                         f"--out={tmp_path / 'fit.json'}"], cwd=root, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   record = json.loads((tmp_path / "fit.json").read_text())
   assert record["law"] == "familial" and record["n_rows"] == 120
   assert set(record["params"]) == {"E", "A", "B", "alpha", "beta", "gamma"}
-  assert record["bootstrap"]["n"] == 32 and len(record["bootstrap"]["ci95"]["gamma"]) == 2
+  assert record["bootstrap"]["n"] == 100 and len(record["bootstrap"]["ci95"]["gamma"]) == 2
   assert "gamma > 0?" in out.stdout and "95% CI" in out.stdout and "nan" not in out.stdout
   params = record["params"]
   assert record["derived"]["a_opt"] == pytest.approx(
