@@ -1,6 +1,8 @@
 """famjax's grid fit + bootstrap vs a scipy L-BFGS-B loop over the same starts, on Epoch's
 Chinchilla data, in one process. Prints wall times (famjax including compilation), both optima and
-the speed ratio, and ends with one JSON line.
+the speed ratio; then a warm refit in the same process, the cost of adding one row to the fitted
+study, and the whole `experiments.fit` process (a fresh interpreter, compilation included).
+Ends with one JSON line.
 
 Usage: python benchmarks/fit_speed.py [--every 1] [--bootstrap 4000]
 (--every k keeps every k-th grid start, for a quick look; the target is stated for k = 1.)
@@ -8,7 +10,11 @@ Usage: python benchmarks/fit_speed.py [--every 1] [--bootstrap 4000]
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
@@ -56,6 +62,26 @@ def main():
   famjax_s = time.perf_counter() - start
 
   start = time.perf_counter()
+  warm = fit.fit(laws.CHINCHILLA, data, grid=grid, delta=args.delta)
+  bootstrap.bootstrap(laws.CHINCHILLA, data, warm, n=args.bootstrap, delta=args.delta)
+  warm_s = time.perf_counter() - start
+  grown = {k: np.append(v, v[0] * (1.01 if k == "loss" else 1.0)) for k, v in data.items()}
+  start = time.perf_counter()
+  fit.fit(laws.CHINCHILLA, grown, grid=grid, delta=args.delta)
+  one_more_row_s = time.perf_counter() - start
+
+  with tempfile.TemporaryDirectory() as tmp:
+    csv = Path(tmp) / "epoch.csv"
+    csv.write_text("N,D,loss\n" + "".join(f"{n!r},{d!r},{l!r}\n" for n, d, l in
+                                           zip(data["N"], data["D"], data["loss"])))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "experiments.fit", f"--data={csv}", "--law=chinchilla",
+                    f"--bootstrap={args.bootstrap}", f"--grid_every={args.every}",
+                    f"--out={Path(tmp) / 'fit.json'}"], check=True, capture_output=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    cli_s = time.perf_counter() - start
+
+  start = time.perf_counter()
   reference = scipy_grid(data, grid, args.delta)
   scipy_s = time.perf_counter() - start
 
@@ -66,9 +92,14 @@ def main():
         f"objective {result.objective:.10f}, {result.start_converged.mean():.1%} of starts converged")
   print(f"scipy L-BFGS-B grid: {scipy_s:.1f} s; objective {reference.fun:.10f}")
   print(f"speedup (scipy grid / famjax grid + bootstrap): {speedup:.2f}x")
+  print(f"warm (same process): grid + bootstrap {warm_s:.2f} s; refit after adding one row "
+        f"{one_more_row_s:.2f} s")
+  print(f"whole experiments.fit process: {cli_s:.1f} s; speedup {scipy_s / cli_s:.2f}x")
   print("famjax estimates:", {k: round(v, 5) for k, v in laws.to_natural_params(result.params).items()})
   print(json.dumps({"n_starts": n_starts, "n_bootstrap": args.bootstrap, "famjax_s": famjax_s,
                     "famjax_grid_s": grid_s, "scipy_s": scipy_s, "speedup": speedup,
+                    "warm_s": warm_s, "one_more_row_s": one_more_row_s, "cli_s": cli_s,
+                    "cli_speedup": scipy_s / cli_s, "bootstrap_failed": boot.failed,
                     "famjax_objective": result.objective, "scipy_objective": float(reference.fun),
                     "bootstrap_se": boot.se}))
 

@@ -287,11 +287,15 @@ def markdown(report: dict, figures: dict, study_dir: Path) -> str:
       value = {**law["params"], **law["derived"]}.get(key)
       if value is None:
         continue
+      if key in law.get("boundary", {}):
+        lines.append(f"| {key} | {_fmt(value)} | | unidentified: {law['boundary'][key]} |")
+        continue
       se = _fmt(boot["se"][key]) if boot else ""
       lines.append(f"| {key} | {_fmt(value)} | {se} | {_ci(boot['ci95'][key]) if boot else ''} |")
     if boot:
+      failed = f"; {boot['failed']} failed and are left out" if boot.get("failed") else ""
       lines.append(f"\n{boot['n']} bootstrap refits (whole runs resampled), "
-                   f"{boot['converged']:.1%} converged.")
+                   f"{boot['converged']:.1%} converged{failed}.")
     if "gamma_test" in law:
       t = law["gamma_test"]
       lines.append(f"\nIs gamma > 0? likelihood-ratio p = {_fmt(t['lrt_p'], 3)}"

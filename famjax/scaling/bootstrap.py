@@ -1,8 +1,12 @@
-"""Bootstrap refits (rows or whole groups resampled), all in one jitted vmap of L-BFGS lanes
-started from the optimum, in coordinates whitened by the full-data Hessian there (fit.whitened).
+"""Bootstrap refits (rows or whole groups resampled) in the lane engine, and what they give:
+standard errors, 95% percentile intervals (also of derived quantities) and, for the familial law,
+two tests of gamma > 0.
 
-Standard errors, 95% percentile intervals, the same for derived quantities, and for the familial
-law two tests of gamma > 0.
+Every refit converges or is accounted for: refits start from the full-data optimum in
+coordinates whitened by the full-data Hessian there (fit.whitened); those that stop unconverged
+are continued, whitened at their own point by their own objective (fit.refine); a second path
+and grid restarts settle resamples with several minima (see `bootstrap`); the rest are failed,
+excluded from the SEs and intervals, and counted.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class BootstrapResult:
   se: dict[str, float]
   ci95: dict[str, tuple[float, float]]
   converged: float  # share of refits that converged (see fit.fit)
+  failed: int = 0  # refits excluded from se and ci95 (nan in samples): no retry converged
+  multimodal: int = 0  # refits settled by grid restarts (paths disagreed, or unconverged)
 
 
 def resample_counts(n_rows: int, n: int, seed: int, groups: Sequence | None = None) -> np.ndarray:
@@ -43,29 +49,111 @@ def derived(natural: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {"a_opt": natural["beta"] / total, "b_opt": natural["alpha"] / total}
 
 
+RETRY_GRID_EVERY = 10  # thinning of the law's grid that arbitrates between refits' paths
+PILOT_EVERY = 10  # every k-th refit also takes the second path; all do if one pilot disagrees
+DISAGREE_RTOL = 1e-7  # relative objective gap between the paths that calls for grid restarts
+
+
+def _best(a, b):
+  """Per refit, the lower-objective of two (params, objective, converged) triples."""
+  take_b = b[1] < np.where(np.isfinite(a[1]), a[1], np.inf)
+  params = {k: np.where(take_b, b[0][k], a[0][k]) for k in a[0]}
+  return params, np.where(take_b, b[1], a[1]), np.where(take_b, b[2], a[2])
+
+
+def _subset(triple, index):
+  params, value, converged = triple
+  return {k: v[index] for k, v in params.items()}, value[index], converged[index]
+
+
+def _put(triple, index, part):
+  params, value, converged = (dict((k, v.copy()) for k, v in triple[0].items()),
+                              triple[1].copy(), triple[2].copy())
+  for k in params:
+    params[k][index] = part[0][k]
+  value[index], converged[index] = part[1], part[2]
+  return params, value, converged
+
+
+def _raw_path(law, result, data, counts_BR, fixed, options, index):
+  """Refits `index` from the optimum in the law's own coordinates (the path a plain L-BFGS
+  takes), refined."""
+  inits = {k: np.full(len(index), v) for k, v in result.params.items()}
+  triple = fitlib.solve_batch(law, inits, data, counts_BR[index], fixed, **options)
+  return fitlib.refine(law, *triple, data, counts_BR[index], fixed, **options)
+
+
+def _restart_from_grid(law, data, triple, counts_BR, fixed, options, index):
+  """Refits `index` from a thinned grid plus where they stopped; the best start of each is
+  refined, and kept where it converged lower."""
+  params_B = triple[0]
+  grid = {k: v for k, v in law.grid(RETRY_GRID_EVERY).items() if k not in (fixed or {})}
+  names = tuple(params_B)
+  n_grid = len(grid[names[0]]) + 1
+  starts = {k: np.concatenate([np.append(grid[k], params_B[k][b]) for b in index])
+            for k in names}
+  weights = np.repeat(counts_BR[index], n_grid, axis=0)
+  params_S, value_S, converged_S = fitlib.solve_batch(law, starts, data, weights, fixed, **options)
+  candidates = np.where(converged_S, value_S, np.inf).reshape(len(index), n_grid)
+  best = np.arange(len(index)) * n_grid + np.argmin(candidates, axis=1)
+  found = fitlib.refine(law, {k: params_S[k][best] for k in names}, value_S[best],
+                        converged_S[best], data, counts_BR[index], fixed, **options)
+  found = (found[0], np.where(found[2], found[1], np.inf), found[2])
+  return _put(triple, index, _best(_subset(triple, index), found))
+
+
 def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 4000, seed: int = 0,
               groups: Sequence | None = None, delta: float = fitlib.DEFAULT_DELTA,
-              maxiter: int = fitlib.DEFAULT_MAXITER, tol: float = fitlib.DEFAULT_TOL,
-              lanes: int = fitlib.DEFAULT_LANES, progress: bool = False) -> BootstrapResult:
-  """Refits on n resamples, each started from the full-data optimum `result`."""
+              stop: fitlib.StopRules = fitlib.StopRules(), lanes: int = fitlib.DEFAULT_LANES,
+              progress: bool = False) -> BootstrapResult:
+  """Refits on n resamples, each started from the full-data optimum `result`.
+
+  Small studies can have resamples whose objective has several local minima, where refits from
+  the same start reach different ones by different paths. So every PILOT_EVERY-th refit also
+  takes the law's own coordinates from the optimum; if any of those lands elsewhere, every refit
+  does, and each refit whose second path found a lower objective (or that did not converge) is
+  settled by a thinned grid of restarts. Refits that still have not converged are failed.
+  """
+  options = dict(delta=delta, stop=stop, lanes=lanes)
   with jax.enable_x64(True):
     data = fitlib.as_data(data)
     counts_BR = resample_counts(int(data["loss"].shape[0]), n, seed, groups)
     fixed = {k: jnp.float64(v) for k, v in result.fixed.items()}
     inits = {k: np.full(n, v) for k, v in result.params.items()}
     coordinates = fitlib.whitened(law, result.params, data, delta=delta, fixed=fixed, lanes=lanes)
-    params_B, _, converged_B = fitlib.solve_batch(law, inits, data, counts_BR, fixed,
-                                                  coordinates=coordinates, delta=delta,
-                                                  maxiter=maxiter, tol=tol, lanes=lanes,
-                                                  progress=progress, desc="bootstrap")
+    triple = fitlib.solve_batch(law, inits, data, counts_BR, fixed, coordinates=coordinates,
+                                progress=progress, desc="bootstrap", **options)
+    triple = fitlib.refine(law, *triple, data, counts_BR, fixed, **options)
+    pilot = np.arange(0, n, PILOT_EVERY)
+    raw = _raw_path(law, result, data, counts_BR, fixed, options, pilot)
+    # the second path reached a lower minimum than the first: the first may have missed it (the
+    # reverse is common without several minima: plain L-BFGS stalls above the optimum)
+    differs = lambda a, b: b[1] < a[1] * (1 - DISAGREE_RTOL)
+    if differs(_subset(triple, pilot), raw).any():
+      # several minima: every refit takes both paths, and any two that end apart are settled
+      everyone = np.arange(n)
+      raw = _raw_path(law, result, data, counts_BR, fixed, options, everyone)
+      pilot = everyone
+    unsettled = np.zeros(n, bool)
+    unsettled[pilot] = differs(_subset(triple, pilot), raw)
+    triple = _put(triple, pilot, _best(_subset(triple, pilot), raw))
+    unsettled |= ~triple[2]
+    if unsettled.any():
+      triple = _restart_from_grid(law, data, triple, counts_BR, fixed, options,
+                                  np.flatnonzero(unsettled))
+  params_B, _, converged_B = triple
   natural = to_natural_params(params_B)
-  natural = {k: np.asarray(v) for k, v in natural.items()}
+  natural = {k: np.where(converged_B, np.asarray(v), np.nan) for k, v in natural.items()}
   if "alpha" in natural and "beta" in natural:
     natural.update(derived(natural))
-  se = {k: float(np.std(v, ddof=1)) for k, v in natural.items()}
-  ci = {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in natural.items()}
+  ok = {k: v[converged_B] for k, v in natural.items()}
+  enough = converged_B.sum() >= 2
+  se = {k: float(np.std(v, ddof=1)) if enough else float("nan") for k, v in ok.items()}
+  ci = {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if enough
+        else (float("nan"), float("nan")) for k, v in ok.items()}
   return BootstrapResult(n=n, samples=natural, se=se, ci95=ci,
-                         converged=float(np.mean(converged_B)))
+                         converged=float(np.mean(converged_B)),
+                         failed=int((~converged_B).sum()), multimodal=int(unsettled.sum()))
 
 
 def gamma_tests(data: Mapping, result: fitlib.FitResult, boot: BootstrapResult | None = None,
@@ -89,5 +177,6 @@ def gamma_tests(data: Mapping, result: fitlib.FitResult, boot: BootstrapResult |
     out = {"gamma": result.params["gamma"], "lrt_stat": stat, "lrt_p": float(chi2.sf(stat, 1)),
            "null_objective": null.objective}
   if boot is not None:
-    out["bootstrap_p"] = float(np.mean(boot.samples["gamma"] <= 0.0))
+    gamma = boot.samples["gamma"][np.isfinite(boot.samples["gamma"])]  # converged refits
+    out["bootstrap_p"] = float(np.mean(gamma <= 0.0))
   return out

@@ -83,6 +83,14 @@ PAPER_FAMILIAL = {"E": 1.0059, "A": 403.4289, "alpha": 0.2982, "B": 2980.058, "b
                   "gamma": 0.0333}
 
 
+_NATURAL_NAMES = {"e": "E", "a": "A", "b": "B"}
+
+
+def to_natural_name(name: str) -> str:
+  """e -> E, a -> A, b -> B (log parameters to natural ones); other names pass through."""
+  return _NATURAL_NAMES.get(name, name)
+
+
 def _convert(params: Mapping, rename: Mapping[str, str], fn):
   out = {}
   for k, v in params.items():
@@ -98,7 +106,7 @@ def to_log_params(natural: Mapping) -> dict:
 
 def to_natural_params(logp: Mapping) -> dict:
   """{e, a, b, ...} -> {E, A, B, ...}; scalars or arrays."""
-  return _convert(logp, {"e": "E", "a": "A", "b": "B"}, np.exp)
+  return _convert(logp, _NATURAL_NAMES, np.exp)
 
 
 def loss(law: Law, params: Params, data: Data) -> jnp.ndarray:

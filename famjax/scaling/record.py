@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -23,6 +24,35 @@ class FittedLaw:
   boot: bootlib.BootstrapResult | None
 
 
+TERM_FLOOR = 1e-4  # a term below this share of the loss at every row has run to zero
+EXPONENT_FLOOR = 1e-3  # an exponent below this makes its term a constant, merged with E
+
+
+def boundaries(law: laws.Law, params: Mapping, data: Mapping) -> dict[str, str]:
+  """Parameters of a fit that have run to the edge of what the data identify, with the reason:
+  E -> 0 (the budgets never approach the loss floor), a term A/N^alpha or B/D^beta that is
+  negligible at every row (its coefficient and exponent are then unidentified), or an exponent
+  -> 0 (its term is a constant, inseparable from E)."""
+  natural = laws.to_natural_params(params)
+  if not {"E", "A", "B", "alpha", "beta"} <= set(natural):
+    return {}
+  loss = np.asarray(data["loss"], np.float64)
+  out = {}
+  if natural["E"] < TERM_FLOOR * loss.min():
+    out["E"] = "E -> 0: the data never approach the loss floor"
+  for coef, exponent, column in (("A", "alpha", "N"), ("B", "beta", "D")):
+    term = natural[coef] / np.asarray(data[column], np.float64) ** natural[exponent]
+    if np.max(term / loss) < TERM_FLOOR:
+      reason = f"{coef}/{column}^{exponent} is negligible at every row"
+      out[coef] = out[exponent] = reason
+    elif natural[exponent] < EXPONENT_FLOOR:
+      reason = f"{exponent} -> 0: {coef}/{column}^{exponent} is a constant, inseparable from E"
+      out[coef] = out[exponent] = out.setdefault("E", reason)
+  if "alpha" in out or "beta" in out:
+    out["a_opt"] = out["b_opt"] = "depends on an unidentified exponent"
+  return out
+
+
 def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int = 0,
             groups: Sequence | None = None, resampled: str = "rows",
             delta: float = fitlib.DEFAULT_DELTA, grid: Mapping | None = None,
@@ -36,17 +66,32 @@ def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int 
   result = fitlib.fit(law, data, delta=delta, grid=grid, progress=progress)
   natural = laws.to_natural_params(result.params)
   derived = bootlib.derived(natural) if {"alpha", "beta"} <= set(natural) else {}
+  edge = boundaries(law, result.params, data)
   record = {"law": law.name, "params": natural, "derived": derived,
-            "objective": result.objective, "n_rows": result.n_rows,
+            "objective": result.objective, "n_rows": result.n_rows, "converged": result.converged,
+            "boundary": edge,
             "starts": {"n": int(result.start_objective.size),
                        "converged": int(result.start_converged.sum())}}
+  if not result.converged:
+    warnings.warn(f"{law.name} law: no grid start converged; the estimates are the lowest "
+                  "objective reached, not an optimum", stacklevel=2)
+  for name, why in edge.items():
+    warnings.warn(f"{law.name} law: {name} is at a boundary ({why}); its interval is "
+                  "reported as unidentified", stacklevel=2)
   boot = None
   if n_bootstrap:
     boot = bootlib.bootstrap(law, data, result, n=n_bootstrap, seed=seed, groups=groups,
                              delta=delta, progress=progress)
-    record["bootstrap"] = {"n": boot.n, "se": boot.se,
-                           "ci95": {k: list(v) for k, v in boot.ci95.items()},
-                           "converged": boot.converged, "resampled": resampled}
+    interval = lambda k: None if k in edge else list(boot.ci95[k])
+    record["bootstrap"] = {"n": boot.n,
+                           "se": {k: None if k in edge else v for k, v in boot.se.items()},
+                           "ci95": {k: interval(k) for k in boot.ci95},
+                           "converged": boot.converged, "failed": boot.failed,
+                           "multimodal": boot.multimodal, "resampled": resampled}
+    if boot.failed:
+      warnings.warn(f"{law.name} law: {boot.failed} of {boot.n} bootstrap refits did not "
+                    "converge after every retry; they are left out of the SEs and intervals",
+                    stacklevel=2)
   if law is laws.FAMILIAL:
     record["gamma_test"] = bootlib.gamma_tests(data, result, boot, delta=delta, grid=grid)
   record["seconds"] = time.perf_counter() - start
@@ -59,14 +104,24 @@ def table(record: dict) -> str:
            f"{'param':>8} {'estimate':>12} {'SE':>10} {'95% CI':>26}"]
   estimates = {**record["params"], **record["derived"]}
   boot = record.get("bootstrap")
+  edge = record.get("boundary", {})
   for name in [k for k in ORDER if k in estimates]:
     value = estimates[name]
-    if boot:
+    if name in edge:
+      lines.append(f"{name:>8} {value:>12.5g} {'-':>10} {'unidentified (boundary)':>26}")
+    elif boot:
       lo, hi = boot["ci95"][name]
       lines.append(f"{name:>8} {value:>12.5g} {boot['se'][name]:>10.4g} "
                    f"{f'[{lo:.5g}, {hi:.5g}]':>26}")
     else:
       lines.append(f"{name:>8} {value:>12.5g}")
+  for name, why in edge.items():
+    lines.append(f"boundary: {name}: {why}")
+  if boot and boot.get("failed"):
+    lines.append(f"warning: {boot['failed']} of {boot['n']} bootstrap refits failed to converge "
+                 "and are left out of the SEs and intervals")
+  if not record.get("converged", True):
+    lines.append("warning: no grid start converged; the estimates are not an optimum")
   if "gamma_test" in record:
     t = record["gamma_test"]
     lines.append(f"gamma > 0?  likelihood-ratio p = {t['lrt_p']:.3g}"

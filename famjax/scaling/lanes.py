@@ -1,0 +1,263 @@
+"""The lane engine: a queue of independent L-BFGS runs streamed through vmapped solver lanes.
+
+Every run (a "start") minimises the fit objective for its own row weights, in its own solver
+coordinates z (parameters x = origin + basis @ z). A step is one line-search trial in every lane
+(see `_lbfgs_lanes`); a lane whose start has finished takes the next start from the queue, so no
+lane waits for the slowest start of a batch. `solve` runs a queue to the end in one jitted
+while_loop (pure: jit and vmap work on it); `run` drives the same steps from the host in chunks,
+which is how a progress bar follows it.
+
+Shape letters: S starts in the queue, L lanes, P parameters, R data rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jaxopt
+import numpy as np
+import optax
+
+from famjax.scaling.laws import Law
+from famjax.scaling.linesearch import OneTrialLineSearch, ended
+
+QUEUE_BLOCK = 8192  # queues are padded to a multiple of this, to share one compilation
+MIN_ROWS = 16  # row counts are padded to a power of two at least this
+CHUNK_STEPS = 256  # loop steps per host call in `run`
+
+
+class StopRules(NamedTuple):
+  """When a start stops (every field is a traced input: changing one compiles nothing)."""
+  maxiter: int = 1000  # L-BFGS iterations
+  tol: float = 1e-9  # converged: gradient norm <= tol (objectives here are ~1e-3) ...
+  # ... or a step without a failed line search lowered the objective by < ftol of it: Huber
+  # kinks can keep the gradient norm from ever reaching tol (scipy's L-BFGS-B stops so too)
+  ftol: float = 1e-10
+  maxls: int = 20  # line-search trials per iteration, as scipy's L-BFGS-B
+
+
+class Queue(NamedTuple):
+  """The starts: solver point, coordinates and row weights of each."""
+  z_SP: jax.Array
+  origin_SP: jax.Array
+  basis_SPP: jax.Array
+  weights_SR: jax.Array
+
+
+class Outcome(NamedTuple):
+  x_SP: jax.Array  # final parameters, the law's coordinates
+  value_S: jax.Array  # objective
+  grad_SP: jax.Array  # gradient in the start's solver coordinates
+  converged_S: jax.Array
+
+
+def objective(params, data, weights_R, *, law: Law, delta: float, fixed: Mapping | None = None):
+  """sum_i w_i Huber_delta(log loss_i - law.log_loss(params, data)_i) (Hoffmann et al. 2022)."""
+  residual_R = jnp.log(data["loss"]) - law.log_loss({**(fixed or {}), **params}, data)
+  return jnp.sum(weights_R * optax.losses.huber_loss(residual_R, delta=delta))
+
+
+def queue(x_SP, weights_SR, origin_SP=None, basis_SPP=None) -> Queue:
+  """Starts at parameters x_SP, in the given coordinates (the law's own by default)."""
+  x_SP = jnp.asarray(x_SP, jnp.float64)
+  n, p = x_SP.shape
+  origin_SP = jnp.zeros((n, p)) if origin_SP is None else jnp.broadcast_to(origin_SP, (n, p))
+  basis_SPP = (jnp.broadcast_to(jnp.eye(p), (n, p, p)) if basis_SPP is None
+               else jnp.broadcast_to(basis_SPP, (n, p, p)))
+  z_SP = jnp.linalg.solve(basis_SPP, (x_SP - origin_SP)[..., None])[..., 0]
+  return Queue(z_SP, origin_SP, basis_SPP, jnp.broadcast_to(weights_SR, (n, weights_SR.shape[-1])))
+
+
+def _select(mask_L, new, old):
+  """Per lane: new where mask_L, else old (any pytree of [L, ...] arrays)."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(mask_L.reshape(mask_L.shape + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def _lbfgs_lanes(fun, stop: StopRules):
+  """(init, step) of vmapped jaxopt L-BFGS lanes minimising fun(z_P, data, lane_args).
+
+  A step is one jaxopt.LBFGS.update in every lane, whose OneTrialLineSearch makes one trial
+  (at most maxls per search): under vmap a full line search would make every lane wait for the
+  lane that needs most trials (on Epoch's grid, a mean of 1.3 trials per search, but 3.7 for the
+  slowest of the lanes). A lane keeps its L-BFGS state until its search ends. step returns
+  (lane, converged_L, stopped_L), both false while a search goes on.
+  """
+  linesearch = OneTrialLineSearch(fun=fun, maxiter=stop.maxls)
+  solver = jaxopt.LBFGS(fun=fun, linesearch=linesearch)  # update reads neither maxiter nor tol
+  update = jax.vmap(solver.update, in_axes=(0, 0, None, 0))
+
+  def init(z_LP, data, args_L):
+    """A fresh lane: jaxopt's initial state, but with an infinite objective and a zero gradient
+    in place of an evaluation; its first trial evaluates the start (LaneLineSearch takes a zero
+    direction from an infinite objective as that), so the queue compiles one evaluation."""
+    shapes = jax.eval_shape(jax.vmap(solver.init_state, in_axes=(0, None, 0)), z_LP, data,
+                            args_L)
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    fresh = jnp.ones(z_LP.shape[0], z_LP.dtype)
+    state = state._replace(value=fresh * jnp.inf, error=fresh * jnp.inf, gamma=fresh,
+                           stepsize=fresh * solver.max_stepsize)
+    # A search that has made no trial starts afresh at the lane's first step.
+    search_shapes = jax.eval_shape(jax.vmap(linesearch.init_state, in_axes=(None, 0, 0, 0, 0)),
+                                   1.0, z_LP, state.value, z_LP, z_LP)
+    search = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), search_shapes)
+    return dict(z=z_LP, solver=state, search=search)
+
+  def step(lane, data, args_L):
+    state = lane["solver"]
+    fresh_L = ~jnp.isfinite(state.value)
+    new_z_LP, new = update(lane["z"], state, data, args_L, search=lane["search"])
+    search, new = new.aux, new._replace(aux=None)
+    ended_L = ended(search)
+    # The evaluation of a fresh start left a pair (s = 0, y = gradient) in the history: drop it.
+    initial = lambda a: jnp.where(fresh_L.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a)
+    new = new._replace(s_history=initial(new.s_history), y_history=initial(new.y_history),
+                       rho_history=initial(new.rho_history), iter_num=initial(new.iter_num),
+                       gamma=jnp.where(fresh_L, 1.0, new.gamma))
+    stalled_L = ended_L & ~fresh_L & ((state.value - new.value)
+                                      <= stop.ftol * jnp.abs(state.value))
+    converged_L = ended_L & ((new.error <= stop.tol) | (stalled_L & ~new.failed_linesearch))
+    # A failed line search can step uphill or to a non-finite objective, which ends the lane:
+    # it keeps the best point it reached.
+    moved_L = ended_L & (new.value <= state.value)
+    state = _select(moved_L, new, state)
+    stopped_L = (stalled_L | (ended_L & ~moved_L) | ~jnp.isfinite(new.value)
+                 | (state.iter_num >= stop.maxiter))
+    return dict(z=_select(moved_L, new_z_LP, lane["z"]), solver=state, search=search), \
+        converged_L, stopped_L
+
+  return init, step
+
+
+def _machine(law: Law, names: tuple[str, ...], q: Queue, data, n_starts, fixed, stop: StopRules,
+             delta: float, lanes: int):
+  """(start, keep_going, step) of the queue loop over carry = (lane, out, next_start)."""
+
+  def fun(z_P, data, args):
+    origin_P, basis_PP, weights_R = args
+    x_P = origin_P + basis_PP @ z_P
+    return objective(dict(zip(names, x_P)), data, weights_R, law=law, delta=delta, fixed=fixed)
+
+  init, advance = _lbfgs_lanes(fun, stop)
+  n_total = q.weights_SR.shape[0]
+  lane_args = lambda start_L: (q.origin_SP[start_L], q.basis_SPP[start_L], q.weights_SR[start_L])
+
+  def load(lane, next_start):
+    """Puts the next starts of the queue into the free lanes (start < 0), once an eighth of the
+    lanes are free (or all are)."""
+    free_L = lane["start"] < 0
+    n_free = jnp.sum(free_L)
+    start_L = next_start + jnp.cumsum(free_L) - 1
+    load_L = (free_L & (start_L < n_starts)
+              & ((n_free >= max(1, lanes // 8)) | (n_free == lanes)))
+    start_L = jnp.where(load_L, start_L, -1)  # free lanes (-1) hold a dummy start
+    fresh = dict(start=start_L, solver=init(q.z_SP[start_L], data, lane_args(start_L)))
+    return _select(load_L, fresh, lane), next_start + jnp.sum(load_L)
+
+  def start():
+    # Every lane starts free (its first step is idle), and the end of each step loads free
+    # lanes: XLA then fuses the load's selects with the step's own.
+    first = jnp.arange(lanes) % n_total
+    lane = dict(start=jnp.full(lanes, -1), solver=init(q.z_SP[first], data, lane_args(first)))
+    out = dict(z=jnp.zeros_like(q.z_SP), value=jnp.full(n_total, jnp.inf),
+               grad=jnp.zeros_like(q.z_SP), converged=jnp.zeros(n_total, bool))
+    return lane, out, jnp.asarray(0)
+
+  def step(carry):
+    lane, out, next_start = carry
+    solver, converged_L, stopped_L = advance(lane["solver"], data, lane_args(lane["start"]))
+    done_L = (lane["start"] >= 0) & (converged_L | stopped_L)
+    slot_L = jnp.where(done_L, lane["start"], n_total)  # out of range: dropped
+    put = lambda dest, x: dest.at[slot_L].set(x, mode="drop")
+    out = dict(z=put(out["z"], solver["z"]), value=put(out["value"], solver["solver"].value),
+               grad=put(out["grad"], solver["solver"].grad),
+               converged=put(out["converged"], converged_L))
+    lane = dict(start=jnp.where(done_L, -1, lane["start"]), solver=solver)
+    lane, next_start = load(lane, next_start)
+    return lane, out, next_start
+
+  def keep_going(carry):
+    lane, _, next_start = carry
+    return jnp.any(lane["start"] >= 0) | (next_start < n_starts)
+
+  return start, keep_going, step
+
+
+def _outcome(q: Queue, out) -> Outcome:
+  x_SP = q.origin_SP + jnp.einsum("spq,sq->sp", q.basis_SPP, out["z"])
+  return Outcome(x_SP, out["value"], out["grad"], out["converged"])
+
+
+# XLA:CPU hands reductions to YNNPACK by default, which is slower on these small [lanes, rows]
+# float64 arrays (docs/fitter.md); other backends ignore the option.
+_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_STATIC = ("law", "names", "delta", "lanes")
+
+
+def solve(law: Law, q: Queue, data: Mapping, fixed, stop: StopRules, *, names: tuple[str, ...],
+          delta: float, lanes: int, n_starts=None) -> Outcome:
+  """Every start of the queue (the first n_starts) to the end, in one while_loop: a pure
+  function for the caller's jit, vmap or grad (its results carry no gradient)."""
+  n_starts = q.weights_SR.shape[0] if n_starts is None else n_starts
+  start, keep_going, step = _machine(law, names, q, data, n_starts, fixed, stop, delta, lanes)
+  _, out, _ = jax.lax.while_loop(keep_going, step, start())
+  return _outcome(q, out)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, compiler_options=_COMPILER_OPTIONS)
+def _start(law, q, data, fixed, stop, n_starts, *, names, delta, lanes):
+  return _machine(law, names, q, data, n_starts, fixed, stop, delta, lanes)[0]()
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, compiler_options=_COMPILER_OPTIONS,
+                   donate_argnames=("carry",))
+def _advance(law, q, data, fixed, stop, n_starts, carry, *, names, delta, lanes):
+  """Up to CHUNK_STEPS loop steps from `carry`; also whether the queue has work left."""
+  _, keep_going, step = _machine(law, names, q, data, n_starts, fixed, stop, delta, lanes)
+  carry, _ = jax.lax.while_loop(lambda c: keep_going(c[0]) & (c[1] < CHUNK_STEPS),
+                                lambda c: (step(c[0]), c[1] + 1), (carry, 0))
+  return carry, keep_going(carry)
+
+
+def _pad_rows(data: Mapping, weights_SR: np.ndarray):
+  """Pads the rows to a power of two (copies of row 0 with zero weight, which add nothing to the
+  objective), so a study that grows run by run compiles ~log2(rows) programs, not one per row."""
+  n_rows = weights_SR.shape[1]
+  size = max(MIN_ROWS, 1 << (n_rows - 1).bit_length())
+  if size == n_rows:
+    return data, weights_SR
+  padded = {k: jnp.concatenate([v, jnp.repeat(v[:1], size - n_rows)]) for k, v in data.items()}
+  return padded, np.pad(weights_SR, ((0, 0), (0, size - n_rows)))
+
+
+def run(law: Law, names: tuple[str, ...], x_SP, data: Mapping, weights_SR, fixed=None, *,
+        origin_SP=None, basis_SPP=None, stop: StopRules = StopRules(), delta: float,
+        lanes: int = 256, progress=None) -> Outcome:
+  """`solve` driven from the host in chunks of CHUNK_STEPS loop steps, on the queue padded to a
+  multiple of QUEUE_BLOCK starts and the rows to a power of two (so that similar queues and
+  growing studies share compilations). `progress`, a tqdm bar, moves with the started starts.
+  Returns numpy arrays."""
+  x_SP = np.asarray(x_SP, np.float64)
+  n, p = x_SP.shape
+  weights_SR = np.broadcast_to(np.asarray(weights_SR, np.float64), (n, np.shape(weights_SR)[-1]))
+  origin_SP = np.zeros((n, p)) if origin_SP is None else np.broadcast_to(origin_SP, (n, p))
+  basis_SPP = (np.broadcast_to(np.eye(p), (n, p, p)) if basis_SPP is None
+               else np.broadcast_to(basis_SPP, (n, p, p)))
+  size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
+  pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, 0)])
+  data, weights_SR = _pad_rows(data, weights_SR)
+  q = queue(pad(x_SP), pad(weights_SR), pad(origin_SP), pad(basis_SPP))
+  stop = StopRules(*(jnp.asarray(v) for v in stop))
+  fixed = {k: jnp.float64(v) for k, v in (fixed or {}).items()}
+  options = dict(names=names, delta=delta, lanes=lanes)
+  carry, going = _start(law, q, data, fixed, stop, jnp.int32(n), **options), True
+  while bool(going):
+    carry, going = _advance(law, q, data, fixed, stop, jnp.int32(n), carry, **options)
+    if progress is not None:
+      progress.update(min(n, int(carry[2])) - progress.n)
+  if progress is not None:
+    progress.update(n - progress.n)
+  return Outcome(*(np.array(a[:n]) for a in _outcome(q, carry[1])))
