@@ -72,7 +72,7 @@ def main():
 
   with tempfile.TemporaryDirectory() as tmp:
     csv = Path(tmp) / "epoch.csv"
-    csv.write_text("N,D,loss\n" + "".join(f"{n!r},{d!r},{l!r}\n" for n, d, l in
+    csv.write_text("N,D,loss\n" + "".join(f"{float(n)!r},{float(d)!r},{float(l)!r}\n" for n, d, l in
                                            zip(data["N"], data["D"], data["loss"])))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "experiments.fit", f"--data={csv}", "--law=chinchilla",

@@ -439,3 +439,48 @@ def test_bootstrap_refits_match_scipy_on_small_synthetic_studies(n_rows):
       np.sort(finite)[-10:]
   for name, ratio in se_ratio.items():
     assert ratio == pytest.approx(1, abs=0.02), name
+
+
+BRANCH_TRUTH = {**laws.PAPER_FAMILIAL, "alpha_b": 0.01, "beta_b": 0.04}
+
+
+def branch_family(noise, seed):
+  """Per-exit rows from the branch law: the IsoFLOP design of `isoflop_family`, exit g of G
+  with N_g = g/G of the family's N, rows grouped by run."""
+  rng = np.random.default_rng(seed)
+  truth = laws.to_log_params({k: v for k, v in BRANCH_TRUTH.items() if k != "gamma"})
+  rows = []
+  for c in np.geomspace(1e18, 1e20, 5):
+    with jax.enable_x64(True):
+      n_star, _ = leverage.compute_optimal(PAPER, c, 1)
+    for n in np.geomspace(float(n_star) / 4, float(n_star) * 4, 6):
+      for g in (1, 2, 4):
+        rows += [(n * e / g, c / (6 * n), g, e, f"{c:g}-{n:g}-{g}") for e in range(1, g + 1)]
+  n, d, g, e, run = map(np.array, zip(*rows))
+  data = {"N": n, "D": d, "G": g.astype(float), "exit": e.astype(float)}
+  with jax.enable_x64(True):
+    clean = np.asarray(laws.loss(laws.BRANCH, truth, fit.as_data(data)))
+  data["loss"] = clean * np.exp(noise * rng.standard_normal(clean.shape))
+  return data, run
+
+
+@pytest.mark.slow
+def test_branch_law_intervals_cover_the_truth():
+  """30 replicate families drawn from the branch law (alpha_b 0.01, beta_b 0.04, lognormal noise
+  0.005): the fit recovers the branch exponents and the 95% intervals from 500 refits that
+  resample whole runs cover them at about the nominal rate."""
+  covered = {"alpha_b": [], "beta_b": []}
+  errors = {"alpha_b": [], "beta_b": []}
+  grid = {**laws.CHINCHILLA.grid(), "alpha_b": np.zeros(4500), "beta_b": np.zeros(4500)}
+  for seed in range(30):
+    data, runs = branch_family(noise=0.005, seed=seed)
+    result = fit.fit(laws.BRANCH, data, grid=grid)
+    boot = bootstrap.bootstrap(laws.BRANCH, data, result, n=500, seed=seed, groups=runs)
+    for name in covered:
+      lo, hi = boot.ci95[name]
+      covered[name].append(lo <= BRANCH_TRUTH[name] <= hi)
+      errors[name].append(abs(result.params[name] - BRANCH_TRUTH[name]))
+  coverage = {k: float(np.mean(v)) for k, v in covered.items()}
+  print("branch coverage", coverage, {k: float(np.median(v)) for k, v in errors.items()})
+  assert min(coverage.values()) >= 0.85, coverage
+  assert np.median(errors["alpha_b"]) < 0.005 and np.median(errors["beta_b"]) < 0.005

@@ -149,22 +149,23 @@ def _machine(law: Law, names: tuple[str, ...], q: Queue, data, n_starts, fixed, 
     """Puts the next starts of the queue into the free lanes (start < 0), once an eighth of the
     lanes are free (or all are)."""
     free_L = lane["start"] < 0
-    n_free = jnp.sum(free_L)
-    start_L = next_start + jnp.cumsum(free_L) - 1
+    n_free = jnp.sum(free_L, dtype=jnp.int32)
+    start_L = next_start + jnp.cumsum(free_L, dtype=jnp.int32) - 1
     load_L = (free_L & (start_L < n_starts)
               & ((n_free >= max(1, lanes // 8)) | (n_free == lanes)))
     start_L = jnp.where(load_L, start_L, -1)  # free lanes (-1) hold a dummy start
     fresh = dict(start=start_L, solver=init(q.z_SP[start_L], data, lane_args(start_L)))
-    return _select(load_L, fresh, lane), next_start + jnp.sum(load_L)
+    return _select(load_L, fresh, lane), next_start + jnp.sum(load_L, dtype=jnp.int32)
 
   def start():
     # Every lane starts free (its first step is idle), and the end of each step loads free
     # lanes: XLA then fuses the load's selects with the step's own.
     first = jnp.arange(lanes) % n_total
-    lane = dict(start=jnp.full(lanes, -1), solver=init(q.z_SP[first], data, lane_args(first)))
+    lane = dict(start=jnp.full(lanes, -1, jnp.int32),
+                solver=init(q.z_SP[first], data, lane_args(first)))
     out = dict(z=jnp.zeros_like(q.z_SP), value=jnp.full(n_total, jnp.inf),
                grad=jnp.zeros_like(q.z_SP), converged=jnp.zeros(n_total, bool))
-    return lane, out, jnp.asarray(0)
+    return lane, out, jnp.zeros((), jnp.int32)
 
   def step(carry):
     lane, out, next_start = carry
@@ -175,7 +176,7 @@ def _machine(law: Law, names: tuple[str, ...], q: Queue, data, n_starts, fixed, 
     out = dict(z=put(out["z"], solver["z"]), value=put(out["value"], solver["solver"].value),
                grad=put(out["grad"], solver["solver"].grad),
                converged=put(out["converged"], converged_L))
-    lane = dict(start=jnp.where(done_L, -1, lane["start"]), solver=solver)
+    lane = dict(start=jnp.where(done_L, jnp.int32(-1), lane["start"]), solver=solver)
     lane, next_start = load(lane, next_start)
     return lane, out, next_start
 
@@ -218,7 +219,7 @@ def _advance(law, q, data, fixed, stop, n_starts, carry, *, names, delta, lanes)
   """Up to CHUNK_STEPS loop steps from `carry`; also whether the queue has work left."""
   _, keep_going, step = _machine(law, names, q, data, n_starts, fixed, stop, delta, lanes)
   carry, _ = jax.lax.while_loop(lambda c: keep_going(c[0]) & (c[1] < CHUNK_STEPS),
-                                lambda c: (step(c[0]), c[1] + 1), (carry, 0))
+                                lambda c: (step(c[0]), c[1] + 1), (carry, jnp.int32(0)))
   return carry, keep_going(carry)
 
 
@@ -228,8 +229,9 @@ def _pad_rows(data: Mapping, weights_SR: np.ndarray):
   n_rows = weights_SR.shape[1]
   size = max(MIN_ROWS, 1 << (n_rows - 1).bit_length())
   if size == n_rows:
-    return data, weights_SR
-  padded = {k: jnp.concatenate([v, jnp.repeat(v[:1], size - n_rows)]) for k, v in data.items()}
+    return jax.device_get(dict(data)), weights_SR
+  padded = {k: np.concatenate([v, np.repeat(v[:1], size - n_rows)])
+            for k, v in jax.device_get(dict(data)).items()}
   return padded, np.pad(weights_SR, ((0, 0), (0, size - n_rows)))
 
 
@@ -249,7 +251,9 @@ def run(law: Law, names: tuple[str, ...], x_SP, data: Mapping, weights_SR, fixed
   size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
   pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, 0)])
   data, weights_SR = _pad_rows(data, weights_SR)
-  q = queue(pad(x_SP), pad(weights_SR), pad(origin_SP), pad(basis_SPP))
+  origin_SP, basis_SPP = pad(origin_SP), pad(basis_SPP)
+  z_SP = np.linalg.solve(basis_SPP, (pad(x_SP) - origin_SP)[..., None])[..., 0]
+  q = Queue(*jax.device_put((z_SP, origin_SP, basis_SPP, pad(weights_SR))))
   stop = StopRules(*(jnp.asarray(v) for v in stop))
   fixed = {k: jnp.float64(v) for k, v in (fixed or {}).items()}
   options = dict(names=names, delta=delta, lanes=lanes)
@@ -260,4 +264,6 @@ def run(law: Law, names: tuple[str, ...], x_SP, data: Mapping, weights_SR, fixed
       progress.update(min(n, int(carry[2])) - progress.n)
   if progress is not None:
     progress.update(n - progress.n)
-  return Outcome(*(np.array(a[:n]) for a in _outcome(q, carry[1])))
+  out = {k: np.array(v)[:n] for k, v in jax.device_get(carry[1]).items()}
+  x_SP = origin_SP[:n] + np.einsum("spq,sq->sp", basis_SPP[:n], out["z"])
+  return Outcome(x_SP, out["value"], out["grad"], out["converged"])
