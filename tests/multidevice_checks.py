@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_model, write_corpus  # noqa: E402
@@ -17,13 +16,19 @@ from famjax import checkpoint, sharding, train  # noqa: E402
 from famjax.config import DataConfig, ExperimentConfig, MeshConfig, TrainConfig  # noqa: E402
 
 
-def specs(state):
-  flat = nnx.to_flat_state(state)
-  return {"/".join(map(str, path)): str(leaf.sharding.spec) for path, leaf in flat}
+def specs(tree):
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): str(leaf.sharding.spec)
+          for path, leaf in flat}
 
 
 def leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _train_records(workdir: Path) -> list[dict]:
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if "train_loss" in r]
 
 
 def main(workdir: Path):
@@ -33,8 +38,9 @@ def main(workdir: Path):
       model=tiny_model(d_model=32, n_heads=8, exit_head="block", unembed="per_exit",
                        vocab_size=264),
       data=DataConfig(corpus=str(corpus), val_fraction=0.1),
-      train=TrainConfig(batch_size=8, seq_len=32, steps=12, learning_rate=1e-2, warmup_steps=2,
-                        log_every=2, eval_every=6, eval_batches=1, checkpoint_every=6,
+      # no warmup: the first step's learning rate is not zero, so the parameters move
+      train=TrainConfig(batch_size=8, seq_len=32, steps=12, learning_rate=1e-2, warmup_steps=0,
+                        log_every=2, eval_every=6, eval_batches=1, checkpoint_every=4,
                         progress=False))
   one = sharding.make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1])
   meshes = {shape: sharding.make_mesh(MeshConfig(data=shape[0], model=shape[1]))
@@ -43,23 +49,26 @@ def main(workdir: Path):
   out = {"step": {}}
 
   reference = train.Trainer.create(cfg, one)
+  initial = leaves(reference.params)
   ref_loss = float(reference.step(batch)["loss"])
   ref_params = leaves(reference.params)
+  out["moved"] = min(float(np.max(np.abs(a - b))) for a, b in zip(ref_params, initial))
+  out["param_specs"], out["mu_specs"], out["nu_specs"] = {}, {}, {}
   for shape, mesh in meshes.items():
     trainer = train.Trainer.create(cfg, mesh)
-    if shape == (2, 4):
-      out["param_specs"] = specs(trainer.params)
-      mu = trainer.opt_state[1].inner_state[0].mu
-      out["mu_specs"] = specs(mu)
+    adam = trainer.opt_state[1].inner_state[0]
+    out["param_specs"][str(shape)] = specs(trainer.params)
+    out["mu_specs"][str(shape)], out["nu_specs"][str(shape)] = specs(adam.mu), specs(adam.nu)
     loss = float(trainer.step(batch)["loss"])
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(leaves(trainer.params), ref_params)]
     out["step"][str(shape)] = {"loss": loss, "ref_loss": ref_loss, "max_param_diff": max(diffs)}
 
-  # save on (8, 1), resume on (2, 4), then on one device; compare with an uninterrupted run
+  # 4 steps on (8, 1), 4 on (2, 4), the last 4 on one device; compare with an uninterrupted run
   straight = train.train(cfg, workdir / "straight", mesh=one)
-  train.train(cfg, workdir / "moved", mesh=meshes[(8, 1)], stop_after=6)
-  train.train(cfg, workdir / "moved", mesh=meshes[(2, 4)], stop_after=12)
+  train.train(cfg, workdir / "moved", mesh=meshes[(8, 1)], stop_after=4)
+  train.train(cfg, workdir / "moved", mesh=meshes[(2, 4)], stop_after=8)
   moved = train.train(cfg, workdir / "moved", mesh=one)
+  out["legs"] = [r["step"] for r in _train_records(workdir / "moved")]
   out["resume"] = {"straight": straight["val_loss"], "moved": moved["val_loss"],
                    "straight_train": straight["train_loss"], "moved_train": moved["train_loss"]}
   mngr = checkpoint.manager(workdir / "moved", 3)

@@ -49,7 +49,9 @@ def test_flops_match_a_hand_count():
 
 
 def test_flops_agree_with_the_compiler():
-  """XLA's own count of the train step lands within 10% of the accounting (norms, softmax extra)."""
+  """XLA's own count of the train step lands within 3% above the accounting (norms, softmax and
+  elementwise work are not counted; measured ratio 1.013). Attention is ~5% of these FLOPs, so
+  an accounting that dropped it would fail."""
   cfg = ModelConfig(vocab_size=512, d_model=128, n_heads=4, d_ff=512, n_layers=2,
                     exit_layers=(1, 2), exit_head="block", max_seq_len=64)
   model = create_model(cfg, 0, make_mesh())
@@ -58,4 +60,6 @@ def test_flops_agree_with_the_compiler():
   loss = lambda p: nnx.merge(graphdef, p)(x).sum()
   cost = jax.jit(jax.value_and_grad(loss)).lower(params).compile().cost_analysis()
   predicted = accounting.account(cfg, seq_len=64).flops_per_token * 2 * 64
-  assert 0.9 < cost["flops"] / predicted < 1.1
+  assert 1.0 < cost["flops"] / predicted < 1.03
+  attention = 3 * 4 * 64 * cfg.d_model * 3 * 2 * 64  # 3 attention layers, forward + backward
+  assert not 1.0 < cost["flops"] / (predicted - attention) < 1.03

@@ -71,11 +71,12 @@ def test_stdlib_split_is_about_one_percent():
 def test_tokens_are_cached_once_and_reused(corpus_dir, private_cache):
   cfg = DataConfig(corpus=str(corpus_dir), val_fraction=0.1)
   first = data.load_tokens(cfg)
-  entries = list((private_cache / "tokens").iterdir())
-  mtime = (entries[0] / "train.bin").stat().st_mtime_ns
+  entry = private_cache / "tokens" / f"{first.fingerprint[:16]}-byte-val0.1"
+  entries = sorted((private_cache / "tokens").iterdir())
+  mtime = (entry / "train.bin").stat().st_mtime_ns
   second = data.load_tokens(cfg)
-  assert list((private_cache / "tokens").iterdir()) == entries
-  assert (entries[0] / "train.bin").stat().st_mtime_ns == mtime
+  assert sorted((private_cache / "tokens").iterdir()) == entries
+  assert (entry / "train.bin").stat().st_mtime_ns == mtime
   assert np.array_equal(first.train, second.train) and first.fingerprint == second.fingerprint
   eos = data.ByteTokenizer.eos_id
   assert int((np.asarray(first.train) == eos).sum()) == first.n_train_docs
@@ -135,3 +136,31 @@ def test_too_few_documents_for_a_split(tmp_path):
 def test_corpus_smaller_than_a_batch(tokens):
   with pytest.raises(ValueError, match="train.batch_size"):
     data.train_batches(tokens.train, 32, 10**6, seed=0)
+
+
+def test_windows_are_contiguous_slices_of_the_stream_with_one_token_of_overlap(tokens):
+  stream = np.asarray(tokens.train)
+  windows = data.PackedWindows(tokens.train, 32)
+  assert len(windows) == (len(stream) - 1) // 32
+  for i in (0, 1, 7, len(windows) - 1):
+    np.testing.assert_array_equal(windows[i], stream[32 * i: 32 * i + 33])
+  assert windows[3][-1] == windows[4][0]  # a window's last token is the next one's first input
+
+
+def test_train_batches_hold_whole_windows_of_the_stream(tokens):
+  windows = data.PackedWindows(tokens.train, 32)
+  all_windows = {tuple(windows[i]) for i in range(len(windows))}
+  for batch in take(data.train_batches(tokens.train, 32, 4, seed=5), 3):
+    assert all(tuple(row) in all_windows for row in batch)
+
+
+def test_eval_batches_are_the_first_windows_in_order_and_tile_across_processes(tokens):
+  windows = data.PackedWindows(tokens.val, 16)
+  batches = data.eval_batches(tokens.val, 16, 4, 2)
+  assert len(batches) == 2
+  for b, batch in enumerate(batches):
+    np.testing.assert_array_equal(batch, np.stack([windows[4 * b + i] for i in range(4)]))
+  parts = [data.eval_batches(tokens.val, 16, 4, 2, process_index=p, process_count=2)
+           for p in range(2)]
+  for b in range(2):
+    np.testing.assert_array_equal(np.concatenate([parts[0][b], parts[1][b]]), batches[b])

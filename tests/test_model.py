@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from famjax.model import ExitSubModel, FamilialTransformer
+from famjax.model import ExitSubModel, FamilialTransformer, rotary
 from famjax.sharding import make_mesh
 from famjax.train import create_model
 
@@ -65,35 +65,125 @@ def test_exit_equals_its_truncated_submodel(families, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_exit_sees_its_own_parameters(families, kind):
-  """Deeper layers must not change a shallower exit: gradients of exit 0 stop at layer 1."""
+  """Gradients of exit 0 reach layer 1 and exit 0's head, and stop there: nothing deeper, and no
+  other exit's private block or own head."""
   family = families[kind]
   graphdef, params = nnx.split(family)
   grads = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(tokens())[0].sum()))(params)
+  norm = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
+  assert norm(grads["blocks"][0]) > 0 and norm(grads["embed"]) > 0
+  assert norm(grads["exits"][0]["norm"]) > 0
   for layer in (1, 2):
-    for leaf in jax.tree.leaves(grads["blocks"][layer]):
-      assert float(jnp.abs(leaf).max()) == 0.0
+    assert norm(grads["blocks"][layer]) == 0.0
+  for g in (1, 2):
+    assert norm(grads["exits"][g]["norm"]) == 0.0, g
+    if "block" in grads["exits"][g]:
+      assert norm(grads["exits"][g]["block"]) == 0.0, g
+    if kind[1] == "per_exit":
+      assert norm(grads["exits"][g]["unembed"]) == 0.0, g
 
 
-def test_dense_model_is_the_family_backbone():
-  """G = 1 runs the same code: with the family's backbone weights it equals the family's last exit."""
-  family = build(tiny_model(unembed="shared"))
-  dense = build(tiny_model(unembed="shared", exit_layers=(3,)), seed=1)
-  dense.embed = family.embed
-  dense.blocks = family.blocks
-  dense.exits = nnx.List([family.exits[-1]])
+def reference_logits(params, cfg, tokens_BT, exit_index):
+  """An independent numpy forward pass of exit `exit_index`, from the parameter arrays alone."""
+  p = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+  x = p["embed"]["embedding"][np.asarray(tokens_BT)]
+  t = x.shape[1]
+  half = cfg.head_dim // 2
+  angle = np.arange(t)[:, None] * cfg.rope_theta ** (-np.arange(half) / half)[None]
+  cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+
+  def rope(v):
+    a, b = v[..., :half], v[..., half:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+  def norm(v, scale):
+    return v / np.sqrt(np.mean(v ** 2, -1, keepdims=True) + cfg.norm_eps) * scale
+
+  def block(v, w):
+    h = norm(v, w["attn_norm"]["scale"])
+    q, k, val = (np.einsum("btd,dnh->btnh", h, w["attn"][n]["kernel"])
+                 for n in ("query", "key", "value"))
+    scores = np.einsum("btnh,bsnh->bnts", rope(q), rope(k)) / np.sqrt(cfg.head_dim)
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    attended = np.einsum("bnts,bsnh->btnh", probs, val)
+    v = v + np.einsum("btnh,nhd->btd", attended, w["attn"]["out"]["kernel"])
+    h = norm(v, w["mlp_norm"]["scale"])
+    gate = h @ w["mlp"]["gate"]["kernel"]
+    hidden = gate / (1 + np.exp(-gate)) * (h @ w["mlp"]["up"]["kernel"])
+    return v + hidden @ w["mlp"]["down"]["kernel"]
+
+  for layer in range(cfg.exit_layers[exit_index]):
+    x = block(x, p["blocks"][layer])
+  head = p["exits"][exit_index]
+  if head.get("block"):
+    x = block(x, head["block"])
+  x = norm(x, head["norm"]["scale"])
+  if cfg.unembed == "tied":
+    return x @ p["embed"]["embedding"].T
+  unembed = head["unembed"] if "unembed" in head else p["exits"][0]["unembed"]
+  return x @ unembed["kernel"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_exit_equals_an_independent_reference_forward(families, kind):
+  family = families[kind]
+  x = tokens(seed=4)
+  logits_GBTV = forward(family, x)
+  for g in range(3):
+    np.testing.assert_allclose(logits_GBTV[g], reference_logits(nnx.state(family), family.cfg, x, g),
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_the_dense_model_equals_the_reference():
+  dense = build(tiny_model(unembed="tied", exit_layers=(3,)), seed=1)
   x = tokens(seed=3)
-  out = forward(dense, x)
-  assert out.shape == (1, 2, 16, 259)
-  np.testing.assert_allclose(out[0], forward(family, x)[-1], atol=1e-5)
+  np.testing.assert_allclose(forward(dense, x)[0], reference_logits(nnx.state(dense), dense.cfg,
+                                                                   x, 0), atol=2e-4, rtol=1e-4)
 
 
-def test_bfloat16_compute_keeps_float32_parameters():
-  model = build(tiny_model(dtype="bfloat16"))
+def test_bfloat16_compute_keeps_float32_parameters_and_close_logits():
+  cfg = tiny_model(dtype="bfloat16")
+  model = build(cfg)
   assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
   out = forward(model, tokens())
-  assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+  reference = forward(build(tiny_model()), tokens())
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, reference, atol=0.1)
+  assert float(jnp.abs(out - reference).max()) > 0  # it did compute in bfloat16
 
 
-def test_created_inside_jit_on_a_mesh():
+def test_created_inside_jit_on_a_mesh_equals_the_eager_model():
   model = create_model(tiny_model(), 0, make_mesh())
-  assert forward(model, tokens()).shape == (3, 2, 16, 259)
+  eager = build(tiny_model(), seed=0)
+  np.testing.assert_allclose(forward(model, tokens()), forward(eager, tokens()), atol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 6, 2, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 6, 2, 8)), jnp.float32)
+  scores = lambda positions: jnp.einsum("btnh,bsnh->bnts", rotary(q, positions, 1e4),
+                                        rotary(k, positions, 1e4))
+  base = scores(jnp.arange(6))
+  np.testing.assert_allclose(scores(jnp.arange(6) + 11), base, atol=1e-4)
+  np.testing.assert_allclose(jnp.linalg.norm(rotary(q, jnp.arange(6) + 3, 1e4), axis=-1),
+                             jnp.linalg.norm(q, axis=-1), rtol=1e-5)  # a rotation
+  moved = rotary(q, jnp.arange(6) + 3, 1e4)
+  assert float(jnp.abs(moved - rotary(q, jnp.arange(6), 1e4)).max()) > 0.1
+  # same token pair, another distance: another score
+  same = jnp.broadcast_to(q[:, :1], q.shape)
+  far = jnp.einsum("bnh,bnh->bn", rotary(same, jnp.arange(6), 1e4)[:, 5],
+                   rotary(same, jnp.arange(6), 1e4)[:, 0])
+  near = jnp.einsum("bnh,bnh->bn", rotary(same, jnp.arange(6), 1e4)[:, 1],
+                    rotary(same, jnp.arange(6), 1e4)[:, 0])
+  assert float(jnp.abs(far - near).max()) > 1e-2
+
+
+def test_model_outputs_depend_on_token_order():
+  """Without position information a token's logits would ignore where earlier tokens sit."""
+  model = build(tiny_model())
+  a = jnp.asarray([[5, 9, 12, 7]])
+  b = jnp.asarray([[9, 5, 12, 7]])  # the same set of earlier tokens, another order
+  assert float(jnp.abs(forward(model, a)[:, :, -1] - forward(model, b)[:, :, -1]).max()) > 1e-3

@@ -58,33 +58,43 @@ def golden_for(path: str) -> str:
 
 
 def test_every_parameter_follows_the_rules_table(checks):
-  assert len(checks["param_specs"]) == 52
-  for path, spec in checks["param_specs"].items():
+  specs = checks["param_specs"]["(2, 4)"]
+  assert len(specs) == 52
+  for path, spec in specs.items():
     assert canonical(spec) == golden_for(path), path
 
 
-def test_optimizer_state_follows_its_parameters(checks):
-  assert checks["mu_specs"].keys() == checks["param_specs"].keys()
-  for path, spec in checks["mu_specs"].items():
-    assert canonical(spec) == canonical(checks["param_specs"][path]), path
+@pytest.mark.parametrize("shape", ["(8, 1)", "(1, 8)", "(2, 4)"])
+def test_optimizer_state_follows_its_parameters(checks, shape):
+  params = checks["param_specs"][shape]
+  for moment in ("mu_specs", "nu_specs"):
+    assert checks[moment][shape].keys() == params.keys()
+    for path, spec in checks[moment][shape].items():
+      assert canonical(spec) == canonical(params[path]), (moment, path)
+  if shape == "(1, 8)":
+    assert any("'model'" in spec for spec in params.values())
 
 
 @pytest.mark.parametrize("shape", ["(8, 1)", "(1, 8)", "(2, 4)"])
 def test_one_step_matches_one_device(checks, shape):
   """float32 reductions split across devices add in another order: a few ulps (1e-6 relative on a
-  loss of ~6) is the expected difference; anything structural would be orders larger."""
+  loss of ~6) is the expected difference. Adam's first step moves every parameter by about the
+  learning rate (1e-2) whatever its gradient's size, so parameters with tiny gradients amplify
+  those ulps to ~4e-5; a structural error would move them by a whole step."""
   step = checks["step"][shape]
+  assert checks["moved"] > 1e-4  # the step changed every parameter on one device
   assert step["loss"] == pytest.approx(step["ref_loss"], rel=1e-6)
-  assert step["max_param_diff"] < 1e-5
+  assert step["max_param_diff"] < 1e-3
 
 
 def test_checkpoint_moves_between_meshes(checks):
-  """Saved on (8, 1), resumed on (2, 4), finished on 1 device == one uninterrupted run."""
+  """4 steps on (8, 1), 4 on (2, 4), the last 4 on 1 device == one uninterrupted run."""
+  assert checks["legs"] == list(range(2, 13, 2))
   resume = checks["resume"]
   for a, b in zip(resume["moved"] + resume["moved_train"],
                   resume["straight"] + resume["straight_train"]):
     assert a == pytest.approx(b, rel=1e-5)
-  assert resume["max_param_diff"] < 1e-5
+  assert resume["max_param_diff"] < 1e-3  # 12 Adam steps of 1e-2, see the test above
 
 
 def test_mesh_shape_resolution():

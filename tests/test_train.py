@@ -50,12 +50,20 @@ def test_training_lowers_every_exits_validation_loss(runs):
 
 
 def test_summary_has_the_documented_fields(runs):
+  from famjax import accounting
   summary = json.loads((runs["root"] / "straight" / "summary.json").read_text())
+  acc = accounting.account(runs["cfg"].model, 32)
   assert summary["exit_layers"] == [1, 2, 3] and summary["step"] == 60
   assert summary["tokens"] == 60 * 8 * 32
   assert len(summary["train_loss"]) == len(summary["val_loss"]) == 3
-  assert summary["params_per_exit"][0] < summary["params_per_exit"][-1]
-  assert summary["flops_per_token"] > 0 and len(summary["corpus_fingerprint"]) == 64
+  assert summary["params_per_exit"] == list(acc.params_per_exit)
+  assert summary["non_embedding_params_per_exit"] == list(acc.non_embedding_per_exit)
+  assert summary["params_total"] == acc.params_total
+  assert summary["flops_per_token"] == acc.flops_per_token
+  tokens = data.load_tokens(runs["cfg"].data)
+  assert summary["corpus_fingerprint"] == tokens.fingerprint
+  last = [m for m in metrics(runs["root"] / "straight") if "train_loss" in m][-1]
+  assert last["step"] == 60 and summary["train_loss"] == pytest.approx(last["train_loss"])
 
 
 def test_pause_and_resume_equals_an_uninterrupted_run(runs):
@@ -72,9 +80,19 @@ def test_pause_and_resume_equals_an_uninterrupted_run(runs):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_rerunning_a_finished_run_trains_nothing(runs):
-  again = train.train(runs["cfg"], runs["root"] / "straight")
-  assert again["val_loss"] == runs["full"]["val_loss"] and again["step"] == 60
+def test_rerunning_a_finished_run_trains_nothing(runs, monkeypatch):
+  workdir = runs["root"] / "straight"
+  log_before = (workdir / "metrics.jsonl").read_text()
+  steps_before = checkpoint.manager(workdir, 3).all_steps()
+  calls = []
+  original = train.Trainer.step
+  monkeypatch.setattr(train.Trainer, "step", lambda self, b: calls.append(1) or original(self, b))
+  again = train.train(runs["cfg"], workdir)
+  assert calls == [] and again["step"] == 60
+  assert again["val_loss"] == runs["full"]["val_loss"]
+  assert again["train_loss"] == runs["full"]["train_loss"]
+  assert (workdir / "metrics.jsonl").read_text() == log_before
+  assert checkpoint.manager(workdir, 3).all_steps() == steps_before
 
 
 def test_workdir_of_another_config_is_refused(runs):
@@ -124,3 +142,48 @@ def test_command_line_entry_point(corpus_dir, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "val loss" in out.stdout and len(out.stdout.strip().splitlines()) >= 5
   assert json.loads((tmp_path / "summary.json").read_text())["step"] == 4
+
+
+def test_the_loss_is_the_exit_weighted_sum_and_a_zero_weight_exit_is_not_trained(
+    tiny_experiment, corpus_dir):
+  cfg = tiny_experiment(exit_weights=(0.25, 0.0, 0.75), weight_decay=0.0, warmup_steps=0)
+  trainer = train.Trainer.create(cfg, sharding.make_mesh())
+  before = jax.tree.map(np.asarray, trainer.params)
+  batch = np.random.default_rng(0).integers(0, 259, (8, 33), dtype=np.int32)
+  metrics = jax.device_get(trainer.step(batch))
+  assert float(metrics["loss"]) == pytest.approx(
+      0.25 * metrics["exit_loss"][0] + 0.75 * metrics["exit_loss"][2], rel=1e-6)
+  after = jax.tree.map(np.asarray, trainer.params)
+  changed = lambda path: any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(path(before)), jax.tree.leaves(path(after))))
+  assert not changed(lambda p: p["exits"][1])  # norm and unembedding of the zero-weight exit
+  assert changed(lambda p: p["exits"][0]) and changed(lambda p: p["exits"][2])
+  assert changed(lambda p: p["blocks"][0])
+  default = train.Trainer.create(tiny_experiment(), sharding.make_mesh())  # 1/G each
+  metrics = jax.device_get(default.step(batch))
+  assert float(metrics["loss"]) == pytest.approx(float(np.mean(metrics["exit_loss"])), rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule, checks", [
+    ("cosine", {0: 0.0, 10: 1e-2, 55: 5.5e-3, 100: 1e-3}),
+    ("wsd", {0: 0.0, 10: 1e-2, 50: 1e-2, 80: 1e-2, 90: 5.5e-3, 100: 1e-3}),
+])
+def test_learning_rate_schedules(schedule, checks):
+  """Warmup to the peak at step 10, then cosine to 10% at the end, or stable until 80% of the
+  steps and linear to 10% (WSD, decay_fraction 0.2)."""
+  tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-2, min_lr_ratio=0.1,
+                   schedule=schedule, decay_fraction=0.2)
+  lr = train.learning_rate_schedule(tc)
+  for step, value in checks.items():
+    assert float(lr(step)) == pytest.approx(value, rel=1e-5, abs=1e-9), step
+
+
+def test_weight_decay_spares_norm_scales():
+  params = {"kernel": np.ones((3, 4), np.float32), "norm": {"scale": np.ones(4, np.float32)}}
+  optimizer = train.make_optimizer()
+  state = train.with_hyperparameters(optimizer.init(params), train.hyperparameters(
+      TrainConfig(weight_decay=0.5), 1.0))
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = optimizer.update(zeros, state, params)
+  np.testing.assert_allclose(updates["kernel"], -0.5 * params["kernel"])
+  np.testing.assert_array_equal(updates["norm"]["scale"], 0.0)

@@ -1,0 +1,105 @@
+"""Runs deliberately broken copies of famjax (mutants) against the tests that should catch them.
+
+  .venv/bin/python tests/mutants.py            # every mutant below
+  .venv/bin/python tests/mutants.py rotary     # those whose name contains "rotary"
+
+Each mutant is one text replacement in one file. The tree is copied to a temporary directory,
+mutated there, and the listed tests run with that copy first on PYTHONPATH (the checkout itself is
+never touched). A mutant is killed when its tests fail. See docs/testing.md.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, file, original text, mutated text, tests that must fail)
+MUTANTS = [
+    ("huber delta 1e-3 -> 1", "famjax/scaling/fit.py", "DEFAULT_DELTA = 1e-3",
+     "DEFAULT_DELTA = 1.0", "tests/test_scaling.py::test_the_default_fit_shrugs_off_an_outlier"),
+    ("rotary returns its input", "famjax/model.py", "  half = x_BTNH.shape[-1] // 2\n",
+     "  return x_BTNH\n  half = x_BTNH.shape[-1] // 2\n", "tests/test_model.py -k rotary"),
+    ("bootstrap groups without replacement", "famjax/scaling/bootstrap.py",
+     "group_counts = rng.multinomial(len(labels), np.full(len(labels), 1.0 / len(labels)), size=n)",
+     "group_counts = np.ones((n, len(labels)), int)",
+     "tests/test_scaling.py -k group_resampling"),
+    ("EL with every exit the full model's size", "famjax/scaling/leverage.py",
+     "ladder = g / n_exits if ladder is None", "ladder = g / g if ladder is None",
+     "tests/test_scaling.py -k efficiency_leverage"),
+    ("exit 0's loss weight 0", "famjax/config.py", "      return (1.0 / n_exits,) * n_exits",
+     "      return (0.0,) + (1.0 / (n_exits - 1),) * (n_exits - 1) if n_exits > 1 else (1.0,)",
+     "tests/test_train.py -k weighted_sum"),
+    ("exit weights ignored", "famjax/train.py", "    return jnp.dot(weights_G, ce_G), ce_G",
+     "    return jnp.mean(ce_G), ce_G", "tests/test_train.py -k weighted_sum"),
+    ("attention FLOPs dropped", "famjax/accounting.py", "  return 4 * seq_len * cfg.d_model",
+     "  return 0", "tests/test_accounting.py"),
+    ("heads not sharded", "famjax/sharding.py", '    ("heads", "model"),', '    ("heads", None),',
+     "tests/test_sharding.py -k rules_table"),
+    ("windows without the overlap token", "famjax/data.py",
+     "return np.asarray(self._tokens[start:start + self._seq_len + 1], dtype=np.int32)",
+     "return np.asarray(self._tokens[start + 1:start + self._seq_len + 2], dtype=np.int32)",
+     "tests/test_data.py -k windows"),
+    ("eval batches from the second window", "famjax/data.py",
+     "  return [np.stack([windows[b * batch_size + lo + i]",
+     "  return [np.stack([windows[b * batch_size + lo + i + 1]", "tests/test_data.py -k eval"),
+    ("no warmup in the schedule", "famjax/train.py",
+     "    return optax.warmup_cosine_decay_schedule(0.0, peak, tc.warmup_steps, total, end)",
+     "    return optax.warmup_cosine_decay_schedule(peak, peak, tc.warmup_steps, total, end)",
+     "tests/test_train.py -k schedules"),
+    ("norm scales decayed", "famjax/train.py", "lambda p: p.ndim > 1, params)",
+     "lambda p: p.ndim > 0, params)", "tests/test_train.py -k weight_decay"),
+    ("no workdir lock", "famjax/files.py", "      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+     "      pass", "tests/test_faults.py -k holder"),
+    ("no checkpoint fallback", "famjax/checkpoint.py", "      continue\n    mngr.reload()",
+     "      raise\n    mngr.reload()", "tests/test_faults.py -k damaged"),
+    ("stale metrics kept on resume", "famjax/train.py",
+     'if record["step"] <= resume_step and key not in seen:', "if key not in seen:",
+     "tests/test_faults.py -k step_zero"),
+    ("unweighted mean exit loss", "famjax/results.py",
+     'weighted = done.assign(weighted=done["loss"] * done["exit_weight"])',
+     'weighted = done.assign(weighted=done["loss"] / done["G"])',
+     "tests/test_results.py -k weighted"),
+    ("runs overspend their budget", "famjax/isoflop.py",
+     "  steps = int(run_budget / fpt // per_step)", "  steps = int(run_budget / fpt // per_step) + 1",
+     "tests/test_isoflop.py -k budget_within"),
+    ("task shares overlap", "famjax/isoflop.py", "return tuple(ordered[task_index::num_tasks])",
+     "return tuple(ordered[task_index:])", "tests/test_isoflop.py -k exactly_once"),
+]
+
+
+def run(mutant) -> bool:
+  name, path, old, new, tests = mutant
+  with tempfile.TemporaryDirectory() as tmp:
+    copy = Path(tmp) / "tree"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs",
+                                                              "__pycache__", "*.egg-info"))
+    target = copy / path
+    text = target.read_text()
+    if text.count(old) != 1:
+      raise SystemExit(f"{name}: the text to mutate is not found once in {path}")
+    target.write_text(text.replace(old, new))
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow",
+                          "-p", "no:cacheprovider", *tests.split()], cwd=copy, env=env,
+                         capture_output=True, text=True)
+  return out.returncode != 0
+
+
+def main(pattern: str = ""):
+  chosen = [m for m in MUTANTS if pattern in m[0]]
+  survivors = []
+  for mutant in chosen:
+    killed = run(mutant)
+    print(f"{'killed  ' if killed else 'SURVIVED'} {mutant[0]}  ({mutant[4]})", flush=True)
+    if not killed:
+      survivors.append(mutant[0])
+  print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutants killed")
+  return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(*sys.argv[1:2]))
