@@ -91,3 +91,14 @@ PEAK_FLOPS = {
     "tpu_v5e": 197e12,
     "tpu_v5p": 459e12,
 }
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """PEAK_FLOPS of a jax device_kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...), or None."""
+  kind = device_kind.lower().replace(" ", "")
+  for marker, name in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("tpuv4", "tpu_v4"),
+                       ("tpuv5lite", "tpu_v5e"), ("tpuv5e", "tpu_v5e"), ("tpuv5p", "tpu_v5p"),
+                       ("tpuv5", "tpu_v5p")):
+    if marker in kind:
+      return PEAK_FLOPS[name]
+  return None

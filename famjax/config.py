@@ -13,6 +13,7 @@ UNEMBED_MODES = ("tied", "shared", "per_exit")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 TOKENIZERS = ("byte", "bpe")
+REMAT = ("none", "block", "dots")
 
 
 def _require(ok: bool, field: str, allowed: str, got: Any) -> None:
@@ -40,6 +41,9 @@ class ModelConfig:
   rope_theta: float = 10_000.0  # rotary base frequency
   norm_eps: float = 1e-6  # RMSNorm epsilon
   dtype: str = "float32"  # compute dtype; parameters always stay float32
+  remat: str = "none"  # rematerialise each block in the backward pass: "none", "block" (all of
+  #                      it) or "dots" (keep matmul outputs, recompute the rest)
+  loss_chunk: int = 4096  # tokens per cross-entropy chunk: no [tokens, vocab] logits beyond this
 
   def __post_init__(self):
     object.__setattr__(self, "exit_layers", tuple(self.exit_layers))
@@ -62,6 +66,8 @@ class ModelConfig:
     _require(self.unembed in UNEMBED_MODES, "model.unembed", f"one of {UNEMBED_MODES}",
              self.unembed)
     _require(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
+    _require(self.remat in REMAT, "model.remat", f"one of {REMAT}", self.remat)
+    _positive_int("model.loss_chunk", self.loss_chunk)
     _require(self.rope_theta > 0, "model.rope_theta", "> 0", self.rope_theta)
     _require(self.norm_eps > 0, "model.norm_eps", "> 0", self.norm_eps)
 
@@ -97,18 +103,19 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh shape; -1 takes all devices the other axis leaves."""
+  """Device mesh shape; one axis may be -1: all devices the other axes leave."""
 
   data: int = -1  # data-parallel axis (batch)
+  fsdp: int = 1  # fully-sharded data parallel: batch, and parameters and optimizer state
   model: int = 1  # model-parallel axis (heads, MLP hidden, vocabulary)
 
   def __post_init__(self):
-    for name in ("data", "model"):
+    for name in ("data", "fsdp", "model"):
       value = getattr(self, name)
       _require(isinstance(value, int) and (value == -1 or value >= 1), f"mesh.{name}",
                "-1 (all remaining devices) or a positive integer", value)
-    _require(not (self.data == -1 and self.model == -1), "mesh", "at most one axis equal to -1",
-             (self.data, self.model))
+    _require([self.data, self.fsdp, self.model].count(-1) <= 1, "mesh",
+             "at most one axis equal to -1", (self.data, self.fsdp, self.model))
 
 
 @dataclasses.dataclass(frozen=True)

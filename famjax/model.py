@@ -1,10 +1,21 @@
 """FamilialTransformer: a pre-norm decoder-only backbone with one exit head after each exit layer.
 
-Shape suffixes: B batch, T sequence, D d_model, N heads, H head dim, F MLP hidden, V vocabulary,
-G exits. Every parameter carries logical axis names (see famjax.sharding.RULES).
+The backbone is G segments: segment g holds layers l_{g-1}+1..l_g as one stack of blocks with a
+leading "layers" axis, applied with lax.scan, so a program holds one block per segment however
+deep the model is. Exit g reads the hidden state leaving segment g. Training computes each exit's
+cross-entropy where the exit is, in token chunks whose logits are recomputed in the backward
+pass, so no [G, B, T, V] (or even [B, T, V]) float32 array is ever live; `__call__` still returns
+the stacked logits for scoring. Decoding passes a KV cache through the same segments
+(famjax.decode): the cache of segment g is a stack [L_g, B, S, N, H] that scans with its blocks.
+
+Shape suffixes: B batch, T sequence (new tokens), S cache length, D d_model, N heads, H head dim,
+F MLP hidden, V vocabulary, G exits, L layers of a segment, C tokens of a loss chunk. Every
+parameter carries logical axis names (famjax.sharding.RULES).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +25,13 @@ from famjax.config import ModelConfig
 from famjax.sharding import constrain
 
 KERNEL_INIT = nnx.initializers.lecun_normal()
+REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+
+
+class KV(NamedTuple):
+  """Keys and values of the cached positions: [..., B, S, N, H] each."""
+  k: jax.Array
+  v: jax.Array
 
 
 def _dtype(cfg: ModelConfig):
@@ -33,20 +51,27 @@ def _linear(d_in, d_out, axes, cfg: ModelConfig, rngs: nnx.Rngs, in_axis=-1) -> 
                            kernel_init=nnx.with_partitioning(KERNEL_INIT, axes), rngs=rngs)
 
 
-def rotary(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
-  """Rotates channel pairs (i, i + H/2) by position-dependent angles (RoFormer, GPT-NeoX layout)."""
+def rotary(x_BTNH: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotates channel pairs (i, i + H/2) by position-dependent angles (RoFormer, GPT-NeoX layout).
+  positions: [T] (every row alike) or [B, T]."""
   half = x_BTNH.shape[-1] // 2
   freq_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_TH = positions_T.astype(jnp.float32)[:, None] * freq_h[None, :]
-  sin_T1H = jnp.sin(angle_TH)[:, None, :]
-  cos_T1H = jnp.cos(angle_TH)[:, None, :]
+  angle = positions.astype(jnp.float32)[..., None] * freq_h
+  sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos_T1H - x2 * sin_T1H, x2 * cos_T1H + x1 * sin_T1H], axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNH.dtype)
 
 
+def _write(cache_BSNH: jax.Array, new_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
+  """Writes each row's new entries at its own (contiguous) positions."""
+  put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p[0], 0, 0))
+  return jax.vmap(put)(cache_BSNH, new_BTNH, positions_BT)
+
+
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with rotary embeddings, through jax.nn.dot_product_attention."""
+  """Causal multi-head self-attention with rotary embeddings, through jax.nn.dot_product_attention
+  (which picks a fused kernel on accelerators)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     shape_NH = (cfg.n_heads, cfg.head_dim)
@@ -57,12 +82,24 @@ class Attention(nnx.Module):
                        in_axis=(-2, -1))
     self.rope_theta = cfg.rope_theta
 
-  def __call__(self, x_BTD: jax.Array, positions_T: jax.Array) -> jax.Array:
-    q_BTNH = rotary(self.query(x_BTD), positions_T, self.rope_theta)
-    k_BTNH = rotary(self.key(x_BTD), positions_T, self.rope_theta)
-    v_BTNH = self.value(x_BTD)
-    attended_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True)
-    return self.out(attended_BTNH)
+  def keys_values(self, x_BTD, positions) -> KV:
+    return KV(rotary(self.key(x_BTD), positions, self.rope_theta), self.value(x_BTD))
+
+  def __call__(self, x_BTD: jax.Array, positions: jax.Array, cache: KV | None = None):
+    """Without a cache: causal attention over the T positions (positions [T]). With one: the new
+    entries are written at positions [B, T] and every query attends to the cached positions up
+    to its own. Returns (output, updated cache or None)."""
+    q_BTNH = rotary(self.query(x_BTD), positions, self.rope_theta)
+    new = self.keys_values(x_BTD, positions)
+    if cache is None:
+      attended = jax.nn.dot_product_attention(q_BTNH, new.k, new.v, is_causal=True)
+      return self.out(attended), None
+    cache = KV(_write(cache.k, new.k, positions), _write(cache.v, new.v, positions))
+    key_positions_S = jnp.arange(cache.k.shape[1])
+    mask_B1TS = key_positions_S[None, None, None, :] <= positions[:, None, :, None]
+    attended = jax.nn.dot_product_attention(q_BTNH, cache.k.astype(q_BTNH.dtype),
+                                            cache.v.astype(q_BTNH.dtype), mask=mask_B1TS)
+    return self.out(attended), cache
 
 
 class SwiGLU(nnx.Module):
@@ -84,9 +121,53 @@ class Block(nnx.Module):
     self.mlp_norm = _norm(cfg, rngs)
     self.mlp = SwiGLU(cfg, rngs)
 
-  def __call__(self, x_BTD: jax.Array, positions_T: jax.Array) -> jax.Array:
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T)
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+  def __call__(self, x_BTD: jax.Array, positions: jax.Array, cache: KV | None = None):
+    attended, cache = self.attn(self.attn_norm(x_BTD), positions, cache)
+    x_BTD = constrain(x_BTD + attended, ("batch", "length", "act_embed"))
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+
+  def keys_values(self, x_BTD, positions) -> KV:
+    """The entries this block would cache for input x, without running it (confidence exits
+    give skipped layers these, from the hidden state propagated past them)."""
+    return self.attn.keys_values(self.attn_norm(x_BTD), positions)
+
+
+def _remat(fn, cfg: ModelConfig):
+  if cfg.remat == "none":
+    return fn
+  return jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat])
+
+
+class Segment(nnx.Module):
+  """Consecutive backbone blocks stacked on a leading "layers" axis and applied with lax.scan."""
+
+  def __init__(self, cfg: ModelConfig, n_layers: int, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stack(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = stack(rngs)
+    self.n_layers = n_layers
+    self.cfg = cfg
+
+  def __call__(self, x_BTD: jax.Array, positions: jax.Array, cache: KV | None = None):
+    """x through every block; with a cache ([L, B, S, N, H] each), the updated cache too."""
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(x, layer):
+      params, kv = layer
+      x, kv = nnx.merge(graphdef, params)(x, positions, kv)
+      return x, kv
+
+    x_BTD, cache = jax.lax.scan(_remat(body, self.cfg), x_BTD, (state, cache))
+    return x_BTD, cache
+
+  def keys_values(self, x_BTD: jax.Array, positions: jax.Array) -> KV:
+    """Every block's cache entries computed from the same input x (see Block.keys_values)."""
+    graphdef, state = nnx.split(self.blocks)
+    return jax.lax.map(lambda params: nnx.merge(graphdef, params).keys_values(x_BTD, positions),
+                       state)
 
 
 class ExitHead(nnx.Module):
@@ -98,12 +179,47 @@ class ExitHead(nnx.Module):
     self.norm = _norm(cfg, rngs)
     self.unembed = unembed
 
-  def __call__(self, h_BTD: jax.Array, positions_T: jax.Array, embed: nnx.Embed) -> jax.Array:
+  def hidden(self, h_BTD, positions, cache: KV | None = None):
+    """The normalised state the unembedding reads, and the private block's updated cache."""
     if self.block is not None:
-      h_BTD = self.block(h_BTD, positions_T)
-    h_BTD = self.norm(h_BTD)
-    logits_BTV = embed.attend(h_BTD) if self.unembed is None else self.unembed(h_BTD)
-    return constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+      h_BTD, cache = self.block(h_BTD, positions, cache)
+    return self.norm(h_BTD), cache
+
+  def unembedding(self, embed: nnx.Embed) -> jax.Array:
+    """The [D, V] matrix from hidden state to logits."""
+    if self.unembed is None:
+      return embed.embedding.value.T
+    return self.unembed.kernel.value
+
+  def logits(self, h_BTD: jax.Array, embed: nnx.Embed) -> jax.Array:
+    w_DV = self.unembedding(embed).astype(h_BTD.dtype)
+    return constrain((h_BTD @ w_DV).astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def chunked_cross_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
+                          chunk: int) -> jax.Array:
+  """Mean next-token cross-entropy of logits h @ w, computed `chunk` tokens at a time; each
+  chunk's float32 logits are recomputed in the backward pass instead of kept."""
+  h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])
+  targets_N = targets_BT.reshape(-1)
+  n = h_ND.shape[0]
+  chunk = min(chunk, n)
+  n_chunks = -(-n // chunk)
+  pad = n_chunks * chunk - n
+  h_KCD = jnp.pad(h_ND, ((0, pad), (0, 0))).reshape(n_chunks, chunk, -1)
+  targets_KC = jnp.pad(targets_N, (0, pad)).reshape(n_chunks, chunk)
+  valid_KC = (jnp.arange(n_chunks * chunk) < n).reshape(n_chunks, chunk)
+
+  @jax.checkpoint
+  def chunk_loss(total, xs):
+    h_CD, t_C, valid_C = xs
+    logits_CV = (h_CD @ w_DV.astype(h_CD.dtype)).astype(jnp.float32)
+    ce_C = jax.nn.logsumexp(logits_CV, axis=-1) - jnp.take_along_axis(
+        logits_CV, t_C[:, None], axis=-1)[:, 0]
+    return total + jnp.sum(jnp.where(valid_C, ce_C, 0.0)), None
+
+  total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (h_KCD, targets_KC, valid_KC))
+  return total / n
 
 
 def _embed(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Embed:
@@ -118,7 +234,9 @@ class FamilialTransformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = _embed(cfg, rngs)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    bounds = (0,) + cfg.exit_layers
+    self.segments = nnx.List([Segment(cfg, bounds[g + 1] - bounds[g], rngs)
+                              for g in range(cfg.n_exits)])
     shared = (_linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg, rngs)
               if cfg.unembed == "shared" else None)
     heads = []
@@ -132,18 +250,33 @@ class FamilialTransformer(nnx.Module):
       heads.append(ExitHead(cfg, private_block, unembed, rngs))
     self.exits = nnx.List(heads)
 
+  def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
+    return constrain(self.embed(tokens_BT), ("batch", "length", "act_embed"))
+
   def __call__(self, tokens_BT: jax.Array, n_exits: int | None = None) -> jax.Array:
     """Logits of the first n_exits exits (all by default), stacked: logits_GBTV, float32."""
     n_exits = self.cfg.n_exits if n_exits is None else n_exits
     positions_T = jnp.arange(tokens_BT.shape[1])
-    x_BTD = constrain(self.embed(tokens_BT), ("batch", "length", "embed"))
+    x_BTD = self.embed_tokens(tokens_BT)
     logits = []
-    for layer, block in enumerate(self.blocks[: self.cfg.exit_layers[n_exits - 1]], start=1):
-      x_BTD = block(x_BTD, positions_T)
-      if layer in self.cfg.exit_layers:
-        g = self.cfg.exit_layers.index(layer)
-        logits.append(self.exits[g](x_BTD, positions_T, self.embed))
+    for segment, head in zip(self.segments[:n_exits], self.exits[:n_exits]):
+      x_BTD, _ = segment(x_BTD, positions_T)
+      h_BTD, _ = head.hidden(x_BTD, positions_T)
+      logits.append(head.logits(h_BTD, self.embed))
     return jnp.stack(logits)
+
+  def exit_losses(self, inputs_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy of every exit, ce_G (float32), each computed where its exit
+    is, in chunks of cfg.loss_chunk tokens (see `chunked_cross_entropy`)."""
+    positions_T = jnp.arange(inputs_BT.shape[1])
+    x_BTD = self.embed_tokens(inputs_BT)
+    losses = []
+    for segment, head in zip(self.segments, self.exits):
+      x_BTD, _ = segment(x_BTD, positions_T)
+      h_BTD, _ = _remat(lambda x: head.hidden(x, positions_T), self.cfg)(x_BTD)
+      losses.append(chunked_cross_entropy(h_BTD, head.unembedding(self.embed), targets_BT,
+                                          self.cfg.loss_chunk))
+    return jnp.stack(losses)
 
 
 class ExitSubModel(nnx.Module):
@@ -153,12 +286,13 @@ class ExitSubModel(nnx.Module):
     if not 0 <= g < family.cfg.n_exits:
       raise ValueError(f"exit index g must be in 0..{family.cfg.n_exits - 1}; got {g}")
     self.embed = family.embed
-    self.blocks = nnx.List(list(family.blocks[: family.cfg.exit_layers[g]]))
+    self.segments = nnx.List(list(family.segments[: g + 1]))
     self.head = family.exits[g]
 
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
     positions_T = jnp.arange(tokens_BT.shape[1])
     x_BTD = self.embed(tokens_BT)
-    for block in self.blocks:
-      x_BTD = block(x_BTD, positions_T)
-    return self.head(x_BTD, positions_T, self.embed)
+    for segment in self.segments:
+      x_BTD, _ = segment(x_BTD, positions_T)
+    h_BTD, _ = self.head.hidden(x_BTD, positions_T)
+    return self.head.logits(h_BTD, self.embed)

@@ -14,40 +14,45 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from famjax.config import MeshConfig, ModelConfig
 
-MESH_AXES = ("data", "model")
+MESH_AXES = ("data", "fsdp", "model")
 
-# Logical axis -> mesh axis. Embedding and every exit's unembedding are split along the
-# vocabulary ("sharded exits"); heads and the MLP hidden dimension along `model`; batch on `data`.
+# Logical axis -> mesh axis: the one table. Parameters: the embedding and every exit's unembedding
+# are split along the vocabulary ("sharded exits"), heads and the MLP hidden dimension along
+# `model`, and the d_model dimension of every matrix along `fsdp` (fully-sharded data parallel:
+# each device keeps 1/fsdp of the parameters and optimizer state and gathers a layer's weights
+# when it runs it). Activations: the batch over `data` and `fsdp`; their d_model dimension
+# ("act_embed") is never split. "layers" is the stacked axis of scanned blocks, never split.
 RULES = (
-    ("batch", "data"),
+    ("batch", ("data", "fsdp")),
     ("vocab", "model"),
     ("heads", "model"),
     ("mlp", "model"),
-    ("embed", None),
+    ("embed", "fsdp"),
+    ("act_embed", None),
     ("kv", None),
     ("norm", None),
     ("length", None),
+    ("layers", None),
 )
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int]:
-  """Resolves -1 to the devices the other axis leaves; errors name the field and the device count."""
-  data, model = cfg.data, cfg.model
-  if data == -1:
-    data = n_devices // model if n_devices % model == 0 else 0
-  if model == -1:
-    model = n_devices // data if n_devices % data == 0 else 0
-  if data * model != n_devices:
-    raise ValueError(f"mesh.data * mesh.model must equal the {n_devices} available devices "
-                     f"(-1 takes the rest); got mesh.data={cfg.data}, mesh.model={cfg.model}")
-  return data, model
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+  """Resolves -1 to the devices the other axes leave; errors name the fields and the count."""
+  sizes = [cfg.data, cfg.fsdp, cfg.model]
+  if -1 in sizes:
+    known = int(np.prod([s for s in sizes if s != -1]))
+    sizes[sizes.index(-1)] = n_devices // known if n_devices % known == 0 else 0
+  if int(np.prod(sizes)) != n_devices:
+    raise ValueError(f"mesh.data * mesh.fsdp * mesh.model must equal the {n_devices} available "
+                     f"devices (-1 takes the rest); got mesh.data={cfg.data}, "
+                     f"mesh.fsdp={cfg.fsdp}, mesh.model={cfg.model}")
+  return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_spec(logical_axes) -> PartitionSpec:
@@ -73,12 +78,16 @@ def state_shardings(state, mesh: jax.sharding.Mesh):
 def check_fits_mesh(cfg: ModelConfig, batch_size: int, mesh: jax.sharding.Mesh) -> None:
   """Every sharded dimension must split evenly over its mesh axis; errors name field and size."""
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-  needs = {"model.n_heads": (cfg.n_heads, "model"), "model.d_ff": (cfg.d_ff, "model"),
-           "model.vocab_size": (cfg.vocab_size, "model"), "train.batch_size": (batch_size, "data")}
-  for field, (value, axis) in needs.items():
-    if value % sizes[axis]:
-      raise ValueError(f"{field}={value} must be divisible by mesh.{axis}={sizes[axis]} "
-                       f"(it is split over that mesh axis)")
+  needs = {"model.n_heads": (cfg.n_heads, ("model",)), "model.d_ff": (cfg.d_ff, ("model",)),
+           "model.vocab_size": (cfg.vocab_size, ("model",)),
+           "model.d_model": (cfg.d_model, ("fsdp",)),
+           "train.batch_size": (batch_size, ("data", "fsdp"))}
+  for field, (value, axes) in needs.items():
+    size = int(np.prod([sizes[a] for a in axes]))
+    if value % size:
+      where = " * ".join(f"mesh.{a}={sizes[a]}" for a in axes)
+      raise ValueError(f"{field}={value} must be divisible by {where} (it is split over "
+                       f"{'those mesh axes' if len(axes) > 1 else 'that mesh axis'})")
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

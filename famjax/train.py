@@ -72,10 +72,7 @@ def with_hyperparameters(opt_state, hparams: dict):
 
 def exit_losses(graphdef: nnx.GraphDef, params: dict, tokens_BT: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy of every exit, ce_G (float32)."""
-  model = nnx.merge(graphdef, params)
-  logits_GBTV = model(tokens_BT[:, :-1])
-  ce_GBT = optax.softmax_cross_entropy_with_integer_labels(logits_GBTV, tokens_BT[None, :, 1:])
-  return ce_GBT.mean(axis=(1, 2))
+  return nnx.merge(graphdef, params).exit_losses(tokens_BT[:, :-1], tokens_BT[:, 1:])
 
 
 def train_step(params, opt_state, tokens_BT, hparams, weights_G, *, graphdef, optimizer):

@@ -40,11 +40,11 @@ def main(workdir: Path):
       data=DataConfig(corpus=str(corpus), val_fraction=0.1),
       # no warmup: the first step's learning rate is not zero, so the parameters move
       train=TrainConfig(batch_size=8, seq_len=32, steps=12, learning_rate=1e-2, warmup_steps=0,
-                        log_every=2, eval_every=6, eval_batches=1, checkpoint_every=4,
+                        log_every=2, eval_every=6, eval_batches=1, checkpoint_every=3,
                         progress=False))
   one = sharding.make_mesh(MeshConfig(data=1, model=1), devices=jax.devices()[:1])
-  meshes = {shape: sharding.make_mesh(MeshConfig(data=shape[0], model=shape[1]))
-            for shape in ((8, 1), (1, 8), (2, 4))}
+  meshes = {shape: sharding.make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], model=shape[2]))
+            for shape in ((8, 1, 1), (1, 1, 8), (2, 1, 4), (1, 8, 1), (2, 2, 2))}
   batch = np.random.default_rng(0).integers(0, 259, (8, 33), dtype=np.int32)
   out = {"step": {}}
 
@@ -63,10 +63,17 @@ def main(workdir: Path):
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(leaves(trainer.params), ref_params)]
     out["step"][str(shape)] = {"loss": loss, "ref_loss": ref_loss, "max_param_diff": max(diffs)}
 
-  # 4 steps on (8, 1), 4 on (2, 4), the last 4 on one device; compare with an uninterrupted run
+  fsdp = train.Trainer.create(cfg, meshes[(1, 8, 1)])
+  leaves_of = lambda t: jax.tree.leaves((t.params, t.opt_state))
+  out["fsdp_bytes"] = {
+      "per_device": sum(x.addressable_shards[0].data.nbytes for x in leaves_of(fsdp)),
+      "total": sum(x.nbytes for x in leaves_of(fsdp))}
+
+  # 3 steps under fsdp, 3 on (data 2, model 4), 3 under fsdp again, the last 3 on one device;
+  # compare with an uninterrupted run
   straight = train.train(cfg, workdir / "straight", mesh=one)
-  train.train(cfg, workdir / "moved", mesh=meshes[(8, 1)], stop_after=4)
-  train.train(cfg, workdir / "moved", mesh=meshes[(2, 4)], stop_after=8)
+  for mesh, stop in ((meshes[(1, 8, 1)], 3), (meshes[(2, 1, 4)], 6), (meshes[(1, 8, 1)], 9)):
+    train.train(cfg, workdir / "moved", mesh=mesh, stop_after=stop)
   moved = train.train(cfg, workdir / "moved", mesh=one)
   out["legs"] = [r["step"] for r in _train_records(workdir / "moved")]
   out["resume"] = {"straight": straight["val_loss"], "moved": moved["val_loss"],

@@ -71,10 +71,10 @@ def test_each_exit_sees_its_own_parameters(families, kind):
   graphdef, params = nnx.split(family)
   grads = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(tokens())[0].sum()))(params)
   norm = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
-  assert norm(grads["blocks"][0]) > 0 and norm(grads["embed"]) > 0
+  assert norm(grads["segments"][0]) > 0 and norm(grads["embed"]) > 0  # layer 1
   assert norm(grads["exits"][0]["norm"]) > 0
-  for layer in (1, 2):
-    assert norm(grads["blocks"][layer]) == 0.0
+  for segment in (1, 2):  # layers 2 and 3
+    assert norm(grads["segments"][segment]) == 0.0
   for g in (1, 2):
     assert norm(grads["exits"][g]["norm"]) == 0.0, g
     if "block" in grads["exits"][g]:
@@ -114,8 +114,10 @@ def reference_logits(params, cfg, tokens_BT, exit_index):
     hidden = gate / (1 + np.exp(-gate)) * (h @ w["mlp"]["up"]["kernel"])
     return v + hidden @ w["mlp"]["down"]["kernel"]
 
-  for layer in range(cfg.exit_layers[exit_index]):
-    x = block(x, p["blocks"][layer])
+  for segment in (p["segments"][i] for i in range(exit_index + 1)):  # stacked [layers, ...]
+    n_layers = jax.tree.leaves(segment)[0].shape[0]
+    for layer in range(n_layers):
+      x = block(x, jax.tree.map(lambda a: a[layer], segment["blocks"]))
   head = p["exits"][exit_index]
   if head.get("block"):
     x = block(x, head["block"])
@@ -187,3 +189,27 @@ def test_model_outputs_depend_on_token_order():
   a = jnp.asarray([[5, 9, 12, 7]])
   b = jnp.asarray([[9, 5, 12, 7]])  # the same set of earlier tokens, another order
   assert float(jnp.abs(forward(model, a)[:, :, -1] - forward(model, b)[:, :, -1]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", [("norm", "per_exit"), ("block", "tied")])
+@pytest.mark.parametrize("remat", ["none", "block", "dots"])
+def test_in_loop_chunked_losses_equal_the_losses_of_the_stacked_logits(kind, remat):
+  """Losses and gradients of exit_losses (per exit, in 7-token chunks, 2 x 15 = 30 tokens: a
+  padded last chunk) equal cross-entropy of __call__'s stacked logits."""
+  import optax
+  cfg = tiny_model(exit_head=kind[0], unembed=kind[1], loss_chunk=7, remat=remat)
+  graphdef, params = nnx.split(build(cfg))
+  x = tokens(length=16, seed=5)
+
+  def stacked(p):
+    logits = nnx.merge(graphdef, p)(x[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, x[None, :, 1:]).mean((1, 2))
+
+  def in_loop(p):
+    return nnx.merge(graphdef, p).exit_losses(x[:, :-1], x[:, 1:])
+
+  weights = jnp.array([0.2, 0.3, 0.5])
+  np.testing.assert_allclose(in_loop(params), stacked(params), rtol=1e-5)
+  grads = [jax.grad(lambda p: weights @ f(p))(params) for f in (in_loop, stacked)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

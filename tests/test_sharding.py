@@ -15,15 +15,16 @@ from famjax.sharding import RULES, mesh_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Golden specs, one per parameter kind (axis names from RULES), trailing unsharded axes dropped.
+# Golden specs, one per parameter kind (axis names from RULES), trailing unsharded axes dropped;
+# blocks stacked in a segment have a leading, unsplit "layers" axis.
 GOLDEN = {
-    "embed/embedding": "('model',)",
-    "attn/query/kernel": "(None, 'model')", "attn/key/kernel": "(None, 'model')",
-    "attn/value/kernel": "(None, 'model')", "attn/out/kernel": "('model',)",
-    "mlp/gate/kernel": "(None, 'model')", "mlp/up/kernel": "(None, 'model')",
-    "mlp/down/kernel": "('model',)",
+    "embed/embedding": "('model', 'fsdp')",
+    "attn/query/kernel": "('fsdp', 'model')", "attn/key/kernel": "('fsdp', 'model')",
+    "attn/value/kernel": "('fsdp', 'model')", "attn/out/kernel": "('model', None, 'fsdp')",
+    "mlp/gate/kernel": "('fsdp', 'model')", "mlp/up/kernel": "('fsdp', 'model')",
+    "mlp/down/kernel": "('model', 'fsdp')",
     "norm/scale": "()", "attn_norm/scale": "()", "mlp_norm/scale": "()",
-    "unembed/kernel": "(None, 'model')",
+    "unembed/kernel": "('fsdp', 'model')",
 }
 
 
@@ -54,28 +55,33 @@ def checks(tmp_path_factory):
 
 def golden_for(path: str) -> str:
   key = next(k for k in sorted(GOLDEN, key=len, reverse=True) if path.endswith(k))
+  if path.startswith("segments/"):
+    return canonical("(None, " + GOLDEN[key][1:]) if GOLDEN[key] != "()" else "()"
   return GOLDEN[key]
 
 
 def test_every_parameter_follows_the_rules_table(checks):
-  specs = checks["param_specs"]["(2, 4)"]
-  assert len(specs) == 52
+  specs = checks["param_specs"]["(2, 1, 4)"]
+  assert len(specs) == 52  # 3 segments and 2 private blocks of 9, 3 norms, 3 heads, embedding
   for path, spec in specs.items():
     assert canonical(spec) == golden_for(path), path
 
 
-@pytest.mark.parametrize("shape", ["(8, 1)", "(1, 8)", "(2, 4)"])
+MESHES = ["(8, 1, 1)", "(1, 1, 8)", "(2, 1, 4)", "(1, 8, 1)", "(2, 2, 2)"]
+
+
+@pytest.mark.parametrize("shape", MESHES)
 def test_optimizer_state_follows_its_parameters(checks, shape):
   params = checks["param_specs"][shape]
   for moment in ("mu_specs", "nu_specs"):
     assert checks[moment][shape].keys() == params.keys()
     for path, spec in checks[moment][shape].items():
       assert canonical(spec) == canonical(params[path]), (moment, path)
-  if shape == "(1, 8)":
+  if shape == "(1, 1, 8)":
     assert any("'model'" in spec for spec in params.values())
 
 
-@pytest.mark.parametrize("shape", ["(8, 1)", "(1, 8)", "(2, 4)"])
+@pytest.mark.parametrize("shape", MESHES)
 def test_one_step_matches_one_device(checks, shape):
   """float32 reductions split across devices add in another order: a few ulps (1e-6 relative on a
   loss of ~6) is the expected difference. Adam's first step moves every parameter by about the
@@ -88,7 +94,8 @@ def test_one_step_matches_one_device(checks, shape):
 
 
 def test_checkpoint_moves_between_meshes(checks):
-  """4 steps on (8, 1), 4 on (2, 4), the last 4 on 1 device == one uninterrupted run."""
+  """3 steps under fsdp, 3 on (data 2, model 4), 3 under fsdp, the last 3 on 1 device == one
+  uninterrupted run."""
   assert checks["legs"] == list(range(2, 13, 2))
   resume = checks["resume"]
   for a, b in zip(resume["moved"] + resume["moved_train"],
@@ -97,12 +104,19 @@ def test_checkpoint_moves_between_meshes(checks):
   assert resume["max_param_diff"] < 1e-3  # 12 Adam steps of 1e-2, see the test above
 
 
+def test_fsdp_splits_parameters_and_optimizer_state(checks):
+  """Per device: within 1.1x of the total over 8 (norm scales and step counters are whole)."""
+  per_device, total = checks["fsdp_bytes"]["per_device"], checks["fsdp_bytes"]["total"]
+  assert per_device <= 1.1 * total / 8
+
+
 def test_mesh_shape_resolution():
-  assert mesh_shape(MeshConfig(data=-1, model=4), 8) == (2, 4)
-  assert mesh_shape(MeshConfig(data=2, model=-1), 8) == (2, 4)
-  with pytest.raises(ValueError, match="mesh.data \\* mesh.model must equal the 8"):
+  assert mesh_shape(MeshConfig(data=-1, model=4), 8) == (2, 1, 4)
+  assert mesh_shape(MeshConfig(data=2, model=-1), 8) == (2, 1, 4)
+  assert mesh_shape(MeshConfig(data=1, fsdp=-1), 8) == (1, 8, 1)
+  with pytest.raises(ValueError, match="mesh.data \\* mesh.fsdp \\* mesh.model must equal the 8"):
     mesh_shape(MeshConfig(data=3, model=1), 8)
-  assert dict(RULES)["vocab"] == "model" and dict(RULES)["batch"] == "data"
+  assert dict(RULES)["vocab"] == "model" and dict(RULES)["batch"] == ("data", "fsdp")
 
 
 def free_port() -> int:

@@ -158,7 +158,7 @@ def test_the_loss_is_the_exit_weighted_sum_and_a_zero_weight_exit_is_not_trained
       jax.tree.leaves(path(before)), jax.tree.leaves(path(after))))
   assert not changed(lambda p: p["exits"][1])  # norm and unembedding of the zero-weight exit
   assert changed(lambda p: p["exits"][0]) and changed(lambda p: p["exits"][2])
-  assert changed(lambda p: p["blocks"][0])
+  assert changed(lambda p: p["segments"][0])
   default = train.Trainer.create(tiny_experiment(), sharding.make_mesh())  # 1/G each
   metrics = jax.device_get(default.step(batch))
   assert float(metrics["loss"]) == pytest.approx(float(np.mean(metrics["exit_loss"])), rel=1e-6)
