@@ -12,7 +12,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_model, write_corpus  # noqa: E402
-from famjax import checkpoint, sharding, train  # noqa: E402
+from famjax import checkpoint, decode, sharding, train  # noqa: E402
 from famjax.config import DataConfig, ExperimentConfig, MeshConfig, TrainConfig  # noqa: E402
 
 
@@ -85,6 +85,17 @@ def main(workdir: Path):
   out["resume"]["max_param_diff"] = max(
       float(np.max(np.abs(a - b))) for a, b in zip(leaves(state["params"]),
                                                    leaves(ref_state["params"])))
+  # decoding on a (data 2, model 4) mesh == one device
+  prompts = [[5, 6, 7, 8], [9, 10]]
+  decoded = {}
+  for name, mesh in (("one", one), ("mesh", meshes[(2, 1, 4)])):
+    dec = decode.Decoder(train.create_model(cfg.model, 0, mesh), mesh=mesh)
+    state, logits = dec.prefill(prompts, 1)
+    decoded[name] = {"tokens": np.asarray(dec.continue_(state, logits, 8)[1]).tolist(),
+                     "logits": np.asarray(logits)}
+  out["decode"] = {"one": decoded["one"]["tokens"], "mesh": decoded["mesh"]["tokens"],
+                   "max_logit_diff": float(np.abs(decoded["one"]["logits"]
+                                                  - decoded["mesh"]["logits"]).max())}
   print("RESULT " + json.dumps(out))
 
 

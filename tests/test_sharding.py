@@ -104,6 +104,11 @@ def test_checkpoint_moves_between_meshes(checks):
   assert resume["max_param_diff"] < 1e-3  # 12 Adam steps of 1e-2, see the test above
 
 
+def test_decoding_on_a_mesh_equals_one_device(checks):
+  decoded = checks["decode"]
+  assert decoded["mesh"] == decoded["one"] and decoded["max_logit_diff"] < 1e-4
+
+
 def test_fsdp_splits_parameters_and_optimizer_state(checks):
   """Per device: within 1.1x of the total over 8 (norm scales and step counters are whole)."""
   per_device, total = checks["fsdp_bytes"]["per_device"], checks["fsdp_bytes"]["total"]

@@ -1,0 +1,141 @@
+"""Decoding a trained family, one process: (a) cached decoding against recomputing the whole
+sequence each step; (b) relaying a 256-token context from exit 1 to the deepest exit against
+prefilling it there from scratch, next to the share of a full prefill's FLOPs the relay's layers
+have (famjax.accounting); (c) mean exit and validation loss of confidence exits at a few
+thresholds; (d) self-speculative decoding (drafts from exit 1) against plain greedy decoding at
+the deepest exit. Ends with one JSON line.
+
+The family is the `tiny` preset (G = 3, exits after layers 2, 3, 4), trained for --steps on the
+embedded corpus in --workdir (reused when present).
+Usage: python benchmarks/decode.py [--steps 300] [--workdir runs/bench-decode]
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.configs import train as presets
+from famjax import accounting, config, data, decode, sharding, train
+
+
+def best_of(fn, repeats=3):
+  """Seconds of the fastest of `repeats` calls (after one compiling call)."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_new"))
+def recompute_decode(graphdef, params, tokens_BS, start, *, n_new):
+  """Greedy decoding that runs the full sequence through the model for every new token."""
+  model = nnx.merge(graphdef, params)
+
+  def step(i, tokens_BS):
+    logits_BSV = model(tokens_BS)[-1]
+    nxt = jnp.argmax(logits_BSV[:, start + i - 1], -1).astype(jnp.int32)
+    return tokens_BS.at[:, start + i].set(nxt)
+
+  return jax.lax.fori_loop(0, n_new, step, tokens_BS)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--workdir", default="runs/bench-decode")
+  parser.add_argument("--context", type=int, default=256)
+  args = parser.parse_args()
+  base = config.experiment_from_dict(presets.get_config("tiny").to_dict())
+  max_len = 2 * args.context
+  cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, max_seq_len=max_len),
+                            train=dataclasses.replace(base.train, steps=args.steps,
+                                                      progress=False))
+  summary = train.train(cfg, args.workdir)
+  mesh = sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
+  trainer = train.Trainer.create(cfg, mesh)
+  from famjax import checkpoint
+  step, state, _ = checkpoint.restore_latest(checkpoint.manager(args.workdir, 3), trainer.state)
+  model = nnx.merge(trainer.progs.graphdef, state["params"])
+  dec = decode.Decoder(model, max_len=max_len)
+  tokens = data.load_tokens(cfg.data)
+  val = np.asarray(tokens.val[: 4 * max_len], np.int32)
+  last = cfg.model.n_exits - 1
+  print(f"family: tiny preset, {step} steps, val loss per exit {summary['val_loss']}")
+
+  # (a) cached decoding vs recomputation, 256 new tokens after an 8-token prompt
+  prompt = [val[:8].tolist()]
+  n_new = args.context
+  cached_s = best_of(lambda: dec.generate(prompt, last, n_new)[1])
+  buffer = jnp.zeros((1, 8 + n_new), jnp.int32).at[0, :8].set(val[:8])
+  recompute_s = best_of(lambda: recompute_decode(dec.graphdef, dec.params, buffer, 8,
+                                                 n_new=n_new), repeats=1)
+  cache_speedup = recompute_s / cached_s
+  print(f"(a) {n_new} tokens: cached {n_new / cached_s:,.0f} tok/s, recomputed "
+        f"{n_new / recompute_s:,.0f} tok/s: {cache_speedup:.1f}x")
+
+  # (b) relay a context from exit 1 to the deepest exit vs prefilling it there from scratch
+  context = [val[: args.context - 1].tolist()]
+  shallow, _ = dec.prefill(context, 0)
+  relay_s = best_of(lambda: dec.relay(shallow, last))
+  prefill_s = best_of(lambda: dec.prefill(context, last))
+  _, relay_logits = dec.relay(shallow, last)
+  _, direct_logits = dec.prefill(context, last)
+  acc = accounting.account(cfg.model, max_len)
+  per_exit = acc.forward_flops_per_token_per_exit
+  shared = per_exit[0] - 2 * cfg.model.vocab_size * cfg.model.d_model  # layers 1..l_1 + block
+  private = accounting.private_blocks(cfg.model)[0]
+  shared -= private * (2 * accounting.block_matmul_params(cfg.model) + 4 * max_len
+                       * cfg.model.d_model)
+  predicted = (per_exit[last] - shared) / per_exit[last]
+  measured = relay_s / prefill_s
+  max_diff = float(jnp.abs(relay_logits - direct_logits).max())
+  print(f"(b) relay of {args.context - 1} tokens to exit {last + 1}: {relay_s * 1e3:.1f} ms, "
+        f"prefill from scratch {prefill_s * 1e3:.1f} ms: {measured:.2f} of it; FLOPs predict "
+        f"{predicted:.2f} ({measured / predicted:.2f}x prediction); max |logit diff| "
+        f"{max_diff:.2e}")
+
+  # (c) confidence exits on validation text: the first exit whose max probability reaches the
+  # threshold answers each token
+  windows = jnp.asarray(val[: 4 * 128 + 1][:-1].reshape(4, 128))
+  targets = jnp.asarray(val[1: 4 * 128 + 1].reshape(4, 128))
+  logits_GBTV = dec.logits(windows)
+  probs = jax.nn.softmax(logits_GBTV, -1)
+  ce_GBT = -jnp.log(jnp.take_along_axis(probs, targets[None, ..., None], -1)[..., 0])
+  confidence_GBT = probs.max(-1)
+  levels = {}
+  for threshold in (0.3, 0.5, 0.7, 0.9, 1.01):
+    confident = confidence_GBT >= threshold
+    confident = confident.at[-1].set(True)
+    chosen_BT = jnp.argmax(confident, axis=0)
+    loss = float(jnp.take_along_axis(ce_GBT, chosen_BT[None], 0).mean())
+    levels[threshold] = {"mean_exit": float(chosen_BT.mean()) + 1, "val_loss": loss}
+    print(f"(c) threshold {threshold:4.2f}: mean exit {levels[threshold]['mean_exit']:.2f}, "
+          f"val loss {loss:.4f}")
+
+  # (d) self-speculative decoding, drafts from exit 1
+  plain_s = best_of(lambda: dec.generate(prompt, last, 128)[1])
+  spec_s = best_of(lambda: dec.speculative(prompt, 128, draft_exit=0, k=4)[0])
+  out, accepted, proposed = dec.speculative(prompt, 128, draft_exit=0, k=4)
+  same = bool(jnp.all(out == dec.generate(prompt, last, 128)[1]))
+  acceptance = int(accepted) / int(proposed)
+  print(f"(d) speculative (k=4): acceptance {acceptance:.2f}, {128 / spec_s:,.0f} tok/s vs "
+        f"plain {128 / plain_s:,.0f}: {plain_s / spec_s:.2f}x; same output: {same}")
+  print(json.dumps({"cache_speedup": cache_speedup, "relay_over_predicted": measured / predicted,
+                    "relay_measured_share": measured, "relay_predicted_share": predicted,
+                    "relay_max_abs_logit_diff": max_diff, "speculative_speedup": plain_s / spec_s,
+                    "speculative_acceptance": acceptance, "speculative_equal": same,
+                    "confidence": {str(k): v for k, v in levels.items()}}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,500 @@
+"""Deploying a family: cached decoding at any exit, relay between tiers, confidence exits (CALM)
+and self-speculative decoding (LayerSkip, with the family's own exits).
+
+Exits are 0-based here (exit g of G reads layer cfg.exit_layers[g]). A decoding state holds, for
+each row, its tokens so far, the hidden state leaving the deepest segment it has run at every
+position, and the KV cache of those segments (and of the exit's private block, if it has one).
+Prompts of different lengths are padded on the right; every row writes at its own positions, and
+a query attends to the cached positions up to its own, so padding is never read before a real
+token overwrites it. Every loop runs inside JAX (lax.while_loop) and is compiled once per (exit,
+shapes). Caches are constrained by the model's logical-axis rules, so a family trained on a mesh
+decodes on it.
+
+Shape suffixes as in model.py: B batch, S cache length (max_len), T new tokens, D d_model,
+V vocabulary, L layers of a segment, N heads, H head dim, K drafted tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, serialization
+
+from famjax.model import KV, FamilialTransformer
+from famjax.sharding import constrain
+
+CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+
+
+class RelayState(NamedTuple):
+  """What a tier that decoded at exit g hands to a deeper one (exit = len(segments) - 1)."""
+  tokens_BS: jax.Array  # int32, tokens so far (prompt and generated), padded
+  lengths_B: jax.Array  # int32, tokens so far per row
+  hidden_BSD: jax.Array  # the hidden state leaving layer l_g, at every position
+  segments: tuple  # KV of segments 0..g, [L, B, S, N, H] each
+  head: KV | None  # KV of exit g's private block, [B, S, N, H] each, if it has one
+
+  @property
+  def exit(self) -> int:
+    return len(self.segments) - 1
+
+
+def _zeros_kv(cfg, layers: int | None, batch: int, max_len: int) -> KV:
+  shape = (batch, max_len, cfg.n_heads, cfg.head_dim)
+  shape = shape if layers is None else (layers,) + shape
+  axes = CACHE_AXES if layers is not None else CACHE_AXES[1:]
+  zeros = lambda: constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), axes)
+  return KV(zeros(), zeros())
+
+
+def _constrain_kv(kv: KV | None, stacked: bool = True) -> KV | None:
+  if kv is None:
+    return None
+  axes = CACHE_AXES if stacked else CACHE_AXES[1:]
+  return KV(constrain(kv.k, axes), constrain(kv.v, axes))
+
+
+def _run_segments(model, x_BTD, positions_BT, caches, first: int, last: int):
+  """Segments first..last on x (positions [B, T]); returns x and their updated caches."""
+  out = []
+  for g in range(first, last + 1):
+    x_BTD, kv = model.segments[g](x_BTD, positions_BT, caches[g - first])
+    out.append(_constrain_kv(kv))
+  return x_BTD, tuple(out)
+
+
+def _head_logits(model, g, x_BTD, positions_BT, head_cache):
+  h_BTD, head_cache = model.exits[g].hidden(x_BTD, positions_BT, head_cache)
+  return model.exits[g].logits(h_BTD, model.embed), _constrain_kv(head_cache, stacked=False)
+
+
+def _at(x_BT, index_B):
+  """x[b, index[b]] for every row."""
+  return jnp.take_along_axis(x_BT, index_B.reshape((-1,) + (1,) * (x_BT.ndim - 1)), axis=1)[:, 0]
+
+
+def _write_rows(cache_BSNH, new_BTNH, positions_BT):
+  put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p[0], 0, 0))
+  return jax.vmap(put)(cache_BSNH, new_BTNH, positions_BT)
+
+
+def _put(x_BS, value_BT, positions_BT):
+  put = lambda row, new, p: jax.lax.dynamic_update_slice_in_dim(row, new.astype(row.dtype), p[0],
+                                                                 axis=0)
+  return jax.vmap(put)(x_BS, value_BT, positions_BT)
+
+
+def _forward(model, state: RelayState, tokens_BT, positions_BT, exit_: int):
+  """Feeds tokens at positions through segments 0..exit and exit's head; returns logits
+  [B, T, V] and the updated state (tokens, hidden and caches written; lengths unchanged)."""
+  x_BTD = model.embed_tokens(tokens_BT)
+  x_BTD, segments = _run_segments(model, x_BTD, positions_BT, state.segments, 0, exit_)
+  logits_BTV, head = _head_logits(model, exit_, x_BTD, positions_BT, state.head)
+  return logits_BTV, state._replace(tokens_BS=_put(state.tokens_BS, tokens_BT, positions_BT),
+                                    hidden_BSD=_put(state.hidden_BSD, x_BTD, positions_BT),
+                                    segments=segments, head=head)
+
+
+def empty_state(model: FamilialTransformer, batch: int, max_len: int, exit_: int,
+                first: int = 0) -> RelayState:
+  """Zero caches of segments first..exit_ (and of exit_'s private block)."""
+  cfg = model.cfg
+  bounds = (0,) + cfg.exit_layers
+  segments = tuple(_zeros_kv(cfg, bounds[g + 1] - bounds[g], batch, max_len)
+                   for g in range(first, exit_ + 1))
+  head = (_zeros_kv(cfg, None, batch, max_len) if model.exits[exit_].block is not None
+          else None)
+  return RelayState(jnp.zeros((batch, max_len), jnp.int32), jnp.zeros(batch, jnp.int32),
+                    jnp.zeros((batch, max_len, cfg.d_model), jnp.dtype(cfg.dtype)),
+                    segments, head)
+
+
+def prefill(model: FamilialTransformer, prompts_BT, lengths_B, exit_: int, max_len: int):
+  """Runs the prompts (padded on the right to T) through exit `exit_`; returns (state, logits of
+  each row's next token [B, V])."""
+  batch, t = prompts_BT.shape
+  if t > max_len:
+    raise ValueError(f"prompts of {t} tokens do not fit a cache of max_len={max_len}")
+  state = empty_state(model, batch, max_len, exit_)
+  positions_BT = jnp.broadcast_to(jnp.arange(t), (batch, t))
+  logits_BTV, state = _forward(model, state, prompts_BT, positions_BT, exit_)
+  lengths_B = jnp.asarray(lengths_B, jnp.int32)
+  return state._replace(lengths_B=lengths_B), _at(logits_BTV, lengths_B - 1)
+
+
+def relay(model: FamilialTransformer, state: RelayState, to_exit: int, length: int | None = None):
+  """Continues a state made at exit g at a deeper exit h: runs only layers l_g+1..l_h (and exit
+  h's private block) over the first `length` positions (all by default; at least the longest
+  row) to build their caches. Returns (state at exit h, logits of each row's next token from
+  exit h)."""
+  g = state.exit
+  if not g < to_exit < model.cfg.n_exits:
+    raise ValueError(f"relay goes from exit {g} to a deeper one, {g + 1}..{model.cfg.n_exits - 1}"
+                     f"; got to_exit={to_exit}")
+  batch, max_len = state.tokens_BS.shape
+  length = max_len if length is None else length
+  deeper = empty_state(model, batch, max_len, to_exit, first=g + 1)
+  positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  x_BTD, segments = _run_segments(model, state.hidden_BSD[:, :length], positions_BT,
+                                  deeper.segments, g + 1, to_exit)
+  logits_BTV, head = _head_logits(model, to_exit, x_BTD, positions_BT, deeper.head)
+  hidden_BSD = jax.lax.dynamic_update_slice_in_dim(state.hidden_BSD, x_BTD, 0, axis=1)
+  new = state._replace(hidden_BSD=hidden_BSD, segments=state.segments + segments, head=head)
+  return new, _at(logits_BTV, state.lengths_B - 1)
+
+
+def sample(logits_BV, key, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+  """Greedy at temperature 0; else sampling from the temperature-scaled distribution, kept to the
+  top_k tokens and to the smallest set of probability >= top_p (nucleus)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, jnp.sum(cumulative_BV < top_p, -1, keepdims=True),
+                                    axis=-1)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(key, logits_BV).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_tokens: tuple[int, ...] = ()
+
+
+def continue_decoding(model: FamilialTransformer, state: RelayState, logits_BV, key,
+                      max_new_tokens: int, sampling: Sampling = Sampling()):
+  """Generates up to max_new_tokens per row at the state's exit (a row stops at a stop token or
+  a full cache); returns (state, generated [B, max_new_tokens] with -1 after a row stopped)."""
+  batch, max_len = state.tokens_BS.shape
+  exit_ = state.exit
+  stop = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
+
+  def body(carry):
+    i, state, logits_BV, done_B, out_BN, key = carry
+    key, sub = jax.random.split(key)
+    token_B = sample(logits_BV, sub, sampling.temperature, sampling.top_k, sampling.top_p)
+    out_BN = out_BN.at[:, i].set(jnp.where(done_B, -1, token_B))
+    done_B = done_B | jnp.isin(token_B, stop) | (state.lengths_B + 1 >= max_len)
+    positions_B1 = jnp.minimum(state.lengths_B, max_len - 1)[:, None]
+    logits_B1V, new = _forward(model, state, token_B[:, None], positions_B1, exit_)
+    lengths_B = jnp.where(out_BN[:, i] >= 0, state.lengths_B + 1, state.lengths_B)
+    return i + 1, new._replace(lengths_B=lengths_B), logits_B1V[:, 0], done_B, out_BN, key
+
+  def going(carry):
+    i, _, _, done_B, _, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  out_BN = jnp.full((batch, max_new_tokens), -1, jnp.int32)
+  done_B = state.lengths_B >= max_len
+  carry = (jnp.int32(0), state, logits_BV, done_B, out_BN, key)
+  _, state, _, _, out_BN, _ = jax.lax.while_loop(going, body, carry)
+  return state, out_BN
+
+
+def _confidence(logits_BV, measure: str):
+  probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+  if measure == "max_prob":
+    return probs_BV.max(-1)
+  top2_B2 = jax.lax.top_k(probs_BV, 2)[0]
+  return top2_B2[:, 0] - top2_B2[:, 1]
+
+
+def confident_decoding(model: FamilialTransformer, prompts_BT, lengths_B, max_len: int,
+                       max_new_tokens: int, threshold: float, measure: str = "max_prob"):
+  """Greedy decoding where each token leaves at the first exit whose confidence (max probability
+  or top-2 margin) reaches `threshold` (CALM). Layers past that exit still get this position's
+  KV entries, computed from the hidden state propagated past them, so later tokens can attend to
+  it. Returns (generated [B, max_new_tokens], 0-based exit of each [B, max_new_tokens]).
+  threshold > 1 gives the deepest exit's output; threshold 0 gives exit 0's."""
+  if measure not in ("max_prob", "margin"):
+    raise ValueError(f"measure must be 'max_prob' or 'margin'; got {measure!r}")
+  last = model.cfg.n_exits - 1
+  batch = prompts_BT.shape[0]
+  state, _ = prefill(model, prompts_BT, lengths_B, last, max_len)
+  heads = [empty_state(model, batch, max_len, g).head for g in range(last + 1)]
+  # every exit's private block needs the prompt's entries, and the first token its exit
+  positions_BS = jnp.broadcast_to(jnp.arange(max_len), state.tokens_BS.shape)
+  x_BSD = model.embed_tokens(state.tokens_BS)
+  logits_BV = jnp.zeros((batch, model.cfg.vocab_size), jnp.float32)
+  chosen_B = jnp.zeros(batch, bool)
+  first_exit_B = jnp.full(batch, last, jnp.int32)
+  for g in range(last + 1):
+    x_BSD, _ = model.segments[g](x_BSD, positions_BS)
+    h_BSD, heads[g] = model.exits[g].hidden(x_BSD, positions_BS, heads[g])
+    logits_g = model.exits[g].logits(_at(h_BSD, state.lengths_B - 1)[:, None], model.embed)[:, 0]
+    leave_B = ~chosen_B & ((_confidence(logits_g, measure) >= threshold) | (g == last))
+    logits_BV = jnp.where(leave_B[:, None], logits_g, logits_BV)
+    first_exit_B = jnp.where(leave_B, g, first_exit_B)
+    chosen_B = chosen_B | leave_B
+
+  def step(carry):
+    i, state, heads, logits_BV, out_BN, depth_BN = carry
+    token_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
+    out_BN = out_BN.at[:, i].set(token_B)
+    positions_B1 = jnp.minimum(state.lengths_B, max_len - 1)[:, None]
+    x_B1D = model.embed_tokens(token_B[:, None])
+    exited_B = jnp.zeros(batch, bool)
+    exit_B = jnp.full(batch, last, jnp.int32)
+    h_B1D = x_B1D  # the hidden state of exited rows, propagated past deeper layers
+    next_BV = jnp.zeros_like(logits_BV)
+    segments, new_heads = [], []
+    for g in range(last + 1):
+      segment, cache = model.segments[g], state.segments[g]
+      full_B1D, full_kv = segment(x_B1D, positions_B1, cache)
+      propagated = segment.keys_values(h_B1D, positions_B1)
+      write_layers = jax.vmap(_write_rows, in_axes=(0, 0, None))
+      written = KV(write_layers(cache.k, propagated.k, positions_B1),
+                   write_layers(cache.v, propagated.v, positions_B1))
+      pick = lambda a, b: jnp.where(exited_B.reshape((1, -1) + (1,) * (a.ndim - 2)), a, b)
+      segments.append(_constrain_kv(KV(pick(written.k, full_kv.k), pick(written.v, full_kv.v))))
+      x_B1D = jnp.where(exited_B[:, None, None], h_B1D, full_B1D)
+      head = model.exits[g]
+      h_head, head_kv = head.hidden(x_B1D, positions_B1, heads[g])
+      if head.block is not None:
+        prop_kv = head.block.keys_values(h_B1D, positions_B1)
+        prop_written = KV(_write_rows(heads[g].k, prop_kv.k, positions_B1),
+                          _write_rows(heads[g].v, prop_kv.v, positions_B1))
+        head_kv = KV(*(jnp.where(exited_B[:, None, None, None], a, b)
+                       for a, b in zip(prop_written, head_kv)))
+      new_heads.append(head_kv)
+      logits_g = head.logits(h_head, model.embed)[:, 0]
+      leave_B = ~exited_B & ((_confidence(logits_g, measure) >= threshold) | (g == last))
+      next_BV = jnp.where(leave_B[:, None], logits_g, next_BV)
+      exit_B = jnp.where(leave_B, g, exit_B)
+      h_B1D = jnp.where(leave_B[:, None, None], x_B1D, h_B1D)
+      exited_B = exited_B | leave_B
+    depth_BN = depth_BN.at[:, i].set(exit_B)
+    state = state._replace(lengths_B=state.lengths_B + 1, segments=tuple(segments))
+    return i + 1, state, new_heads, next_BV, out_BN, depth_BN
+
+  # the exit chosen in step i decides token i + 1: depths are shifted to the tokens they produced
+  out_BN = jnp.zeros((batch, max_new_tokens), jnp.int32)
+  depth_BN = jnp.full((batch, max_new_tokens), last, jnp.int32)
+  carry = (jnp.int32(0), state, heads, logits_BV, out_BN, depth_BN)
+  _, _, _, _, out_BN, depth_BN = jax.lax.while_loop(lambda c: c[0] < max_new_tokens, step, carry)
+  return out_BN, jnp.roll(depth_BN, 1, axis=1).at[:, 0].set(first_exit_B)
+
+
+def speculative_decoding(model: FamilialTransformer, prompts_BT, lengths_B, max_len: int,
+                         max_new_tokens: int, draft_exit: int, k: int):
+  """Greedy self-speculative decoding: exit `draft_exit` drafts k tokens, the deepest exit checks
+  them in one pass over k + 1 positions and keeps the prefix it agrees with, plus its own next
+  token. The output is the deepest exit's greedy output. Returns (generated [B, max_new_tokens],
+  drafted tokens accepted, drafted tokens proposed)."""
+  last = model.cfg.n_exits - 1
+  if not 0 <= draft_exit < last:
+    raise ValueError(f"draft_exit must be in 0..{last - 1} (shallower than the deepest exit)")
+  batch = prompts_BT.shape[0]
+  state, logits_BV = prefill(model, prompts_BT, lengths_B, last, max_len)
+  draft = empty_state(model, batch, max_len, draft_exit)
+  # the draft exit's private block needs the prompt's entries
+  _, draft = _forward(model, draft._replace(segments=state.segments[: draft_exit + 1]),
+                      prompts_BT, jnp.broadcast_to(jnp.arange(prompts_BT.shape[1]),
+                                                   prompts_BT.shape), draft_exit)
+  rows = jnp.arange(batch)
+
+  def iteration(carry):
+    n_out_B, state, draft_head, logits_BV, out_BN, accepted, proposed = carry
+    token_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)  # known right: the deep exit's
+    start_B = state.lengths_B
+
+    def draft_step(c, j):
+      shallow, head, token_B = c
+      positions_B1 = jnp.minimum(start_B + j, max_len - 1)[:, None]
+      view = state._replace(segments=shallow, head=head)
+      logits_B1V, view = _forward(model, view, token_B[:, None], positions_B1, draft_exit)
+      nxt = jnp.argmax(logits_B1V[:, 0], -1).astype(jnp.int32)
+      return (view.segments, view.head, nxt), nxt
+
+    (_, draft_head, _), drafts_KB = jax.lax.scan(
+        draft_step, (state.segments[: draft_exit + 1], draft_head, token_B), jnp.arange(k))
+    drafts_BK = drafts_KB.T
+    checked_BT = jnp.concatenate([token_B[:, None], drafts_BK], axis=1)  # k + 1 tokens
+    positions_BT = jnp.minimum(start_B[:, None] + jnp.arange(k + 1), max_len - 1)
+    logits_BTV, state = _forward(model, state, checked_BT, positions_BT, last)
+    deep_BT = jnp.argmax(logits_BTV, -1).astype(jnp.int32)
+    agree_BK = jnp.cumprod(drafts_BK == deep_BT[:, :k], axis=1)
+    n_accept_B = agree_BK.sum(-1).astype(jnp.int32)
+    # emit the known token and the accepted drafts
+    emit_BT = jnp.where(jnp.arange(k + 1)[None] <= n_accept_B[:, None], checked_BT, -1)
+    slots_BT = n_out_B[:, None] + jnp.arange(k + 1)
+    valid_BT = (emit_BT >= 0) & (slots_BT < max_new_tokens)
+    out_BN = out_BN.at[rows[:, None], jnp.where(valid_BT, slots_BT, max_new_tokens)].set(
+        emit_BT, mode="drop")
+    next_BV = _at(logits_BTV, n_accept_B)
+    active_B = n_out_B < max_new_tokens
+    state = state._replace(lengths_B=jnp.where(active_B, start_B + 1 + n_accept_B, start_B))
+    return (n_out_B + 1 + n_accept_B, state, draft_head, next_BV, out_BN,
+            accepted + jnp.sum(jnp.where(active_B, n_accept_B, 0)),
+            proposed + k * jnp.sum(active_B))
+
+  out_BN = jnp.full((batch, max_new_tokens), -1, jnp.int32)
+  carry = (jnp.zeros(batch, jnp.int32), state, draft.head, logits_BV, out_BN, jnp.int32(0),
+           jnp.int32(0))
+  carry = jax.lax.while_loop(lambda c: jnp.any(c[0] < max_new_tokens), iteration, carry)
+  return carry[4], carry[5], carry[6]
+
+
+# --- Entry points: one compilation per (exit, shapes), on a split model ------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "exit_", "max_len"))
+def _prefill(graphdef, params, prompts_BT, lengths_B, *, exit_, max_len):
+  return prefill(nnx.merge(graphdef, params), prompts_BT, lengths_B, exit_, max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "to_exit", "length"))
+def _relay(graphdef, params, state, *, to_exit, length):
+  return relay(nnx.merge(graphdef, params), state, to_exit, length)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
+def _continue(graphdef, params, state, logits_BV, key, *, max_new_tokens, sampling):
+  return continue_decoding(nnx.merge(graphdef, params), state, logits_BV, key, max_new_tokens,
+                           sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens", "threshold",
+                                             "measure"))
+def _confident(graphdef, params, prompts_BT, lengths_B, *, max_len, max_new_tokens, threshold,
+               measure):
+  return confident_decoding(nnx.merge(graphdef, params), prompts_BT, lengths_B, max_len,
+                            max_new_tokens, threshold, measure)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens",
+                                             "draft_exit", "k"))
+def _speculative(graphdef, params, prompts_BT, lengths_B, *, max_len, max_new_tokens, draft_exit,
+                 k):
+  return speculative_decoding(nnx.merge(graphdef, params), prompts_BT, lengths_B, max_len,
+                              max_new_tokens, draft_exit, k)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _full_logits(graphdef, params, tokens_BT):
+  return nnx.merge(graphdef, params)(tokens_BT)
+
+
+class Decoder:
+  """A family ready to decode: jitted prefill, generation, relay, confidence and speculative
+  decoding on the model's own mesh (its parameters keep their shardings)."""
+
+  def __init__(self, model: FamilialTransformer, max_len: int | None = None,
+               mesh: jax.sharding.Mesh | None = None):
+    self.graphdef, self.params = nnx.split(model)
+    self.cfg = model.cfg
+    self.max_len = max_len or model.cfg.max_seq_len
+    if self.max_len > model.cfg.max_seq_len:
+      raise ValueError(f"max_len={self.max_len} exceeds model.max_seq_len="
+                       f"{model.cfg.max_seq_len}")
+    self.mesh = mesh
+
+  def _ctx(self):
+    from contextlib import nullcontext
+    return jax.set_mesh(self.mesh) if self.mesh is not None else nullcontext()
+
+  def _check_exit(self, exit_: int, name: str = "exit") -> None:
+    if not (isinstance(exit_, int) and 0 <= exit_ < self.cfg.n_exits):
+      raise ValueError(f"{name} must be in 0..{self.cfg.n_exits - 1} (0-based); got {exit_!r}")
+
+  def pad(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded [B, T] prompts and their lengths; a prompt longer than the cache is an
+    error."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.min(initial=1) < 1:
+      raise ValueError("every prompt needs at least one token")
+    if lengths.max() >= self.max_len:
+      raise ValueError(f"a prompt of {lengths.max()} tokens leaves no room in a cache of "
+                       f"max_len={self.max_len}")
+    out = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for row, p in enumerate(prompts):
+      out[row, :len(p)] = p
+    return out, lengths
+
+  def prefill(self, prompts, exit_: int):
+    self._check_exit(exit_)
+    tokens, lengths = self.pad(prompts)
+    with self._ctx():
+      return _prefill(self.graphdef, self.params, tokens, lengths, exit_=exit_,
+                      max_len=self.max_len)
+
+  def relay(self, state: RelayState, to_exit: int):
+    self._check_exit(to_exit, "to_exit")
+    if to_exit <= state.exit:
+      raise ValueError(f"relay goes to a deeper exit than {state.exit}; got to_exit={to_exit}")
+    # the used positions, rounded up to a multiple of 64: one compilation per bucket
+    used = int(np.max(np.asarray(state.lengths_B)))
+    length = min(self.max_len, -(-used // 64) * 64)
+    with self._ctx():
+      return _relay(self.graphdef, self.params, state, to_exit=to_exit, length=length)
+
+  def continue_(self, state, logits_BV, max_new_tokens: int, sampling: Sampling = Sampling(),
+                seed: int = 0):
+    with self._ctx():
+      return _continue(self.graphdef, self.params, state, logits_BV, jax.random.key(seed),
+                       max_new_tokens=max_new_tokens, sampling=sampling)
+
+  def generate(self, prompts, exit_: int, max_new_tokens: int, sampling: Sampling = Sampling(),
+               seed: int = 0):
+    """(state, generated [B, max_new_tokens], -1 after a row stopped) at exit `exit_`."""
+    state, logits = self.prefill(prompts, exit_)
+    return self.continue_(state, logits, max_new_tokens, sampling, seed)
+
+  def confident(self, prompts, max_new_tokens: int, threshold: float, measure="max_prob"):
+    tokens, lengths = self.pad(prompts)
+    with self._ctx():
+      return _confident(self.graphdef, self.params, tokens, lengths, max_len=self.max_len,
+                        max_new_tokens=max_new_tokens, threshold=float(threshold),
+                        measure=measure)
+
+  def speculative(self, prompts, max_new_tokens: int, draft_exit: int = 0, k: int = 4):
+    self._check_exit(draft_exit, "draft_exit")
+    tokens, lengths = self.pad(prompts)
+    with self._ctx():
+      return _speculative(self.graphdef, self.params, tokens, lengths, max_len=self.max_len,
+                          max_new_tokens=max_new_tokens, draft_exit=draft_exit, k=k)
+
+  def logits(self, tokens_BT):
+    """Every exit's logits of full forward passes, [G, B, T, V] (no cache)."""
+    with self._ctx():
+      return _full_logits(self.graphdef, self.params, jnp.asarray(tokens_BT))
+
+
+def to_bytes(state: RelayState) -> bytes:
+  """What a device sends to a deeper tier: the state's arrays up to the longest row (msgpack)."""
+  used = int(np.max(np.asarray(state.lengths_B)))
+  trim = lambda a, axis: np.asarray(jax.device_get(a)).take(np.arange(used), axis=axis)
+  record = {"max_len": state.tokens_BS.shape[1], "lengths": np.asarray(state.lengths_B),
+            "tokens": trim(state.tokens_BS, 1), "hidden": trim(state.hidden_BSD, 1),
+            "segments": [{"k": trim(kv.k, 2), "v": trim(kv.v, 2)} for kv in state.segments],
+            "head": None if state.head is None else {"k": trim(state.head.k, 1),
+                                                     "v": trim(state.head.v, 1)}}
+  return serialization.msgpack_serialize(record)
+
+
+def from_bytes(data: bytes) -> RelayState:
+  """The RelayState `to_bytes` wrote, padded back to its cache length."""
+  record = serialization.msgpack_restore(data)
+  max_len = int(record["max_len"])
+  pad = lambda a, axis: jnp.asarray(np.pad(a, [(0, max_len - a.shape[axis]) if i == axis
+                                               else (0, 0) for i in range(a.ndim)]))
+  segments = tuple(KV(pad(s["k"], 2), pad(s["v"], 2)) for s in record["segments"].values()) \
+      if isinstance(record["segments"], dict) else tuple(KV(pad(s["k"], 2), pad(s["v"], 2))
+                                                         for s in record["segments"])
+  head = None if record["head"] is None else KV(pad(record["head"]["k"], 1),
+                                                pad(record["head"]["v"], 1))
+  return RelayState(pad(record["tokens"], 1), jnp.asarray(record["lengths"]),
+                    pad(record["hidden"], 1), segments, head)

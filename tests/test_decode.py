@@ -1,0 +1,190 @@
+"""Decoding: the fast path equals the slow path (cache == full forward, relay == from scratch,
+confidence extremes == single exits, speculative == plain greedy)."""
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from famjax import decode
+from famjax.model import FamilialTransformer
+
+from conftest import tiny_model
+
+KINDS = list(itertools.product(("norm", "block"), ("tied", "shared", "per_exit")))
+PROMPTS = [[5, 7, 9, 11, 2, 40, 41], [3, 4], [100, 101, 102]]  # padded batch
+
+
+def build(cfg, seed=0):
+  with nnx.use_eager_sharding(False):
+    return FamilialTransformer(cfg, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def decoders():
+  return {kind: decode.Decoder(build(tiny_model(exit_head=kind[0], unembed=kind[1],
+                                                max_seq_len=32)))
+          for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_logits_equal_a_full_forward_at_every_exit(decoders, kind):
+  dec = decoders[kind]
+  for g in range(3):
+    state, next_logits = dec.prefill(PROMPTS, g)
+    state, generated = dec.continue_(state, next_logits, 6)
+    for b, prompt in enumerate(PROMPTS):
+      sequence = prompt + [int(t) for t in generated[b]]
+      full = dec.logits(jnp.asarray([sequence]))[g, 0]
+      np.testing.assert_allclose(next_logits[b], full[len(prompt) - 1], atol=2e-5)
+      assert [int(t) for t in jnp.argmax(full[len(prompt) - 1:-1], -1)] == sequence[len(prompt):]
+    # the cache holds exactly what a full forward pass computes: one more step's logits
+    n = int(state.lengths_B.max())
+    _, step_logits = decode.prefill(nnx.merge(dec.graphdef, dec.params), state.tokens_BS[:, :n],
+                                    state.lengths_B, g, dec.max_len)
+    full = dec.logits(state.tokens_BS[:, :n])[g]
+    np.testing.assert_allclose(step_logits, full[jnp.arange(3), state.lengths_B - 1], atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_relay_equals_running_the_deeper_exit_from_scratch(decoders, kind):
+  """Tolerance 1e-5 absolute on logits of order 1: float32 sums in another order."""
+  dec = decoders[kind]
+  shallow, _ = dec.generate(PROMPTS, 0, 5)
+  relayed, relay_logits = dec.relay(shallow, 2)
+  for b in range(3):
+    sequence = shallow.tokens_BS[b, :int(shallow.lengths_B[b])]
+    direct = dec.logits(sequence[None])[2, 0, -1]
+    np.testing.assert_allclose(relay_logits[b], direct, atol=1e-5)
+  restored = decode.from_bytes(decode.to_bytes(shallow))
+  again, again_logits = dec.relay(restored, 2)
+  np.testing.assert_array_equal(again_logits, relay_logits)
+  _, a = dec.continue_(relayed, relay_logits, 6)
+  _, b = dec.continue_(again, again_logits, 6)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_relay_state_size_per_token(decoders):
+  dec = decoders[("block", "per_exit")]
+  state, _ = dec.generate([[1, 2, 3, 4, 5, 6, 7, 8]], 0, 8)
+  size = len(decode.to_bytes(state))
+  cfg = dec.cfg
+  per_token = (cfg.d_model + 2 * cfg.n_heads * cfg.head_dim * (cfg.exit_layers[0] + 1)) * 4 + 4
+  assert size == pytest.approx(16 * per_token, rel=0.1)  # hidden + K, V of layer 1 and the block
+
+
+def test_confidence_extremes_are_single_exits(decoders):
+  dec = decoders[("block", "tied")]
+  deepest = dec.generate(PROMPTS, 2, 8)[1]
+  first = dec.generate(PROMPTS, 0, 8)[1]
+  above, depth_above = dec.confident(PROMPTS, 8, 1.01)
+  zero, depth_zero = dec.confident(PROMPTS, 8, 0.0)
+  np.testing.assert_array_equal(above, deepest)
+  np.testing.assert_array_equal(zero, first)
+  assert np.all(np.asarray(depth_above) == 2) and np.all(np.asarray(depth_zero) == 0)
+  margin, _ = dec.confident(PROMPTS, 8, 1.01, measure="margin")
+  np.testing.assert_array_equal(margin, deepest)
+
+
+def test_a_token_that_exits_early_leaves_keys_for_the_layers_it_skipped():
+  """With a threshold between exit 0's and the deepest exit's confidence, tokens mix exits, and
+  the output still equals stepping exit by exit with propagated hidden states (checked against
+  the deepest exit only where every earlier token took it)."""
+  dec = decode.Decoder(build(tiny_model(max_seq_len=32), seed=3))
+  logits = dec.logits(jnp.asarray([PROMPTS[0]]))
+  probs = jax.nn.softmax(logits[:, 0, -1], -1).max(-1)
+  threshold = float(probs.mean())
+  out, depth = dec.confident([PROMPTS[0]], 10, threshold)
+  assert out.shape == (1, 10) and set(np.unique(depth)) <= {0, 1, 2}
+
+
+@pytest.fixture(scope="module")
+def agreeing_family():
+  """Exit 0 nearly agrees with the deepest exit (the deeper layers are all but switched off), so
+  drafts are mostly but not always accepted."""
+  model = build(tiny_model(exit_layers=(1, 3), unembed="tied", max_seq_len=48), seed=2)
+  graphdef, state = nnx.split(model)
+  pure = nnx.to_pure_dict(state)
+  for name in ("attn", "mlp"):
+    out = pure["segments"][1]["blocks"][name]["out" if name == "attn" else "down"]
+    out["kernel"] = out["kernel"] * 0.2
+  pure["exits"][1]["norm"]["scale"] = pure["exits"][0]["norm"]["scale"]
+  nnx.replace_by_pure_dict(state, pure)
+  return decode.Decoder(nnx.merge(graphdef, state))
+
+
+def test_speculative_greedy_output_equals_plain_greedy(agreeing_family):
+  dec = agreeing_family
+  plain = dec.generate(PROMPTS, 1, 20)[1]
+  for k in (1, 3, 5):
+    out, accepted, proposed = dec.speculative(PROMPTS, 20, draft_exit=0, k=k)
+    np.testing.assert_array_equal(out, plain)
+    assert 0 < int(accepted) < int(proposed), k
+
+
+def test_bad_requests_are_clear_errors(decoders):
+  dec = decoders[("norm", "tied")]
+  with pytest.raises(ValueError, match="exit must be in 0..2"):
+    dec.prefill(PROMPTS, 3)
+  state, _ = dec.prefill(PROMPTS, 1)
+  with pytest.raises(ValueError, match="relay goes to a deeper exit than 1"):
+    dec.relay(state, 1)
+  with pytest.raises(ValueError, match="leaves no room in a cache of max_len=32"):
+    dec.prefill([list(range(40))], 0)
+  with pytest.raises(ValueError, match="draft_exit must be in 0..1"):
+    dec.speculative(PROMPTS, 4, draft_exit=2)
+
+
+def test_sampling_respects_top_k_and_top_p():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 400)
+  draw = lambda **kw: np.array([int(decode.sample(logits, k, 1.0, **kw)[0]) for k in keys])
+  assert set(draw(top_k=2)) == {0, 1}
+  assert set(draw(top_p=0.75)) == {0, 1}
+  assert set(draw()) == {0, 1, 2, 3}
+  assert int(decode.sample(logits, keys[0])[0]) == 0  # temperature 0: greedy
+
+
+def test_stop_tokens_end_a_row(decoders):
+  dec = decoders[("norm", "tied")]
+  _, free = dec.generate(PROMPTS, 2, 8)
+  stop = int(free[0, 2])
+  _, stopped = dec.generate(PROMPTS, 2, 8, decode.Sampling(stop_tokens=(stop,)))
+  row = [int(t) for t in stopped[0]]
+  assert row[:3] == [int(t) for t in free[0, :3]] and all(t == -1 for t in row[3:])
+
+
+def test_decode_command_line(corpus_dir, tmp_path):
+  root = Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(root))
+  train = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}",
+           f"--config.data.corpus={corpus_dir}", "--config.data.val_fraction=0.1",
+           "--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.d_ff=64",
+           "--config.train.steps=20", "--config.train.warmup_steps=1",
+           "--config.train.seq_len=32", "--config.train.batch_size=4",
+           "--config.train.progress=False"]
+  assert subprocess.run(train, cwd=root, env=env, capture_output=True).returncode == 0
+  run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.decode",
+                                   f"--workdir={tmp_path}", *a], cwd=root, env=env,
+                                  capture_output=True, text=True, timeout=600)
+  out = run("--prompt=the model ", "--exit=1", "--relay_to=3", "--max_new_tokens=16",
+            "--confidence=0.9", "--speculative_exit=1")
+  assert out.returncode == 0, out.stderr[-2000:]
+  for word in ("exit 1", "relay to exit 3", "confidence", "speculative", "acceptance"):
+    assert word in out.stdout, word
+  for args, message in ((["--exit=4"], "--exit must be in 1..3"),
+                        (["--exit=2", "--relay_to=1"], "--relay_to must be deeper"),
+                        (["--prompt=" + "x" * 300], "leaves no room")):
+    bad = run(*args)
+    assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
+  empty = subprocess.run([sys.executable, "-m", "experiments.decode",
+                          f"--workdir={tmp_path / 'none'}"], cwd=root, env=env,
+                         capture_output=True, text=True)
+  assert empty.returncode != 0 and "no checkpoint" in empty.stderr
