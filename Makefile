@@ -29,6 +29,9 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
+lint: venv
+	$(PY) -m ruff check .
+
 bench: venv
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/fit_speed.py

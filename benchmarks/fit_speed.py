@@ -10,6 +10,7 @@ Usage: python benchmarks/fit_speed.py [--every 1] [--bootstrap 4000]
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,11 @@ def main():
   parser.add_argument("--every", type=int, default=1)
   parser.add_argument("--bootstrap", type=int, default=4000)
   parser.add_argument("--delta", type=float, default=1e-3)
+  parser.add_argument("--data", default=os.environ.get("FAMJAX_REFERENCE_DATA", str(
+      Path(__file__).resolve().parents[2] / "shared" / "reference-data"))
+      + "/chinchilla-epoch/svg_extracted_data.csv", help="Epoch AI's svg_extracted_data.csv")
   args = parser.parse_args()
-  data = io.epoch_chinchilla()
+  data = io.epoch_chinchilla(args.data)
   grid = laws.CHINCHILLA.grid(args.every)
   n_starts = len(grid["a"])
 
@@ -89,13 +93,15 @@ def main():
   print(f"{n_starts} starts on {len(data['loss'])} rows")
   print(f"famjax: grid {grid_s:.1f} s + {args.bootstrap} bootstrap refits "
         f"{famjax_s - grid_s:.1f} s = {famjax_s:.1f} s (compilation included); "
-        f"objective {result.objective:.10f}, {result.start_converged.mean():.1%} of starts converged")
+        f"objective {result.objective:.10f}, {result.start_converged.mean():.1%} of starts "
+        "converged")
   print(f"scipy L-BFGS-B grid: {scipy_s:.1f} s; objective {reference.fun:.10f}")
   print(f"speedup (scipy grid / famjax grid + bootstrap): {speedup:.2f}x")
   print(f"warm (same process): grid + bootstrap {warm_s:.2f} s; refit after adding one row "
         f"{one_more_row_s:.2f} s")
   print(f"whole experiments.fit process: {cli_s:.1f} s; speedup {scipy_s / cli_s:.2f}x")
-  print("famjax estimates:", {k: round(v, 5) for k, v in laws.to_natural_params(result.params).items()})
+  print("famjax estimates:",
+        {k: round(v, 5) for k, v in laws.to_natural_params(result.params).items()})
   print(json.dumps({"n_starts": n_starts, "n_bootstrap": args.bootstrap, "famjax_s": famjax_s,
                     "famjax_grid_s": grid_s, "scipy_s": scipy_s, "speedup": speedup,
                     "warm_s": warm_s, "one_more_row_s": one_more_row_s, "cli_s": cli_s,

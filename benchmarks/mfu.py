@@ -1,4 +1,4 @@
-"""Training throughput and model FLOPs utilisation (MFU) of a preset on whatever devices are present.
+"""Training throughput and model FLOPs utilisation (MFU) of a preset on the devices present.
 
 Trains `--preset` (experiments/configs/train.py) in bfloat16 on every local device (data parallel
 unless --model / --fsdp say otherwise), for each --remat policy, and prints step time, tokens/s,

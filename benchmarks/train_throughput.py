@@ -50,7 +50,8 @@ def compare(family_cfg: ModelConfig, args, mesh) -> dict:
   return {
       "exit_head": family_cfg.exit_head, "exit_layers": list(family_cfg.exit_layers),
       "dense_step_s": step["dense"], "familial_step_s": step["familial"],
-      "dense_tokens_per_s": tokens / step["dense"], "familial_tokens_per_s": tokens / step["familial"],
+      "dense_tokens_per_s": tokens / step["dense"],
+      "familial_tokens_per_s": tokens / step["familial"],
       "measured_ratio": step["familial"] / step["dense"],
       "predicted_ratio": flops["familial"] / flops["dense"],
   }
@@ -78,7 +79,8 @@ def main():
           f"overhead vs prediction {r['measured_ratio'] / r['predicted_ratio'] - 1:+.1%}")
   primary = results[0]
   print(json.dumps({"device": jax.devices()[0].device_kind, **primary,
-                    "overhead_vs_prediction": primary["measured_ratio"] / primary["predicted_ratio"] - 1,
+                    "overhead_vs_prediction":
+                        primary["measured_ratio"] / primary["predicted_ratio"] - 1,
                     "variants": results}))
 
 

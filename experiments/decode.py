@@ -5,7 +5,6 @@ Exits are numbered 1..G here, as in the training summary. Prints each tier's tex
 took. Logic lives in famjax.decode; this file only parses flags and prints.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import cli
-from famjax import checkpoint, config, data, decode, sharding, train
+from famjax import data, decode, train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Prompt text.")
@@ -35,20 +34,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def load(workdir: Path):
   """The family and tokenizer of a trained workdir, from its latest checkpoint."""
-  if not (workdir / "config.json").exists():
-    raise FileNotFoundError(f"{workdir} holds no trained run (no config.json, no checkpoint)")
-  cfg = config.experiment_from_dict(json.loads((workdir / "config.json").read_text())["config"])
-  mesh = sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
-  trainer = train.Trainer.create(cfg, mesh)
-  restored = checkpoint.restore_latest(checkpoint.manager(workdir, cfg.train.keep_checkpoints),
-                                       trainer.state)
-  if restored is None:
-    raise FileNotFoundError(f"{workdir} has no checkpoint to decode from")
-  trainer.load_state(restored[1], restored[0])
-  from flax import nnx
-  model = nnx.merge(trainer.progs.graphdef, trainer.params)
-  tokenizer = data.load_tokens(cfg.data).tokenizer
-  return cfg, model, tokenizer
+  cfg, model = train.load_model(workdir)
+  return cfg, model, data.load_tokens(cfg.data).tokenizer
 
 
 def main(argv):

@@ -1,4 +1,5 @@
-"""Fits a scaling law to run records: python -m experiments.fit --data=FILE --law=familial --out=fit.json
+"""Fits a scaling law to run records:
+python -m experiments.fit --data=FILE --law=familial --out=fit.json
 
 FILE is CSV, JSONL or parquet with columns N, D, loss (and G, exit as the law needs).
 Logic lives in famjax.scaling; this file only parses flags and prints.

@@ -15,8 +15,8 @@ from famjax import sharding, study, train
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           cli.config_help("isoflop.py", "tiny", "small"))
 _OUTDIR = flags.DEFINE_string("outdir", "runs/isoflop", "Study directory (shared by every task).")
-_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "Print the plan, its FLOPs and accelerator-hours; "
-                                "train nothing.")
+_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "Print the plan, its FLOPs and "
+                                "accelerator-hours; train nothing.")
 _FIT_ONLY = flags.DEFINE_boolean("fit_only", False, "Train nothing: refit and rewrite the report "
                                  "from the records present (other tasks may still be training).")
 _TASK_INDEX = flags.DEFINE_integer("task_index", 0, "This task's share of the plan (0-based), e.g. "

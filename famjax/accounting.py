@@ -1,9 +1,10 @@
 """Parameter and FLOP counts of a family and of each exit's deployable sub-model, from ModelConfig.
 
-Conventions (Chinchilla, Hoffmann et al. 2022, appendix F): a matmul with a weight of P entries costs
-2P FLOPs per token forward and 4P backward; attention costs 2*T*D for the scores and 2*T*D for the
-weighted values per token and layer forward (full T x T product, as the kernels compute it).
-Training = forward + backward = 3 x forward. Norms, softmax and the embedding gather are not counted.
+Conventions (Chinchilla, Hoffmann et al. 2022, appendix F): a matmul with a weight of P entries
+costs 2P FLOPs per token forward and 4P backward; attention costs 2*T*D for the scores and 2*T*D
+for the weighted values per token and layer forward (full T x T product, as the kernels compute
+it). Training = forward + backward = 3 x forward. Norms, softmax and the embedding gather are not
+counted.
 "Non-embedding" excludes the input embedding and every unembedding matrix (Kaplan et al. 2020).
 """
 

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of (params, optimizer state) plus the data-iterator state, restorable on any mesh.
+"""Orbax checkpoints of (params, optimizer state) and the data-iterator state, restorable on any
+mesh.
 
 A checkpoint that no longer restores (a file truncated or deleted by a crash or a full disk) is
 moved aside to WORKDIR/checkpoints_damaged/ and the newest one that restores is used instead.

@@ -1,4 +1,5 @@
-"""Frozen, validated configuration dataclasses; every invalid value is a ValueError naming its field."""
+"""Frozen, validated configuration dataclasses: every invalid value is a ValueError naming its
+field."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class ModelConfig:
   n_heads: int = 4  # attention heads; head dim = d_model // n_heads
   d_ff: int = 384  # SwiGLU hidden width
   max_seq_len: int = 256  # longest sequence the rotary tables cover
-  exit_layers: tuple[int, ...] = (2, 3, 4)  # exit g sits after layer exit_layers[g]; last == n_layers
+  exit_layers: tuple[int, ...] = (2, 3, 4)  # exit g after layer exit_layers[g]; last: n_layers
   exit_head: str = "norm"  # "norm": RMSNorm + unembed; "block": private block + RMSNorm + unembed
   unembed: str = "per_exit"  # "tied" (input embedding), "shared" (one head) or "per_exit"
   rope_theta: float = 10_000.0  # rotary base frequency
@@ -62,7 +63,8 @@ class ModelConfig:
              "strictly increasing", layers)
     _require(layers[-1] == self.n_layers, "model.exit_layers",
              f"a tuple whose last entry equals model.n_layers={self.n_layers}", layers)
-    _require(self.exit_head in HEAD_KINDS, "model.exit_head", f"one of {HEAD_KINDS}", self.exit_head)
+    _require(self.exit_head in HEAD_KINDS, "model.exit_head", f"one of {HEAD_KINDS}",
+             self.exit_head)
     _require(self.unembed in UNEMBED_MODES, "model.unembed", f"one of {UNEMBED_MODES}",
              self.unembed)
     _require(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
@@ -320,7 +322,8 @@ class StudyConfig:
              "study.leverage_granularities", "integers >= 2", self.leverage_granularities)
     for g, layers in self.explicit_exits.items():
       _require(g in self.granularities and len(layers) == g, "study.exit_layers",
-               f"entries 'G:l1,...,lG' with G in {self.granularities} and G layers", self.exit_layers)
+               f"entries 'G:l1,...,lG' with G in {self.granularities} and G layers",
+               self.exit_layers)
     for c, g in self.leverage_points:
       _require(c in self.budgets and g in self.granularities and g >= 2, "study.leverage",
                f"'C:G' pairs with C in study.budgets {self.budgets} and G >= 2 in "

@@ -1,4 +1,5 @@
-"""Corpora, tokenizers, the cached token memmap and deterministic, resumable packed batches (grain)."""
+"""Corpora, tokenizers, the cached token memmap and deterministic, resumable packed batches
+(grain)."""
 
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ def default_cache_dir() -> Path:
 
 @dataclasses.dataclass
 class TokenData:
-  """Train and validation token streams (memmaps; documents joined by <eos>) and their provenance."""
+  """Train and validation token streams (memmaps; documents joined by <eos>) and their
+  provenance."""
 
   train: np.ndarray
   val: np.ndarray

@@ -158,7 +158,8 @@ def _spec(study, base, run_id, kind, budget, run_budget, granularity, seed, mode
   steps = int(run_budget / fpt // per_step)
   if steps < study.min_steps:
     dropped.append((run_id, f"C={run_budget:.3g} buys {steps} steps of {per_step} tokens at "
-                            f"{fpt:,.0f} FLOPs/token, fewer than study.min_steps={study.min_steps}"))
+                            f"{fpt:,.0f} FLOPs/token, fewer than "
+                            f"study.min_steps={study.min_steps}"))
     return None
   tokens = steps * per_step
   if corpus_tokens and tokens > study.max_epochs * corpus_tokens:

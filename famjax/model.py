@@ -280,7 +280,8 @@ class FamilialTransformer(nnx.Module):
 
 
 class ExitSubModel(nnx.Module):
-  """Exit g's deployable sub-model: layers 1..l_g and exit g's head, sharing the family's weights."""
+  """Exit g's deployable sub-model: layers 1..l_g and exit g's head, sharing the family's
+  weights."""
 
   def __init__(self, family: FamilialTransformer, g: int):
     if not 0 <= g < family.cfg.n_exits:

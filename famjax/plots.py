@@ -131,10 +131,10 @@ def leverage_plot(report: dict, path: Path) -> Path:
   for e in report["measured_leverage"]:
     ax.plot(e["C"], e["measured"], "D", color=colours[e["G"]], markeredgecolor="k",
             label=f"measured, G={e['G']}")
-    if e.get("law_ci95"):
-      ax.errorbar(e["C"] * 1.04, e["law"], yerr=[[e["law"] - e["law_ci95"][0]],
-                                                  [e["law_ci95"][1] - e["law"]]],
-                  fmt="s", color=colours[e["G"]], ms=4, capsize=3)
+    if e.get("law_ci95"):  # a percentile interval need not contain the point estimate
+      low, high = max(0.0, e["law"] - e["law_ci95"][0]), max(0.0, e["law_ci95"][1] - e["law"])
+      ax.errorbar(e["C"] * 1.04, e["law"], yerr=[[low], [high]], fmt="s", color=colours[e["G"]],
+                  ms=4, capsize=3)
   ax.axhline(1.0, color="grey", lw=0.8, ls=":")
   ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="Efficiency Leverage",
          title="EL: law (bands: 95%), measured (diamonds)")

@@ -262,7 +262,9 @@ def _json_default(x):
 
 
 def _fmt(x, digits=4) -> str:
-  return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}g}"
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "n/a"
+  return f"{x:.{digits}g}"
 
 
 def _ci(ci) -> str:
@@ -315,7 +317,8 @@ def markdown(report: dict, figures: dict, study_dir: Path) -> str:
               f"{_fmt(e['D_opt'])} |" for e in from_law["compute_optimal"]]
   if report["measured_leverage"]:
     lines += ["", "## Measured Efficiency Leverage (G size-matched dense models, C/G each)", "",
-              "| family | C | G | family loss | dense losses | measured EL | law EL | 95% interval |",
+              "| family | C | G | family loss | dense losses | measured EL | law EL "
+              "| 95% interval |",
               "|---|---|---|---|---|---|---|---|"]
     for e in report["measured_leverage"]:
       dense = ", ".join(_fmt(x) for x in e["dense_losses"])
@@ -333,7 +336,8 @@ def markdown(report: dict, figures: dict, study_dir: Path) -> str:
         f"mean absolute relative error {extrapolation['mean_abs_relative_error']:.2%}, "
         f"max {extrapolation['max_abs_relative_error']:.2%}, mean signed "
         f"{extrapolation['mean_relative_error']:+.2%}.")
-  lines += ["", "## IsoFLOP minima", "", "| C | G | best N | loss | minimum at |", "|---|---|---|---|---|"]
+  lines += ["", "## IsoFLOP minima", "", "| C | G | best N | loss | minimum at |",
+            "|---|---|---|---|---|"]
   for e in report["edges"]:
     flag = e["minimum_at"] + ("" if e["minimum_at"] == "interior" else " (not bracketed)")
     lines.append(f"| {e['C']:.3g} | {e['G']} | {_fmt(e['best_N'])} | {_fmt(e['best_loss'])} | "

@@ -1,4 +1,5 @@
-"""Training: Optax AdamW on the weighted sum of per-exit losses, Orbax resume, JSONL/TensorBoard logs.
+"""Training: Optax AdamW on the weighted sum of per-exit losses, Orbax resume, JSONL and
+TensorBoard logs.
 
 The compiled programs (parameter init, optimizer init, train step, evaluation) depend on the model
 config and the mesh only: the learning rate of each step, the other optimizer hyperparameters and
@@ -334,7 +335,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
   tokens = data.load_tokens(cfg.data) if tokens is None else tokens
   if tokens.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                     f"{tokens.vocab_size}-token vocabulary of data.tokenizer={cfg.data.tokenizer!r}")
+                     f"{tokens.vocab_size}-token vocabulary of "
+                     f"data.tokenizer={cfg.data.tokenizer!r}")
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   batches = data.train_batches(tokens.train, tc.seq_len, tc.batch_size, tc.seed, **proc)
@@ -448,3 +450,22 @@ def use_compilation_cache(directory: str | Path | None = None) -> Path:
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   return path
+
+
+def load_model(workdir: str | Path, mesh: jax.sharding.Mesh | None = None):
+  """(config, model) of a trained workdir, from its newest checkpoint that restores."""
+  workdir = Path(workdir)
+  if not (workdir / "config.json").exists():
+    raise FileNotFoundError(f"{workdir} holds no trained run (no config.json, no checkpoint)")
+  from famjax.config import experiment_from_dict
+  cfg = experiment_from_dict(json.loads((workdir / "config.json").read_text())["config"])
+  if mesh is None:
+    from famjax.config import MeshConfig
+    mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  trainer = Trainer.create(cfg, mesh)
+  restored = checkpoint.restore_latest(checkpoint.manager(workdir, cfg.train.keep_checkpoints),
+                                       trainer.state)
+  if restored is None:
+    raise FileNotFoundError(f"{workdir} has no checkpoint to load")
+  with jax.set_mesh(mesh):
+    return cfg, nnx.merge(trainer.progs.graphdef, restored[1]["params"])

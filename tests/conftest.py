@@ -2,6 +2,7 @@
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,13 @@ from famjax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 WORDS = ("the model exits early when its confidence is high and the shared backbone keeps its "
          "cache for deeper tiers def return import class for while if else loss token layer "
          "scaling law compute budget family granularity").split()
+
+
+def reference_data_dir() -> Path:
+  """Public reference data: $FAMJAX_REFERENCE_DATA, or ../shared/reference-data beside the
+  checkout (tests that need it skip where it is absent)."""
+  env = os.environ.get("FAMJAX_REFERENCE_DATA")
+  return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "reference-data"
 
 
 @pytest.fixture(scope="session", autouse=True)

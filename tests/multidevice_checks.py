@@ -11,9 +11,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_model, write_corpus  # noqa: E402
 from famjax import checkpoint, decode, sharding, train  # noqa: E402
 from famjax.config import DataConfig, ExperimentConfig, MeshConfig, TrainConfig  # noqa: E402
+
+from conftest import tiny_model, write_corpus  # noqa: E402
 
 
 def specs(tree):

@@ -1,7 +1,13 @@
 import pytest
 
-from famjax.config import (DataConfig, ExperimentConfig, MeshConfig, ModelConfig, TrainConfig,
-                           experiment_from_dict)
+from famjax.config import (
+  DataConfig,
+  ExperimentConfig,
+  MeshConfig,
+  ModelConfig,
+  TrainConfig,
+  experiment_from_dict,
+)
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -45,7 +51,8 @@ def test_exit_weight_length_mismatch_is_an_error():
 
 
 def test_token_budget_sets_steps():
-  assert TrainConfig(tokens=16 * 128 * 7 + 5, batch_size=16, seq_len=128, warmup_steps=1).total_steps == 7
+  cfg = TrainConfig(tokens=16 * 128 * 7 + 5, batch_size=16, seq_len=128, warmup_steps=1)
+  assert cfg.total_steps == 7
 
 
 def test_seq_len_must_fit_the_rotary_tables():

@@ -1,7 +1,6 @@
-"""Faults and bad input lose nothing: each case as a user meets it (the CLI in a subprocess where the
-case is about the CLI)."""
+"""Faults and bad input lose nothing: each case as a user meets it (the CLI in a subprocess where
+the case is about the CLI)."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -15,8 +14,6 @@ import pytest
 
 from famjax import checkpoint, train
 from famjax.files import WorkdirBusy, WorkdirLock, atomic_write_text
-
-from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

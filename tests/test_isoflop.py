@@ -1,4 +1,5 @@
-"""The IsoFLOP planner: arithmetic, shape rule, exit placement, size windows, dropped runs, shares."""
+"""The IsoFLOP planner: arithmetic, shape rule, exit placement, size windows, dropped runs and
+shares."""
 
 import dataclasses
 

@@ -8,6 +8,8 @@ import pytest
 
 from famjax.scaling import bootstrap, fit, io, laws, leverage, record
 
+from conftest import reference_data_dir
+
 PAPER = laws.to_log_params(laws.PAPER_FAMILIAL)
 
 
@@ -23,7 +25,8 @@ def synthetic_family(noise=0.0, seed=0):
 
 
 def test_laws_match_their_closed_forms():
-  n, d, g, e = np.array([1e8, 1e9]), np.array([1e10, 3e10]), np.array([2.0, 4.0]), np.array([1., 3.])
+  n, d = np.array([1e8, 1e9]), np.array([1e10, 3e10])
+  g, e = np.array([2.0, 4.0]), np.array([1., 3.])
   nat = laws.PAPER_FAMILIAL
   dense = nat["E"] + nat["A"] / n ** nat["alpha"] + nat["B"] / d ** nat["beta"]
   with jax.enable_x64(True):
@@ -219,8 +222,8 @@ def test_the_queue_evaluates_its_starts_when_maxiter_is_zero():
     expected = []
     for s in range(3):  # the Huber sum by hand, in numpy
       nat = laws.to_natural_params({k: v[s] for k, v in starts.items()})
-      pred = ((nat["E"] + nat["A"] / data["N"] ** nat["alpha"] + nat["B"] / data["D"] ** nat["beta"])
-              * data["G"] ** nat["gamma"])
+      dense = nat["E"] + nat["A"] / data["N"] ** nat["alpha"] + nat["B"] / data["D"] ** nat["beta"]
+      pred = dense * data["G"] ** nat["gamma"]
       r = np.abs(np.log(data["loss"]) - np.log(pred))
       expected.append(np.sum(np.where(r <= 1e-3, 0.5 * r ** 2, 1e-3 * (r - 0.5e-3))))
   np.testing.assert_allclose(value, expected, rtol=1e-12)
@@ -261,7 +264,7 @@ def test_bad_fit_data_is_a_clear_error(frame, law, message):
 @pytest.fixture(scope="module")
 def epoch_data():
   """Epoch AI's Chinchilla rows; the shared reference data is absent outside a project checkout."""
-  path = io.reference_data_dir() / "chinchilla-epoch" / "svg_extracted_data.csv"
+  path = reference_data_dir() / "chinchilla-epoch" / "svg_extracted_data.csv"
   if not path.exists():
     pytest.skip(f"reference data not found at {path} (set FAMJAX_REFERENCE_DATA)")
   return io.epoch_chinchilla(path)
@@ -487,7 +490,7 @@ def _compare_with_scipy(data, n_boot):
 
 @pytest.mark.slow
 def test_bootstrap_refits_match_scipy_on_a_35_row_study():
-  path = io.reference_data_dir() / "chinchilla-epoch" / "subset35.csv"
+  path = reference_data_dir() / "chinchilla-epoch" / "subset35.csv"
   if not path.exists():
     pytest.skip(f"reference data not found at {path} (set FAMJAX_REFERENCE_DATA)")
   frame = pd.read_csv(path)

@@ -46,8 +46,9 @@ def canonical(spec: str) -> str:
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("multidevice")
-  out = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_checks.py"), str(workdir)],
-                       capture_output=True, text=True, env=fake_devices_env(8), timeout=900)
+  script = str(ROOT / "tests" / "multidevice_checks.py")
+  out = subprocess.run([sys.executable, script, str(workdir)], capture_output=True, text=True,
+                       env=fake_devices_env(8), timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
   return json.loads(line[len("RESULT "):])
@@ -132,7 +133,8 @@ def free_port() -> int:
 
 def cli(workdir, corpus, *extra):
   return [sys.executable, "-m", "experiments.train", "--config=experiments/configs/train.py:tiny",
-          f"--workdir={workdir}", f"--config.data.corpus={corpus}", "--config.data.val_fraction=0.1",
+          f"--workdir={workdir}", f"--config.data.corpus={corpus}",
+          "--config.data.val_fraction=0.1",
           "--config.model.d_model=32", "--config.model.n_heads=4", "--config.model.d_ff=64",
           "--config.train.steps=6", "--config.train.warmup_steps=1", "--config.train.seq_len=32",
           "--config.train.batch_size=8", "--config.train.eval_batches=1",

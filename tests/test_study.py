@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 
 from famjax import isoflop, report, results, study
-from famjax.config import (DataConfig, ExperimentConfig, ModelConfig, StudyConfig,
-                           TrainConfig)
+from famjax.config import DataConfig, ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
 from famjax.scaling import io, laws
 
 
@@ -97,8 +96,9 @@ def synthetic_frame(curves_at_edge=False):
           loss = 3.0 + np.log10(n)  # the smallest size is always best
         for exit_ in range(1, g + 1):
           rows.append({"run_id": f"C{c:g}_G{g}_N{n:.0f}", "kind": isoflop.ISOFLOP, "status": "ok",
-                       "error": "", "C": c, "G": g, "exit": exit_, "exit_layer": exit_, "P": exit_ - 1,
-                       "Q": g - exit_, "N_exit": n * exit_ / g, "N_exit_non_embedding": n * exit_ / g,
+                       "error": "", "C": c, "G": g, "exit": exit_, "exit_layer": exit_,
+                       "P": exit_ - 1, "Q": g - exit_, "N_exit": n * exit_ / g,
+                       "N_exit_non_embedding": n * exit_ / g,
                        "N_family": n, "N_family_non_embedding": n, "D": d, "train_loss": loss,
                        "val_loss": loss, "exit_weight": 1 / g, "flops_per_token": 6 * n,
                        "seed": 0, "corpus_fingerprint": "x", "config_hash": "y",

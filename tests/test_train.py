@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from famjax import checkpoint, data, sharding, train
+from famjax.config import DataConfig, ExperimentConfig, TrainConfig
 
 from conftest import tiny_model
-from famjax.config import DataConfig, ExperimentConfig, TrainConfig
 
 
 def restored_params(workdir, cfg):

@@ -159,7 +159,8 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
 def gamma_tests(data: Mapping, result: fitlib.FitResult, boot: BootstrapResult | None = None,
                 **fit_kwargs) -> dict[str, float]:
   """Is gamma > 0?  Bootstrap p = share of refits with gamma <= 0; likelihood-ratio test of the
-  familial law against gamma = 0, treating log residuals as Gaussian: n log(SSR_0 / SSR_1) ~ chi2(1).
+  familial law against gamma = 0, treating log residuals as Gaussian:
+  n log(SSR_0 / SSR_1) ~ chi2(1).
   """
   from jax.scipy.stats import chi2
   if result.law != FAMILIAL.name:

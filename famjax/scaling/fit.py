@@ -39,7 +39,8 @@ REFINE_ROUNDS = 3  # rounds of re-whitening an unconverged start at its own poin
 
 def dense_solve(matvec, b, **_):
   """Solves matvec(x) = b exactly. The Hessians here are tiny (one row per parameter) and too
-  ill-conditioned for jaxopt's default conjugate gradients, which return wrong implicit gradients."""
+  ill-conditioned for jaxopt's default conjugate gradients, which return wrong implicit
+  gradients."""
   flat_b, unravel = ravel_pytree(b)
   flat_matvec = lambda x: ravel_pytree(matvec(unravel(x)))[0]
   matrix = jax.vmap(flat_matvec, out_axes=1)(jnp.eye(flat_b.size, dtype=flat_b.dtype))
@@ -81,8 +82,8 @@ def _whitening(hessian_SPP: np.ndarray, x_SP: np.ndarray):
   return x_SP, basis_SPP
 
 
-def whiten(law: Law, names: tuple[str, ...], x_SP: np.ndarray, data: Mapping, weights_SR, fixed=None,
-           *, delta: float = DEFAULT_DELTA, lanes: int = DEFAULT_LANES):
+def whiten(law: Law, names: tuple[str, ...], x_SP: np.ndarray, data: Mapping, weights_SR,
+           fixed=None, *, delta: float = DEFAULT_DELTA, lanes: int = DEFAULT_LANES):
   """Coordinates centred on each point x_SP[s] in which the objective with row weights
   weights_SR[s] has the identity as its Hessian there: (origin_SP, basis_SPP).
 
@@ -209,7 +210,6 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
     fixed = {k: jnp.float64(v) for k, v in (fixed or {}).items()}
     grid = {k: np.asarray(v, np.float64) for k, v in (grid or law.grid()).items()
             if k not in fixed}
-    n_starts = len(next(iter(grid.values())))
     weights_SR = np.ones((1, data["loss"].shape[0]))
     options = dict(delta=delta, stop=stop, lanes=lanes)
     params_S, value_S, converged_S = solve_batch(law, grid, data, weights_SR, fixed,

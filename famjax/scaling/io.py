@@ -1,8 +1,7 @@
-"""Reading and validating fit data (CSV, JSONL, parquet), and the public reference data sets."""
+"""Reading and validating fit data (CSV, JSONL, parquet), and Epoch AI's Chinchilla table."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -80,18 +79,12 @@ def validate(frame: pd.DataFrame, law: Law, *, source: str = "the data") -> dict
   return columns
 
 
-def reference_data_dir() -> Path:
-  """../shared/reference-data beside the checkout, or $FAMJAX_REFERENCE_DATA."""
-  env = os.environ.get("FAMJAX_REFERENCE_DATA")
-  if env:
-    return Path(env)
-  return Path(__file__).resolve().parents[3] / "shared" / "reference-data"
-
-
-def epoch_chinchilla(path: str | Path | None = None) -> dict[str, np.ndarray]:
-  """Epoch AI's reconstruction of Chinchilla Approach 3: the 240 rows they fit (5 highest losses
-  dropped), with D = C / (6N)."""
-  path = Path(path) if path else reference_data_dir() / "chinchilla-epoch" / "svg_extracted_data.csv"
+def epoch_chinchilla(path: str | Path) -> dict[str, np.ndarray]:
+  """Epoch AI's reconstruction of Chinchilla Approach 3 (their svg_extracted_data.csv): the 240
+  rows they fit (5 highest losses dropped), with D = C / (6N)."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist (Epoch AI's svg_extracted_data.csv)")
   frame = pd.read_csv(path).sort_values("loss", kind="stable").iloc[:-5]
   n = frame["Model Size"].to_numpy(np.float64)
   return {"N": n, "D": frame["Training FLOP"].to_numpy(np.float64) / (6.0 * n),

@@ -43,7 +43,8 @@ def branch_log_loss(p: Params, data: Data) -> jnp.ndarray:
 
   L_g = L_dense(N_g, D) * (1 + P)^alpha_b * (1 + Q)^beta_b, P = g - 1 upstream and Q = G - g
   downstream exits, N_g the exit's sub-model size (column N). The paper (arXiv 2512.23407) reports
-  alpha_b = 1e-3 and beta_b = 0.0397 without giving its exact form; this multiplicative form is ours.
+  alpha_b = 1e-3 and beta_b = 0.0397 without giving its exact form; this multiplicative form is
+  ours.
   """
   upstream = data["exit"] - 1.0
   downstream = data["G"] - data["exit"]

@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
 # jaxopt.LBFGS takes any IterativeLineSearch as its `linesearch`, but jaxopt (0.8.5, its last
 # release) exports that base class and LineSearchStep only from its private module.
 from jaxopt._src import base

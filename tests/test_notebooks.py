@@ -1,0 +1,31 @@
+"""The Colab notebooks run top to bottom (on this CPU) and are stored without outputs."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "colab").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+  assert [p.name[:3] for p in NOTEBOOKS] == ["01_", "02_", "03_"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_without_outputs(path):
+  notebook = nbformat.read(path, as_version=4)
+  for cell in notebook.cells:
+    if cell.cell_type == "code":
+      assert cell.outputs == [] and cell.execution_count is None, path.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_runs_top_to_bottom(path, tmp_path):
+  """Each cell runs without error, in at most 3 minutes for the whole notebook."""
+  notebook = nbformat.read(path, as_version=4)
+  client = NotebookClient(notebook, timeout=180, kernel_name="python3",
+                          resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()
