@@ -17,6 +17,19 @@ from famjax.files import WorkdirBusy
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 when a run spans several hosts (or set "
+    "JAX_COORDINATOR_ADDRESS); unset on one host.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-host run when --coordinator_address (or JAX_COORDINATOR_ADDRESS) is set."""
+  from famjax import sharding
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
 def config_help(preset_file: str, default: str, example: str) -> str:
   """Help of an entry point's --config flag (whose default `run` supplies)."""
   return (f"Preset as FILE:NAME, e.g. experiments/configs/{preset_file}:{example}; unset: "

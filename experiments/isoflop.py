@@ -10,7 +10,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
-from famjax import sharding, study, train
+from famjax import study, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           cli.config_help("isoflop.py", "tiny", "small"))
@@ -28,11 +28,7 @@ _ALLOW_OTHER_CORPORA = flags.DEFINE_boolean("allow_other_corpora", False, "Fit r
                                             "another corpus than the study's.")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "JAX's persistent compilation cache "
                              "(default: the famjax cache dir's xla/; 'none' turns it off).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 when each run spans several hosts (or "
-    "set JAX_COORDINATOR_ADDRESS); unset on one host.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes per run (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+flags.adopt_module_key_flags(cli)  # --coordinator_address, --num_processes, ...
 
 
 def main(argv):
@@ -45,7 +41,7 @@ def main(argv):
     return
   if _CACHE.value != "none":
     train.use_compilation_cache(_CACHE.value or None)
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cli.initialize_distributed()
   result = study.run(study_cfg, base, _OUTDIR.value, task_index=_TASK_INDEX.value,
                      num_tasks=_NUM_TASKS.value, fit_only=_FIT_ONLY.value,
                      live_fit=_LIVE_FIT.value, allow_other_corpora=_ALLOW_OTHER_CORPORA.value)

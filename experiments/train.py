@@ -9,24 +9,20 @@ from ml_collections import config_flags
 
 from experiments import cli
 from famjax import config as famjax_config
-from famjax import sharding, train
+from famjax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           cli.config_help("train.py", "tiny", "small"))
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics and summary go here; "
                                "rerunning with the same workdir resumes.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for multi-host runs (or set "
-    "JAX_COORDINATOR_ADDRESS); unset on one host.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+flags.adopt_module_key_flags(cli)  # --coordinator_address, --num_processes, ...
 
 
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cli.initialize_distributed()
   cfg = famjax_config.experiment_from_dict(_CONFIG.value.to_dict())
   summary = train.train(cfg, _WORKDIR.value)
   print(f"trained {summary['step']} steps, {summary['tokens']:,} tokens; corpus "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,6 +40,8 @@ def _tokens_along_curve(rows: pd.DataFrame):
 
 
 def _save(fig, path: Path) -> Path:
+  for ax in fig.axes:  # a log axis spanning less than a decade labels its minor ticks: overlap
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.stem}.tmp.png")
   fig.savefig(tmp, dpi=110, bbox_inches="tight")

@@ -60,8 +60,9 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task_
   plan = isoflop.plan(study, base, len(tokens.train))
   if not plan.runs:
     raise ValueError("the plan holds no run: " + "; ".join(f"{i}: {w}" for i, w in plan.dropped))
-  sweep.write_plan(outdir, plan, {"corpus_fingerprint": tokens.fingerprint,
-                                  "study": dataclasses.asdict(study)})
+  if not (fit_only and sweep.read_plan(outdir) is not None):  # a refit trusts the records
+    sweep.write_plan(outdir, plan, {"corpus_fingerprint": tokens.fingerprint,
+                                    "study": dataclasses.asdict(study)})
   opts = options(study)
   outcome = None
   if not fit_only:
