@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.configs import train as presets
-from famjax import accounting, config, data, decode, sharding, train
+from famjax import accounting, checkpoint, config, data, decode, sharding, train
 
 
 def best_of(fn, repeats=3):
@@ -34,6 +34,20 @@ def best_of(fn, repeats=3):
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return min(times)
+
+
+def best_of_interleaved(fn_a, fn_b, repeats=50):
+  """best_of for two functions timed in alternation, so both see the same machine load."""
+  jax.block_until_ready((fn_a(), fn_b()))
+  times = []
+  for _ in range(repeats):
+    pair = []
+    for fn in (fn_a, fn_b):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      pair.append(time.perf_counter() - start)
+    times.append(pair)
+  return tuple(np.min(times, axis=0))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_new"))
@@ -63,7 +77,6 @@ def main():
   summary = train.train(cfg, args.workdir)
   mesh = sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
   trainer = train.Trainer.create(cfg, mesh)
-  from famjax import checkpoint
   step, state, _ = checkpoint.restore_latest(checkpoint.manager(args.workdir, 3), trainer.state)
   model = nnx.merge(trainer.progs.graphdef, state["params"])
   dec = decode.Decoder(model, max_len=max_len)
@@ -86,17 +99,19 @@ def main():
   # (b) relay a context from exit 1 to the deepest exit vs prefilling it there from scratch
   context = [val[: args.context - 1].tolist()]
   shallow, _ = dec.prefill(context, 0)
-  relay_s = best_of(lambda: dec.relay(shallow, last))
-  prefill_s = best_of(lambda: dec.prefill(context, last))
+  relay_s, prefill_s = best_of_interleaved(lambda: dec.relay(shallow, last),
+                                           lambda: dec.prefill(context, last))
   _, relay_logits = dec.relay(shallow, last)
   _, direct_logits = dec.prefill(context, last)
-  acc = accounting.account(cfg.model, max_len)
-  per_exit = acc.forward_flops_per_token_per_exit
-  shared = per_exit[0] - 2 * cfg.model.vocab_size * cfg.model.d_model  # layers 1..l_1 + block
-  private = accounting.private_blocks(cfg.model)[0]
-  shared -= private * (2 * accounting.block_matmul_params(cfg.model) + 4 * max_len
-                       * cfg.model.d_model)
-  predicted = (per_exit[last] - shared) / per_exit[last]
+  # FLOPs over the context: the relay runs layers l_1+1..l_G (and exit G's private block), the
+  # prefill every block up to exit G; both compute one row of logits
+  t = args.context - 1
+  blocks = [layers + private for layers, private in
+            zip(cfg.model.exit_layers, accounting.private_blocks(cfg.model))]
+  block_flops = t * accounting.block_forward_flops(cfg.model, t)
+  logits_flops = 2 * cfg.model.vocab_size * cfg.model.d_model
+  predicted = (((blocks[last] - cfg.model.exit_layers[0]) * block_flops + logits_flops)
+               / (blocks[last] * block_flops + logits_flops))
   measured = relay_s / prefill_s
   max_diff = float(jnp.abs(relay_logits - direct_logits).max())
   print(f"(b) relay of {args.context - 1} tokens to exit {last + 1}: {relay_s * 1e3:.1f} ms, "

@@ -48,10 +48,15 @@ def _attention_flops(cfg: ModelConfig, seq_len: int) -> int:
   return 4 * seq_len * cfg.d_model
 
 
+def block_forward_flops(cfg: ModelConfig, seq_len: int) -> int:
+  """One decoder block's forward FLOPs per token: its matmuls and its attention."""
+  return 2 * block_matmul_params(cfg) + _attention_flops(cfg, seq_len)
+
+
 def account(cfg: ModelConfig, seq_len: int) -> Accounting:
   """All counts for sequences of seq_len tokens (attention FLOPs grow with seq_len)."""
   vd = cfg.vocab_size * cfg.d_model
-  block, block_mm = block_params(cfg), block_matmul_params(cfg)
+  block = block_params(cfg)
   private = private_blocks(cfg)
   n_attention_layers = cfg.n_layers + sum(private)
 
@@ -65,12 +70,11 @@ def account(cfg: ModelConfig, seq_len: int) -> Accounting:
     non_emb = depth * block + cfg.d_model
     per_exit.append(vd + non_emb + own_unembed)
     non_emb_per_exit.append(non_emb)
-    forward = 2 * (depth * block_mm + vd) + depth * _attention_flops(cfg, seq_len)
+    forward = depth * block_forward_flops(cfg, seq_len) + 2 * vd
     forward_per_exit.append(float(forward))
     train_per_exit.append(3.0 * forward)
 
-  forward_family = (2 * (n_attention_layers * block_mm + cfg.n_exits * vd)
-                    + n_attention_layers * _attention_flops(cfg, seq_len))
+  forward_family = n_attention_layers * block_forward_flops(cfg, seq_len) + 2 * cfg.n_exits * vd
   return Accounting(
       params_total=params_total,
       params_non_embedding=params_non_embedding,

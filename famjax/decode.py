@@ -68,9 +68,14 @@ def _run_segments(model, x_BTD, positions_BT, caches, first: int, last: int):
   return x_BTD, tuple(out)
 
 
-def _head_logits(model, g, x_BTD, positions_BT, head_cache):
+def _head_logits(model, g, x_BTD, positions_BT, head_cache, at_B=None):
+  """Exit g's logits at every position ([B, T, V]), or only at position at_B[b] of each row
+  ([B, V]): the private block still runs over every position to fill its cache."""
   h_BTD, head_cache = model.exits[g].hidden(x_BTD, positions_BT, head_cache)
-  return model.exits[g].logits(h_BTD, model.embed), _constrain_kv(head_cache, stacked=False)
+  if at_B is not None:
+    h_BTD = _at(h_BTD, at_B)[:, None]
+  logits = model.exits[g].logits(h_BTD, model.embed)
+  return (logits if at_B is None else logits[:, 0]), _constrain_kv(head_cache, stacked=False)
 
 
 def _at(x_BT, index_B):
@@ -89,12 +94,13 @@ def _put(x_BS, value_BT, positions_BT):
   return jax.vmap(put)(x_BS, value_BT, positions_BT)
 
 
-def _forward(model, state: RelayState, tokens_BT, positions_BT, exit_: int):
+def _forward(model, state: RelayState, tokens_BT, positions_BT, exit_: int, at_B=None):
   """Feeds tokens at positions through segments 0..exit and exit's head; returns logits
-  [B, T, V] and the updated state (tokens, hidden and caches written; lengths unchanged)."""
+  [B, T, V] (or [B, V] at position at_B of each row) and the updated state (tokens, hidden and
+  caches written; lengths unchanged)."""
   x_BTD = model.embed_tokens(tokens_BT)
   x_BTD, segments = _run_segments(model, x_BTD, positions_BT, state.segments, 0, exit_)
-  logits_BTV, head = _head_logits(model, exit_, x_BTD, positions_BT, state.head)
+  logits_BTV, head = _head_logits(model, exit_, x_BTD, positions_BT, state.head, at_B)
   return logits_BTV, state._replace(tokens_BS=_put(state.tokens_BS, tokens_BT, positions_BT),
                                     hidden_BSD=_put(state.hidden_BSD, x_BTD, positions_BT),
                                     segments=segments, head=head)
@@ -122,9 +128,9 @@ def prefill(model: FamilialTransformer, prompts_BT, lengths_B, exit_: int, max_l
     raise ValueError(f"prompts of {t} tokens do not fit a cache of max_len={max_len}")
   state = empty_state(model, batch, max_len, exit_)
   positions_BT = jnp.broadcast_to(jnp.arange(t), (batch, t))
-  logits_BTV, state = _forward(model, state, prompts_BT, positions_BT, exit_)
   lengths_B = jnp.asarray(lengths_B, jnp.int32)
-  return state._replace(lengths_B=lengths_B), _at(logits_BTV, lengths_B - 1)
+  logits_BV, state = _forward(model, state, prompts_BT, positions_BT, exit_, at_B=lengths_B - 1)
+  return state._replace(lengths_B=lengths_B), logits_BV
 
 
 def relay(model: FamilialTransformer, state: RelayState, to_exit: int, length: int | None = None):
@@ -132,6 +138,19 @@ def relay(model: FamilialTransformer, state: RelayState, to_exit: int, length: i
   h's private block) over the first `length` positions (all by default; at least the longest
   row) to build their caches. Returns (state at exit h, logits of each row's next token from
   exit h)."""
+  *parts, logits_BV = relay_parts(model, state, to_exit, length)
+  return _deepened(state, *parts), logits_BV
+
+
+def _deepened(state: RelayState, hidden_BSD, segments, head) -> RelayState:
+  return state._replace(hidden_BSD=hidden_BSD, segments=state.segments + segments, head=head)
+
+
+def relay_parts(model: FamilialTransformer, state: RelayState, to_exit: int,
+                length: int | None = None):
+  """What relay adds to a state: the new hidden states, the deeper segments' and head's caches,
+  and the next-token logits. The shallow caches pass through untouched, so a jitted relay that
+  returns only these never copies them."""
   g = state.exit
   if not g < to_exit < model.cfg.n_exits:
     raise ValueError(f"relay goes from exit {g} to a deeper one, {g + 1}..{model.cfg.n_exits - 1}"
@@ -142,10 +161,10 @@ def relay(model: FamilialTransformer, state: RelayState, to_exit: int, length: i
   positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
   x_BTD, segments = _run_segments(model, state.hidden_BSD[:, :length], positions_BT,
                                   deeper.segments, g + 1, to_exit)
-  logits_BTV, head = _head_logits(model, to_exit, x_BTD, positions_BT, deeper.head)
+  logits_BV, head = _head_logits(model, to_exit, x_BTD, positions_BT, deeper.head,
+                                 at_B=state.lengths_B - 1)
   hidden_BSD = jax.lax.dynamic_update_slice_in_dim(state.hidden_BSD, x_BTD, 0, axis=1)
-  new = state._replace(hidden_BSD=hidden_BSD, segments=state.segments + segments, head=head)
-  return new, _at(logits_BTV, state.lengths_B - 1)
+  return hidden_BSD, segments, head, logits_BV
 
 
 def sample(logits_BV, key, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
@@ -351,41 +370,55 @@ def speculative_decoding(model: FamilialTransformer, prompts_BT, lengths_B, max_
 # --- Entry points: one compilation per (exit, shapes), on a split model ------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "exit_", "max_len"))
-def _prefill(graphdef, params, prompts_BT, lengths_B, *, exit_, max_len):
-  return prefill(nnx.merge(graphdef, params), prompts_BT, lengths_B, exit_, max_len)
+class _Graph:
+  """A GraphDef as a static jit argument, hashed once: hashing a family's GraphDef walks every
+  node, about 1 ms per call, as much as a short prefill costs."""
+
+  def __init__(self, graphdef):
+    self.graphdef, self._hash = graphdef, hash(graphdef)
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return self is other or (isinstance(other, _Graph) and self.graphdef == other.graphdef)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "to_exit", "length"))
-def _relay(graphdef, params, state, *, to_exit, length):
-  return relay(nnx.merge(graphdef, params), state, to_exit, length)
+@functools.partial(jax.jit, static_argnames=("graph", "exit_", "max_len"))
+def _prefill(graph, params, prompts_BT, lengths_B, *, exit_, max_len):
+  return prefill(nnx.merge(graph.graphdef, params), prompts_BT, lengths_B, exit_, max_len)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
-def _continue(graphdef, params, state, logits_BV, key, *, max_new_tokens, sampling):
-  return continue_decoding(nnx.merge(graphdef, params), state, logits_BV, key, max_new_tokens,
+@functools.partial(jax.jit, static_argnames=("graph", "to_exit", "length"))
+def _relay_parts(graph, params, state, *, to_exit, length):
+  return relay_parts(nnx.merge(graph.graphdef, params), state, to_exit, length)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "max_new_tokens", "sampling"))
+def _continue(graph, params, state, logits_BV, key, *, max_new_tokens, sampling):
+  return continue_decoding(nnx.merge(graph.graphdef, params), state, logits_BV, key, max_new_tokens,
                            sampling)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens", "threshold",
+@functools.partial(jax.jit, static_argnames=("graph", "max_len", "max_new_tokens", "threshold",
                                              "measure"))
-def _confident(graphdef, params, prompts_BT, lengths_B, *, max_len, max_new_tokens, threshold,
+def _confident(graph, params, prompts_BT, lengths_B, *, max_len, max_new_tokens, threshold,
                measure):
-  return confident_decoding(nnx.merge(graphdef, params), prompts_BT, lengths_B, max_len,
+  return confident_decoding(nnx.merge(graph.graphdef, params), prompts_BT, lengths_B, max_len,
                             max_new_tokens, threshold, measure)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens",
+@functools.partial(jax.jit, static_argnames=("graph", "max_len", "max_new_tokens",
                                              "draft_exit", "k"))
-def _speculative(graphdef, params, prompts_BT, lengths_B, *, max_len, max_new_tokens, draft_exit,
+def _speculative(graph, params, prompts_BT, lengths_B, *, max_len, max_new_tokens, draft_exit,
                  k):
-  return speculative_decoding(nnx.merge(graphdef, params), prompts_BT, lengths_B, max_len,
+  return speculative_decoding(nnx.merge(graph.graphdef, params), prompts_BT, lengths_B, max_len,
                               max_new_tokens, draft_exit, k)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _full_logits(graphdef, params, tokens_BT):
-  return nnx.merge(graphdef, params)(tokens_BT)
+@functools.partial(jax.jit, static_argnames=("graph",))
+def _full_logits(graph, params, tokens_BT):
+  return nnx.merge(graph.graphdef, params)(tokens_BT)
 
 
 class Decoder:
@@ -395,6 +428,7 @@ class Decoder:
   def __init__(self, model: FamilialTransformer, max_len: int | None = None,
                mesh: jax.sharding.Mesh | None = None):
     self.graphdef, self.params = nnx.split(model)
+    self._graph = _Graph(self.graphdef)
     self.cfg = model.cfg
     self.max_len = max_len or model.cfg.max_seq_len
     if self.max_len > model.cfg.max_seq_len:
@@ -428,7 +462,7 @@ class Decoder:
     self._check_exit(exit_)
     tokens, lengths = self.pad(prompts)
     with self._ctx():
-      return _prefill(self.graphdef, self.params, tokens, lengths, exit_=exit_,
+      return _prefill(self._graph, self.params, tokens, lengths, exit_=exit_,
                       max_len=self.max_len)
 
   def relay(self, state: RelayState, to_exit: int):
@@ -439,12 +473,14 @@ class Decoder:
     used = int(np.max(np.asarray(state.lengths_B)))
     length = min(self.max_len, -(-used // 64) * 64)
     with self._ctx():
-      return _relay(self.graphdef, self.params, state, to_exit=to_exit, length=length)
+      *parts, logits_BV = _relay_parts(self._graph, self.params, state, to_exit=to_exit,
+                                       length=length)
+    return _deepened(state, *parts), logits_BV
 
   def continue_(self, state, logits_BV, max_new_tokens: int, sampling: Sampling = Sampling(),
                 seed: int = 0):
     with self._ctx():
-      return _continue(self.graphdef, self.params, state, logits_BV, jax.random.key(seed),
+      return _continue(self._graph, self.params, state, logits_BV, jax.random.key(seed),
                        max_new_tokens=max_new_tokens, sampling=sampling)
 
   def generate(self, prompts, exit_: int, max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -456,7 +492,7 @@ class Decoder:
   def confident(self, prompts, max_new_tokens: int, threshold: float, measure="max_prob"):
     tokens, lengths = self.pad(prompts)
     with self._ctx():
-      return _confident(self.graphdef, self.params, tokens, lengths, max_len=self.max_len,
+      return _confident(self._graph, self.params, tokens, lengths, max_len=self.max_len,
                         max_new_tokens=max_new_tokens, threshold=float(threshold),
                         measure=measure)
 
@@ -464,13 +500,13 @@ class Decoder:
     self._check_exit(draft_exit, "draft_exit")
     tokens, lengths = self.pad(prompts)
     with self._ctx():
-      return _speculative(self.graphdef, self.params, tokens, lengths, max_len=self.max_len,
+      return _speculative(self._graph, self.params, tokens, lengths, max_len=self.max_len,
                           max_new_tokens=max_new_tokens, draft_exit=draft_exit, k=k)
 
   def logits(self, tokens_BT):
     """Every exit's logits of full forward passes, [G, B, T, V] (no cache)."""
     with self._ctx():
-      return _full_logits(self.graphdef, self.params, jnp.asarray(tokens_BT))
+      return _full_logits(self._graph, self.params, jnp.asarray(tokens_BT))
 
 
 def to_bytes(state: RelayState) -> bytes:
