@@ -23,11 +23,12 @@ $(STAMP): setup.cfg pyproject.toml
 run: venv
 	$(PY) -m experiments.isoflop --config=experiments/configs/isoflop.py:tiny --outdir=$(STUDY)
 
+# Two workers, one test file each at a time, so that a file's compiled fixtures are built once.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 lint: venv
 	$(PY) -m ruff check .
