@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from famjax.files import WorkdirBusy
+from famjax.files import WorkdirBusy, default_cache_dir
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -22,6 +22,22 @@ _COORDINATOR = flags.DEFINE_string(
     "JAX_COORDINATOR_ADDRESS); unset on one host.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "JAX's persistent compilation cache "
+                             "(default: the famjax cache dir's xla/; 'none' turns it off).")
+
+
+def use_compilation_cache() -> Path | None:
+  """Turns on JAX's persistent compilation cache (--compilation_cache), so that reruns, resumed
+  sweeps and other processes on this machine skip compiling programs they share. A process-wide
+  setting: entry points call it, library code does not."""
+  if _CACHE.value == "none":
+    return None
+  import jax
+  path = Path(_CACHE.value).expanduser() if _CACHE.value else default_cache_dir() / "xla"
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  return path
 
 
 def initialize_distributed() -> None:

@@ -46,6 +46,7 @@ def _check_writable(path: Path) -> None:
 def main(argv):
   del argv
   _check_writable(Path(_OUT.value))
+  cli.use_compilation_cache()
   law = laws.LAWS[_LAW.value]
   frame = io.read_table(_DATA.value)
   data = io.validate(frame, law, source=_DATA.value)

@@ -10,7 +10,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
-from famjax import study, train
+from famjax import study
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           cli.config_help("isoflop.py", "tiny", "small"))
@@ -26,8 +26,6 @@ _NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "Tasks sharing the plan, e.g. 
 _LIVE_FIT = flags.DEFINE_boolean("live_fit", True, "Refit the familial law after every run.")
 _ALLOW_OTHER_CORPORA = flags.DEFINE_boolean("allow_other_corpora", False, "Fit records made on "
                                             "another corpus than the study's.")
-_CACHE = flags.DEFINE_string("compilation_cache", "", "JAX's persistent compilation cache "
-                             "(default: the famjax cache dir's xla/; 'none' turns it off).")
 flags.adopt_module_key_flags(cli)  # --coordinator_address, --num_processes, ...
 
 
@@ -39,8 +37,7 @@ def main(argv):
   if _DRY_RUN.value:
     print(study.dry_run(study_cfg, base))
     return
-  if _CACHE.value != "none":
-    train.use_compilation_cache(_CACHE.value or None)
+  cli.use_compilation_cache()
   cli.initialize_distributed()
   result = study.run(study_cfg, base, _OUTDIR.value, task_index=_TASK_INDEX.value,
                      num_tasks=_NUM_TASKS.value, fit_only=_FIT_ONLY.value,

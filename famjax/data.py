@@ -17,7 +17,7 @@ import grain
 import numpy as np
 
 from famjax.config import DataConfig
-from famjax.files import atomic_write_text
+from famjax.files import atomic_write_text, default_cache_dir
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS = (PAD, BOS, EOS)
@@ -179,10 +179,6 @@ class BPETokenizer:
 
 
 # --- Token cache ---------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-  return Path(os.environ.get("FAMJAX_CACHE", Path.home() / ".cache" / "famjax"))
 
 
 @dataclasses.dataclass

@@ -13,6 +13,11 @@ import tempfile
 from pathlib import Path
 
 
+def default_cache_dir() -> Path:
+  """famjax's cache (token files, compiled programs): $FAMJAX_CACHE, else ~/.cache/famjax."""
+  return Path(os.environ.get("FAMJAX_CACHE", Path.home() / ".cache" / "famjax"))
+
+
 def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)

@@ -441,17 +441,6 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
   return summary
 
 
-def use_compilation_cache(directory: str | Path | None = None) -> Path:
-  """Turns on JAX's persistent compilation cache (default: the famjax cache's xla/), so that
-  reruns, resumed sweeps and other processes on this machine skip compiling programs they share.
-  A process-wide setting: entry points call it, library code does not."""
-  path = Path(directory) if directory else data.default_cache_dir() / "xla"
-  path.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  return path
-
-
 def load_model(workdir: str | Path, mesh: jax.sharding.Mesh | None = None):
   """(config, model) of a trained workdir, from its newest checkpoint that restores."""
   workdir = Path(workdir)

@@ -211,6 +211,27 @@ def test_whitened_refits_match_refits_in_the_laws_coordinates(familial_fit):
     np.testing.assert_allclose(white_params[name], plain_params[name], rtol=1e-4)
 
 
+def test_restart_carries_starts_that_stalled_on_to_the_minimum(familial_fit):
+  """A loose stall rule (ftol 1e-2) ends every start early and calls it converged; restarting
+  with fresh L-BFGS memory goes on to where a full run from the same start ends."""
+  data, result = familial_fit
+  starts = {k: v + np.linspace(-0.1, 0.1, 8) for k, v in result.params.items()}
+  weights = np.ones((8, len(data["loss"])))
+  with jax.enable_x64(True):
+    arrays = fit.as_data(data)
+    stalled = fit.solve_batch(laws.FAMILIAL, starts, arrays, weights, lanes=8,
+                              stop=fit.StopRules(ftol=1e-2))
+    full = fit.solve_batch(laws.FAMILIAL, starts, arrays, weights, lanes=8,
+                           stop=fit.StopRules(tol=1e-12, maxiter=3000))
+    restarted = fit.restart(laws.FAMILIAL, *stalled, arrays, weights, lanes=8)
+  ran_to_the_end = full[2]  # (a plain run from the farthest starts can end unconverged)
+  assert ran_to_the_end.sum() >= 4
+  assert stalled[2][ran_to_the_end].all()
+  assert np.all(stalled[1][ran_to_the_end] > full[1][ran_to_the_end] * 1.01)
+  np.testing.assert_allclose(restarted[1][ran_to_the_end], full[1][ran_to_the_end], rtol=1e-8)
+  assert restarted[2].all() and np.all(restarted[1] <= full[1] * (1 + 1e-8))
+
+
 def test_the_queue_evaluates_its_starts_when_maxiter_is_zero():
   data = synthetic_family(noise=0.01)
   starts = {k: np.full(3, v) + np.array([0.0, 0.1, -0.1]) for k, v in PAPER.items()}
@@ -506,16 +527,16 @@ def test_bootstrap_refits_match_scipy_on_a_35_row_study():
 @pytest.mark.parametrize("n_rows", [20, 40, 60])
 def test_bootstrap_refits_match_scipy_on_small_synthetic_studies(n_rows):
   """Random designs (N 1e7-1e10, D 1e9-1e12) from Epoch's law with 2% noise. Such resamples can
-  have several local minima: famjax's refits land as low as scipy's in all but a few (where
-  scipy's path reaches a lower minimum: 15 of 1000 at 20 rows, 0-1 at 40 and 60), lower in
-  others, and the standard errors agree within 2%."""
+  have several local minima: famjax's refits land as low as scipy's in all but at most 2 of 1000
+  (1 at 20 and 40 rows, where scipy's path reaches a lower local minimum; 0 at 60), and the
+  standard errors agree within 2%."""
   rng = np.random.default_rng(n_rows)
   n = np.exp(rng.uniform(np.log(1e7), np.log(1e10), n_rows))
   d = np.exp(rng.uniform(np.log(1e9), np.log(1e12), n_rows))
   loss = (1.82 + 482 / n ** 0.348 + 2085 / d ** 0.366) * np.exp(0.02 * rng.standard_normal(n_rows))
   boot, gap, se_ratio = _compare_with_scipy({"N": n, "D": d, "loss": loss}, 1000)
   finite = gap[np.isfinite(gap)]
-  assert boot.failed <= 2 and np.mean(finite < 1e-6) >= (0.98 if n_rows == 20 else 0.998), \
+  assert boot.failed <= 2 and np.mean(finite < 1e-6) >= 0.998, \
       np.sort(finite)[-10:]
   for name, ratio in se_ratio.items():
     assert ratio == pytest.approx(1, abs=0.02), name

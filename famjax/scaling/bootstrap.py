@@ -4,7 +4,8 @@ two tests of gamma > 0.
 
 Every refit converges or is accounted for: refits start from the full-data optimum in
 coordinates whitened by the full-data Hessian there (fit.whitened); those that stop unconverged
-are continued, whitened at their own point by their own objective (fit.refine); a second path
+are continued, whitened at their own point by their own objective, and every refit is then
+restarted with a fresh L-BFGS memory until none moves (fit.refine, fit.restart); a second path
 and grid restarts settle resamples with several minima (see `bootstrap`); the rest are failed,
 excluded from the SEs and intervals, and counted.
 """
@@ -51,6 +52,8 @@ def derived(natural: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 RETRY_GRID_EVERY = 10  # thinning of the law's grid that arbitrates between refits' paths
 PILOT_EVERY = 10  # every k-th refit also takes the second path; all do if one pilot disagrees
+BOTH_PATHS_MAX_ROWS = 100  # studies this small: every refit takes both paths (they are cheap,
+#                            and one resample in a hundred can have a second minimum)
 DISAGREE_RTOL = 1e-7  # relative objective gap between the paths that calls for grid restarts
 
 
@@ -109,10 +112,11 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
   """Refits on n resamples, each started from the full-data optimum `result`.
 
   Small studies can have resamples whose objective has several local minima, where refits from
-  the same start reach different ones by different paths. So every PILOT_EVERY-th refit also
-  takes the law's own coordinates from the optimum; if any of those lands elsewhere, every refit
-  does, and each refit whose second path found a lower objective (or that did not converge) is
-  settled by a thinned grid of restarts. Refits that still have not converged are failed.
+  the same start reach different ones by different paths. So every refit of a study of up to
+  BOTH_PATHS_MAX_ROWS rows, and every PILOT_EVERY-th of a larger one, also takes the law's own
+  coordinates from the optimum; if any of those pilots lands elsewhere, every refit does, and
+  each refit whose second path found a lower objective (or that did not converge) is settled by
+  a thinned grid of restarts. Refits that still have not converged are failed.
   """
   options = dict(delta=delta, stop=stop, lanes=lanes)
   with jax.enable_x64(True):
@@ -124,7 +128,8 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
     triple = fitlib.solve_batch(law, inits, data, counts_BR, fixed, coordinates=coordinates,
                                 progress=progress, desc="bootstrap", **options)
     triple = fitlib.refine(law, *triple, data, counts_BR, fixed, **options)
-    pilot = np.arange(0, n, PILOT_EVERY)
+    n_rows = int(data["loss"].shape[0])
+    pilot = np.arange(0, n, 1 if n_rows <= BOTH_PATHS_MAX_ROWS else PILOT_EVERY)
     raw = _raw_path(law, result, data, counts_BR, fixed, options, pilot)
     # the second path reached a lower minimum than the first: the first may have missed it (the
     # reverse is common without several minima: plain L-BFGS stalls above the optimum)

@@ -35,6 +35,8 @@ N_POLISHED = 8  # best grid starts rerun in coordinates whitened at the best one
 DEFAULT_LANES = 256  # vmapped solver lanes that a queue of starts streams through
 FD_STEP = 1e-5  # central differences of the gradient, for `whiten`
 REFINE_ROUNDS = 3  # rounds of re-whitening an unconverged start at its own point
+RESTART_ROUNDS = 4  # rounds of fresh-memory continuation of the starts that still move
+RESTART_RTOL = 1e-7  # a continuation "moves" when it lowers the objective by more than this of it
 
 
 def dense_solve(matvec, b, **_):
@@ -155,13 +157,15 @@ def refine(law: Law, params_S: Mapping, value_S, converged_S, data: Mapping, wei
            fixed=None, *, delta: float = DEFAULT_DELTA, stop: StopRules = StopRules(),
            lanes: int = DEFAULT_LANES, rounds: int = REFINE_ROUNDS):
   """Continues every unconverged start from where it stopped, in coordinates whitened at its own
-  point by its own objective (`whiten`), for up to `rounds` rounds. Returns copies of (params,
-  objective, converged); a continuation replaces a start only where it lowers the objective."""
+  point by its own objective (`whiten`), for up to `rounds` rounds, then `restart`s every start.
+  Returns copies of (params, objective, converged); a continuation replaces a start only where it
+  lowers the objective."""
   names = tuple(params_S)
   params_S = {k: np.array(v, np.float64) for k, v in params_S.items()}
   value_S, converged_S = np.array(value_S), np.array(converged_S)
   weights_SR = np.broadcast_to(np.asarray(weights_SR, np.float64),
                                (len(value_S), np.shape(weights_SR)[-1]))
+  options = dict(delta=delta, stop=stop, lanes=lanes)
   for _ in range(rounds):
     todo = np.flatnonzero(~converged_S & np.isfinite(value_S))
     if not todo.size:
@@ -171,12 +175,40 @@ def refine(law: Law, params_S: Mapping, value_S, converged_S, data: Mapping, wei
                          lanes=lanes)
     new, value_T, converged_T = solve_batch(
         law, {k: params_S[k][todo] for k in names}, data, weights_SR[todo], fixed,
-        coordinates=coordinates, delta=delta, stop=stop, lanes=lanes)
+        coordinates=coordinates, **options)
     better = value_T <= value_S[todo]
     for k in names:
       params_S[k][todo[better]] = new[k][better]
     value_S[todo[better]] = value_T[better]
     converged_S[todo] = converged_T & better
+  return restart(law, params_S, value_S, converged_S, data, weights_SR, fixed, **options)
+
+
+def restart(law: Law, params_S: Mapping, value_S, converged_S, data: Mapping, weights_SR,
+            fixed=None, *, delta: float = DEFAULT_DELTA, stop: StopRules = StopRules(),
+            lanes: int = DEFAULT_LANES, rounds: int = RESTART_ROUNDS):
+  """Continues every start from where it stopped with a fresh L-BFGS memory, in the law's own
+  coordinates, and again for those that moved (lowered the objective by > RESTART_RTOL of it),
+  up to `rounds` rounds. An L-BFGS can stall short of a minimum on the Huber objective's kinks
+  with a curvature memory that no longer fits (stop.ftol then ends it as converged); a fresh
+  start from the same point goes on. Returns copies of (params, objective, converged)."""
+  names = tuple(params_S)
+  params_S = {k: np.array(v, np.float64) for k, v in params_S.items()}
+  value_S, converged_S = np.array(value_S), np.array(converged_S)
+  weights_SR = np.broadcast_to(np.asarray(weights_SR, np.float64),
+                               (len(value_S), np.shape(weights_SR)[-1]))
+  todo = np.flatnonzero(np.isfinite(value_S))
+  for _ in range(rounds):
+    if not todo.size:
+      break
+    new, value_T, converged_T = solve_batch(
+        law, {k: params_S[k][todo] for k in names}, data, weights_SR[todo], fixed,
+        delta=delta, stop=stop, lanes=lanes)
+    moved = value_T < value_S[todo] * (1 - RESTART_RTOL)
+    todo = todo[moved]
+    for k in names:
+      params_S[k][todo] = new[k][moved]
+    value_S[todo], converged_S[todo] = value_T[moved], converged_T[moved]
   return params_S, value_S, converged_S
 
 
@@ -297,7 +329,8 @@ def estimate(law: Law, data: Mapping, *, weights=None, grid: Mapping | None = No
   inside jax.jit (one compilation per data shape), jax.vmap (over studies of the same shape) and
   jax.grad. With n_bootstrap > 0 (and a PRNG `key`), refits of resampled rows (or of whole
   `groups`, integer labels 0..G-1) give standard errors and 95% percentile intervals; a refit
-  still unconverged after re-whitening at its own point is excluded (nan in `samples`).
+  still unconverged after re-whitening at its own point and a `restart` is excluded (nan in
+  `samples`).
 
   Needs 64-bit mode (jax.enable_x64): in float32 the Huber objective's kinks at delta = 1e-3 are
   lost in rounding, so a float32 call is a TypeError, not a silently wrong fit.
@@ -347,7 +380,13 @@ def _bootstrap(law, names, x_P, data, weights, fixed, delta, stop, lanes, n, key
                          fixed, stop, **options)
   better_B = second.value_S <= first.value_S
   x_BP = jnp.where(better_B[:, None], second.x_SP, first.x_SP)
+  value_B = jnp.where(better_B, second.value_S, first.value_S)
   converged_B = jnp.where(better_B, second.converged_S, first.converged_S)
+  # and one with a fresh L-BFGS memory in the law's own coordinates (see `restart`)
+  third = lanelib.solve(law, lanelib.queue(x_BP, counts_BR), data, fixed, stop, **options)
+  moved_B = third.value_S < value_B * (1 - RESTART_RTOL)
+  x_BP = jnp.where(moved_B[:, None], third.x_SP, x_BP)
+  converged_B = jnp.where(moved_B, third.converged_S, converged_B)
   x_BP = jnp.where(converged_B[:, None], x_BP, jnp.nan)
   samples = dict(zip(names, x_BP.T))
   natural = {to_natural_name(k): jnp.exp(v) if to_natural_name(k) != k else v
