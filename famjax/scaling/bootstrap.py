@@ -134,7 +134,7 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
     # the second path reached a lower minimum than the first: the first may have missed it (the
     # reverse is common without several minima: plain L-BFGS stalls above the optimum)
     differs = lambda a, b: b[1] < a[1] * (1 - DISAGREE_RTOL)
-    if differs(_subset(triple, pilot), raw).any():
+    if len(pilot) < n and differs(_subset(triple, pilot), raw).any():
       # several minima: every refit takes both paths, and any two that end apart are settled
       everyone = np.arange(n)
       raw = _raw_path(law, result, data, counts_BR, fixed, options, everyone)

@@ -153,6 +153,16 @@ def solve_batch(law: Law, inits_S: Mapping, data: Mapping, weights_SR, fixed=Non
           out.converged_S & np.isfinite(out.value_S))
 
 
+def _copies(params_S, value_S, converged_S, weights_SR):
+  """Float64 copies of a batch of starts (params, objective, converged) that the caller may
+  update in place, and its row weights broadcast to [S, R]."""
+  value_S = np.array(value_S)
+  weights_SR = np.broadcast_to(np.asarray(weights_SR, np.float64),
+                               (len(value_S), np.shape(weights_SR)[-1]))
+  return ({k: np.array(v, np.float64) for k, v in params_S.items()}, value_S,
+          np.array(converged_S), weights_SR)
+
+
 def refine(law: Law, params_S: Mapping, value_S, converged_S, data: Mapping, weights_SR,
            fixed=None, *, delta: float = DEFAULT_DELTA, stop: StopRules = StopRules(),
            lanes: int = DEFAULT_LANES, rounds: int = REFINE_ROUNDS):
@@ -161,10 +171,7 @@ def refine(law: Law, params_S: Mapping, value_S, converged_S, data: Mapping, wei
   Returns copies of (params, objective, converged); a continuation replaces a start only where it
   lowers the objective."""
   names = tuple(params_S)
-  params_S = {k: np.array(v, np.float64) for k, v in params_S.items()}
-  value_S, converged_S = np.array(value_S), np.array(converged_S)
-  weights_SR = np.broadcast_to(np.asarray(weights_SR, np.float64),
-                               (len(value_S), np.shape(weights_SR)[-1]))
+  params_S, value_S, converged_S, weights_SR = _copies(params_S, value_S, converged_S, weights_SR)
   options = dict(delta=delta, stop=stop, lanes=lanes)
   for _ in range(rounds):
     todo = np.flatnonzero(~converged_S & np.isfinite(value_S))
@@ -193,10 +200,7 @@ def restart(law: Law, params_S: Mapping, value_S, converged_S, data: Mapping, we
   with a curvature memory that no longer fits (stop.ftol then ends it as converged); a fresh
   start from the same point goes on. Returns copies of (params, objective, converged)."""
   names = tuple(params_S)
-  params_S = {k: np.array(v, np.float64) for k, v in params_S.items()}
-  value_S, converged_S = np.array(value_S), np.array(converged_S)
-  weights_SR = np.broadcast_to(np.asarray(weights_SR, np.float64),
-                               (len(value_S), np.shape(weights_SR)[-1]))
+  params_S, value_S, converged_S, weights_SR = _copies(params_S, value_S, converged_S, weights_SR)
   todo = np.flatnonzero(np.isfinite(value_S))
   for _ in range(rounds):
     if not todo.size:
