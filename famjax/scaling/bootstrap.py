@@ -5,14 +5,17 @@ two tests of gamma > 0.
 Every refit converges or is accounted for: refits start from the full-data optimum in
 coordinates whitened by the full-data Hessian there (fit.whitened); those that stop unconverged
 are continued, whitened at their own point by their own objective, and every refit is then
-restarted with a fresh L-BFGS memory until none moves (fit.refine, fit.restart); a second path
-and grid restarts settle resamples with several minima (see `bootstrap`); the rest are failed,
-excluded from the SEs and intervals, and counted.
+restarted with a fresh L-BFGS memory until none moves (fit.refine, fit.restart); a second path,
+screened grid starts and grid restarts settle resamples with several minima (see `bootstrap`);
+the rest are failed, excluded from the SEs and intervals, and counted.
+
+Shape letters: B resamples (refits), R data rows, G grid points, K screened starts per refit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Sequence
 
 import jax
@@ -31,7 +34,8 @@ class BootstrapResult:
   ci95: dict[str, tuple[float, float]]
   converged: float  # share of refits that converged (see fit.fit)
   failed: int = 0  # refits excluded from se and ci95 (nan in samples): no retry converged
-  multimodal: int = 0  # refits settled by grid restarts (paths disagreed, or unconverged)
+  multimodal: int = 0  # refits whose resample showed several minima (two paths or starts ended
+  #                      apart), or that needed grid restarts to converge
 
 
 def resample_counts(n_rows: int, n: int, seed: int, groups: Sequence | None = None) -> np.ndarray:
@@ -55,6 +59,15 @@ PILOT_EVERY = 10  # every k-th refit also takes the second path; all do if one p
 BOTH_PATHS_MAX_ROWS = 100  # studies this small: every refit takes both paths (they are cheap,
 #                            and one resample in a hundred can have a second minimum)
 DISAGREE_RTOL = 1e-7  # relative objective gap between the paths that calls for grid restarts
+SCREENED_STARTS = 2  # per refit, where every refit takes both paths: the law's grid points lowest
+#                      in the resample's objective, each run to convergence (one resample in 50 of
+#                      a 20-row study has a lower minimum that neither path reaches; docs/fitter.md)
+SCREEN_CHUNK = 512  # resamples screened at a time ([chunk, G] objectives in memory)
+
+
+def _lower(a, b):
+  """Per refit, whether triple b reached an objective lower than a's by more than DISAGREE_RTOL."""
+  return b[1] < a[1] * (1 - DISAGREE_RTOL)
 
 
 def _best(a, b):
@@ -105,6 +118,39 @@ def _restart_from_grid(law, data, triple, counts_BR, fixed, options, index):
   return _put(triple, index, _best(_subset(triple, index), found))
 
 
+def _screened_starts(law, data, counts_BR, fixed, delta, k):
+  """{name: [B, K]}: per resample, the k points of the law's grid with the lowest objective on its
+  rows (one matrix product: the objective is linear in the row weights)."""
+  grid_G = {name: v for name, v in law.grid().items() if name not in fixed}
+  rows = functools.partial(fitlib.row_losses, law=law, delta=delta, fixed=fixed)
+  losses_GR = np.array(jax.jit(jax.vmap(rows, in_axes=(0, None)))(grid_G, data))
+  bad_G = ~np.isfinite(losses_GR).all(axis=1)
+  losses_GR[bad_G] = 0.0
+  k = min(k, len(losses_GR))
+  top = []
+  for first in range(0, len(counts_BR), SCREEN_CHUNK):
+    objective_BG = counts_BR[first:first + SCREEN_CHUNK] @ losses_GR.T
+    objective_BG[:, bad_G] = np.inf
+    top.append(np.argpartition(objective_BG, k - 1, axis=1)[:, :k])
+  top_BK = np.concatenate(top)
+  return {name: v[top_BK] for name, v in grid_G.items()}
+
+
+def _restart_from_screened(law, data, triple, counts_BR, fixed, options):
+  """Every refit also runs from its screened grid starts (refined); the lowest converged one
+  replaces the refit where it is lower. Returns the triple and which refits it lowered."""
+  starts_BK = _screened_starts(law, data, counts_BR, fixed, options["delta"], SCREENED_STARTS)
+  n, k = next(iter(starts_BK.values())).shape
+  weights = np.repeat(counts_BR, k, axis=0)
+  found = fitlib.solve_batch(law, {name: v.ravel() for name, v in starts_BK.items()}, data,
+                             weights, fixed, **options)
+  found = fitlib.refine(law, *found, data, weights, fixed, **options)
+  best = np.arange(n) * k + np.argmin(np.where(found[2], found[1], np.inf).reshape(n, k), axis=1)
+  found = _subset(found, best)
+  found = (found[0], np.where(found[2], found[1], np.inf), found[2])
+  return _best(triple, found), _lower(triple, found)
+
+
 def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 4000, seed: int = 0,
               groups: Sequence | None = None, delta: float = fitlib.DEFAULT_DELTA,
               stop: fitlib.StopRules = fitlib.StopRules(), lanes: int = fitlib.DEFAULT_LANES,
@@ -112,11 +158,13 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
   """Refits on n resamples, each started from the full-data optimum `result`.
 
   Small studies can have resamples whose objective has several local minima, where refits from
-  the same start reach different ones by different paths. So every refit of a study of up to
-  BOTH_PATHS_MAX_ROWS rows, and every PILOT_EVERY-th of a larger one, also takes the law's own
-  coordinates from the optimum; if any of those pilots lands elsewhere, every refit does, and
-  each refit whose second path found a lower objective (or that did not converge) is settled by
-  a thinned grid of restarts. Refits that still have not converged are failed.
+  the same start reach different ones by different paths, or none reaches the lowest. So every
+  refit of a study of up to BOTH_PATHS_MAX_ROWS rows, and every PILOT_EVERY-th of a larger one,
+  also takes the law's own coordinates from the optimum; if any of those pilots lands elsewhere,
+  every refit does. Where every refit takes both paths, each also runs from the SCREENED_STARTS
+  grid points lowest in its own objective. Each refit whose second path found a lower objective
+  (or that did not converge) is settled by a thinned grid of restarts. Refits that still have
+  not converged are failed.
   """
   options = dict(delta=delta, stop=stop, lanes=lanes)
   with jax.enable_x64(True):
@@ -133,16 +181,18 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
     raw = _raw_path(law, result, data, counts_BR, fixed, options, pilot)
     # the second path reached a lower minimum than the first: the first may have missed it (the
     # reverse is common without several minima: plain L-BFGS stalls above the optimum)
-    differs = lambda a, b: b[1] < a[1] * (1 - DISAGREE_RTOL)
-    if len(pilot) < n and differs(_subset(triple, pilot), raw).any():
+    if len(pilot) < n and _lower(_subset(triple, pilot), raw).any():
       # several minima: every refit takes both paths, and any two that end apart are settled
       everyone = np.arange(n)
       raw = _raw_path(law, result, data, counts_BR, fixed, options, everyone)
       pilot = everyone
-    unsettled = np.zeros(n, bool)
-    unsettled[pilot] = differs(_subset(triple, pilot), raw)
+    paths_differ = np.zeros(n, bool)
+    paths_differ[pilot] = _lower(_subset(triple, pilot), raw)
     triple = _put(triple, pilot, _best(_subset(triple, pilot), raw))
-    unsettled |= ~triple[2]
+    screened_lower = np.zeros(n, bool)
+    if len(pilot) == n:
+      triple, screened_lower = _restart_from_screened(law, data, triple, counts_BR, fixed, options)
+    unsettled = paths_differ | ~triple[2]
     if unsettled.any():
       triple = _restart_from_grid(law, data, triple, counts_BR, fixed, options,
                                   np.flatnonzero(unsettled))
@@ -158,7 +208,8 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
         else (float("nan"), float("nan")) for k, v in ok.items()}
   return BootstrapResult(n=n, samples=natural, se=se, ci95=ci,
                          converged=float(np.mean(converged_B)),
-                         failed=int((~converged_B).sum()), multimodal=int(unsettled.sum()))
+                         failed=int((~converged_B).sum()),
+                         multimodal=int((unsettled | screened_lower).sum()))
 
 
 def gamma_tests(data: Mapping, result: fitlib.FitResult, boot: BootstrapResult | None = None,

@@ -27,7 +27,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from famjax.scaling import lanes as lanelib
-from famjax.scaling.lanes import StopRules, objective  # noqa: F401 (public)
+from famjax.scaling.lanes import StopRules, objective, row_losses  # noqa: F401 (public)
 from famjax.scaling.laws import Law, to_natural_name
 
 DEFAULT_DELTA = 1e-3

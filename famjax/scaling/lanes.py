@@ -54,10 +54,15 @@ class Outcome(NamedTuple):
   converged_S: jax.Array
 
 
+def row_losses(params, data, *, law: Law, delta: float, fixed: Mapping | None = None):
+  """[R] Huber_delta(log loss_i - law.log_loss(params, data)_i): each row's term of `objective`."""
+  residual_R = jnp.log(data["loss"]) - law.log_loss({**(fixed or {}), **params}, data)
+  return optax.losses.huber_loss(residual_R, delta=delta)
+
+
 def objective(params, data, weights_R, *, law: Law, delta: float, fixed: Mapping | None = None):
   """sum_i w_i Huber_delta(log loss_i - law.log_loss(params, data)_i) (Hoffmann et al. 2022)."""
-  residual_R = jnp.log(data["loss"]) - law.log_loss({**(fixed or {}), **params}, data)
-  return jnp.sum(weights_R * optax.losses.huber_loss(residual_R, delta=delta))
+  return jnp.sum(weights_R * row_losses(params, data, law=law, delta=delta, fixed=fixed))
 
 
 def queue(x_SP, weights_SR, origin_SP=None, basis_SPP=None) -> Queue:
