@@ -9,13 +9,12 @@ restarted with a fresh L-BFGS memory until none moves (fit.refine, fit.restart);
 screened grid starts and grid restarts settle resamples with several minima (see `bootstrap`);
 the rest are failed, excluded from the SEs and intervals, and counted.
 
-Shape letters: B resamples (refits), R data rows, G grid points, K screened starts per refit.
+Shape letters: B resamples (refits), R data rows, K screened starts per refit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Mapping, Sequence
 
 import jax
@@ -56,13 +55,10 @@ def derived(natural: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 RETRY_GRID_EVERY = 10  # thinning of the law's grid that arbitrates between refits' paths
 PILOT_EVERY = 10  # every k-th refit also takes the second path; all do if one pilot disagrees
-BOTH_PATHS_MAX_ROWS = 100  # studies this small: every refit takes both paths (they are cheap,
-#                            and one resample in a hundred can have a second minimum)
+# studies this small: every refit takes both paths (they are cheap, and one resample in a hundred
+# can have a second minimum) and its screened grid starts
+BOTH_PATHS_MAX_ROWS = fitlib.SCREENED_MAX_ROWS
 DISAGREE_RTOL = 1e-7  # relative objective gap between the paths that calls for grid restarts
-SCREENED_STARTS = 2  # per refit, where every refit takes both paths: the law's grid points lowest
-#                      in the resample's objective, each run to convergence (one resample in 50 of
-#                      a 20-row study has a lower minimum that neither path reaches; docs/fitter.md)
-SCREEN_CHUNK = 512  # resamples screened at a time ([chunk, G] objectives in memory)
 
 
 def _lower(a, b):
@@ -118,31 +114,21 @@ def _restart_from_grid(law, data, triple, counts_BR, fixed, options, index):
   return _put(triple, index, _best(_subset(triple, index), found))
 
 
-def _screened_starts(law, data, counts_BR, fixed, delta, k):
-  """{name: [B, K]}: per resample, the k points of the law's grid with the lowest objective on its
-  rows (one matrix product: the objective is linear in the row weights)."""
-  grid_G = {name: v for name, v in law.grid().items() if name not in fixed}
-  rows = functools.partial(fitlib.row_losses, law=law, delta=delta, fixed=fixed)
-  losses_GR = np.array(jax.jit(jax.vmap(rows, in_axes=(0, None)))(grid_G, data))
-  bad_G = ~np.isfinite(losses_GR).all(axis=1)
-  losses_GR[bad_G] = 0.0
-  k = min(k, len(losses_GR))
-  top = []
-  for first in range(0, len(counts_BR), SCREEN_CHUNK):
-    objective_BG = counts_BR[first:first + SCREEN_CHUNK] @ losses_GR.T
-    objective_BG[:, bad_G] = np.inf
-    top.append(np.argpartition(objective_BG, k - 1, axis=1)[:, :k])
-  top_BK = np.concatenate(top)
-  return {name: v[top_BK] for name, v in grid_G.items()}
+_lowest_grid_points = jax.jit(fitlib.lowest_grid_points,
+                              static_argnames=("law", "names", "delta", "k"))
 
 
 def _restart_from_screened(law, data, triple, counts_BR, fixed, options):
-  """Every refit also runs from its screened grid starts (refined); the lowest converged one
-  replaces the refit where it is lower. Returns the triple and which refits it lowered."""
-  starts_BK = _screened_starts(law, data, counts_BR, fixed, options["delta"], SCREENED_STARTS)
-  n, k = next(iter(starts_BK.values())).shape
+  """Every refit also runs from the fit.SCREENED_STARTS points of the law's grid lowest in its
+  resample's objective (refined); the lowest converged end replaces the refit where it is lower.
+  Returns the triple and which refits it lowered."""
+  grid_G = {name: v for name, v in law.grid().items() if name not in fixed}
+  names = tuple(grid_G)
+  top_BK = np.asarray(_lowest_grid_points(law, names, np.stack(list(grid_G.values()), -1), data,
+                                          counts_BR, fixed, delta=options["delta"]))
+  n, k = top_BK.shape
   weights = np.repeat(counts_BR, k, axis=0)
-  found = fitlib.solve_batch(law, {name: v.ravel() for name, v in starts_BK.items()}, data,
+  found = fitlib.solve_batch(law, {name: grid_G[name][top_BK.ravel()] for name in names}, data,
                              weights, fixed, **options)
   found = fitlib.refine(law, *found, data, weights, fixed, **options)
   best = np.arange(n) * k + np.argmin(np.where(found[2], found[1], np.inf).reshape(n, k), axis=1)
@@ -161,10 +147,10 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
   the same start reach different ones by different paths, or none reaches the lowest. So every
   refit of a study of up to BOTH_PATHS_MAX_ROWS rows, and every PILOT_EVERY-th of a larger one,
   also takes the law's own coordinates from the optimum; if any of those pilots lands elsewhere,
-  every refit does. Where every refit takes both paths, each also runs from the SCREENED_STARTS
-  grid points lowest in its own objective. Each refit whose second path found a lower objective
-  (or that did not converge) is settled by a thinned grid of restarts. Refits that still have
-  not converged are failed.
+  every refit does. Where every refit takes both paths, each also runs from the
+  fit.SCREENED_STARTS grid points lowest in its own objective. Each refit whose second path found
+  a lower objective (or that did not converge) is settled by a thinned grid of restarts. Refits
+  that still have not converged are failed.
   """
   options = dict(delta=delta, stop=stop, lanes=lanes)
   with jax.enable_x64(True):

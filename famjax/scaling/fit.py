@@ -10,8 +10,8 @@ the same compiled solver.
 - `fit`: the same from the host, with progress bars and a FitResult holding every start.
 - `solve`, `solve_batch`, `refine`, `whiten`: the pieces, for callers who need them.
 
-Shape letters: S starts, P parameters, R data rows, B bootstrap resamples, K finite-difference
-points.
+Shape letters: S starts, P parameters, R data rows, B bootstrap resamples, G grid points, K
+screened starts per resample.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ FD_STEP = 1e-5  # central differences of the gradient, for `whiten`
 REFINE_ROUNDS = 3  # rounds of re-whitening an unconverged start at its own point
 RESTART_ROUNDS = 4  # rounds of fresh-memory continuation of the starts that still move
 RESTART_RTOL = 1e-7  # a continuation "moves" when it lowers the objective by more than this of it
+SCREENED_STARTS = 2  # per bootstrap refit of a small study: the grid points lowest in the
+#                      resample's objective, each run to convergence (one resample in 50 of a
+#                      20-row study has a lower minimum than the refit from the optimum reaches)
+SCREENED_MAX_ROWS = 100  # studies up to this size screen every refit (see bootstrap.bootstrap)
+SCREEN_BATCH = 512  # resamples screened at a time ([batch, G] objectives in memory)
 
 
 def dense_solve(matvec, b, **_):
@@ -309,6 +314,19 @@ def _hessian_whitening(law, names, x_P, data, weights_R, fixed, delta):
   return x_P, jnp.where(ok, vectors / jnp.sqrt(curvature), jnp.eye(x_P.size))
 
 
+def lowest_grid_points(law: Law, names: tuple[str, ...], grid_GP, data: Mapping, weights_BR,
+                       fixed=None, *, delta: float = DEFAULT_DELTA, k: int = SCREENED_STARTS):
+  """[B, K] indices of the k grid points with the lowest objective for each row weighting: one
+  [B, R] x [R, G] product, since the objective is linear in the row weights. Pure JAX."""
+  rows = lambda x_P: row_losses(dict(zip(names, x_P)), data, law=law, delta=delta, fixed=fixed)
+  losses_GR = jax.vmap(rows)(jnp.asarray(grid_GP))
+  finite_G = jnp.all(jnp.isfinite(losses_GR), axis=1)
+  losses_GR = jnp.where(finite_G[:, None], losses_GR, 0.0)
+  lowest = lambda weights_R: jax.lax.top_k(
+      jnp.where(finite_G, -(losses_GR @ weights_R), -jnp.inf), min(k, len(grid_GP)))[1]
+  return jax.lax.map(lowest, jnp.asarray(weights_BR), batch_size=SCREEN_BATCH)
+
+
 def _resample_counts(key, n_rows: int, n: int, groups) -> jax.Array:
   """[n, R] row multiplicities: rows drawn with replacement, or whole groups (integer labels
   0..G-1, concrete) if given."""
@@ -332,9 +350,11 @@ def estimate(law: Law, data: Mapping, *, weights=None, grid: Mapping | None = No
   is differentiable, by implicit differentiation, in the losses and the row `weights`. Works
   inside jax.jit (one compilation per data shape), jax.vmap (over studies of the same shape) and
   jax.grad. With n_bootstrap > 0 (and a PRNG `key`), refits of resampled rows (or of whole
-  `groups`, integer labels 0..G-1) give standard errors and 95% percentile intervals; a refit
-  still unconverged after re-whitening at its own point and a `restart` is excluded (nan in
-  `samples`).
+  `groups`, integer labels 0..G-1) give standard errors and 95% percentile intervals. In a study
+  of up to SCREENED_MAX_ROWS rows every refit also runs from the SCREENED_STARTS grid points
+  lowest in its resample's objective, and the lowest converged end is kept; a refit still
+  unconverged after re-whitening at its own point and a `restart` is excluded (nan in
+  `samples`). The host's `bootstrap.bootstrap` adds more retries (docs/fitter.md).
 
   Needs 64-bit mode (jax.enable_x64): in float32 the Huber objective's kinks at delta = 1e-3 are
   lost in rounding, so a float32 call is a TypeError, not a silently wrong fit.
@@ -365,32 +385,52 @@ def estimate(law: Law, data: Mapping, *, weights=None, grid: Mapping | None = No
   if n_bootstrap:
     if key is None:
       raise ValueError("estimate(n_bootstrap > 0) needs a PRNG key, e.g. jax.random.key(0)")
-    boot = _bootstrap(law, names, const(jnp.stack([params[k] for k in names])), frozen,
+    boot = _bootstrap(law, names, const(jnp.stack([params[k] for k in names])), x_SP, frozen,
                       const(weights), fixed, delta, stop, lanes, n_bootstrap, key, groups)
   return Estimate(params, state.value, state.error <= stop.tol, boot)
 
 
-def _bootstrap(law, names, x_P, data, weights, fixed, delta, stop, lanes, n, key, groups):
+def _refits(law, names, x_BP, counts_BR, coordinates, data, fixed, delta, stop, lanes):
+  """Refits from x_BP in the given coordinates, then one more round for each, whitened at its own
+  point by its own objective (converged ones stop at once), then one with a fresh L-BFGS memory
+  in the law's own coordinates (see `restart`). Returns (x_BP, value_B, converged_B)."""
   options = dict(names=names, delta=delta, lanes=lanes)
-  counts_BR = _resample_counts(key, weights.shape[0], n, groups) * weights
-  origin_P, basis_PP = _hessian_whitening(law, names, x_P, data, weights, fixed, delta)
-  first = lanelib.solve(law, lanelib.queue(jnp.broadcast_to(x_P, (n, x_P.size)), counts_BR,
-                                           origin_P, basis_PP), data, fixed, stop, **options)
-  # one more round for every refit, whitened at its own point by its own objective (converged
-  # ones stop at once)
+  first = lanelib.solve(law, lanelib.queue(x_BP, counts_BR, *coordinates), data, fixed, stop,
+                        **options)
   whiten_B = jax.vmap(lambda x, w: _hessian_whitening(law, names, x, data, w, fixed, delta))
-  origin_BP, basis_BPP = whiten_B(first.x_SP, counts_BR)
-  second = lanelib.solve(law, lanelib.queue(first.x_SP, counts_BR, origin_BP, basis_BPP), data,
-                         fixed, stop, **options)
+  second = lanelib.solve(law, lanelib.queue(first.x_SP, counts_BR, *whiten_B(first.x_SP,
+                                                                              counts_BR)),
+                         data, fixed, stop, **options)
   better_B = second.value_S <= first.value_S
   x_BP = jnp.where(better_B[:, None], second.x_SP, first.x_SP)
   value_B = jnp.where(better_B, second.value_S, first.value_S)
   converged_B = jnp.where(better_B, second.converged_S, first.converged_S)
-  # and one with a fresh L-BFGS memory in the law's own coordinates (see `restart`)
   third = lanelib.solve(law, lanelib.queue(x_BP, counts_BR), data, fixed, stop, **options)
   moved_B = third.value_S < value_B * (1 - RESTART_RTOL)
-  x_BP = jnp.where(moved_B[:, None], third.x_SP, x_BP)
-  converged_B = jnp.where(moved_B, third.converged_S, converged_B)
+  return (jnp.where(moved_B[:, None], third.x_SP, x_BP), jnp.where(moved_B, third.value_S, value_B),
+          jnp.where(moved_B, third.converged_S, converged_B))
+
+
+def _bootstrap(law, names, x_P, grid_GP, data, weights, fixed, delta, stop, lanes, n, key,
+               groups):
+  """Refits from the optimum x_P, whitened there; in studies of up to SCREENED_MAX_ROWS rows,
+  also from each resample's SCREENED_STARTS lowest grid points, the lowest converged end kept."""
+  counts_BR = _resample_counts(key, weights.shape[0], n, groups) * weights
+  refit = functools.partial(_refits, law, names, data=data, fixed=fixed, delta=delta, stop=stop,
+                            lanes=lanes)
+  x_BP, value_B, converged_B = refit(jnp.broadcast_to(x_P, (n, x_P.size)), counts_BR,
+                                     _hessian_whitening(law, names, x_P, data, weights, fixed,
+                                                        delta))
+  if weights.shape[0] <= SCREENED_MAX_ROWS:
+    top_BK = lowest_grid_points(law, names, grid_GP, data, counts_BR, fixed, delta=delta)
+    k = top_BK.shape[1]
+    x_SP, value_S, converged_S = refit(jnp.asarray(grid_GP)[top_BK.reshape(-1)],
+                                       jnp.repeat(counts_BR, k, axis=0), ())
+    value_BK = jnp.where(converged_S, value_S, jnp.inf).reshape(n, k)
+    best_B = jnp.arange(n) * k + jnp.argmin(value_BK, axis=1)
+    lower_B = converged_S[best_B] & (value_S[best_B] < jnp.where(converged_B, value_B, jnp.inf))
+    x_BP = jnp.where(lower_B[:, None], x_SP[best_B], x_BP)
+    converged_B = converged_B | lower_B
   x_BP = jnp.where(converged_B[:, None], x_BP, jnp.nan)
   samples = dict(zip(names, x_BP.T))
   natural = {to_natural_name(k): jnp.exp(v) if to_natural_name(k) != k else v
