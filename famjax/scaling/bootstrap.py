@@ -9,7 +9,8 @@ restarted with a fresh L-BFGS memory until none moves (fit.refine, fit.restart);
 screened grid starts and grid restarts settle resamples with several minima (see `bootstrap`);
 the rest are failed, excluded from the SEs and intervals, and counted.
 
-Shape letters: B resamples (refits), R data rows, K screened starts per refit.
+Shape letters: B resamples (refits), R data rows, S starts, P parameters, C screened starts per
+refit.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class BootstrapResult:
   ci95: dict[str, tuple[float, float]]
   converged: float  # share of refits that converged (see fit.fit)
   failed: int = 0  # refits excluded from se and ci95 (nan in samples): no retry converged
-  multimodal: int = 0  # refits whose resample showed several minima (two paths or starts ended
-  #                      apart), or that needed grid restarts to converge
+  multimodal: int = 0  # refits whose resample showed several minima (a second path or a screened
+  #                      grid start ended lower), or that needed grid restarts to converge
 
 
 def resample_counts(n_rows: int, n: int, seed: int, groups: Sequence | None = None) -> np.ndarray:
@@ -56,9 +57,9 @@ def derived(natural: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 RETRY_GRID_EVERY = 10  # thinning of the law's grid that arbitrates between refits' paths
 PILOT_EVERY = 10  # every k-th refit also takes the second path; all do if one pilot disagrees
 # studies this small: every refit takes both paths (they are cheap, and one resample in a hundred
-# can have a second minimum) and its screened grid starts
+# can have a second minimum) and runs from its screened grid starts
 BOTH_PATHS_MAX_ROWS = fitlib.SCREENED_MAX_ROWS
-DISAGREE_RTOL = 1e-7  # relative objective gap between the paths that calls for grid restarts
+DISAGREE_RTOL = 1e-7  # relative objective gap by which a second path or start "ends lower"
 
 
 def _lower(a, b):
@@ -71,6 +72,16 @@ def _best(a, b):
   take_b = b[1] < np.where(np.isfinite(a[1]), a[1], np.inf)
   params = {k: np.where(take_b, b[0][k], a[0][k]) for k in a[0]}
   return params, np.where(take_b, b[1], a[1]), np.where(take_b, b[2], a[2])
+
+
+def _converged_only(triple):
+  """The triple with an infinite objective wherever it did not converge (never the lower)."""
+  return triple[0], np.where(triple[2], triple[1], np.inf), triple[2]
+
+
+def _lowest_of_each(triple, n, k):
+  """Indices of the lowest converged of each run of k consecutive starts (n runs)."""
+  return np.arange(n) * k + np.argmin(_converged_only(triple)[1].reshape(n, k), axis=1)
 
 
 def _subset(triple, index):
@@ -87,6 +98,13 @@ def _put(triple, index, part):
   return params, value, converged
 
 
+def _grid_points(law, names, every=1):
+  """[S, P] distinct points of the law's grid in the free parameters `names` (with a parameter
+  fixed, each point of the others appears once per grid value of the fixed one)."""
+  grid = law.grid(every)
+  return np.unique(np.stack([grid[k] for k in names], -1), axis=0)
+
+
 def _raw_path(law, result, data, counts_BR, fixed, options, index):
   """Refits `index` from the optimum in the law's own coordinates (the path a plain L-BFGS
   takes), refined."""
@@ -98,20 +116,16 @@ def _raw_path(law, result, data, counts_BR, fixed, options, index):
 def _restart_from_grid(law, data, triple, counts_BR, fixed, options, index):
   """Refits `index` from a thinned grid plus where they stopped; the best start of each is
   refined, and kept where it converged lower."""
-  params_B = triple[0]
-  grid = {k: v for k, v in law.grid(RETRY_GRID_EVERY).items() if k not in (fixed or {})}
-  names = tuple(params_B)
-  n_grid = len(grid[names[0]]) + 1
-  starts = {k: np.concatenate([np.append(grid[k], params_B[k][b]) for b in index])
-            for k in names}
+  names = tuple(triple[0])
+  grid_SP = _grid_points(law, names, RETRY_GRID_EVERY)
+  n_grid = len(grid_SP) + 1
+  starts = {k: np.concatenate([np.append(grid_SP[:, i], triple[0][k][b]) for b in index])
+            for i, k in enumerate(names)}
   weights = np.repeat(counts_BR[index], n_grid, axis=0)
-  params_S, value_S, converged_S = fitlib.solve_batch(law, starts, data, weights, fixed, **options)
-  candidates = np.where(converged_S, value_S, np.inf).reshape(len(index), n_grid)
-  best = np.arange(len(index)) * n_grid + np.argmin(candidates, axis=1)
-  found = fitlib.refine(law, {k: params_S[k][best] for k in names}, value_S[best],
-                        converged_S[best], data, counts_BR[index], fixed, **options)
-  found = (found[0], np.where(found[2], found[1], np.inf), found[2])
-  return _put(triple, index, _best(_subset(triple, index), found))
+  found = fitlib.solve_batch(law, starts, data, weights, fixed, **options)
+  best = _lowest_of_each(found, len(index), n_grid)
+  found = fitlib.refine(law, *_subset(found, best), data, counts_BR[index], fixed, **options)
+  return _put(triple, index, _best(_subset(triple, index), _converged_only(found)))
 
 
 _lowest_grid_points = jax.jit(fitlib.lowest_grid_points,
@@ -120,21 +134,21 @@ _lowest_grid_points = jax.jit(fitlib.lowest_grid_points,
 
 def _restart_from_screened(law, data, triple, counts_BR, fixed, options):
   """Every refit also runs from the fit.SCREENED_STARTS points of the law's grid lowest in its
-  resample's objective (refined); the lowest converged end replaces the refit where it is lower.
-  Returns the triple and which refits it lowered."""
-  grid_G = {name: v for name, v in law.grid().items() if name not in fixed}
-  names = tuple(grid_G)
-  top_BK = np.asarray(_lowest_grid_points(law, names, np.stack(list(grid_G.values()), -1), data,
-                                          counts_BR, fixed, delta=options["delta"]))
-  n, k = top_BK.shape
-  weights = np.repeat(counts_BR, k, axis=0)
-  found = fitlib.solve_batch(law, {name: grid_G[name][top_BK.ravel()] for name in names}, data,
-                             weights, fixed, **options)
+  resample's objective (refined); the lowest converged end replaces the refit where it is lower
+  or where the refit did not converge. Returns the triple and which converged refits it
+  lowered (their resamples have several minima)."""
+  names = tuple(triple[0])
+  grid_SP = _grid_points(law, names)
+  top_BC = np.asarray(_lowest_grid_points(law, names, grid_SP, data, counts_BR, fixed,
+                                          delta=options["delta"]))
+  n, c = top_BC.shape
+  weights = np.repeat(counts_BR, c, axis=0)
+  starts = {k: grid_SP[top_BC.ravel(), i] for i, k in enumerate(names)}
+  found = fitlib.solve_batch(law, starts, data, weights, fixed, **options)
   found = fitlib.refine(law, *found, data, weights, fixed, **options)
-  best = np.arange(n) * k + np.argmin(np.where(found[2], found[1], np.inf).reshape(n, k), axis=1)
-  found = _subset(found, best)
-  found = (found[0], np.where(found[2], found[1], np.inf), found[2])
-  return _best(triple, found), _lower(triple, found)
+  found = _converged_only(_subset(found, _lowest_of_each(found, n, c)))
+  current = _converged_only(triple)
+  return _best(current, found), triple[2] & _lower(current, found)
 
 
 def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 4000, seed: int = 0,
@@ -147,7 +161,7 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
   the same start reach different ones by different paths, or none reaches the lowest. So every
   refit of a study of up to BOTH_PATHS_MAX_ROWS rows, and every PILOT_EVERY-th of a larger one,
   also takes the law's own coordinates from the optimum; if any of those pilots lands elsewhere,
-  every refit does. Where every refit takes both paths, each also runs from the
+  every refit does. Every refit of a study of up to BOTH_PATHS_MAX_ROWS rows also runs from the
   fit.SCREENED_STARTS grid points lowest in its own objective. Each refit whose second path found
   a lower objective (or that did not converge) is settled by a thinned grid of restarts. Refits
   that still have not converged are failed.
@@ -176,7 +190,7 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
     paths_differ[pilot] = _lower(_subset(triple, pilot), raw)
     triple = _put(triple, pilot, _best(_subset(triple, pilot), raw))
     screened_lower = np.zeros(n, bool)
-    if len(pilot) == n:
+    if n_rows <= BOTH_PATHS_MAX_ROWS:
       triple, screened_lower = _restart_from_screened(law, data, triple, counts_BR, fixed, options)
     unsettled = paths_differ | ~triple[2]
     if unsettled.any():

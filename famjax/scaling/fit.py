@@ -8,10 +8,11 @@ the same compiled solver.
 - `estimate`: the fitter as a JAX function (jit, vmap over studies, grad of any estimate with
   respect to the losses or row weights), with bootstrap intervals on request.
 - `fit`: the same from the host, with progress bars and a FitResult holding every start.
-- `solve`, `solve_batch`, `refine`, `whiten`: the pieces, for callers who need them.
+- `solve`, `solve_batch`, `refine`, `restart`, `whiten`, `row_losses`, `lowest_grid_points`: the
+  pieces, for callers who need them.
 
-Shape letters: S starts, P parameters, R data rows, B bootstrap resamples, G grid points, K
-screened starts per resample.
+Shape letters: S starts, P parameters, R data rows, B bootstrap resamples, C screened starts per
+resample, K finite-difference points.
 """
 
 from __future__ import annotations
@@ -314,16 +315,16 @@ def _hessian_whitening(law, names, x_P, data, weights_R, fixed, delta):
   return x_P, jnp.where(ok, vectors / jnp.sqrt(curvature), jnp.eye(x_P.size))
 
 
-def lowest_grid_points(law: Law, names: tuple[str, ...], grid_GP, data: Mapping, weights_BR,
+def lowest_grid_points(law: Law, names: tuple[str, ...], grid_SP, data: Mapping, weights_BR,
                        fixed=None, *, delta: float = DEFAULT_DELTA, k: int = SCREENED_STARTS):
-  """[B, K] indices of the k grid points with the lowest objective for each row weighting: one
-  [B, R] x [R, G] product, since the objective is linear in the row weights. Pure JAX."""
+  """[B, C] indices of the k points of grid_SP with the lowest objective for each row weighting:
+  one [B, R] x [R, S] product, since the objective is linear in the row weights. Pure JAX."""
   rows = lambda x_P: row_losses(dict(zip(names, x_P)), data, law=law, delta=delta, fixed=fixed)
-  losses_GR = jax.vmap(rows)(jnp.asarray(grid_GP))
-  finite_G = jnp.all(jnp.isfinite(losses_GR), axis=1)
-  losses_GR = jnp.where(finite_G[:, None], losses_GR, 0.0)
+  losses_SR = jax.vmap(rows)(jnp.asarray(grid_SP))
+  finite_S = jnp.all(jnp.isfinite(losses_SR), axis=1)
+  losses_SR = jnp.where(finite_S[:, None], losses_SR, 0.0)
   lowest = lambda weights_R: jax.lax.top_k(
-      jnp.where(finite_G, -(losses_GR @ weights_R), -jnp.inf), min(k, len(grid_GP)))[1]
+      jnp.where(finite_S, -(losses_SR @ weights_R), -jnp.inf), min(k, len(grid_SP)))[1]
   return jax.lax.map(lowest, jnp.asarray(weights_BR), batch_size=SCREEN_BATCH)
 
 
@@ -385,8 +386,9 @@ def estimate(law: Law, data: Mapping, *, weights=None, grid: Mapping | None = No
   if n_bootstrap:
     if key is None:
       raise ValueError("estimate(n_bootstrap > 0) needs a PRNG key, e.g. jax.random.key(0)")
-    boot = _bootstrap(law, names, const(jnp.stack([params[k] for k in names])), x_SP, frozen,
-                      const(weights), fixed, delta, stop, lanes, n_bootstrap, key, groups)
+    boot = _bootstrap(law, names, const(jnp.stack([params[k] for k in names])),
+                      np.unique(x_SP, axis=0), frozen, const(weights), fixed, delta, stop, lanes,
+                      n_bootstrap, key, groups)
   return Estimate(params, state.value, state.error <= stop.tol, boot)
 
 
@@ -411,7 +413,7 @@ def _refits(law, names, x_BP, counts_BR, coordinates, data, fixed, delta, stop, 
           jnp.where(moved_B, third.converged_S, converged_B))
 
 
-def _bootstrap(law, names, x_P, grid_GP, data, weights, fixed, delta, stop, lanes, n, key,
+def _bootstrap(law, names, x_P, grid_SP, data, weights, fixed, delta, stop, lanes, n, key,
                groups):
   """Refits from the optimum x_P, whitened there; in studies of up to SCREENED_MAX_ROWS rows,
   also from each resample's SCREENED_STARTS lowest grid points, the lowest converged end kept."""
@@ -422,12 +424,12 @@ def _bootstrap(law, names, x_P, grid_GP, data, weights, fixed, delta, stop, lane
                                      _hessian_whitening(law, names, x_P, data, weights, fixed,
                                                         delta))
   if weights.shape[0] <= SCREENED_MAX_ROWS:
-    top_BK = lowest_grid_points(law, names, grid_GP, data, counts_BR, fixed, delta=delta)
-    k = top_BK.shape[1]
-    x_SP, value_S, converged_S = refit(jnp.asarray(grid_GP)[top_BK.reshape(-1)],
-                                       jnp.repeat(counts_BR, k, axis=0), ())
-    value_BK = jnp.where(converged_S, value_S, jnp.inf).reshape(n, k)
-    best_B = jnp.arange(n) * k + jnp.argmin(value_BK, axis=1)
+    top_BC = lowest_grid_points(law, names, grid_SP, data, counts_BR, fixed, delta=delta)
+    c = top_BC.shape[1]
+    x_SP, value_S, converged_S = refit(jnp.asarray(grid_SP)[top_BC.reshape(-1)],
+                                       jnp.repeat(counts_BR, c, axis=0), ())
+    value_BC = jnp.where(converged_S, value_S, jnp.inf).reshape(n, c)
+    best_B = jnp.arange(n) * c + jnp.argmin(value_BC, axis=1)
     lower_B = converged_S[best_B] & (value_S[best_B] < jnp.where(converged_B, value_B, jnp.inf))
     x_BP = jnp.where(lower_B[:, None], x_SP[best_B], x_BP)
     converged_B = converged_B | lower_B
