@@ -56,9 +56,8 @@ def derived(natural: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 RETRY_GRID_EVERY = 10  # thinning of the law's grid that arbitrates between refits' paths
 PILOT_EVERY = 10  # every k-th refit also takes the second path; all do if one pilot disagrees
-# studies this small: every refit takes both paths (they are cheap, and one resample in a hundred
-# can have a second minimum) and runs from its screened grid starts
-BOTH_PATHS_MAX_ROWS = fitlib.SCREENED_MAX_ROWS
+BOTH_PATHS_MAX_ROWS = 100  # studies this small: every refit takes both paths (they are cheap,
+#                            and one resample in a hundred can have a second minimum)
 DISAGREE_RTOL = 1e-7  # relative objective gap by which a second path or start "ends lower"
 
 
@@ -161,10 +160,10 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
   the same start reach different ones by different paths, or none reaches the lowest. So every
   refit of a study of up to BOTH_PATHS_MAX_ROWS rows, and every PILOT_EVERY-th of a larger one,
   also takes the law's own coordinates from the optimum; if any of those pilots lands elsewhere,
-  every refit does. Every refit of a study of up to BOTH_PATHS_MAX_ROWS rows also runs from the
-  fit.SCREENED_STARTS grid points lowest in its own objective. Each refit whose second path found
-  a lower objective (or that did not converge) is settled by a thinned grid of restarts. Refits
-  that still have not converged are failed.
+  every refit does. Every refit of a study of up to fit.SCREENED_MAX_ROWS rows also runs from
+  the fit.SCREENED_STARTS grid points lowest in its own objective. Each refit whose second path
+  found a lower objective (or that did not converge) is settled by a thinned grid of restarts.
+  Refits that still have not converged are failed.
   """
   options = dict(delta=delta, stop=stop, lanes=lanes)
   with jax.enable_x64(True):
@@ -190,7 +189,7 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
     paths_differ[pilot] = _lower(_subset(triple, pilot), raw)
     triple = _put(triple, pilot, _best(_subset(triple, pilot), raw))
     screened_lower = np.zeros(n, bool)
-    if n_rows <= BOTH_PATHS_MAX_ROWS:
+    if n_rows <= fitlib.SCREENED_MAX_ROWS:
       triple, screened_lower = _restart_from_screened(law, data, triple, counts_BR, fixed, options)
     unsettled = paths_differ | ~triple[2]
     if unsettled.any():
