@@ -69,6 +69,14 @@ MUTANTS = [
      "tests/test_isoflop.py -k budget_within"),
     ("task shares overlap", "famjax/isoflop.py", "return tuple(ordered[task_index::num_tasks])",
      "return tuple(ordered[task_index:])", "tests/test_isoflop.py -k exactly_once"),
+    ("bootstrap without screened starts", "famjax/scaling/bootstrap.py",
+     "    if n_rows <= fitlib.SCREENED_MAX_ROWS:\n", "    if False:\n",
+     "tests/test_scaling.py -k neither_path"),
+    ("one screened start per refit", "famjax/scaling/fit.py", "SCREENED_STARTS = 2",
+     "SCREENED_STARTS = 1", "tests/test_scaling.py -k neither_path"),
+    ("estimate without screened starts", "famjax/scaling/fit.py",
+     "  if weights.shape[0] <= SCREENED_MAX_ROWS:", "  if False:",
+     "tests/test_scaling.py -k lowest_grid_points"),
 ]
 
 
