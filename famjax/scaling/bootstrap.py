@@ -168,14 +168,14 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
   options = dict(delta=delta, stop=stop, lanes=lanes)
   with jax.enable_x64(True):
     data = fitlib.as_data(data)
-    counts_BR = resample_counts(int(data["loss"].shape[0]), n, seed, groups)
+    n_rows = int(data["loss"].shape[0])
+    counts_BR = resample_counts(n_rows, n, seed, groups)
     fixed = {k: jnp.float64(v) for k, v in result.fixed.items()}
     inits = {k: np.full(n, v) for k, v in result.params.items()}
     coordinates = fitlib.whitened(law, result.params, data, delta=delta, fixed=fixed, lanes=lanes)
     triple = fitlib.solve_batch(law, inits, data, counts_BR, fixed, coordinates=coordinates,
                                 progress=progress, desc="bootstrap", **options)
     triple = fitlib.refine(law, *triple, data, counts_BR, fixed, **options)
-    n_rows = int(data["loss"].shape[0])
     pilot = np.arange(0, n, 1 if n_rows <= BOTH_PATHS_MAX_ROWS else PILOT_EVERY)
     raw = _raw_path(law, result, data, counts_BR, fixed, options, pilot)
     # the second path reached a lower minimum than the first: the first may have missed it (the
