@@ -44,7 +44,7 @@ SCREENED_STARTS = 2  # per bootstrap refit of a small study: the grid points low
 # studies up to this size screen every refit (see bootstrap.bootstrap); at 60 rows screening
 # lowered none of 1000 refits, and it would make a 90-row familial bootstrap 8x slower
 SCREENED_MAX_ROWS = 50
-SCREEN_BATCH = 512  # resamples screened at a time ([batch, G] objectives in memory)
+SCREEN_BATCH = 512  # resamples screened at a time ([batch, S] objectives in memory)
 
 
 def dense_solve(matvec, b, **_):
