@@ -39,6 +39,25 @@ def restore(mngr: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dic
   return restored["state"], restored["data"]
 
 
+def restore_params(mngr: ocp.CheckpointManager, like_params: Any) -> Any | None:
+  """The parameters alone (no optimizer state read) of the newest checkpoint whose parameters
+  restore, onto the shardings of `like_params`; None if none does. Read-only: a checkpoint
+  that fails is skipped with a warning, never moved."""
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_params)
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      item = {"params": abstract}
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)))
+      return restored["state"]["params"]
+    except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint
+      logging.warning("checkpoint at step %d: parameters do not restore (%s); trying an older "
+                      "one", step, type(e).__name__)
+  return None
+
+
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
   source = Path(mngr.directory) / str(step)
   stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")

@@ -1,5 +1,6 @@
-"""Training: Optax AdamW on the weighted sum of per-exit losses, Orbax resume, JSONL and
-TensorBoard logs.
+"""Training: Optax AdamW on the weighted sum of per-exit losses, the compiled programs, the loop
+with Orbax resume, and loading a trained model. What the loop writes into the workdir (identity,
+config history, metrics, summary) is workdir.py's.
 
 The compiled programs (parameter init, optimizer init, train step, evaluation) depend on the model
 config and the mesh only: the learning rate of each step, the other optimizer hyperparameters and
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from pathlib import Path
@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from famjax import accounting, checkpoint, data, sharding
-from famjax.config import ExperimentConfig, ModelConfig, TrainConfig
-from famjax.files import WorkdirLock, atomic_write_text
+from famjax import workdir as workdir_files
+from famjax.config import ExperimentConfig, MeshConfig, ModelConfig, TrainConfig
+from famjax.files import WorkdirLock
 from famjax.model import FamilialTransformer
 
 
@@ -201,71 +201,6 @@ class Trainer:
     self.params, self.opt_state, self.step_count = state["params"], state["opt_state"], step
 
 
-def read_metrics(path: Path) -> list[dict]:
-  """The records of a metrics.jsonl. A malformed last line (a kill mid-write) is dropped with a
-  warning; a malformed line before it is an error naming the file and line."""
-  if not path.exists():
-    return []
-  lines = path.read_text().splitlines()
-  records = []
-  for number, line in enumerate(lines, start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        raise ValueError("not a record with an integer 'step'")
-    except ValueError as e:
-      if number == len(lines):
-        logging.warning("%s:%d: dropping a malformed last line (a write cut short?): %s", path,
-                        number, e)
-        break
-      raise ValueError(f"{path}:{number}: malformed metrics record ({e}); fix or remove the "
-                       "line to resume") from None
-    records.append(record)
-  return records
-
-
-class MetricsLog:
-  """Appends records to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard (process 0 only).
-
-  Opening it for a run resumed at `resume_step` keeps the records up to that step (each once) and
-  drops the rest, which a resumed run writes again.
-  """
-
-  def __init__(self, workdir: Path, resume_step: int):
-    self.enabled = jax.process_index() == 0
-    self.path = workdir / "metrics.jsonl"
-    self._tb = None
-    if not self.enabled:
-      return
-    kept, seen = [], set()
-    for record in read_metrics(self.path):
-      key = (record["step"], tuple(sorted(record)))
-      if record["step"] <= resume_step and key not in seen:
-        seen.add(key)
-        kept.append(record)
-    atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(str(workdir / "tensorboard"))
-    self._file = self.path.open("a")
-
-  def write(self, step: int, record: dict) -> None:
-    if not self.enabled:
-      return
-    self._file.write(json.dumps({"step": step, **record}) + "\n")
-    self._file.flush()
-    for key, value in record.items():
-      for i, v in enumerate(np.atleast_1d(value)):
-        name = key if np.ndim(value) == 0 else f"{key}/exit{i}"
-        self._tb.add_scalar(name, float(v), step)
-
-  def close(self) -> None:
-    if self.enabled:
-      self._file.close()
-      self._tb.close()
-
-
 def _check_finite(step: int, metrics: dict) -> None:
   if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
     raise FloatingPointError(
@@ -273,51 +208,6 @@ def _check_finite(step: int, metrics: dict) -> None:
         f"{list(metrics['exit_loss'])}, grad_norm={metrics['grad_norm']}); stopped without "
         "saving: the last good checkpoint is intact. Lower train.learning_rate or "
         "train.grad_clip and rerun with the same workdir to resume.")
-
-
-def _jsonable(value):
-  return json.loads(json.dumps(value, default=list))  # tuples become lists, as when read back
-
-
-def _run_identity(cfg: ExperimentConfig) -> dict:
-  """The fields a resumed run must share with the run that wrote the workdir."""
-  tc = cfg.train
-  return _jsonable({"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
-                    "seed": tc.seed, "batch_size": tc.batch_size, "seq_len": tc.seq_len})
-
-
-def _recorded_config(workdir: Path) -> dict | None:
-  path = workdir / "config.json"
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def _check_identity(workdir: Path, cfg: ExperimentConfig) -> None:
-  previous = _recorded_config(workdir)
-  if previous is None:
-    return
-  identity = _run_identity(cfg)
-  if previous["identity"] != identity:
-    changed = sorted(k for k in identity if previous["identity"].get(k) != identity[k])
-    raise ValueError(f"workdir {workdir} holds a run with a different {changed}; use a new "
-                     "--workdir or the original config")
-
-
-def _claim_workdir(workdir: Path, cfg: ExperimentConfig, start: int) -> None:
-  """Writes config.json: the run's identity, its current config, and the history of the
-  optimisation settings (`train` section), each entry with the step it took effect."""
-  previous = _recorded_config(workdir) or {}
-  history = previous.get("history", [])
-  current = _jsonable(dataclasses.asdict(cfg.train))
-  if history and history[-1]["train"] != current:
-    changed = sorted(k for k in current if history[-1]["train"].get(k) != current[k])
-    logging.warning("resuming %s at step %d with changed settings %s (recorded in config.json)",
-                    workdir, start, ", ".join(f"train.{k}: {history[-1]['train'].get(k)!r} -> "
-                                              f"{current[k]!r}" for k in changed))
-  if not history or history[-1]["train"] != current:
-    history = history + [{"from_step": start, "train": current}]
-  atomic_write_text(workdir / "config.json", json.dumps(
-      {"identity": _run_identity(cfg), "config": _jsonable(dataclasses.asdict(cfg)),
-       "history": history}, indent=1))
 
 
 def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | None = None,
@@ -347,7 +237,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
   if jax.process_index() == 0:
     lock.acquire()
   try:
-    _check_identity(workdir, cfg)
+    workdir_files.check_identity(workdir, cfg)
     return _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_after)
   finally:
     lock.release()
@@ -370,8 +260,8 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
         f"in {workdir}: that state has trained longer than asked. Ask for at least {start} "
         "steps, or use a new workdir")
   if jax.process_index() == 0:
-    _claim_workdir(workdir, cfg, start)
-  log = MetricsLog(workdir, start)
+    workdir_files.claim(workdir, cfg, start)
+  log = workdir_files.MetricsLog(workdir, start)
   last = total if stop_after is None else max(start, min(total, stop_after))
   tokens_per_step = tc.batch_size * tc.seq_len
   window: list[np.ndarray] = []  # per-exit train losses since the last log line
@@ -419,8 +309,8 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
 
   val_loss = trainer.evaluate(val_batches)
   if not window:  # resumed a finished run: report the last logged train loss
-    train_records = [r for r in read_metrics(workdir / "metrics.jsonl") if "train_loss" in r]
-    window = [np.asarray(train_records[-1]["train_loss"])] if train_records else []
+    last = workdir_files.last_train_loss(workdir)
+    window = [] if last is None else [last]
   acc = accounting.account(cfg.model, tc.seq_len)
   summary = {
       "exit_layers": list(cfg.model.exit_layers),
@@ -436,25 +326,23 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
       "train_seconds": elapsed + time.perf_counter() - began,
       "corpus_fingerprint": tokens.fingerprint,
   }
-  if jax.process_index() == 0:
-    atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
+  workdir_files.write_summary(workdir, summary)
   return summary
 
 
 def load_model(workdir: str | Path, mesh: jax.sharding.Mesh | None = None):
-  """(config, model) of a trained workdir, from its newest checkpoint that restores."""
+  """(config, model) of a trained workdir: the parameters of its newest checkpoint that
+  restores, without the optimizer state."""
   workdir = Path(workdir)
-  if not (workdir / "config.json").exists():
-    raise FileNotFoundError(f"{workdir} holds no trained run (no config.json, no checkpoint)")
-  from famjax.config import experiment_from_dict
-  cfg = experiment_from_dict(json.loads((workdir / "config.json").read_text())["config"])
+  cfg = workdir_files.recorded_experiment(workdir)
   if mesh is None:
-    from famjax.config import MeshConfig
     mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-  trainer = Trainer.create(cfg, mesh)
-  restored = checkpoint.restore_latest(checkpoint.manager(workdir, cfg.train.keep_checkpoints),
-                                       trainer.state)
-  if restored is None:
-    raise FileNotFoundError(f"{workdir} has no checkpoint to load")
+  progs = programs(cfg.model, mesh)
   with jax.set_mesh(mesh):
-    return cfg, nnx.merge(trainer.progs.graphdef, restored[1]["params"])
+    abstract = jax.eval_shape(progs.init_params, 0)
+  mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
+  params = checkpoint.restore_params(mngr, abstract)
+  if params is None:
+    raise FileNotFoundError(f"{workdir} has no checkpoint whose parameters restore")
+  with jax.set_mesh(mesh):
+    return cfg, nnx.merge(progs.graphdef, params)

@@ -56,7 +56,7 @@ MUTANTS = [
      "      pass", "tests/test_faults.py -k holder"),
     ("no checkpoint fallback", "famjax/checkpoint.py", "      continue\n    mngr.reload()",
      "      raise\n    mngr.reload()", "tests/test_faults.py -k damaged"),
-    ("stale metrics kept on resume", "famjax/train.py",
+    ("stale metrics kept on resume", "famjax/workdir.py",
      'if record["step"] <= resume_step and key not in seen:', "if key not in seen:",
      "tests/test_faults.py -k step_zero"),
     ("unweighted mean exit loss", "famjax/results.py",

@@ -80,6 +80,22 @@ def test_pause_and_resume_equals_an_uninterrupted_run(runs):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_a_model_loads_for_deployment_with_its_parameters_only(runs, monkeypatch):
+  """load_model restores the newest checkpoint's parameters and reads no optimizer state: the
+  optimizer is never initialised, and the parameters equal those of a full restore."""
+  def no_optimizer(*_):
+    raise AssertionError("load_model built an optimizer state")
+  monkeypatch.setattr(train.Trainer, "create", no_optimizer)
+  cfg, model = train.load_model(runs["root"] / "straight")
+  assert cfg == runs["cfg"]
+  from flax import nnx
+  loaded = nnx.to_pure_dict(nnx.state(model))
+  monkeypatch.undo()
+  expected = restored_params(runs["root"] / "straight", runs["cfg"])
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_rerunning_a_finished_run_trains_nothing(runs, monkeypatch):
   workdir = runs["root"] / "straight"
   log_before = (workdir / "metrics.jsonl").read_text()
