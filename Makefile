@@ -3,10 +3,14 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Extras to install: `make run EXTRAS=test,cuda` installs jax for CUDA 12 GPUs (also cuda13, tpu)
+EXTRAS ?= test
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 STUDY ?= runs/isoflop-tiny
+CACHE := $(or $(FAMJAX_CACHE),$(HOME)/.cache/famjax)
 
-.PHONY: run test test-fast bench lint venv clean
+.PHONY: run test test-fast bench lint venv clean clean-cache
 
 venv:
 	@$(PY) -c "import famjax" 2>/dev/null || rm -rf $(VENV)
@@ -15,7 +19,7 @@ venv:
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 # The tiny IsoFLOP study (training, fits, report, plots) on the embedded corpus; rerunning
@@ -37,6 +41,12 @@ bench: venv
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/fit_speed.py
 
-# Removes the environment and caches only: runs/ (checkpoints, studies) is never touched.
+# Removes the environment and build files only: runs/ (checkpoints, studies) is never touched,
+# nor famjax's cache of token files and compiled programs (`make clean-cache`).
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Removes famjax's cache: token files and XLA's compiled programs ($FAMJAX_CACHE, else
+# ~/.cache/famjax); both are rebuilt on the next run.
+clean-cache:
+	rm -rf $(CACHE)

@@ -54,6 +54,11 @@ def main():
       Path(__file__).resolve().parents[2] / "shared" / "reference-data"))
       + "/chinchilla-epoch/svg_extracted_data.csv", help="Epoch AI's svg_extracted_data.csv")
   args = parser.parse_args()
+  if not Path(args.data).exists():
+    sys.exit(f"fit_speed needs Epoch AI's public Chinchilla table, not found at {args.data}. "
+             "It is data/svg_extracted_data.csv of the repository "
+             "epoch-research/analyzing-chinchilla: pass --data=PATH to it, or set "
+             "FAMJAX_REFERENCE_DATA to a folder holding chinchilla-epoch/svg_extracted_data.csv")
   data = io.epoch_chinchilla(args.data)
   grid = laws.CHINCHILLA.grid(args.every)
   n_starts = len(grid["a"])

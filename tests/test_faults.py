@@ -192,6 +192,20 @@ def test_make_clean_keeps_results():
   assert out.returncode == 0 and "rm -rf" in out.stdout and "runs" not in out.stdout
 
 
+def test_make_clean_cache_removes_the_cache_and_nothing_else(tmp_path):
+  cache = tmp_path / "famjax-cache"
+  out = subprocess.run(["make", "-n", "clean-cache"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "FAMJAX_CACHE": str(cache)})
+  assert out.returncode == 0 and out.stdout.strip() == f"rm -rf {cache}"
+
+
+def test_fit_speed_without_the_reference_data_says_where_to_get_it(tmp_path):
+  out = subprocess.run([sys.executable, "benchmarks/fit_speed.py"], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "FAMJAX_REFERENCE_DATA": str(tmp_path)})
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "epoch-research/analyzing-chinchilla" in out.stderr and "--data" in out.stderr
+
+
 # --- fitting -------------------------------------------------------------------------------------
 
 
