@@ -46,6 +46,15 @@ def initialize_distributed() -> None:
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
+def given_config_fields(argv: list[str] | None = None) -> list[str] | None:
+  """What the command line sets of --config: None when it names a preset (--config=FILE:NAME),
+  else the dotted fields it overrides (--config.study.bootstrap=2000 -> "study.bootstrap")."""
+  argv = sys.argv[1:] if argv is None else argv
+  if any(a == "--config" or a.startswith("--config=") for a in argv):
+    return None
+  return [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+
+
 def config_help(preset_file: str, default: str, example: str) -> str:
   """Help of an entry point's --config flag (whose default `run` supplies)."""
   return (f"Preset as FILE:NAME, e.g. experiments/configs/{preset_file}:{example}; unset: "

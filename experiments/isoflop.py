@@ -3,6 +3,8 @@
 
 Plans budgets x granularities x sizes, trains this task's share of the runs (rerunning resumes and
 skips finished runs), refits as records arrive and writes DIR/report.md, report.json and plots/.
+DIR/config.json remembers the study's config: later runs, other tasks and --fit_only use it
+without --config, and refuse a --config that would train other runs.
 Logic lives in famjax.study; this file only parses flags and prints.
 """
 
@@ -33,10 +35,13 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  study_cfg, base = study.configs(_CONFIG.value.to_dict())
+  values = _CONFIG.value.to_dict()
   if _DRY_RUN.value:
-    print(study.dry_run(study_cfg, base))
+    print(study.dry_run(*study.configs(values)))
     return
+  # an existing study runs with its own config (STUDY/config.json), whatever the default preset
+  study_cfg, base = study.configs(study.remembered(_OUTDIR.value, values,
+                                                   cli.given_config_fields()))
   cli.use_compilation_cache()
   cli.initialize_distributed()
   result = study.run(study_cfg, base, _OUTDIR.value, task_index=_TASK_INDEX.value,

@@ -1,20 +1,23 @@
 """An IsoFLOP study from end to end: plan, this task's share of the sweep (with a live fit as
 records arrive), then the report from every record present.
 
-STUDY/ holds plan.json, runs/RUN_ID/ (each run's workdir and records.json), data/ (records and
-fit-ready rows as CSV and parquet), report.json, report.md and plots/.
+STUDY/ holds config.json (the study's own config, see `remembered`), plan.json, runs/RUN_ID/
+(each run's workdir and records.json), data/ (records and fit-ready rows as CSV and parquet),
+report.json, report.md and plots/.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import jax
 
 from famjax import accounting, data, isoflop, report, results, sweep
 from famjax.config import ExperimentConfig, StudyConfig, experiment_from_dict
+from famjax.files import atomic_write_text
 
 
 def configs(values: Mapping) -> tuple[StudyConfig, ExperimentConfig]:
@@ -27,6 +30,73 @@ def configs(values: Mapping) -> tuple[StudyConfig, ExperimentConfig]:
     raise ValueError(f"unknown config field(s) {[f'study.{u}' for u in unknown]}; "
                      f"allowed: {sorted(known)}")
   return StudyConfig(**study), experiment_from_dict(values)
+
+
+CONFIG = "config.json"
+# study fields that change only the analysis (fits, report, --dry_run's estimate), never which
+# runs are trained: an existing study accepts new values for these
+ANALYSIS_FIELDS = frozenset(f"study.{name}" for name in (
+    "param_count", "leverage_granularities", "fit_loss", "bootstrap", "grid_every", "device", "mfu",
+    "planned_corpus_tokens"))
+
+
+def _flat(values: Mapping, prefix: str = "") -> dict:
+  """{"study.bootstrap": 1000, ...}: JSON values (tuples as lists) by dotted field name."""
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=list))
+  return out
+
+
+def _nested(flat: Mapping) -> dict:
+  out: dict = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split(".")
+    node = out
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return out
+
+
+def remembered(outdir: str | Path, values: Mapping, given: Iterable[str] | None = None) -> dict:
+  """The config values the study in `outdir` runs with (nested, as a preset's to_dict()).
+
+  A new study takes `values` and records them in STUDY/config.json. An existing study keeps its
+  own: `given` names the fields the caller set (dotted, e.g. "study.bootstrap"; None: all of
+  `values`, as a whole --config preset does), and those that differ from the recorded values
+  are an error naming them, unless they change only the analysis (ANALYSIS_FIELDS): those are
+  applied and added to the file's history.
+  """
+  path = Path(outdir) / CONFIG
+  asked = _flat(values)
+  if not path.exists():
+    if jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      atomic_write_text(path, json.dumps({"config": _nested(asked), "history": []}, indent=1))
+    return _nested(asked)
+  recorded = json.loads(path.read_text())
+  current = _flat(recorded["config"])
+  names = asked if given is None else [n for n in asked if any(
+      n == g or n.startswith(g + ".") for g in given)]
+  changed = {n: asked[n] for n in names if current.get(n) != asked[n]}
+  fixed = sorted(n for n in changed if n not in ANALYSIS_FIELDS)
+  if fixed:
+    shown = ", ".join(f"{n}: {current.get(n)!r} -> {changed[n]!r}" for n in fixed[:6])
+    raise ValueError(f"{outdir} holds a study made with another config ({shown}); rerun "
+                     f"without --config to use the study's own ({path}), change only analysis "
+                     f"fields ({', '.join(sorted(ANALYSIS_FIELDS))}), or use a new --outdir")
+  if changed:
+    history = recorded.get("history", []) + [
+        {"changed": {n: [current.get(n), changed[n]] for n in sorted(changed)}}]
+    current.update(changed)
+    if jax.process_index() == 0:
+      atomic_write_text(path, json.dumps({"config": _nested(current), "history": history},
+                                         indent=1))
+  return _nested(current)
 
 
 def options(study: StudyConfig) -> report.Options:

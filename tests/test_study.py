@@ -120,3 +120,49 @@ def test_extrapolation_recovers_an_exact_law():
   assert out["held_out_budget"] == 1e20 and out["n_held_out"] == 15
   assert out["max_abs_relative_error"] < 1e-3
   assert table["held_out"].sum() == 15
+
+
+def _preset(name):
+  import importlib.util
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "isoflop.py"
+  spec = importlib.util.spec_from_file_location("isoflop_presets", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(name).to_dict()
+
+
+def test_a_study_remembers_its_config_and_takes_only_analysis_overrides(tmp_path):
+  """The first run records the config; a later call without --config (no fields given) gets the
+  recorded one, not the default preset's; an analysis field may change and is recorded; a field
+  that would train other runs is refused, naming it."""
+  small, tiny = _preset("small"), _preset("tiny")
+  assert study.remembered(tmp_path, small)["study"]["bootstrap"] == small["study"]["bootstrap"]
+  again = study.remembered(tmp_path, tiny, given=[])
+  assert study.configs(again) == study.configs(study.remembered(tmp_path / "other", small))
+  more = {**small, "study": {**small["study"], "bootstrap": 3000}}
+  assert study.remembered(tmp_path, more, given=["study.bootstrap"])["study"]["bootstrap"] == 3000
+  recorded = json.loads((tmp_path / study.CONFIG).read_text())
+  assert recorded["history"] == [{"changed": {"study.bootstrap": [small["study"]["bootstrap"],
+                                                                  3000]}}]
+  assert study.remembered(tmp_path, tiny, given=[])["study"]["bootstrap"] == 3000
+  with pytest.raises(ValueError, match=r"study\.widths.*without --config"):
+    study.remembered(tmp_path, tiny)  # a whole other preset: widths, budgets, ...
+  wider = {**small, "study": {**small["study"], "widths": [64, 128]}}
+  with pytest.raises(ValueError, match=r"study\.widths: \[.*\] -> \[64, 128\]"):
+    study.remembered(tmp_path, wider, given=["study.widths"])
+
+
+def test_the_command_line_refuses_another_config_for_an_existing_study(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+  study.remembered(tmp_path, _preset("tiny"))
+  out = subprocess.run([sys.executable, "-m", "experiments.isoflop",
+                        "--config=experiments/configs/isoflop.py:small", f"--outdir={tmp_path}",
+                        "--fit_only"], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(root)))
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "holds a study made with another config" in out.stderr and "study.widths" in out.stderr
