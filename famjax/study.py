@@ -82,16 +82,18 @@ def remembered(outdir: str | Path, values: Mapping, given: Iterable[str] | None 
   current = _flat(recorded["config"])
   names = asked if given is None else [n for n in asked if any(
       n == g or n.startswith(g + ".") for g in given)]
-  changed = {n: asked[n] for n in names if current.get(n) != asked[n]}
+  # a field the record lacks (added to famjax since the study began) takes the asked value
+  current.update({n: v for n, v in asked.items() if n not in current})
+  changed = {n: asked[n] for n in names if current[n] != asked[n]}
   fixed = sorted(n for n in changed if n not in ANALYSIS_FIELDS)
   if fixed:
-    shown = ", ".join(f"{n}: {current.get(n)!r} -> {changed[n]!r}" for n in fixed[:6])
+    shown = ", ".join(f"{n}: {current[n]!r} -> {changed[n]!r}" for n in fixed[:6])
     raise ValueError(f"{outdir} holds a study made with another config ({shown}); rerun "
                      f"without --config to use the study's own ({path}), change only analysis "
                      f"fields ({', '.join(sorted(ANALYSIS_FIELDS))}), or use a new --outdir")
   if changed:
     history = recorded.get("history", []) + [
-        {"changed": {n: [current.get(n), changed[n]] for n in sorted(changed)}}]
+        {"changed": {n: [current[n], changed[n]] for n in sorted(changed)}}]
     current.update(changed)
     if jax.process_index() == 0:
       atomic_write_text(path, json.dumps({"config": _nested(current), "history": history},
