@@ -58,6 +58,29 @@ def restore_params(mngr: ocp.CheckpointManager, like_params: Any) -> Any | None:
   return None
 
 
+def _paths(tree) -> set[str]:
+  """Leaf paths as "exits/0/norm/scale" (integer and string keys alike, as Orbax saves them)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  return {"/".join(name(k) for k in path) for path, _ in leaves}
+
+
+def _layout_mismatch(mngr: ocp.CheckpointManager, step: int, like: Any) -> str | None:
+  """How the saved parameters' tree differs from `like`'s (a few paths on each side), or None
+  when they match or the checkpoint's metadata cannot be read (then the checkpoint is damaged).
+  Parameters are plain nested dicts, so their paths read the same saved and in memory."""
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(Path(mngr.directory) / str(step) / "state")
+    saved = _paths(metadata.item_metadata["params"])
+  except Exception:  # unreadable metadata: a damaged checkpoint, not another layout
+    return None
+  expected = _paths(like["params"])
+  if not saved or saved == expected:
+    return None
+  only_saved, only_expected = sorted(saved - expected)[:2], sorted(expected - saved)[:2]
+  return f"saved but not expected: {only_saved}; expected but not saved: {only_expected}"
+
+
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
   source = Path(mngr.directory) / str(step)
   stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
@@ -77,6 +100,13 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, di
     try:
       state, data_state = restore(mngr, step, like)
     except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint
+      mismatch = _layout_mismatch(mngr, step, like)
+      if mismatch:
+        raise ValueError(
+            f"checkpoint at step {step} in {mngr.directory} holds another parameter layout than "
+            f"this model ({mismatch}): it was written by another famjax version (e.g. before "
+            "the scanned-segment layout) or another model config. Nothing was moved or "
+            "deleted; load it with the famjax that wrote it, or train in a new workdir") from e
       reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
       where = "kept in place"
       if jax.process_index() == 0:

@@ -100,6 +100,25 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_experim
   assert metrics_steps(workdir) == metrics_steps(tmp_path / "straight")
 
 
+def test_a_checkpoint_of_another_parameter_layout_is_refused_and_kept(tiny_experiment, tmp_path):
+  """A checkpoint whose parameter tree differs from the model's (as one written before the
+  scanned-segment layout) is not a damaged one: the run stops with a message naming the
+  difference, and the checkpoint stays where it is."""
+  from famjax import sharding
+  cfg = tiny_experiment(steps=10, checkpoint_every=10)
+  state = train.Trainer.create(cfg, sharding.make_mesh()).state
+  params = dict(state["params"])
+  params["layers"] = params.pop("segments")  # another layout: per-layer, not scanned segments
+  mngr = checkpoint.manager(tmp_path, 3)
+  checkpoint.save(mngr, 5, {**state, "params": params}, {"batches": {}, "elapsed_seconds": 0.0})
+  mngr.wait_until_finished()
+  with pytest.raises(ValueError, match=r"another parameter layout.*segments.*Nothing was moved"):
+    train.train(cfg, tmp_path)
+  assert (tmp_path / "checkpoints" / "5").is_dir()
+  assert not (tmp_path / checkpoint.DAMAGED_DIR).exists()
+  assert not (tmp_path / "config.json").exists()
+
+
 def test_a_torn_last_metrics_line_is_dropped_and_each_step_logged_once(tiny_experiment, tmp_path,
                                                                         caplog):
   cfg = tiny_experiment(steps=40, checkpoint_every=20)
