@@ -53,6 +53,10 @@ def restore_params(mngr: ocp.CheckpointManager, like_params: Any) -> Any | None:
           partial_restore=True)))
       return restored["state"]["params"]
     except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint
+      mismatch = _layout_mismatch(mngr, step, {"params": like_params})
+      if mismatch:
+        raise ValueError(f"checkpoint at step {step} in {mngr.directory} holds another "
+                         f"parameter layout than this model ({mismatch})") from e
       logging.warning("checkpoint at step %d: parameters do not restore (%s); trying an older "
                       "one", step, type(e).__name__)
   return None
