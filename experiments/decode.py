@@ -41,6 +41,7 @@ def load(workdir: Path):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  cli.use_compilation_cache()
   cfg, model, tokenizer = load(Path(_WORKDIR.value))
   n_exits = cfg.model.n_exits
   if not 1 <= _EXIT.value <= n_exits:

@@ -22,6 +22,7 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  cli.use_compilation_cache()
   cli.initialize_distributed()
   cfg = famjax_config.experiment_from_dict(_CONFIG.value.to_dict())
   summary = train.train(cfg, _WORKDIR.value)
