@@ -21,7 +21,7 @@ _CPU_TRAIN = TrainConfig(batch_size=16, seq_len=64, steps=1, warmup_steps=0, lea
                          keep_checkpoints=2, log_every=10, progress=False)
 
 PRESETS = {
-    # The whole study on this project's 2-core CPU in under 10 minutes: 3 budgets x G in {1, 2, 4}
+    # The whole study on a 2-core CPU in 4-10 minutes (README): 3 budgets x G in {1, 2, 4}
     # x 4 sizes (N ~ 1k-13k non-embedding parameters, where these budgets' optima lie), 2 dense
     # models matched to the G = 2 family at 4e10 FLOPs. tokens_per_param 130 (non-embedding N)
     # centres the sizes on the optima a pilot sweep found.
@@ -31,8 +31,8 @@ PRESETS = {
                           tokens_per_param=130.0, min_steps=50, leverage="4e10:2",
                           bootstrap=1000),
         model=_CPU_MODEL, train=_CPU_TRAIN),
-    # About an hour on the same CPU: 3 budgets a decade apart, 5 sizes each, 2 seeds per point,
-    # measured EL for G = 2 and 4 at the middle budget.
+    # 16 minutes on a 2-core CPU (README, 2026-11-30): 3 budgets a decade apart, 5 sizes each,
+    # 2 seeds per point, measured EL for G = 2 and 4 at the middle budget.
     "small": dict(
         study=StudyConfig(budgets=(3e10, 1e11, 3e11), granularities=(1, 2, 4),
                           widths=(4, 8, 12, 16, 20, 24, 32, 40, 48), head_dim=4,
