@@ -126,6 +126,8 @@ class TrainConfig:
 
   seed: int = 0  # parameter init and data order
   batch_size: int = 16  # global batch, sequences
+  microbatches: int = 1  # gradient accumulation: the batch runs in this many equal parts, one
+  #                        after another (one part's activation memory, the whole batch's update)
   seq_len: int = 128  # tokens per sequence
   steps: int = 200  # optimizer steps; ignored when tokens > 0
   tokens: int = 0  # token budget D; > 0 sets steps = tokens // (batch_size * seq_len)
@@ -148,9 +150,11 @@ class TrainConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
-    for name in ("batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
-                 "checkpoint_every", "keep_checkpoints"):
+    for name in ("batch_size", "microbatches", "seq_len", "log_every", "eval_every",
+                 "eval_batches", "checkpoint_every", "keep_checkpoints"):
       _positive_int(f"train.{name}", getattr(self, name))
+    _require(self.batch_size % self.microbatches == 0, "train.microbatches",
+             f"a divisor of train.batch_size={self.batch_size}", self.microbatches)
     _require(isinstance(self.seed, int) and self.seed >= 0, "train.seed",
              "a non-negative integer", self.seed)
     _require(isinstance(self.steps, int) and self.steps >= 0, "train.steps",

@@ -75,13 +75,15 @@ def state_shardings(state, mesh: jax.sharding.Mesh):
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def check_fits_mesh(cfg: ModelConfig, batch_size: int, mesh: jax.sharding.Mesh) -> None:
-  """Every sharded dimension must split evenly over its mesh axis; errors name field and size."""
+def check_fits_mesh(cfg: ModelConfig, batch_size: int, mesh: jax.sharding.Mesh,
+                    batch_field: str = "train.batch_size") -> None:
+  """Every sharded dimension must split evenly over its mesh axis; errors name field and size.
+  `batch_size` is the batch one pass runs (a microbatch under gradient accumulation)."""
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
   needs = {"model.n_heads": (cfg.n_heads, ("model",)), "model.d_ff": (cfg.d_ff, ("model",)),
            "model.vocab_size": (cfg.vocab_size, ("model",)),
            "model.d_model": (cfg.d_model, ("fsdp",)),
-           "train.batch_size": (batch_size, ("data", "fsdp"))}
+           batch_field: (batch_size, ("data", "fsdp"))}
   for field, (value, axes) in needs.items():
     size = int(np.prod([sizes[a] for a in axes]))
     if value % size:

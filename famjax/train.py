@@ -76,12 +76,33 @@ def exit_losses(graphdef: nnx.GraphDef, params: dict, tokens_BT: jax.Array) -> j
   return nnx.merge(graphdef, params).exit_losses(tokens_BT[:, :-1], tokens_BT[:, 1:])
 
 
-def train_step(params, opt_state, tokens_BT, hparams, weights_G, *, graphdef, optimizer):
-  def loss_fn(p):
-    ce_G = exit_losses(graphdef, p, tokens_BT)
+def _accumulated(value_and_grad, params, tokens_BT, microbatches: int):
+  """value_and_grad's outputs averaged over equal microbatches run one after another (lax.scan):
+  the whole batch's values, holding one microbatch's activations. Microbatch m takes rows m,
+  m + M, m + 2M, ..., so that the rows each device holds split evenly among microbatches."""
+  b, t = tokens_BT.shape
+  tokens_MBT = tokens_BT.reshape(b // microbatches, microbatches, t).swapaxes(0, 1)
+  shapes = jax.eval_shape(value_and_grad, params, tokens_MBT[0])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def add(total, micro_BT):
+    return jax.tree.map(jnp.add, total, value_and_grad(params, micro_BT)), None
+
+  total, _ = jax.lax.scan(add, zeros, tokens_MBT)
+  return jax.tree.map(lambda x: x / microbatches, total)
+
+
+def train_step(params, opt_state, tokens_BT, hparams, weights_G, *, graphdef, optimizer,
+               microbatches: int = 1):
+  def loss_fn(p, batch_BT):
+    ce_G = exit_losses(graphdef, p, batch_BT)
     return jnp.dot(weights_G, ce_G), ce_G
 
-  (loss, ce_G), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    (loss, ce_G), grads = value_and_grad(params, tokens_BT)
+  else:
+    (loss, ce_G), grads = _accumulated(value_and_grad, params, tokens_BT, microbatches)
   opt_state = with_hyperparameters(opt_state, hparams)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
@@ -101,9 +122,10 @@ class Programs:
 
 
 @functools.lru_cache(maxsize=32)
-def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Programs:
+def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, microbatches: int = 1) -> Programs:
   """Parameters and optimizer state are plain nested dicts of arrays (nnx.to_pure_dict), which
-  jit flattens several times faster than nnx.State: on tiny models that is a tenth of a step."""
+  jit flattens several times faster than nnx.State: on tiny models that is a tenth of a step.
+  `microbatches` > 1 accumulates each step's gradients over that many parts of its batch."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
     abstract = nnx.eval_shape(lambda: FamilialTransformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
@@ -130,7 +152,8 @@ def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Programs:
                           compiler_options={"xla_backend_optimization_level": 0}),
       init_opt=jax.jit(optimizer.init, in_shardings=(param_shardings,),
                        out_shardings=opt_shardings),
-      step=jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer),
+      step=jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
+                                     microbatches=microbatches),
                    in_shardings=(param_shardings, opt_shardings, batch, replicated, replicated),
                    out_shardings=(param_shardings, opt_shardings, replicated),
                    donate_argnums=(0, 1)),
@@ -164,12 +187,14 @@ class Trainer:
 
   @classmethod
   def create(cls, cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> "Trainer":
-    sharding.check_fits_mesh(cfg.model, cfg.train.batch_size, mesh)
-    progs = programs(cfg.model, mesh)
+    tc = cfg.train
+    sharding.check_fits_mesh(cfg.model, tc.batch_size // tc.microbatches, mesh,
+                             batch_field="train.batch_size / train.microbatches"
+                             if tc.microbatches > 1 else "train.batch_size")
+    progs = programs(cfg.model, mesh, tc.microbatches)
     with jax.set_mesh(mesh):
       params = progs.init_params(cfg.train.seed)
       opt_state = progs.init_opt(params)
-    tc = cfg.train
     learning_rates = np.asarray(learning_rate_schedule(tc)(np.arange(tc.total_steps)), np.float32)
     hparams = {k: np.float32(v) for k, v in hyperparameters(tc, 0.0).items()}
     weights_G = np.asarray(tc.weights_for(cfg.model.n_exits), np.float32)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -94,6 +95,48 @@ def test_a_model_loads_for_deployment_with_its_parameters_only(runs, monkeypatch
   expected = restored_params(runs["root"] / "straight", runs["cfg"])
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("exit_layers", [(3,), (1, 2, 3, 4)], ids=["G1", "G4"])
+def test_accumulated_microbatches_update_as_the_whole_batch(tiny_experiment, exit_layers):
+  """With the batch in 4 microbatches the gradients equal the whole batch's (float32 sums in
+  another order: 1e-5 of the largest), and two training steps give the same losses and gradient
+  norms (1e-5) and parameters (within 2e-4 of Adam updates of ~1e-2: Adam divides each gradient
+  by the root of its second moment, so a near-zero gradient moves its parameter with its last
+  bits)."""
+  import dataclasses
+  model = tiny_model(n_layers=max(exit_layers), exit_layers=exit_layers)
+  cfg = tiny_experiment(model=model, learning_rate=1e-2, warmup_steps=0)
+  tokens = data.load_tokens(cfg.data)
+  batches = data.train_batches(tokens.train, 32, 8, 0)
+  steps = [next(batches) for _ in range(2)]
+  mesh = sharding.make_mesh()
+  progs = train.programs(model, mesh)
+  weights_G = jnp.full(len(exit_layers), 1.0 / len(exit_layers))
+  value_and_grad = jax.value_and_grad(lambda p, b: jnp.dot(
+      weights_G, train.exit_losses(progs.graphdef, p, b)))
+  with jax.set_mesh(mesh):
+    params = progs.init_params(0)
+    whole = jax.jit(value_and_grad)(params, jnp.asarray(steps[0]))
+    parts = jax.jit(lambda p, b: train._accumulated(value_and_grad, p, b, 4))(
+        params, jnp.asarray(steps[0]))
+  for a, b in zip(jax.tree.leaves(parts), jax.tree.leaves(whole), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  out = {}
+  for m in (1, 4):
+    trainer = train.Trainer.create(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=m)), mesh)
+    out[m] = [jax.device_get(trainer.step(b)) for b in steps], jax.device_get(trainer.params)
+  for whole_metrics, parts_metrics in zip(out[1][0], out[4][0]):
+    for key in ("loss", "exit_loss", "grad_norm"):
+      np.testing.assert_allclose(parts_metrics[key], whole_metrics[key], rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(out[4][1]), jax.tree.leaves(out[1][1]), strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-4)
+
+
+def test_microbatches_must_divide_the_batch():
+  with pytest.raises(ValueError, match=r"train\.microbatches.*divisor of train\.batch_size=8"):
+    TrainConfig(batch_size=8, microbatches=3)
 
 
 def test_rerunning_a_finished_run_trains_nothing(runs, monkeypatch):
