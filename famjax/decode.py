@@ -10,6 +10,10 @@ token overwrites it. Every loop runs inside JAX (lax.while_loop) and is compiled
 shapes). Caches are constrained by the model's logical-axis rules, so a family trained on a mesh
 decodes on it.
 
+`Decoder` is the public layer: each operation (prefill, relay, generate, confident,
+speculative) is one method, running a jitted function of the split model (`_on_split_model`)
+around a model-level function (`_prefill_model`, ...).
+
 Shape suffixes as in model.py: B batch, S cache length (max_len), T new tokens, D d_model,
 V vocabulary, L layers of a segment, N heads, H head dim, K drafted tokens.
 """
@@ -17,7 +21,6 @@ V vocabulary, L layers of a segment, N heads, H head dim, K drafted tokens.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -120,7 +123,7 @@ def empty_state(model: FamilialTransformer, batch: int, max_len: int, exit_: int
                     segments, head)
 
 
-def prefill(model: FamilialTransformer, prompts_BT, lengths_B, exit_: int, max_len: int):
+def _prefill_model(model: FamilialTransformer, prompts_BT, lengths_B, exit_: int, max_len: int):
   """Runs the prompts (padded on the right to T) through exit `exit_`; returns (state, logits of
   each row's next token [B, V])."""
   batch, t = prompts_BT.shape
@@ -133,20 +136,11 @@ def prefill(model: FamilialTransformer, prompts_BT, lengths_B, exit_: int, max_l
   return state._replace(lengths_B=lengths_B), logits_BV
 
 
-def relay(model: FamilialTransformer, state: RelayState, to_exit: int, length: int | None = None):
-  """Continues a state made at exit g at a deeper exit h: runs only layers l_g+1..l_h (and exit
-  h's private block) over the first `length` positions (all by default; at least the longest
-  row) to build their caches. Returns (state at exit h, logits of each row's next token from
-  exit h)."""
-  *parts, logits_BV = relay_parts(model, state, to_exit, length)
-  return _deepened(state, *parts), logits_BV
-
-
 def _deepened(state: RelayState, hidden_BSD, segments, head) -> RelayState:
   return state._replace(hidden_BSD=hidden_BSD, segments=state.segments + segments, head=head)
 
 
-def relay_parts(model: FamilialTransformer, state: RelayState, to_exit: int,
+def _relay_parts_model(model: FamilialTransformer, state: RelayState, to_exit: int,
                 length: int | None = None):
   """What relay adds to a state: the new hidden states, the deeper segments' and head's caches,
   and the next-token logits. The shallow caches pass through untouched, so a jitted relay that
@@ -193,7 +187,7 @@ class Sampling:
   stop_tokens: tuple[int, ...] = ()
 
 
-def continue_decoding(model: FamilialTransformer, state: RelayState, logits_BV, key,
+def _continue_model(model: FamilialTransformer, state: RelayState, logits_BV, key,
                       max_new_tokens: int, sampling: Sampling = Sampling()):
   """Generates up to max_new_tokens per row at the state's exit (a row stops at a stop token or
   a full cache); returns (state, generated [B, max_new_tokens] with -1 after a row stopped)."""
@@ -231,7 +225,7 @@ def _confidence(logits_BV, measure: str):
   return top2_B2[:, 0] - top2_B2[:, 1]
 
 
-def confident_decoding(model: FamilialTransformer, prompts_BT, lengths_B, max_len: int,
+def _confident_model(model: FamilialTransformer, prompts_BT, lengths_B, max_len: int,
                        max_new_tokens: int, threshold: float, measure: str = "max_prob"):
   """Greedy decoding where each token leaves at the first exit whose confidence (max probability
   or top-2 margin) reaches `threshold` (CALM). Layers past that exit still get this position's
@@ -242,7 +236,7 @@ def confident_decoding(model: FamilialTransformer, prompts_BT, lengths_B, max_le
     raise ValueError(f"measure must be 'max_prob' or 'margin'; got {measure!r}")
   last = model.cfg.n_exits - 1
   batch = prompts_BT.shape[0]
-  state, _ = prefill(model, prompts_BT, lengths_B, last, max_len)
+  state, _ = _prefill_model(model, prompts_BT, lengths_B, last, max_len)
   heads = [empty_state(model, batch, max_len, g).head for g in range(last + 1)]
   # every exit's private block needs the prompt's entries, and the first token its exit
   positions_BS = jnp.broadcast_to(jnp.arange(max_len), state.tokens_BS.shape)
@@ -307,7 +301,7 @@ def confident_decoding(model: FamilialTransformer, prompts_BT, lengths_B, max_le
   return out_BN, jnp.roll(depth_BN, 1, axis=1).at[:, 0].set(first_exit_B)
 
 
-def speculative_decoding(model: FamilialTransformer, prompts_BT, lengths_B, max_len: int,
+def _speculative_model(model: FamilialTransformer, prompts_BT, lengths_B, max_len: int,
                          max_new_tokens: int, draft_exit: int, k: int):
   """Greedy self-speculative decoding: exit `draft_exit` drafts k tokens, the deepest exit checks
   them in one pass over k + 1 positions and keeps the prefix it agrees with, plus its own next
@@ -317,7 +311,7 @@ def speculative_decoding(model: FamilialTransformer, prompts_BT, lengths_B, max_
   if not 0 <= draft_exit < last:
     raise ValueError(f"draft_exit must be in 0..{last - 1} (shallower than the deepest exit)")
   batch = prompts_BT.shape[0]
-  state, logits_BV = prefill(model, prompts_BT, lengths_B, last, max_len)
+  state, logits_BV = _prefill_model(model, prompts_BT, lengths_B, last, max_len)
   draft = empty_state(model, batch, max_len, draft_exit)
   # the draft exit's private block needs the prompt's entries
   _, draft = _forward(model, draft._replace(segments=state.segments[: draft_exit + 1]),
@@ -384,41 +378,21 @@ class _Graph:
     return self is other or (isinstance(other, _Graph) and self.graphdef == other.graphdef)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "exit_", "max_len"))
-def _prefill(graph, params, prompts_BT, lengths_B, *, exit_, max_len):
-  return prefill(nnx.merge(graph.graphdef, params), prompts_BT, lengths_B, exit_, max_len)
+def _on_split_model(fn, *static: str):
+  """fn(model, ...) as a jitted function of (graph, params, ...): one compilation per graph and
+  value of the static arguments (passed by keyword)."""
+  return jax.jit(lambda graph, params, *args, **kwargs: fn(nnx.merge(graph.graphdef, params),
+                                                           *args, **kwargs),
+                 static_argnames=("graph",) + static)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "to_exit", "length"))
-def _relay_parts(graph, params, state, *, to_exit, length):
-  return relay_parts(nnx.merge(graph.graphdef, params), state, to_exit, length)
-
-
-@functools.partial(jax.jit, static_argnames=("graph", "max_new_tokens", "sampling"))
-def _continue(graph, params, state, logits_BV, key, *, max_new_tokens, sampling):
-  return continue_decoding(nnx.merge(graph.graphdef, params), state, logits_BV, key, max_new_tokens,
-                           sampling)
-
-
-@functools.partial(jax.jit, static_argnames=("graph", "max_len", "max_new_tokens", "threshold",
-                                             "measure"))
-def _confident(graph, params, prompts_BT, lengths_B, *, max_len, max_new_tokens, threshold,
-               measure):
-  return confident_decoding(nnx.merge(graph.graphdef, params), prompts_BT, lengths_B, max_len,
-                            max_new_tokens, threshold, measure)
-
-
-@functools.partial(jax.jit, static_argnames=("graph", "max_len", "max_new_tokens",
-                                             "draft_exit", "k"))
-def _speculative(graph, params, prompts_BT, lengths_B, *, max_len, max_new_tokens, draft_exit,
-                 k):
-  return speculative_decoding(nnx.merge(graph.graphdef, params), prompts_BT, lengths_B, max_len,
-                              max_new_tokens, draft_exit, k)
-
-
-@functools.partial(jax.jit, static_argnames=("graph",))
-def _full_logits(graph, params, tokens_BT):
-  return nnx.merge(graph.graphdef, params)(tokens_BT)
+_prefill = _on_split_model(_prefill_model, "exit_", "max_len")
+_relay_parts = _on_split_model(_relay_parts_model, "to_exit", "length")
+_continue = _on_split_model(_continue_model, "max_new_tokens", "sampling")
+_confident = _on_split_model(_confident_model, "max_len", "max_new_tokens", "threshold",
+                             "measure")
+_speculative = _on_split_model(_speculative_model, "max_len", "max_new_tokens", "draft_exit", "k")
+_full_logits = _on_split_model(lambda model, tokens_BT: model(tokens_BT))
 
 
 class Decoder:

@@ -47,8 +47,9 @@ def test_cached_logits_equal_a_full_forward_at_every_exit(decoders, kind):
       assert [int(t) for t in jnp.argmax(full[len(prompt) - 1:-1], -1)] == sequence[len(prompt):]
     # the cache holds exactly what a full forward pass computes: one more step's logits
     n = int(state.lengths_B.max())
-    _, step_logits = decode.prefill(nnx.merge(dec.graphdef, dec.params), state.tokens_BS[:, :n],
-                                    state.lengths_B, g, dec.max_len)
+    rows = [[int(t) for t in row[:length]]
+            for row, length in zip(state.tokens_BS, state.lengths_B)]
+    _, step_logits = dec.prefill(rows, g)
     full = dec.logits(state.tokens_BS[:, :n])[g]
     np.testing.assert_allclose(step_logits, full[jnp.arange(3), state.lengths_B - 1], atol=2e-5)
 
