@@ -32,10 +32,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -
 
 def restore(mngr: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dict]:
   """Restores onto the shardings of `like` (concrete or abstract arrays), whatever mesh wrote it."""
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                        data=ocp.args.JsonRestore()))
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(like)), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
 
 
@@ -43,20 +41,15 @@ def restore_params(mngr: ocp.CheckpointManager, like_params: Any) -> Any | None:
   """The parameters alone (no optimizer state read) of the newest checkpoint whose parameters
   restore, onto the shardings of `like_params`; None if none does. Read-only: a checkpoint
   that fails is skipped with a warning, never moved."""
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_params)
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      item = {"params": abstract}
+      item = {"params": _abstract(like_params)}
       restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True)))
       return restored["state"]["params"]
     except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint
-      mismatch = _layout_mismatch(mngr, step, {"params": like_params})
-      if mismatch:
-        raise ValueError(f"checkpoint at step {step} in {mngr.directory} holds another "
-                         f"parameter layout than this model ({mismatch})") from e
+      _refuse_another_layout(mngr, step, {"params": like_params}, e)
       logging.warning("checkpoint at step %d: parameters do not restore (%s); trying an older "
                       "one", step, type(e).__name__)
   return None
@@ -85,6 +78,22 @@ def _layout_mismatch(mngr: ocp.CheckpointManager, step: int, like: Any) -> str |
   return f"saved but not expected: {only_saved}; expected but not saved: {only_expected}"
 
 
+def _refuse_another_layout(mngr: ocp.CheckpointManager, step: int, like: Any, error) -> None:
+  """Raises, moving nothing, when the checkpoint failed because its parameters have another
+  layout than `like`'s (not because it is damaged)."""
+  mismatch = _layout_mismatch(mngr, step, like)
+  if mismatch:
+    raise ValueError(
+        f"checkpoint at step {step} in {mngr.directory} holds another parameter layout than "
+        f"this model ({mismatch}): it was written by another famjax version (e.g. before "
+        "the scanned-segment layout) or another model config. Nothing was moved or "
+        "deleted; load it with the famjax that wrote it, or train in a new workdir") from error
+
+
+def _abstract(like: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+
+
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
   source = Path(mngr.directory) / str(step)
   stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
@@ -104,13 +113,7 @@ def restore_latest(mngr: ocp.CheckpointManager, like: Any) -> tuple[int, Any, di
     try:
       state, data_state = restore(mngr, step, like)
     except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged checkpoint
-      mismatch = _layout_mismatch(mngr, step, like)
-      if mismatch:
-        raise ValueError(
-            f"checkpoint at step {step} in {mngr.directory} holds another parameter layout than "
-            f"this model ({mismatch}): it was written by another famjax version (e.g. before "
-            "the scanned-segment layout) or another model config. Nothing was moved or "
-            "deleted; load it with the famjax that wrote it, or train in a new workdir") from e
+      _refuse_another_layout(mngr, step, like, e)
       reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
       where = "kept in place"
       if jax.process_index() == 0:
