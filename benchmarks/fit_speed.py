@@ -66,13 +66,12 @@ def main():
   start = time.perf_counter()
   result = fit.fit(laws.CHINCHILLA, data, grid=grid, delta=args.delta, progress=True)
   grid_s = time.perf_counter() - start
-  boot = bootstrap.bootstrap(laws.CHINCHILLA, data, result, n=args.bootstrap,
-                             delta=args.delta, progress=True)
+  boot = bootstrap.bootstrap(laws.CHINCHILLA, data, result, n=args.bootstrap, progress=True)
   famjax_s = time.perf_counter() - start
 
   start = time.perf_counter()
   warm = fit.fit(laws.CHINCHILLA, data, grid=grid, delta=args.delta)
-  bootstrap.bootstrap(laws.CHINCHILLA, data, warm, n=args.bootstrap, delta=args.delta)
+  bootstrap.bootstrap(laws.CHINCHILLA, data, warm, n=args.bootstrap)
   warm_s = time.perf_counter() - start
   grown = {k: np.append(v, v[0] * (1.01 if k == "loss" else 1.0)) for k, v in data.items()}
   start = time.perf_counter()

@@ -50,13 +50,13 @@ def main(argv):
   law = laws.LAWS[_LAW.value]
   frame = io.read_table(_DATA.value)
   data = io.validate(frame, law, source=_DATA.value)
-  groups = None
+  grouping = None
   if _GROUP_BY.value:
     if _GROUP_BY.value not in frame.columns:
       raise ValueError(f"--group_by={_GROUP_BY.value!r} is not a column of {_DATA.value}")
-    groups = frame[_GROUP_BY.value].to_numpy()
+    grouping = record.Grouping(_GROUP_BY.value, frame[_GROUP_BY.value].to_numpy())
   fitted = record.fit_law(law, data, n_bootstrap=_BOOTSTRAP.value, seed=_SEED.value,
-                          groups=groups, resampled=_GROUP_BY.value or "rows", delta=_DELTA.value,
+                          grouping=grouping, delta=_DELTA.value,
                           grid=law.grid(_GRID_EVERY.value), progress=True)
   print(record.table(fitted.record))
   atomic_write_text(_OUT.value, json.dumps(fitted.record, indent=1))

@@ -57,9 +57,11 @@ def _fit_laws(rows, options, progress) -> tuple[dict, dict]:
     except ValueError as e:
       skipped[name] = str(e)
       continue
-    groups = rows[name]["run_id"].to_numpy() if name == "branch" else None
+    # a familial or Chinchilla row is a run; a branch run has a row per exit
+    grouping = record.Grouping("runs", rows[name]["run_id"].to_numpy() if name == "branch"
+                               else None)
     fits[name] = record.fit_law(law, data, n_bootstrap=options.n_bootstrap, seed=options.seed,
-                                groups=groups, resampled="runs", grid=law.grid(options.grid_every),
+                                grouping=grouping, grid=law.grid(options.grid_every),
                                 progress=progress)
   return fits, skipped
 
@@ -271,62 +273,58 @@ def _ci(ci) -> str:
   return "" if not ci else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
-def markdown(report: dict, figures: dict, study_dir: Path) -> str:
-  """The tables a person reads, with the plots linked."""
-  runs = report["runs"]
-  lines = ["# IsoFLOP study report", "",
-           f"Runs: {runs['finished']} finished of {runs['planned']} planned, "
-           f"{len(runs['failed'])} failed, {len(runs['missing'])} not yet run; "
-           f"{len(runs['dropped'])} dropped at planning. Loss fitted: {report['options']['loss']}; "
-           f"N = {report['options']['param_count'].replace('_', '-')} parameters.", ""]
-  for run_id, error in runs["failed"].items():
-    lines.append(f"- failed: `{run_id}`: {error.splitlines()[0][:200]}")
-  for name, law in report["laws"].items():
-    boot = law.get("bootstrap")
-    lines += ["", f"## {name} law ({law['n_rows']} rows, objective {law['objective']:.4g})", "",
-              "| parameter | estimate | SE | 95% interval |", "|---|---|---|---|"]
-    for key in record.ORDER:
-      value = {**law["params"], **law["derived"]}.get(key)
-      if value is None:
-        continue
-      if key in law.get("boundary", {}):
-        lines.append(f"| {key} | {_fmt(value)} | | unidentified: {law['boundary'][key]} |")
-        continue
-      se = _fmt(boot["se"][key]) if boot else ""
-      lines.append(f"| {key} | {_fmt(value)} | {se} | {_ci(boot['ci95'][key]) if boot else ''} |")
-    if boot:
-      failed = f"; {boot['failed']} failed and are left out" if boot.get("failed") else ""
-      lines.append(f"\n{boot['n']} bootstrap refits (whole runs resampled), "
-                   f"{boot['converged']:.1%} converged{failed}.")
-    if "gamma_test" in law:
-      t = law["gamma_test"]
-      lines.append(f"\nIs gamma > 0? likelihood-ratio p = {_fmt(t['lrt_p'], 3)}"
-                   + (f", bootstrap p = {_fmt(t['bootstrap_p'], 3)}" if "bootstrap_p" in t else ""))
-  for name, why in report["skipped_laws"].items():
-    lines.append(f"\n{name} law not fitted: {why}")
-  if "from_law" in report:
-    from_law = report["from_law"]
-    if "leverage" in from_law:
-      lines += ["", "## Efficiency Leverage from the familial law (C = 6ND, exits g/G of N*)", "",
-                "| C | G | EL | 95% interval |", "|---|---|---|---|"]
-      lines += [f"| {e['C']:.3g} | {e['G']} | {_fmt(e['EL'])} | {_ci(e['ci95'])} |"
-                for e in from_law["leverage"]]
-    lines += ["", "## Compute-optimal model size N*(C) per G", "",
-              "| C | G | N* | 95% interval | D* |", "|---|---|---|---|---|"]
-    lines += [f"| {e['C']:.3g} | {e['G']} | {_fmt(e['N_opt'])} | {_ci(e['ci95'])} | "
-              f"{_fmt(e['D_opt'])} |" for e in from_law["compute_optimal"]]
-  if report["measured_leverage"]:
-    lines += ["", "## Measured Efficiency Leverage (G size-matched dense models, C/G each)", "",
-              "| family | C | G | family loss | dense losses | measured EL | law EL "
-              "| 95% interval |",
-              "|---|---|---|---|---|---|---|---|"]
-    for e in report["measured_leverage"]:
-      dense = ", ".join(_fmt(x) for x in e["dense_losses"])
-      lines.append(f"| `{e['family']}` | {e['C']:.3g} | {e['G']} | {_fmt(e['family_loss'])} | "
-                   f"{dense} | {_fmt(e['measured'])} | {_fmt(e.get('law'))} | "
-                   f"{_ci(e.get('law_ci95'))} |")
-  extrapolation = report["extrapolation"]
-  lines += ["", "## Extrapolation check", ""]
+def _law_lines(name: str, law: dict) -> list[str]:
+  boot = law.get("bootstrap")
+  lines = ["", f"## {name} law ({law['n_rows']} rows, objective {law['objective']:.4g})", "",
+           "| parameter | estimate | SE | 95% interval |", "|---|---|---|---|"]
+  for key in record.ORDER:
+    value = {**law["params"], **law["derived"]}.get(key)
+    if value is None:
+      continue
+    if key in law.get("boundary", {}):
+      lines.append(f"| {key} | {_fmt(value)} | | unidentified: {law['boundary'][key]} |")
+      continue
+    se = _fmt(boot["se"][key]) if boot else ""
+    lines.append(f"| {key} | {_fmt(value)} | {se} | {_ci(boot['ci95'][key]) if boot else ''} |")
+  if boot:
+    failed = f"; {boot['failed']} failed and are left out" if boot.get("failed") else ""
+    lines.append(f"\n{boot['n']} bootstrap refits (whole runs resampled), "
+                 f"{boot['converged']:.1%} converged{failed}.")
+  if "gamma_test" in law:
+    t = law["gamma_test"]
+    lines.append(f"\nIs gamma > 0? likelihood-ratio p = {_fmt(t['lrt_p'], 3)}"
+                 + (f", bootstrap p = {_fmt(t['bootstrap_p'], 3)}" if "bootstrap_p" in t else ""))
+  return lines
+
+
+def _from_law_lines(from_law: dict) -> list[str]:
+  lines = []
+  if "leverage" in from_law:
+    lines += ["", "## Efficiency Leverage from the familial law (C = 6ND, exits g/G of N*)", "",
+              "| C | G | EL | 95% interval |", "|---|---|---|---|"]
+    lines += [f"| {e['C']:.3g} | {e['G']} | {_fmt(e['EL'])} | {_ci(e['ci95'])} |"
+              for e in from_law["leverage"]]
+  lines += ["", "## Compute-optimal model size N*(C) per G", "",
+            "| C | G | N* | 95% interval | D* |", "|---|---|---|---|---|"]
+  lines += [f"| {e['C']:.3g} | {e['G']} | {_fmt(e['N_opt'])} | {_ci(e['ci95'])} | "
+            f"{_fmt(e['D_opt'])} |" for e in from_law["compute_optimal"]]
+  return lines
+
+
+def _measured_leverage_lines(measured: list) -> list[str]:
+  lines = ["", "## Measured Efficiency Leverage (G size-matched dense models, C/G each)", "",
+           "| family | C | G | family loss | dense losses | measured EL | law EL | 95% interval |",
+           "|---|---|---|---|---|---|---|---|"]
+  for e in measured:
+    dense = ", ".join(_fmt(x) for x in e["dense_losses"])
+    lines.append(f"| `{e['family']}` | {e['C']:.3g} | {e['G']} | {_fmt(e['family_loss'])} | "
+                 f"{dense} | {_fmt(e['measured'])} | {_fmt(e.get('law'))} | "
+                 f"{_ci(e.get('law_ci95'))} |")
+  return lines
+
+
+def _checks_lines(extrapolation: dict, edges: list) -> list[str]:
+  lines = ["", "## Extrapolation check", ""]
   if "skipped" in extrapolation:
     lines.append(f"Not run: {extrapolation['skipped']}")
   else:
@@ -338,10 +336,32 @@ def markdown(report: dict, figures: dict, study_dir: Path) -> str:
         f"{extrapolation['mean_relative_error']:+.2%}.")
   lines += ["", "## IsoFLOP minima", "", "| C | G | best N | loss | minimum at |",
             "|---|---|---|---|---|"]
-  for e in report["edges"]:
+  for e in edges:
     flag = e["minimum_at"] + ("" if e["minimum_at"] == "interior" else " (not bracketed)")
     lines.append(f"| {e['C']:.3g} | {e['G']} | {_fmt(e['best_N'])} | {_fmt(e['best_loss'])} | "
                  f"{flag} |")
+  return lines
+
+
+def markdown(report: dict, figures: dict, study_dir: Path) -> str:
+  """The tables a person reads, with the plots linked."""
+  runs = report["runs"]
+  lines = ["# IsoFLOP study report", "",
+           f"Runs: {runs['finished']} finished of {runs['planned']} planned, "
+           f"{len(runs['failed'])} failed, {len(runs['missing'])} not yet run; "
+           f"{len(runs['dropped'])} dropped at planning. Loss fitted: {report['options']['loss']}; "
+           f"N = {report['options']['param_count'].replace('_', '-')} parameters.", ""]
+  for run_id, error in runs["failed"].items():
+    lines.append(f"- failed: `{run_id}`: {error.splitlines()[0][:200]}")
+  for name, law in report["laws"].items():
+    lines += _law_lines(name, law)
+  for name, why in report["skipped_laws"].items():
+    lines.append(f"\n{name} law not fitted: {why}")
+  if "from_law" in report:
+    lines += _from_law_lines(report["from_law"])
+  if report["measured_leverage"]:
+    lines += _measured_leverage_lines(report["measured_leverage"])
+  lines += _checks_lines(report["extrapolation"], report["edges"])
   if figures:
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({path.relative_to(study_dir)})" for name, path in figures.items()]

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax.scaling import bootstrap, fit, io, laws, leverage, record
+from famjax.scaling import bootstrap, fit, io, laws, leverage, record, stages
 
 from conftest import reference_data_dir
 
@@ -93,7 +93,7 @@ def test_efficiency_leverage_of_the_published_law():
 def familial_fit():
   data = synthetic_family(noise=0.0005, seed=3)
   return data, fit.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(450),
-                       stop=fit.StopRules(tol=1e-12, maxiter=3000))
+                       solver=fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000)))
 
 
 def test_fit_recovers_the_generating_parameters(familial_fit):
@@ -127,7 +127,8 @@ def test_bootstrap_spreads_and_gamma_test():
   (within 3%), and both tests find the true gamma > 0."""
   data = synthetic_family(noise=0.01, seed=1)
   result = fit.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(450))
-  boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=200, seed=0, lanes=32)
+  boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=200, seed=0,
+                             solver=fit.Solver(lanes=32))
   assert boot.converged == 1.0 and set(boot.ci95) >= {"E", "A", "gamma", "a_opt"}
   names = laws.FAMILIAL.param_names
   logs = laws.to_log_params({laws.to_natural_name(k): boot.samples[laws.to_natural_name(k)]
@@ -200,15 +201,15 @@ def test_whitened_refits_match_refits_in_the_laws_coordinates(familial_fit):
   with jax.enable_x64(True):
     arrays = fit.as_data(data)
     whitened = fit.whitened(laws.FAMILIAL, result.params, data)
-    by_coordinates = [fit.solve_batch(laws.FAMILIAL, starts, arrays, counts, lanes=16,
-                                      coordinates=coordinates,
-                                      stop=fit.StopRules(tol=1e-12, maxiter=3000))
-                      for coordinates in (None, whitened)]
-  (plain_params, plain_value, _), (white_params, white_value, converged) = by_coordinates
-  assert converged.all()
-  np.testing.assert_array_less(white_value, plain_value * (1 + 1e-9))
+    problem = fit.problem(laws.FAMILIAL, arrays, starts)
+    solver = fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000), lanes=16)
+    plain, white = [fit.solve_batch(problem, starts, counts, solver, coordinates=coordinates)
+                    for coordinates in (None, whitened)]
+  assert white.converged_S.all()
+  np.testing.assert_array_less(white.value_S, plain.value_S * (1 + 1e-9))
   for name in ("alpha", "beta", "gamma"):
-    np.testing.assert_allclose(white_params[name], plain_params[name], rtol=1e-4)
+    np.testing.assert_allclose(white.params(problem.names)[name],
+                               plain.params(problem.names)[name], rtol=1e-4)
 
 
 def test_restart_carries_starts_that_stalled_on_to_the_minimum(familial_fit):
@@ -219,17 +220,18 @@ def test_restart_carries_starts_that_stalled_on_to_the_minimum(familial_fit):
   weights = np.ones((8, len(data["loss"])))
   with jax.enable_x64(True):
     arrays = fit.as_data(data)
-    stalled = fit.solve_batch(laws.FAMILIAL, starts, arrays, weights, lanes=8,
-                              stop=fit.StopRules(ftol=1e-2))
-    full = fit.solve_batch(laws.FAMILIAL, starts, arrays, weights, lanes=8,
-                           stop=fit.StopRules(tol=1e-12, maxiter=3000))
-    restarted = fit.restart(laws.FAMILIAL, *stalled, arrays, weights, lanes=8)
-  ran_to_the_end = full[2]  # (a plain run from the farthest starts can end unconverged)
+    problem = fit.problem(laws.FAMILIAL, arrays, starts)
+    stalled = fit.solve_batch(problem, starts, weights, fit.Solver(fit.StopRules(ftol=1e-2), 8))
+    full = fit.solve_batch(problem, starts, weights,
+                           fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000), 8))
+    restarted = fit.restart(problem, stalled, weights, fit.Solver(lanes=8))
+  ran_to_the_end = full.converged_S  # (a plain run from the farthest starts can end unconverged)
   assert ran_to_the_end.sum() >= 4
-  assert stalled[2][ran_to_the_end].all()
-  assert np.all(stalled[1][ran_to_the_end] > full[1][ran_to_the_end] * 1.01)
-  np.testing.assert_allclose(restarted[1][ran_to_the_end], full[1][ran_to_the_end], rtol=1e-8)
-  assert restarted[2].all() and np.all(restarted[1] <= full[1] * (1 + 1e-8))
+  assert stalled.converged_S[ran_to_the_end].all()
+  assert np.all(stalled.value_S[ran_to_the_end] > full.value_S[ran_to_the_end] * 1.01)
+  np.testing.assert_allclose(restarted.value_S[ran_to_the_end], full.value_S[ran_to_the_end],
+                             rtol=1e-8)
+  assert restarted.converged_S.all() and np.all(restarted.value_S <= full.value_S * (1 + 1e-8))
 
 
 def test_the_queue_evaluates_its_starts_when_maxiter_is_zero():
@@ -238,8 +240,9 @@ def test_the_queue_evaluates_its_starts_when_maxiter_is_zero():
   with jax.enable_x64(True):
     arrays = fit.as_data(data)
     weights = np.ones((3, len(data["loss"])))
-    params, value, _ = fit.solve_batch(laws.FAMILIAL, starts, arrays, weights,
-                                       stop=fit.StopRules(maxiter=0), lanes=8)
+    problem = fit.problem(laws.FAMILIAL, arrays, starts)
+    ends = fit.solve_batch(problem, starts, weights, fit.Solver(fit.StopRules(maxiter=0), 8))
+    params, value = ends.params(problem.names), ends.value_S
     expected = []
     for s in range(3):  # the Huber sum by hand, in numpy
       nat = laws.to_natural_params({k: v[s] for k, v in starts.items()})
@@ -431,7 +434,8 @@ def test_estimate_vmaps_over_studies_and_compiles_once_per_shape():
 def test_estimate_bootstrap_gives_intervals_like_the_host_bootstrap():
   data = synthetic_family(noise=0.01, seed=1)
   with jax.enable_x64(True):
-    est = jax.jit(lambda d, k: fit.estimate(laws.FAMILIAL, d, grid=GRID, n_bootstrap=400, key=k))(
+    est = jax.jit(lambda d, k: fit.estimate(laws.FAMILIAL, d, grid=GRID,
+                                            resampling=fit.Resampling(400, k)))(
         fit.as_data(data), jax.random.key(0))
   host = bootstrap.bootstrap(laws.FAMILIAL, data, fit.fit(laws.FAMILIAL, data, grid=GRID), n=400)
   assert float(est.bootstrap.converged.mean()) > 0.99
@@ -449,7 +453,8 @@ def test_estimate_refuses_a_silent_float32_fit():
 def test_failed_refits_are_left_out_and_counted():
   data = synthetic_family(noise=0.01, seed=1)
   result = fit.fit(laws.FAMILIAL, data, grid=GRID)
-  boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=100, stop=fit.StopRules(maxiter=1))
+  boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=100,
+                              solver=fit.Solver(fit.StopRules(maxiter=1)))
   assert boot.failed > 0 and boot.converged == pytest.approx(1 - boot.failed / 100)
   assert np.isnan(boot.samples["gamma"]).sum() == boot.failed
   ok = boot.samples["gamma"][np.isfinite(boot.samples["gamma"])]
@@ -526,12 +531,12 @@ def _lowest_ends_of_a_wider_search(law, data, counts_BR, k=32):
   with jax.enable_x64(True):
     arrays = fit.as_data(data)
     grid_SP = np.unique(np.stack([law.grid()[name] for name in names], -1), axis=0)
-    top_BC = np.asarray(fit.lowest_grid_points(law, names, grid_SP, arrays, counts_BR, k=k))
+    problem = fit.problem(law, arrays, names)
+    top_BC = np.asarray(fit.lowest_grid_points(problem, grid_SP, counts_BR, k=k))
     starts = {name: grid_SP[top_BC.ravel(), i] for i, name in enumerate(names)}
     weights_SR = np.repeat(counts_BR, k, axis=0)
-    _, value_S, converged_S = fit.refine(law, *fit.solve_batch(law, starts, arrays, weights_SR),
-                                         arrays, weights_SR)
-  return np.where(converged_S, value_S, np.inf).reshape(len(counts_BR), k).min(axis=1)
+    ends = fit.refine(problem, fit.solve_batch(problem, starts, weights_SR), weights_SR)
+  return np.where(ends.converged_S, ends.value_S, np.inf).reshape(len(counts_BR), k).min(axis=1)
 
 
 def test_small_study_refits_are_as_low_as_a_wider_grid_search():
@@ -565,13 +570,13 @@ def test_estimate_refits_of_a_small_study_also_run_from_their_lowest_grid_points
   def refit_objectives():
     with jax.enable_x64(True):
       arrays, key = fit.as_data(data), jax.random.key(0)
-      est = jax.jit(lambda d: fit.estimate(law, d, n_bootstrap=n, key=key))(arrays)
-      counts_BR = fit._resample_counts(key, 20, n, None)
+      est = jax.jit(lambda d: fit.estimate(law, d, resampling=fit.Resampling(n, key)))(arrays)
+      counts_BR = stages.resample_counts(key, 20, n, None)
       return np.asarray(jax.vmap(lambda x, w: fit.objective(
           x, arrays, w, law=law, delta=fit.DEFAULT_DELTA))(est.bootstrap.samples, counts_BR))
 
   screened = refit_objectives()
-  monkeypatch.setattr(fit, "SCREENED_MAX_ROWS", 0)
+  monkeypatch.setattr(stages, "SCREENED_MAX_ROWS", 0)
   plain = refit_objectives()
   rescued = np.isfinite(screened) & ~np.isfinite(plain)
   lost = ~np.isfinite(screened) & np.isfinite(plain)

@@ -3,9 +3,9 @@ standard errors, 95% percentile intervals (also of derived quantities) and, for 
 two tests of gamma > 0.
 
 Every refit converges or is accounted for: refits start from the full-data optimum in
-coordinates whitened by the full-data Hessian there (fit.whitened); those that stop unconverged
+coordinates whitened by the full-data Hessian there (stages.whiten); those that stop unconverged
 are continued, whitened at their own point by their own objective, and every refit is then
-restarted with a fresh L-BFGS memory until none moves (fit.refine, fit.restart); a second path,
+restarted with a fresh L-BFGS memory until none moves (stages.settle); a second path,
 screened grid starts and grid restarts settle resamples with several minima (see `bootstrap`);
 the rest are failed, excluded from the SEs and intervals, and counted.
 
@@ -23,7 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from famjax.scaling import fit as fitlib
-from famjax.scaling.laws import FAMILIAL, Law, to_natural_params
+from famjax.scaling import stages
+from famjax.scaling.lanes import Outcome
+from famjax.scaling.laws import FAMILIAL, Law
+from famjax.scaling.problem import Coordinates, Problem, Solver, problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,151 +64,102 @@ BOTH_PATHS_MAX_ROWS = 100  # studies this small: every refit takes both paths (t
 DISAGREE_RTOL = 1e-7  # relative objective gap by which a second path or start "ends lower"
 
 
-def _lower(a, b):
-  """Per refit, whether triple b reached an objective lower than a's by more than DISAGREE_RTOL."""
-  return b[1] < a[1] * (1 - DISAGREE_RTOL)
+def _lower(a: Outcome, b: Outcome) -> np.ndarray:
+  """Per refit, whether b reached an objective lower than a's by more than DISAGREE_RTOL."""
+  return np.asarray(b.value_S < a.value_S * (1 - DISAGREE_RTOL))
 
 
-def _best(a, b):
-  """Per refit, the lower-objective of two (params, objective, converged) triples."""
-  take_b = b[1] < np.where(np.isfinite(a[1]), a[1], np.inf)
-  params = {k: np.where(take_b, b[0][k], a[0][k]) for k in a[0]}
-  return params, np.where(take_b, b[1], a[1]), np.where(take_b, b[2], a[2])
+def _lower_of(a: Outcome, b: Outcome) -> Outcome:
+  """Per refit, the lower-objective of two outcomes (a where b's is not lower)."""
+  return b.where(b.value_S < np.where(np.isfinite(a.value_S), a.value_S, np.inf), a)
 
 
-def _converged_only(triple):
-  """The triple with an infinite objective wherever it did not converge (never the lower)."""
-  return triple[0], np.where(triple[2], triple[1], np.inf), triple[2]
+def _grid_points(p: Problem, every: int = 1) -> np.ndarray:
+  """[S, P] distinct points of the law's grid in the free parameters (with a parameter fixed,
+  each point of the others appears once per grid value of the fixed one)."""
+  grid = p.law.grid(every)
+  return np.unique(np.stack([grid[k] for k in p.names], -1), axis=0)
 
 
-def _lowest_of_each(triple, n, k):
-  """Indices of the lowest converged of each run of k consecutive starts (n runs)."""
-  return np.arange(n) * k + np.argmin(_converged_only(triple)[1].reshape(n, k), axis=1)
-
-
-def _subset(triple, index):
-  params, value, converged = triple
-  return {k: v[index] for k, v in params.items()}, value[index], converged[index]
-
-
-def _put(triple, index, part):
-  params, value, converged = (dict((k, v.copy()) for k, v in triple[0].items()),
-                              triple[1].copy(), triple[2].copy())
-  for k in params:
-    params[k][index] = part[0][k]
-  value[index], converged[index] = part[1], part[2]
-  return params, value, converged
-
-
-def _grid_points(law, names, every=1):
-  """[S, P] distinct points of the law's grid in the free parameters `names` (with a parameter
-  fixed, each point of the others appears once per grid value of the fixed one)."""
-  grid = law.grid(every)
-  return np.unique(np.stack([grid[k] for k in names], -1), axis=0)
-
-
-def _raw_path(law, result, data, counts_BR, fixed, options, index):
-  """Refits `index` from the optimum in the law's own coordinates (the path a plain L-BFGS
-  takes), refined."""
-  inits = {k: np.full(len(index), v) for k, v in result.params.items()}
-  triple = fitlib.solve_batch(law, inits, data, counts_BR[index], fixed, **options)
-  return fitlib.refine(law, *triple, data, counts_BR[index], fixed, **options)
-
-
-def _restart_from_grid(law, data, triple, counts_BR, fixed, options, index):
+def _restart_from_grid(p: Problem, ends: Outcome, counts_BR, solver: Solver, index) -> Outcome:
   """Refits `index` from a thinned grid plus where they stopped; the best start of each is
-  refined, and kept where it converged lower."""
-  names = tuple(triple[0])
-  grid_SP = _grid_points(law, names, RETRY_GRID_EVERY)
+  settled, and kept where it converged lower (or the refit had not converged)."""
+  grid_SP = _grid_points(p, RETRY_GRID_EVERY)
   n_grid = len(grid_SP) + 1
-  starts = {k: np.concatenate([np.append(grid_SP[:, i], triple[0][k][b]) for b in index])
-            for i, k in enumerate(names)}
-  weights = np.repeat(counts_BR[index], n_grid, axis=0)
-  found = fitlib.solve_batch(law, starts, data, weights, fixed, **options)
-  best = _lowest_of_each(found, len(index), n_grid)
-  found = fitlib.refine(law, *_subset(found, best), data, counts_BR[index], fixed, **options)
-  return _put(triple, index, _best(_subset(triple, index), _converged_only(found)))
+  x_SP = np.concatenate([np.vstack([grid_SP, ends.x_SP[b]]) for b in index])
+  found = stages.descend(p, x_SP, np.repeat(counts_BR[index], n_grid, axis=0), solver,
+                         stages.host())
+  value_BG = np.where(found.converged_S, found.value_S, np.inf).reshape(len(index), n_grid)
+  found = found.take(np.arange(len(index)) * n_grid + np.argmin(value_BG, axis=1))
+  found = stages.settle(p, found, counts_BR[index], solver, stages.host())
+  return ends.put(index, jax.device_get(stages.lower_converged(ends.take(index), found)))
 
 
-_lowest_grid_points = jax.jit(fitlib.lowest_grid_points,
-                              static_argnames=("law", "names", "delta", "k"))
+_lowest_grid_points = jax.jit(stages.lowest_grid_points, static_argnames=("k",))
 
 
-def _restart_from_screened(law, data, triple, counts_BR, fixed, options):
-  """Every refit also runs from the fit.SCREENED_STARTS points of the law's grid lowest in its
-  resample's objective (refined); the lowest converged end replaces the refit where it is lower
-  or where the refit did not converge. Returns the triple and which converged refits it
-  lowered (their resamples have several minima)."""
-  names = tuple(triple[0])
-  grid_SP = _grid_points(law, names)
-  top_BC = np.asarray(_lowest_grid_points(law, names, grid_SP, data, counts_BR, fixed,
-                                          delta=options["delta"]))
-  n, c = top_BC.shape
-  weights = np.repeat(counts_BR, c, axis=0)
-  starts = {k: grid_SP[top_BC.ravel(), i] for i, k in enumerate(names)}
-  found = fitlib.solve_batch(law, starts, data, weights, fixed, **options)
-  found = fitlib.refine(law, *found, data, weights, fixed, **options)
-  found = _converged_only(_subset(found, _lowest_of_each(found, n, c)))
-  current = _converged_only(triple)
-  return _best(current, found), triple[2] & _lower(current, found)
+def _two_paths(p: Problem, ends: Outcome, x_P, counts_BR, solver: Solver):
+  """Refits that also take the law's own coordinates from the optimum (every refit of a study of
+  up to BOTH_PATHS_MAX_ROWS rows, else every PILOT_EVERY-th, and all if one of those lands
+  lower), each keeping the lower end; and which refits' second path ended lower."""
+  n = len(ends.value_S)
+  raw_path = lambda index: jax.device_get(stages.refits(
+      p, np.broadcast_to(x_P, (len(index), x_P.size)), counts_BR[index], solver, stages.host()))
+  pilot = np.arange(0, n, 1 if p.n_rows <= BOTH_PATHS_MAX_ROWS else PILOT_EVERY)
+  raw = raw_path(pilot)
+  # the second path reached a lower minimum than the first: the first may have missed it (the
+  # reverse is common without several minima: plain L-BFGS stalls above the optimum)
+  if len(pilot) < n and _lower(ends.take(pilot), raw).any():
+    pilot = np.arange(n)  # several minima: every refit takes both paths
+    raw = raw_path(pilot)
+  paths_differ = np.zeros(n, bool)
+  paths_differ[pilot] = _lower(ends.take(pilot), raw)
+  return ends.put(pilot, jax.device_get(_lower_of(ends.take(pilot), raw))), paths_differ
 
 
 def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 4000, seed: int = 0,
-              groups: Sequence | None = None, delta: float = fitlib.DEFAULT_DELTA,
-              stop: fitlib.StopRules = fitlib.StopRules(), lanes: int = fitlib.DEFAULT_LANES,
+              groups: Sequence | None = None, solver: Solver = Solver(),
               progress: bool = False) -> BootstrapResult:
-  """Refits on n resamples, each started from the full-data optimum `result`.
+  """Refits on n resamples, each started from the full-data optimum `result` (with its Huber
+  delta and fixed parameters).
 
   Small studies can have resamples whose objective has several local minima, where refits from
-  the same start reach different ones by different paths, or none reaches the lowest. So every
-  refit of a study of up to BOTH_PATHS_MAX_ROWS rows, and every PILOT_EVERY-th of a larger one,
-  also takes the law's own coordinates from the optimum; if any of those pilots lands elsewhere,
-  every refit does. Every refit of a study of up to fit.SCREENED_MAX_ROWS rows also runs from
-  the fit.SCREENED_STARTS grid points lowest in its own objective. Each refit whose second path
-  found a lower objective (or that did not converge) is settled by a thinned grid of restarts.
-  Refits that still have not converged are failed.
+  the same start reach different ones by different paths, or none reaches the lowest. So refits
+  also take a second path (`_two_paths`), and every refit of a study of up to
+  stages.SCREENED_MAX_ROWS rows also runs from the stages.SCREENED_STARTS grid points lowest in
+  its own objective. Each refit whose second path found a lower objective (or that did not
+  converge) is settled by a thinned grid of restarts. Refits that still have not converged are
+  failed.
   """
-  options = dict(delta=delta, stop=stop, lanes=lanes)
   with jax.enable_x64(True):
-    data = fitlib.as_data(data)
-    n_rows = int(data["loss"].shape[0])
-    counts_BR = resample_counts(n_rows, n, seed, groups)
-    fixed = {k: jnp.float64(v) for k, v in result.fixed.items()}
-    inits = {k: np.full(n, v) for k, v in result.params.items()}
-    coordinates = fitlib.whitened(law, result.params, data, delta=delta, fixed=fixed, lanes=lanes)
-    triple = fitlib.solve_batch(law, inits, data, counts_BR, fixed, coordinates=coordinates,
-                                progress=progress, desc="bootstrap", **options)
-    triple = fitlib.refine(law, *triple, data, counts_BR, fixed, **options)
-    pilot = np.arange(0, n, 1 if n_rows <= BOTH_PATHS_MAX_ROWS else PILOT_EVERY)
-    raw = _raw_path(law, result, data, counts_BR, fixed, options, pilot)
-    # the second path reached a lower minimum than the first: the first may have missed it (the
-    # reverse is common without several minima: plain L-BFGS stalls above the optimum)
-    if len(pilot) < n and _lower(_subset(triple, pilot), raw).any():
-      # several minima: every refit takes both paths, and any two that end apart are settled
-      everyone = np.arange(n)
-      raw = _raw_path(law, result, data, counts_BR, fixed, options, everyone)
-      pilot = everyone
-    paths_differ = np.zeros(n, bool)
-    paths_differ[pilot] = _lower(_subset(triple, pilot), raw)
-    triple = _put(triple, pilot, _best(_subset(triple, pilot), raw))
+    p = problem(law, data, result.params, fixed=result.fixed, delta=result.delta)
+    counts_BR = resample_counts(p.n_rows, n, seed, groups)
+    x_P = np.array([result.params[k] for k in p.names])
+    at = stages.whiten(p, x_P[None], np.ones((1, p.n_rows)), solver, stages.host())
+    ends = stages.descend(p, np.broadcast_to(x_P, (n, x_P.size)), counts_BR, solver,
+                          stages.host("bootstrap" if progress else None),
+                          Coordinates(at.origin[0], at.basis[0]))
+    ends = jax.device_get(stages.settle(p, ends, counts_BR, solver, stages.host()))
+    ends, paths_differ = _two_paths(p, ends, x_P, counts_BR, solver)
     screened_lower = np.zeros(n, bool)
-    if n_rows <= fitlib.SCREENED_MAX_ROWS:
-      triple, screened_lower = _restart_from_screened(law, data, triple, counts_BR, fixed, options)
-    unsettled = paths_differ | ~triple[2]
+    if p.n_rows <= stages.SCREENED_MAX_ROWS:
+      grid_SP = _grid_points(p)
+      top_BC = _lowest_grid_points(p, grid_SP, counts_BR)
+      found = jax.device_get(stages.screened(p, grid_SP, counts_BR, np.asarray(top_BC), solver,
+                                             stages.host()))
+      # several minima: a screened start converged lower than a converged refit
+      screened_lower = ends.converged_S & found.converged_S & _lower(ends, found)
+      ends = jax.device_get(stages.lower_converged(ends, found))
+    unsettled = paths_differ | ~ends.converged_S
     if unsettled.any():
-      triple = _restart_from_grid(law, data, triple, counts_BR, fixed, options,
-                                  np.flatnonzero(unsettled))
-  params_B, _, converged_B = triple
-  natural = to_natural_params(params_B)
-  natural = {k: np.where(converged_B, np.asarray(v), np.nan) for k, v in natural.items()}
-  if "alpha" in natural and "beta" in natural:
-    natural.update(derived(natural))
-  ok = {k: v[converged_B] for k, v in natural.items()}
-  enough = converged_B.sum() >= 2
-  se = {k: float(np.std(v, ddof=1)) if enough else float("nan") for k, v in ok.items()}
-  ci = {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if enough
-        else (float("nan"), float("nan")) for k, v in ok.items()}
-  return BootstrapResult(n=n, samples=natural, se=se, ci95=ci,
+      ends = _restart_from_grid(p, ends, counts_BR, solver, np.flatnonzero(unsettled))
+    natural = jax.device_get(stages.natural_samples(p, ends))
+    if "alpha" in natural and "beta" in natural:
+      natural.update(derived(natural))
+    se, ci95 = jax.device_get(stages.interval_summary(natural))
+  converged_B = np.asarray(ends.converged_S)
+  return BootstrapResult(n=n, samples=natural, se=jax.tree.map(float, se),
+                         ci95={k: tuple(map(float, v)) for k, v in ci95.items()},
                          converged=float(np.mean(converged_B)),
                          failed=int((~converged_B).sum()),
                          multimodal=int((unsettled | screened_lower).sum()))

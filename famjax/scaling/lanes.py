@@ -12,31 +12,21 @@ Shape letters: S starts in the queue, L lanes, P parameters, R data rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jaxopt
 import numpy as np
-import optax
 
-from famjax.scaling.laws import Law
 from famjax.scaling.linesearch import OneTrialLineSearch, ended
+from famjax.scaling.problem import Coordinates, Problem, Solver, StopRules
 
 QUEUE_BLOCK = 8192  # queues are padded to a multiple of this, to share one compilation
 MIN_ROWS = 16  # row counts are padded to a power of two at least this
 CHUNK_STEPS = 256  # loop steps per host call in `run`
-
-
-class StopRules(NamedTuple):
-  """When a start stops (every field is a traced input: changing one compiles nothing)."""
-  maxiter: int = 1000  # L-BFGS iterations
-  tol: float = 1e-9  # converged: gradient norm <= tol (objectives here are ~1e-3) ...
-  # ... or a step without a failed line search lowered the objective by < ftol of it: Huber
-  # kinks can keep the gradient norm from ever reaching tol (scipy's L-BFGS-B stops so too)
-  ftol: float = 1e-10
-  maxls: int = 20  # line-search trials per iteration, as scipy's L-BFGS-B
 
 
 class Queue(NamedTuple):
@@ -49,30 +39,40 @@ class Queue(NamedTuple):
 
 class Outcome(NamedTuple):
   x_SP: jax.Array  # final parameters, the law's coordinates
-  value_S: jax.Array  # objective
+  value_S: jax.Array  # objective (inf for a start that did not run)
   grad_SP: jax.Array  # gradient in the start's solver coordinates
-  converged_S: jax.Array
+  converged_S: jax.Array  # and its objective finite
+
+  def params(self, names: tuple[str, ...]) -> dict:
+    """{name: [S]} of the final parameters."""
+    return {k: self.x_SP[:, i] for i, k in enumerate(names)}
+
+  def where(self, mask_S, other: "Outcome") -> "Outcome":
+    """This outcome's starts where mask_S, other's elsewhere."""
+    return _select(jnp.asarray(mask_S), self, other)
+
+  def take(self, index) -> "Outcome":
+    return jax.tree.map(lambda a: a[index], self)
+
+  def put(self, index, part: "Outcome") -> "Outcome":
+    """A numpy copy with part's starts written at index (host side)."""
+    def written(a, b):
+      a = np.array(a)
+      a[index] = b
+      return a
+    return jax.tree.map(written, self, part)
 
 
-def row_losses(params, data, *, law: Law, delta: float, fixed: Mapping | None = None):
-  """[R] Huber_delta(log loss_i - law.log_loss(params, data)_i): each row's term of `objective`."""
-  residual_R = jnp.log(data["loss"]) - law.log_loss({**(fixed or {}), **params}, data)
-  return optax.losses.huber_loss(residual_R, delta=delta)
-
-
-def objective(params, data, weights_R, *, law: Law, delta: float, fixed: Mapping | None = None):
-  """sum_i w_i Huber_delta(log loss_i - law.log_loss(params, data)_i) (Hoffmann et al. 2022)."""
-  return jnp.sum(weights_R * row_losses(params, data, law=law, delta=delta, fixed=fixed))
-
-
-def queue(x_SP, weights_SR, origin_SP=None, basis_SPP=None) -> Queue:
-  """Starts at parameters x_SP, in the given coordinates (the law's own by default)."""
+def queue(x_SP, weights_SR, coordinates: Coordinates | None = None) -> Queue:
+  """Starts at parameters x_SP, in the given coordinates (one for all starts or one each; the
+  law's own by default)."""
   x_SP = jnp.asarray(x_SP, jnp.float64)
   n, p = x_SP.shape
-  origin_SP = jnp.zeros((n, p)) if origin_SP is None else jnp.broadcast_to(origin_SP, (n, p))
-  basis_SPP = (jnp.broadcast_to(jnp.eye(p), (n, p, p)) if basis_SPP is None
-               else jnp.broadcast_to(basis_SPP, (n, p, p)))
+  origin_SP, basis_SPP = coordinates or Coordinates.identity(p)
+  origin_SP = jnp.broadcast_to(jnp.asarray(origin_SP, jnp.float64), (n, p))
+  basis_SPP = jnp.broadcast_to(jnp.asarray(basis_SPP, jnp.float64), (n, p, p))
   z_SP = jnp.linalg.solve(basis_SPP, (x_SP - origin_SP)[..., None])[..., 0]
+  weights_SR = jnp.asarray(weights_SR, jnp.float64)
   return Queue(z_SP, origin_SP, basis_SPP, jnp.broadcast_to(weights_SR, (n, weights_SR.shape[-1])))
 
 
@@ -137,16 +137,17 @@ def _lbfgs_lanes(fun, stop: StopRules):
   return init, step
 
 
-def _machine(law: Law, names: tuple[str, ...], q: Queue, data, n_starts, fixed, stop: StopRules,
-             delta: float, lanes: int):
-  """(start, keep_going, step) of the queue loop over carry = (lane, out, next_start)."""
+def _machine(problem: Problem, q: Queue, solver: Solver, n_starts):
+  """(start, keep_going, step) of the queue loop over carry = (lane, out, next_start), which
+  runs the first n_starts starts of the queue."""
+  lanes = solver.lanes
 
   def fun(z_P, data, args):
     origin_P, basis_PP, weights_R = args
-    x_P = origin_P + basis_PP @ z_P
-    return objective(dict(zip(names, x_P)), data, weights_R, law=law, delta=delta, fixed=fixed)
+    return dataclasses.replace(problem, data=data).objective(origin_P + basis_PP @ z_P, weights_R)
 
-  init, advance = _lbfgs_lanes(fun, stop)
+  data = problem.data
+  init, advance = _lbfgs_lanes(fun, solver.stop)
   n_total = q.weights_SR.shape[0]
   lane_args = lambda start_L: (q.origin_SP[start_L], q.basis_SPP[start_L], q.weights_SR[start_L])
 
@@ -174,14 +175,14 @@ def _machine(law: Law, names: tuple[str, ...], q: Queue, data, n_starts, fixed, 
 
   def step(carry):
     lane, out, next_start = carry
-    solver, converged_L, stopped_L = advance(lane["solver"], data, lane_args(lane["start"]))
+    moved, converged_L, stopped_L = advance(lane["solver"], data, lane_args(lane["start"]))
     done_L = (lane["start"] >= 0) & (converged_L | stopped_L)
     slot_L = jnp.where(done_L, lane["start"], n_total)  # out of range: dropped
     put = lambda dest, x: dest.at[slot_L].set(x, mode="drop")
-    out = dict(z=put(out["z"], solver["z"]), value=put(out["value"], solver["solver"].value),
-               grad=put(out["grad"], solver["solver"].grad),
+    out = dict(z=put(out["z"], moved["z"]), value=put(out["value"], moved["solver"].value),
+               grad=put(out["grad"], moved["solver"].grad),
                converged=put(out["converged"], converged_L))
-    lane = dict(start=jnp.where(done_L, jnp.int32(-1), lane["start"]), solver=solver)
+    lane = dict(start=jnp.where(done_L, jnp.int32(-1), lane["start"]), solver=moved)
     lane, next_start = load(lane, next_start)
     return lane, out, next_start
 
@@ -194,81 +195,87 @@ def _machine(law: Law, names: tuple[str, ...], q: Queue, data, n_starts, fixed, 
 
 def _outcome(q: Queue, out) -> Outcome:
   x_SP = q.origin_SP + jnp.einsum("spq,sq->sp", q.basis_SPP, out["z"])
-  return Outcome(x_SP, out["value"], out["grad"], out["converged"])
+  return Outcome(x_SP, out["value"], out["grad"], out["converged"] & jnp.isfinite(out["value"]))
 
 
 # XLA:CPU hands reductions to YNNPACK by default, which is slower on these small [lanes, rows]
 # float64 arrays (docs/fitter.md); other backends ignore the option.
 _COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_STATIC = ("law", "names", "delta", "lanes")
 
 
-def solve(law: Law, q: Queue, data: Mapping, fixed, stop: StopRules, *, names: tuple[str, ...],
-          delta: float, lanes: int, n_starts=None) -> Outcome:
-  """Every start of the queue (the first n_starts) to the end, in one while_loop: a pure
-  function for the caller's jit, vmap or grad (its results carry no gradient)."""
-  n_starts = q.weights_SR.shape[0] if n_starts is None else n_starts
-  start, keep_going, step = _machine(law, names, q, data, n_starts, fixed, stop, delta, lanes)
+def _run_queue(problem: Problem, q: Queue, solver: Solver, n_starts) -> Outcome:
+  start, keep_going, step = _machine(problem, q, solver, n_starts)
   _, out, _ = jax.lax.while_loop(keep_going, step, start())
   return _outcome(q, out)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, compiler_options=_COMPILER_OPTIONS)
-def _start(law, q, data, fixed, stop, n_starts, *, names, delta, lanes):
-  return _machine(law, names, q, data, n_starts, fixed, stop, delta, lanes)[0]()
+def solve(problem: Problem, q: Queue, solver: Solver, active_S=None) -> Outcome:
+  """Every start of the queue (those where active_S, if given) to the end, in one while_loop:
+  a pure function for the caller's jit, vmap or grad (its results carry no gradient). A start
+  that does not run keeps its point, with an infinite objective."""
+  if active_S is None:
+    return _run_queue(problem, q, solver, q.weights_SR.shape[0])
+  order_S = jnp.argsort(~active_S, stable=True)  # the active starts first, in order
+  out = _run_queue(problem, jax.tree.map(lambda a: a[order_S], q), solver,
+                   jnp.sum(active_S, dtype=jnp.int32))
+  out = out.take(jnp.argsort(order_S))
+  return out.where(active_S, _idle(q))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, compiler_options=_COMPILER_OPTIONS,
-                   donate_argnames=("carry",))
-def _advance(law, q, data, fixed, stop, n_starts, carry, *, names, delta, lanes):
+def _idle(q: Queue) -> Outcome:
+  """The outcome of starts that did not run."""
+  n = q.z_SP.shape[0]
+  return _outcome(q, dict(z=q.z_SP, value=jnp.full(n, jnp.inf), grad=jnp.zeros_like(q.z_SP),
+                          converged=jnp.zeros(n, bool)))
+
+
+@functools.partial(jax.jit, compiler_options=_COMPILER_OPTIONS)
+def _start(problem, q, solver, n_starts):
+  return _machine(problem, q, solver, n_starts)[0]()
+
+
+@functools.partial(jax.jit, compiler_options=_COMPILER_OPTIONS, donate_argnames=("carry",))
+def _advance(problem, q, solver, n_starts, carry):
   """Up to CHUNK_STEPS loop steps from `carry`; also whether the queue has work left."""
-  _, keep_going, step = _machine(law, names, q, data, n_starts, fixed, stop, delta, lanes)
+  _, keep_going, step = _machine(problem, q, solver, n_starts)
   carry, _ = jax.lax.while_loop(lambda c: keep_going(c[0]) & (c[1] < CHUNK_STEPS),
                                 lambda c: (step(c[0]), c[1] + 1), (carry, jnp.int32(0)))
   return carry, keep_going(carry)
 
 
-def _pad_rows(data: Mapping, weights_SR: np.ndarray):
-  """Pads the rows to a power of two (copies of row 0 with zero weight, which add nothing to the
-  objective), so a study that grows run by run compiles ~log2(rows) programs, not one per row."""
-  n_rows = weights_SR.shape[1]
-  size = max(MIN_ROWS, 1 << (n_rows - 1).bit_length())
-  if size == n_rows:
-    return jax.device_get(dict(data)), weights_SR
-  padded = {k: np.concatenate([v, np.repeat(v[:1], size - n_rows)])
-            for k, v in jax.device_get(dict(data)).items()}
-  return padded, np.pad(weights_SR, ((0, 0), (0, size - n_rows)))
+def _padded(problem: Problem, q: Queue, size: int) -> tuple[Problem, Queue]:
+  """The queue padded to `size` starts (copies of the last) and the rows to a power of two
+  (copies of row 0 with zero weight, which add nothing to the objective), so that similar queues
+  and a study that grows run by run share compilations (~log2(rows) programs, not one per row)."""
+  n, n_rows = q.weights_SR.shape
+  rows = max(MIN_ROWS, 1 << (n_rows - 1).bit_length())
+  data = {k: np.concatenate([v, np.repeat(v[:1], rows - n_rows)])
+          for k, v in jax.device_get(dict(problem.data)).items()}
+  q = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, 0)]),
+                   jax.device_get(q))
+  q = q._replace(weights_SR=np.pad(q.weights_SR, ((0, 0), (0, rows - n_rows))))
+  return dataclasses.replace(problem, data=data), Queue(*jax.device_put(tuple(q)))
 
 
-def run(law: Law, names: tuple[str, ...], x_SP, data: Mapping, weights_SR, fixed=None, *,
-        origin_SP=None, basis_SPP=None, stop: StopRules = StopRules(), delta: float,
-        lanes: int = 256, progress=None) -> Outcome:
-  """`solve` driven from the host in chunks of CHUNK_STEPS loop steps, on the queue padded to a
-  multiple of QUEUE_BLOCK starts and the rows to a power of two (so that similar queues and
-  growing studies share compilations). `progress`, a tqdm bar, moves with the started starts.
-  Returns numpy arrays."""
-  x_SP = np.asarray(x_SP, np.float64)
-  n, p = x_SP.shape
-  weights_SR = np.broadcast_to(np.asarray(weights_SR, np.float64), (n, np.shape(weights_SR)[-1]))
-  origin_SP = np.zeros((n, p)) if origin_SP is None else np.broadcast_to(origin_SP, (n, p))
-  basis_SPP = (np.broadcast_to(np.eye(p), (n, p, p)) if basis_SPP is None
-               else np.broadcast_to(basis_SPP, (n, p, p)))
-  size = -(-max(n, lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
-  pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, 0)])
-  data, weights_SR = _pad_rows(data, weights_SR)
-  origin_SP, basis_SPP = pad(origin_SP), pad(basis_SPP)
-  z_SP = np.linalg.solve(basis_SPP, (pad(x_SP) - origin_SP)[..., None])[..., 0]
-  q = Queue(*jax.device_put((z_SP, origin_SP, basis_SPP, pad(weights_SR))))
-  stop = StopRules(*(jnp.asarray(v) for v in stop))
-  fixed = {k: jnp.float64(v) for k, v in (fixed or {}).items()}
-  options = dict(names=names, delta=delta, lanes=lanes)
-  carry, going = _start(law, q, data, fixed, stop, jnp.int32(n), **options), True
+def run(problem: Problem, q: Queue, solver: Solver, active_S=None, progress=None) -> Outcome:
+  """`solve` driven from the host in chunks of CHUNK_STEPS loop steps, on the active starts
+  only, padded to a multiple of QUEUE_BLOCK. `progress`, a tqdm bar, moves with the started
+  starts. Returns numpy arrays."""
+  q = jax.device_get(q)
+  index = np.arange(len(q.z_SP)) if active_S is None else np.flatnonzero(active_S)
+  out = jax.device_get(_idle(q))
+  n = len(index)
+  if not n:
+    return out
+  size = -(-max(n, solver.lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
+  padded, part = _padded(problem, jax.tree.map(lambda a: a[index], q), size)
+  solver = dataclasses.replace(solver, stop=StopRules(*(jnp.asarray(v) for v in solver.stop)))
+  carry, going = _start(padded, part, solver, jnp.int32(n)), True
   while bool(going):
-    carry, going = _advance(law, q, data, fixed, stop, jnp.int32(n), carry, **options)
+    carry, going = _advance(padded, part, solver, jnp.int32(n), carry)
     if progress is not None:
       progress.update(min(n, int(carry[2])) - progress.n)
   if progress is not None:
     progress.update(n - progress.n)
-  out = {k: np.array(v)[:n] for k, v in jax.device_get(carry[1]).items()}
-  x_SP = origin_SP[:n] + np.einsum("spq,sq->sp", basis_SPP[:n], out["z"])
-  return Outcome(x_SP, out["value"], out["grad"], out["converged"])
+  found = jax.device_get(_outcome(part, carry[1])).take(slice(0, n))
+  return Outcome(*(np.array(a) for a in out)).put(index, found)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -53,16 +53,20 @@ def boundaries(law: laws.Law, params: Mapping, data: Mapping) -> dict[str, str]:
   return out
 
 
+class Grouping(NamedTuple):
+  """What a bootstrap resamples: `name` (e.g. "runs") and each row's group label, or None when
+  every row is a group of its own."""
+  name: str
+  labels: Sequence | None = None
+
+
 def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int = 0,
-            groups: Sequence | None = None, resampled: str = "rows",
-            delta: float = fitlib.DEFAULT_DELTA, grid: Mapping | None = None,
-            init: Mapping | None = None, progress: bool = False) -> FittedLaw:
-  """Grid fit, bootstrap refits (whole groups if given) and, for the familial law, the tests of
-  gamma > 0. `init` (log parameters, e.g. an earlier fit's) is added to the grid's starts."""
+            grouping: Grouping | None = None, delta: float = fitlib.DEFAULT_DELTA,
+            grid: Mapping | None = None, progress: bool = False) -> FittedLaw:
+  """Grid fit, bootstrap refits (of rows, or of whole groups) and, for the familial law, the
+  tests of gamma > 0."""
   start = time.perf_counter()
   grid = dict(grid or law.grid())
-  if init is not None:
-    grid = {k: np.append(v, init[k]) for k, v in grid.items()}
   result = fitlib.fit(law, data, delta=delta, grid=grid, progress=progress)
   natural = laws.to_natural_params(result.params)
   derived = bootlib.derived(natural) if {"alpha", "beta"} <= set(natural) else {}
@@ -80,14 +84,16 @@ def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int 
                   "reported as unidentified", stacklevel=2)
   boot = None
   if n_bootstrap:
-    boot = bootlib.bootstrap(law, data, result, n=n_bootstrap, seed=seed, groups=groups,
-                             delta=delta, progress=progress)
+    boot = bootlib.bootstrap(law, data, result, n=n_bootstrap, seed=seed,
+                             groups=None if grouping is None else grouping.labels,
+                             progress=progress)
     interval = lambda k: None if k in edge else list(boot.ci95[k])
     record["bootstrap"] = {"n": boot.n,
                            "se": {k: None if k in edge else v for k, v in boot.se.items()},
                            "ci95": {k: interval(k) for k in boot.ci95},
                            "converged": boot.converged, "failed": boot.failed,
-                           "multimodal": boot.multimodal, "resampled": resampled}
+                           "multimodal": boot.multimodal,
+                           "resampled": grouping.name if grouping else "rows"}
     if boot.failed:
       warnings.warn(f"{law.name} law: {boot.failed} of {boot.n} bootstrap refits did not "
                     "converge after every retry; they are left out of the SEs and intervals",

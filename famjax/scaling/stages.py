@@ -1,0 +1,214 @@
+"""The fitter's stages, written once: descend, polish, refine, restart, screened starts, and the
+bootstrap's resampling and summary.
+
+An `Engine` says how a stage's starts run. `TRACED` runs them in one traced loop with exact
+Hessians, one refine and one restart round (`fit.estimate`: pure JAX). `host(desc)` drives the
+same compiled loop from the host in chunks, on the active starts only, with finite-difference
+Hessians from that loop and more rounds (`fit.fit`, `bootstrap.bootstrap`).
+
+Shape letters: S starts, P parameters, R data rows, B resamples, C screened starts per resample.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from famjax.scaling import lanes
+from famjax.scaling.laws import to_natural_name
+from famjax.scaling.problem import Coordinates, Problem, Solver, StopRules, whitening
+
+FD_STEP = 1e-5  # central differences of the gradient, for the host's Hessians
+REFINE_ROUNDS = 3  # rounds of re-whitening an unconverged start at its own point (host)
+RESTART_ROUNDS = 4  # rounds of fresh-memory continuation of the starts that still move (host)
+RESTART_RTOL = 1e-7  # a continuation "moves" when it lowers the objective by more than this of it
+# per bootstrap refit of a small study: the grid points lowest in the resample's objective, each
+# run to convergence. On a 20-row study 5 of 1000 resamples have a lower minimum than the refit
+# from the optimum reaches, and which of the few lowest grid points reach it depends on the CPU's
+# floating-point code path (2 starts missed 5 of them on one CPU, a different 5 under AVX2); with
+# 6 or more, the same 2 of 1000 stay missed on both (docs/fitter.md)
+SCREENED_STARTS = 8
+# studies up to this size screen every refit; at 60 rows screening lowered none of 1000 refits,
+# and it would make a 90-row familial bootstrap 8x slower
+SCREENED_MAX_ROWS = 50
+SCREEN_BATCH = 512  # resamples screened at a time ([batch, S] objectives in memory)
+
+Outcome = lanes.Outcome
+
+
+class Engine(NamedTuple):
+  run: Callable  # (problem, queue, solver, active_S) -> Outcome
+  hessians: Callable  # (problem, x_SP, weights_SR, solver, active_S) -> [S, P, P]
+  refine_rounds: int
+  restart_rounds: int
+
+
+def _exact_hessians(problem: Problem, x_SP, weights_SR, solver: Solver, active_S=None):
+  del solver, active_S
+  weights_SR = jnp.broadcast_to(weights_SR, (x_SP.shape[0], problem.n_rows))
+  return jax.vmap(jax.hessian(problem.objective))(x_SP, weights_SR)
+
+
+def _fd_hessians(problem: Problem, x_SP, weights_SR, solver: Solver, active_S=None):
+  """Central differences (FD_STEP) of gradients that the lane engine evaluates (maxiter 0), so
+  they cost no compilation of their own; nan where a start is not active."""
+  x_SP = np.asarray(x_SP, np.float64)
+  n, p = x_SP.shape
+  index = np.arange(n) if active_S is None else np.flatnonzero(active_S)
+  hessian_SPP = np.full((n, p, p), np.nan)
+  if not index.size:
+    return hessian_SPP
+  offsets_KP = FD_STEP * np.concatenate([np.eye(p), -np.eye(p)])
+  points = (x_SP[index, None, :] + offsets_KP[None]).reshape(-1, p)
+  weights = np.broadcast_to(np.asarray(weights_SR, np.float64), (n, problem.n_rows))[index]
+  evaluate = Solver(StopRules(maxiter=0, maxls=1), solver.lanes)
+  out = lanes.run(problem, lanes.queue(points, np.repeat(weights, 2 * p, axis=0)), evaluate)
+  grad_SKP = out.grad_SP.reshape(len(index), 2 * p, p)
+  hessian_SPP[index] = (grad_SKP[:, :p] - grad_SKP[:, p:]) / (2 * FD_STEP)
+  return hessian_SPP
+
+
+def _host_run(problem: Problem, q: lanes.Queue, solver: Solver, active_S=None, *, desc=None):
+  from tqdm.auto import tqdm
+  n = len(q.z_SP) if active_S is None else int(np.sum(active_S))
+  with tqdm(total=n, desc=desc, unit="start", disable=desc is None) as bar:
+    return lanes.run(problem, q, solver, active_S, progress=bar)
+
+
+TRACED = Engine(lanes.solve, _exact_hessians, refine_rounds=1, restart_rounds=1)
+
+
+def host(desc: str | None = None) -> Engine:
+  """The host engine; `desc` names a progress bar over each run's starts (none if None)."""
+  return Engine(functools.partial(_host_run, desc=desc), _fd_hessians, REFINE_ROUNDS,
+                RESTART_ROUNDS)
+
+
+def whiten(problem: Problem, x_SP, weights_SR, solver: Solver, engine: Engine,
+           active_S=None) -> Coordinates:
+  """Coordinates centred on each point x_SP[s] in which the objective with row weights
+  weights_SR[s] has the identity as its Hessian there. Near an optimum L-BFGS then starts with
+  the right curvature: refits of Epoch's data converge in a few steps, where in the law's own
+  coordinates (Hessian eigenvalues 1e-4..1e3) they take hundreds."""
+  hessian_SPP = engine.hessians(problem, x_SP, weights_SR, solver, active_S)
+  return jax.vmap(whitening)(jnp.asarray(hessian_SPP), jnp.asarray(x_SP, jnp.float64))
+
+
+def descend(problem: Problem, x_SP, weights_SR, solver: Solver, engine: Engine,
+            coordinates: Coordinates | None = None, active_S=None) -> Outcome:
+  """L-BFGS from every start x_SP (the active ones) in the given coordinates."""
+  return engine.run(problem, lanes.queue(x_SP, weights_SR, coordinates), solver, active_S)
+
+
+def polish(problem: Problem, x_SP, around_P, weights_R, solver: Solver,
+           engine: Engine) -> Outcome:
+  """Reruns the starts x_SP from where they stopped, in coordinates whitened at around_P."""
+  at = whiten(problem, jnp.asarray(around_P)[None], weights_R[None], solver, engine)
+  return descend(problem, x_SP, weights_R[None], solver, engine,
+                 Coordinates(at.origin[0], at.basis[0]))
+
+
+def refine(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
+           engine: Engine) -> Outcome:
+  """Continues every unconverged start from where it stopped, in coordinates whitened at its own
+  point by its own objective, for engine.refine_rounds rounds; a continuation replaces a start
+  only where it lowers the objective."""
+  for _ in range(engine.refine_rounds):
+    todo_S = ~ends.converged_S & jnp.isfinite(ends.value_S)
+    coordinates = whiten(problem, ends.x_SP, weights_SR, solver, engine, todo_S)
+    new = descend(problem, ends.x_SP, weights_SR, solver, engine, coordinates, todo_S)
+    better_S = todo_S & (new.value_S <= ends.value_S)
+    ends = new.where(better_S, ends)._replace(
+        converged_S=jnp.where(todo_S, better_S & new.converged_S, ends.converged_S))
+  return ends
+
+
+def restart(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
+            engine: Engine) -> Outcome:
+  """Continues every start from where it stopped with a fresh L-BFGS memory, in the law's own
+  coordinates, and again for those that moved (lowered the objective by > RESTART_RTOL of it),
+  for engine.restart_rounds rounds. An L-BFGS can stall short of a minimum on the Huber
+  objective's kinks with a curvature memory that no longer fits (stop.ftol then ends it as
+  converged); a fresh start from the same point goes on."""
+  todo_S = jnp.isfinite(ends.value_S)
+  for _ in range(engine.restart_rounds):
+    new = descend(problem, ends.x_SP, weights_SR, solver, engine, None, todo_S)
+    todo_S = todo_S & (new.value_S < ends.value_S * (1 - RESTART_RTOL))
+    ends = new.where(todo_S, ends)
+  return ends
+
+
+def settle(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
+           engine: Engine) -> Outcome:
+  """`refine`, then `restart`."""
+  ends = refine(problem, ends, weights_SR, solver, engine)
+  return restart(problem, ends, weights_SR, solver, engine)
+
+
+def refits(problem: Problem, x_BP, counts_BR, solver: Solver, engine: Engine,
+           coordinates: Coordinates | None = None) -> Outcome:
+  """Refits of resampled rows (counts_BR) from x_BP in the given coordinates, settled."""
+  ends = descend(problem, x_BP, counts_BR, solver, engine, coordinates)
+  return settle(problem, ends, counts_BR, solver, engine)
+
+
+def resample_counts(key, n_rows: int, n: int, groups=None) -> jax.Array:
+  """[n, R] row multiplicities: rows drawn with replacement, or whole groups (integer labels
+  0..G-1, concrete) if given."""
+  if groups is None:
+    draws = jax.random.randint(key, (n, n_rows), 0, n_rows)
+    return jax.nn.one_hot(draws, n_rows, dtype=jnp.float64).sum(axis=1)
+  groups = np.asarray(groups)
+  n_groups = int(groups.max()) + 1
+  draws = jax.random.randint(key, (n, n_groups), 0, n_groups)
+  return jax.nn.one_hot(draws, n_groups, dtype=jnp.float64).sum(axis=1)[:, groups]
+
+
+def lowest_grid_points(problem: Problem, grid_SP, weights_BR, k: int = SCREENED_STARTS):
+  """[B, C] indices of the k points of grid_SP with the lowest objective for each row weighting:
+  one [B, R] x [R, S] product, since the objective is linear in the row weights. Pure JAX."""
+  losses_SR = jax.vmap(problem.row_losses)(jnp.asarray(grid_SP))
+  finite_S = jnp.all(jnp.isfinite(losses_SR), axis=1)
+  losses_SR = jnp.where(finite_S[:, None], losses_SR, 0.0)
+  lowest = lambda weights_R: jax.lax.top_k(
+      jnp.where(finite_S, -(losses_SR @ weights_R), -jnp.inf), min(k, len(grid_SP)))[1]
+  return jax.lax.map(lowest, jnp.asarray(weights_BR), batch_size=SCREEN_BATCH)
+
+
+def screened(problem: Problem, grid_SP, counts_BR, top_BC, solver: Solver,
+             engine: Engine) -> Outcome:
+  """[B] refits from each resample's screened grid points top_BC: the lowest converged end."""
+  n, c = top_BC.shape
+  found = refits(problem, jnp.asarray(grid_SP)[jnp.asarray(top_BC).reshape(-1)],
+                 jnp.repeat(jnp.asarray(counts_BR), c, axis=0), solver, engine)
+  value_BC = jnp.where(found.converged_S, found.value_S, jnp.inf).reshape(n, c)
+  return found.take(jnp.arange(n) * c + jnp.argmin(value_BC, axis=1))
+
+
+def lower_converged(current: Outcome, found: Outcome) -> Outcome:
+  """found where it converged lower than current (or current did not converge)."""
+  lower_B = found.converged_S & (
+      found.value_S < jnp.where(current.converged_S, current.value_S, jnp.inf))
+  return found.where(lower_B, current)
+
+
+def interval_summary(samples: dict) -> tuple[dict, dict]:
+  """Standard error and 95% percentile interval of each [B] sample over its non-nan entries
+  (nan when fewer than two)."""
+  se, ci95 = {}, {}
+  for k, v in samples.items():
+    enough = jnp.sum(~jnp.isnan(v)) >= 2
+    se[k] = jnp.where(enough, jnp.nanstd(v, ddof=1), jnp.nan)
+    ci95[k] = tuple(jnp.where(enough, jnp.nanpercentile(v, q), jnp.nan) for q in (2.5, 97.5))
+  return se, ci95
+
+
+def natural_samples(problem: Problem, ends: Outcome) -> dict:
+  """Natural parameters (E, A, B, exponents) of converged refits, nan elsewhere, [B] each."""
+  x_BP = jnp.where(ends.converged_S[:, None], ends.x_SP, jnp.nan)
+  return {to_natural_name(k): jnp.exp(v) if to_natural_name(k) != k else v
+          for k, v in problem.params(x_BP.T).items()}
