@@ -44,8 +44,8 @@ def main(argv):
                                                    cli.given_config_fields()))
   cli.use_compilation_cache()
   cli.initialize_distributed()
-  result = study.run(study_cfg, base, _OUTDIR.value, task_index=_TASK_INDEX.value,
-                     num_tasks=_NUM_TASKS.value, fit_only=_FIT_ONLY.value,
+  result = study.run(study_cfg, base, _OUTDIR.value,
+                     task=study.Task(_TASK_INDEX.value, _NUM_TASKS.value), fit_only=_FIT_ONLY.value,
                      live_fit=_LIVE_FIT.value, allow_other_corpora=_ALLOW_OTHER_CORPORA.value)
   print(study.summary(result, _OUTDIR.value))
 

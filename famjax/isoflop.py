@@ -149,37 +149,74 @@ def _tag(budget: float) -> str:
   return f"{budget:.3g}".replace("+", "")
 
 
-def _spec(study, base, run_id, kind, budget, run_budget, granularity, seed, model,
-          corpus_tokens, dropped, **extra) -> RunSpec | None:
-  """A run training `model` on run_budget FLOPs, or None (reason appended to dropped)."""
-  tc = base.train
-  per_step = tc.batch_size * tc.seq_len
-  fpt = flops_per_token(study, model, tc.seq_len)
-  steps = int(run_budget / fpt // per_step)
-  if steps < study.min_steps:
-    dropped.append((run_id, f"C={run_budget:.3g} buys {steps} steps of {per_step} tokens at "
-                            f"{fpt:,.0f} FLOPs/token, fewer than "
-                            f"study.min_steps={study.min_steps}"))
-    return None
-  tokens = steps * per_step
-  if corpus_tokens and tokens > study.max_epochs * corpus_tokens:
-    dropped.append((run_id, f"D={tokens:,} tokens is {tokens / corpus_tokens:.2f} epochs of the "
-                            f"{corpus_tokens:,}-token training corpus, more than "
-                            f"study.max_epochs={study.max_epochs}"))
-    return None
-  warmup = min(steps - 1, int(round(study.warmup_fraction * steps)))
-  train = dataclasses.replace(tc, steps=steps, tokens=0, warmup_steps=warmup, seed=seed,
-                              exit_weights=())
-  experiment = dataclasses.replace(base, model=model, train=train)
-  return RunSpec(run_id=run_id, kind=kind, budget=budget, granularity=granularity, seed=seed,
-                 experiment=experiment, flops_per_token=fpt, tokens=tokens, **extra)
+@dataclasses.dataclass
+class _Planner:
+  """Turns models and budgets into runs for one study, collecting the runs it drops (why)."""
+  study: StudyConfig
+  base: ExperimentConfig
+  corpus_tokens: int | None  # training tokens of the corpus: enables the epochs check
+  dropped: list = dataclasses.field(default_factory=list)
+
+  def spec(self, run_id: str, kind: str, budget: float, run_budget: float, granularity: int,
+           model, **extra) -> RunSpec | None:
+    """A run training `model` on run_budget FLOPs with the study's first seed unless `seed` is in
+    extra, or None (the reason appended to dropped)."""
+    study, tc = self.study, self.base.train
+    seed = extra.pop("seed", study.seeds[0])
+    per_step = tc.batch_size * tc.seq_len
+    fpt = flops_per_token(study, model, tc.seq_len)
+    steps = int(run_budget / fpt // per_step)
+    if steps < study.min_steps:
+      self.dropped.append((run_id, f"C={run_budget:.3g} buys {steps} steps of {per_step} tokens "
+                                   f"at {fpt:,.0f} FLOPs/token, fewer than "
+                                   f"study.min_steps={study.min_steps}"))
+      return None
+    tokens, corpus = steps * per_step, self.corpus_tokens
+    if corpus and tokens > study.max_epochs * corpus:
+      self.dropped.append((run_id, f"D={tokens:,} tokens is {tokens / corpus:.2f} epochs of the "
+                                   f"{corpus:,}-token training corpus, more than "
+                                   f"study.max_epochs={study.max_epochs}"))
+      return None
+    warmup = min(steps - 1, int(round(study.warmup_fraction * steps)))
+    train = dataclasses.replace(tc, steps=steps, tokens=0, warmup_steps=warmup, seed=seed,
+                                exit_weights=())
+    experiment = dataclasses.replace(self.base, model=model, train=train)
+    return RunSpec(run_id=run_id, kind=kind, budget=budget, granularity=granularity, seed=seed,
+                   experiment=experiment, flops_per_token=fpt, tokens=tokens, **extra)
+
+  def dense_matches(self, budget: float, granularity: int, runs) -> list:
+    """The G dense models matched to the family at (C, G) in the middle of the budget's widths:
+    dense model g has exit g's sub-model (layers 1..l_g, plus the exit's private block if it has
+    one) and trains C / G FLOPs, as leverage.efficiency_leverage assumes."""
+    study, base = self.study, self.base
+    family = [r for r in runs if r.kind == ISOFLOP and r.budget == budget
+              and r.granularity == granularity and r.seed == study.seeds[0]]
+    if not family:
+      self.dropped.append((f"C{_tag(budget)}_G{granularity}_dense*", "its family was dropped"))
+      return []
+    widths = budget_widths(study, base, budget)[0]
+    middle = widths[(len(widths) - 1) // 2]
+    target = min(family, key=lambda r: abs(r.experiment.model.d_model - middle))
+    model = target.experiment.model
+    private = accounting.private_blocks(model)
+    before, matches = len(self.dropped), []
+    for g, layer in enumerate(model.exit_layers, start=1):
+      dense = model_shape(study, base.model, model.d_model, 1, n_layers=layer + private[g - 1])
+      matches.append(self.spec(f"{target.run_id}_dense{g}", DENSE_MATCH, budget,
+                               budget / granularity, granularity, dense,
+                               matches=target.run_id, matched_exit=g))
+    if len(self.dropped) > before:  # a leverage point needs all G dense models
+      self.dropped.extend((m.run_id, "another dense model of its leverage point was dropped")
+                          for m in matches if m is not None)
+      return []
+    return matches
 
 
 def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None = None) -> Plan:
   """Every run of the study. `base` gives everything but the model's shape and the steps
   (vocabulary, exit heads, batch, sequence length, optimizer); corpus_tokens (training tokens of
   the corpus) enables the epochs check."""
-  runs, dropped, notes = [], [], []
+  planner, runs, notes = _Planner(study, base, corpus_tokens), [], []
   for budget in study.budgets:
     widths, note = budget_widths(study, base, budget)
     if note:
@@ -189,44 +226,12 @@ def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None =
         model = model_shape(study, base.model, width, granularity)
         for seed in study.seeds:
           run_id = f"C{_tag(budget)}_G{granularity}_d{width}L{model.n_layers}_s{seed}"
-          spec = _spec(study, base, run_id, ISOFLOP, budget, budget, granularity, seed, model,
-                       corpus_tokens, dropped)
+          spec = planner.spec(run_id, ISOFLOP, budget, budget, granularity, model, seed=seed)
           if spec:
             runs.append(spec)
   for budget, granularity in study.leverage_points:
-    runs.extend(_dense_matches(study, base, budget, granularity, runs, corpus_tokens, dropped))
-  return Plan(tuple(runs), tuple(dropped), tuple(notes))
-
-
-def _dense_matches(study, base, budget, granularity, runs, corpus_tokens, dropped) -> list:
-  """The G dense models matched to the family at (C, G) in the middle of the budget's widths:
-  dense model g has exit g's sub-model (layers 1..l_g, plus the exit's private block if it has
-  one) and trains C / G FLOPs, as leverage.efficiency_leverage assumes."""
-  seed = study.seeds[0]
-  family = [r for r in runs if r.kind == ISOFLOP and r.budget == budget
-            and r.granularity == granularity and r.seed == seed]
-  if not family:
-    dropped.append((f"C{_tag(budget)}_G{granularity}_dense*", "its family was dropped"))
-    return []
-  widths = budget_widths(study, base, budget)[0]
-  middle = widths[(len(widths) - 1) // 2]
-  target = min(family, key=lambda r: abs(r.experiment.model.d_model - middle))
-  model = target.experiment.model
-  private = accounting.private_blocks(model)
-  matches, matched_dropped = [], []
-  for g, layer in enumerate(model.exit_layers, start=1):
-    depth = layer + private[g - 1]
-    dense = model_shape(study, base.model, model.d_model, 1, n_layers=depth)
-    spec = _spec(study, base, f"{target.run_id}_dense{g}", DENSE_MATCH, budget,
-                 budget / granularity, granularity, seed, dense, corpus_tokens, matched_dropped,
-                 matches=target.run_id, matched_exit=g)
-    matches.append(spec)
-  dropped.extend(matched_dropped)
-  if matched_dropped:  # a leverage point needs all G dense models
-    dropped.extend((m.run_id, "another dense model of its leverage point was dropped")
-                   for m in matches if m is not None)
-    return []
-  return matches
+    runs.extend(planner.dense_matches(budget, granularity, runs))
+  return Plan(tuple(runs), tuple(planner.dropped), tuple(notes))
 
 
 def table(plan_: Plan) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 import jax
 
@@ -121,9 +121,15 @@ def dry_run(study: StudyConfig, base: ExperimentConfig) -> str:
   return "\n".join(lines)
 
 
-def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task_index: int = 0,
-        num_tasks: int = 1, fit_only: bool = False, live_fit: bool = True,
-        allow_other_corpora: bool = False, progress: bool = True) -> dict:
+class Task(NamedTuple):
+  """This launcher's share of a study: task `index` (0-based) of `count` sharing the plan."""
+  index: int = 0
+  count: int = 1
+
+
+def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task: Task = Task(),
+        fit_only: bool = False, live_fit: bool = True, allow_other_corpora: bool = False,
+        progress: bool = True) -> dict:
   """Trains this task's share (unless fit_only), then writes the report if every planned run
   has finished, or fit_only asks for one from the records so far. Returns {"report": dict or
   None, "files": {name: path}, "sweep": SweepOutcome or None, "missing": [run ids]}."""
@@ -139,7 +145,7 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task_
   outcome = None
   if not fit_only:
     live = report.LiveFit(outdir, opts, tokens.fingerprint) if live_fit else None
-    outcome = sweep.run(plan, outdir, task_index=task_index, num_tasks=num_tasks, tokens=tokens,
+    outcome = sweep.run(plan, outdir, task_index=task.index, num_tasks=task.count, tokens=tokens,
                         on_finished=_quietly(live) if live else None, progress=progress)
   frame = results.collect(outdir, tokens.fingerprint, allow_other_corpora)
   done = set(frame.loc[frame["status"] == results.OK, "run_id"]) if len(frame) else set()

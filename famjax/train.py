@@ -268,9 +268,9 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
     lock.release()
 
 
-def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_after) -> dict:
-  tc = cfg.train
-  mngr = checkpoint.manager(workdir, tc.keep_checkpoints)
+def _resume(cfg, workdir, mngr, trainer, batches) -> tuple[int, float]:
+  """Loads the latest checkpoint into trainer and batches: (its step, seconds trained), or
+  (0, 0.0) for a fresh run."""
   start, elapsed = 0, 0.0
   restored = checkpoint.restore_latest(mngr, trainer.state)
   if restored is not None:
@@ -278,12 +278,37 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
     trainer.load_state(state, start)
     batches.set_state(data_state["batches"])
     elapsed = data_state["elapsed_seconds"]
-  total = tc.total_steps
-  if start > total:
+  if start > cfg.train.total_steps:
     raise ValueError(
-        f"train.steps={total} (or train.tokens) is below step {start} of the latest checkpoint "
-        f"in {workdir}: that state has trained longer than asked. Ask for at least {start} "
-        "steps, or use a new workdir")
+        f"train.steps={cfg.train.total_steps} (or train.tokens) is below step {start} of the "
+        f"latest checkpoint in {workdir}: that state has trained longer than asked. Ask for at "
+        f"least {start} steps, or use a new workdir")
+  return start, elapsed
+
+
+def _summary(cfg, trainer, train_loss, val_loss, seconds: float, fingerprint: str) -> dict:
+  """What a finished run reports (summary.json): losses per exit, size and cost."""
+  acc = accounting.account(cfg.model, cfg.train.seq_len)
+  return {
+      "exit_layers": list(cfg.model.exit_layers),
+      "train_loss": train_loss,
+      "val_loss": val_loss.tolist(),
+      "step": trainer.step_count,
+      "tokens": trainer.step_count * cfg.train.batch_size * cfg.train.seq_len,
+      "params_per_exit": list(acc.params_per_exit),
+      "non_embedding_params_per_exit": list(acc.non_embedding_per_exit),
+      "params_total": acc.params_total,
+      "params_non_embedding": acc.params_non_embedding,
+      "flops_per_token": acc.flops_per_token,
+      "train_seconds": seconds,
+      "corpus_fingerprint": fingerprint,
+  }
+
+
+def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_after) -> dict:
+  tc = cfg.train
+  mngr = checkpoint.manager(workdir, tc.keep_checkpoints)
+  (start, elapsed), total = _resume(cfg, workdir, mngr, trainer, batches), tc.total_steps
   if jax.process_index() == 0:
     workdir_files.claim(workdir, cfg, start)
   log = workdir_files.MetricsLog(workdir, start)
@@ -293,8 +318,7 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
   bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not tc.progress,
              dynamic_ncols=True)
   began = tic = time.perf_counter()
-  tic_step = start
-  pending = None  # previous step's metrics, fetched after the next step is dispatched
+  tic_step, pending = start, None  # pending: metrics fetched once the next step is dispatched
 
   def consume(step: int, metrics) -> None:
     nonlocal tic, tic_step
@@ -336,21 +360,9 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
   if not window:  # resumed a finished run: report the last logged train loss
     last = workdir_files.last_train_loss(workdir)
     window = [] if last is None else [last]
-  acc = accounting.account(cfg.model, tc.seq_len)
-  summary = {
-      "exit_layers": list(cfg.model.exit_layers),
-      "train_loss": np.mean(window[-tc.log_every:], axis=0).tolist() if window else None,
-      "val_loss": val_loss.tolist(),
-      "step": trainer.step_count,
-      "tokens": trainer.step_count * tokens_per_step,
-      "params_per_exit": list(acc.params_per_exit),
-      "non_embedding_params_per_exit": list(acc.non_embedding_per_exit),
-      "params_total": acc.params_total,
-      "params_non_embedding": acc.params_non_embedding,
-      "flops_per_token": acc.flops_per_token,
-      "train_seconds": elapsed + time.perf_counter() - began,
-      "corpus_fingerprint": tokens.fingerprint,
-  }
+  train_loss = np.mean(window[-tc.log_every:], axis=0).tolist() if window else None
+  summary = _summary(cfg, trainer, train_loss, val_loss, elapsed + time.perf_counter() - began,
+                     tokens.fingerprint)
   workdir_files.write_summary(workdir, summary)
   return summary
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (name, file, original text, mutated text, tests that must fail)
 MUTANTS = [
-    ("huber delta 1e-3 -> 1", "famjax/scaling/fit.py", "DEFAULT_DELTA = 1e-3",
+    ("huber delta 1e-3 -> 1", "famjax/scaling/problem.py", "DEFAULT_DELTA = 1e-3",
      "DEFAULT_DELTA = 1.0", "tests/test_scaling.py::test_the_default_fit_shrugs_off_an_outlier"),
     ("rotary returns its input", "famjax/model.py", "  half = x_BTNH.shape[-1] // 2\n",
      "  return x_BTNH\n  half = x_BTNH.shape[-1] // 2\n", "tests/test_model.py -k rotary"),
@@ -70,11 +70,11 @@ MUTANTS = [
     ("task shares overlap", "famjax/isoflop.py", "return tuple(ordered[task_index::num_tasks])",
      "return tuple(ordered[task_index:])", "tests/test_isoflop.py -k exactly_once"),
     ("bootstrap without screened starts", "famjax/scaling/bootstrap.py",
-     "    if n_rows <= fitlib.SCREENED_MAX_ROWS:\n", "    if False:\n",
+     "    if p.n_rows <= stages.SCREENED_MAX_ROWS:\n", "    if False:\n",
      "tests/test_scaling.py -k wider_grid_search"),
-    ("a screened end replaces a lower refit", "famjax/scaling/bootstrap.py",
-     "  return _best(current, found), triple[2] & _lower(current, found)",
-     "  return found, triple[2] & _lower(current, found)",
+    ("a screened end replaces a lower refit", "famjax/scaling/stages.py",
+     "  return found.where(lower_B, current)",
+     "  return found",
      "tests/test_scaling.py -k wider_grid_search"),
     ("microbatch gradients summed, not averaged", "famjax/train.py",
      "  return jax.tree.map(lambda x: x / microbatches, total)", "  return total",
@@ -85,8 +85,11 @@ MUTANTS = [
      "  if not saved or saved == expected:\n    return None",
      "  return None", "tests/test_faults.py -k another_parameter_layout"),
     ("estimate without screened starts", "famjax/scaling/fit.py",
-     "  if weights.shape[0] <= SCREENED_MAX_ROWS:", "  if False:",
+     "  if p.n_rows <= stages.SCREENED_MAX_ROWS:", "  if False:",
      "tests/test_scaling.py -k lowest_grid_points"),
+    ("an import cycle", "famjax/accounting.py", "from famjax.config import ModelConfig\n",
+     "from famjax.config import ModelConfig\nfrom famjax import isoflop  # noqa: F401\n",
+     "tests/test_structure.py -k cycles"),
 ]
 
 

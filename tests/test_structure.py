@@ -1,0 +1,61 @@
+"""The shape of the package: short functions with few parameters, and no import cycles."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "famjax"
+MAX_PARAMS = 8
+MAX_LINES = 60
+
+
+def _modules() -> dict[str, ast.Module]:
+  return {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts): ast.parse(
+      path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _n_params(node: ast.FunctionDef) -> int:
+  args = node.args
+  names = [a.arg for a in args.posonlyargs + args.args]
+  n = len(names) + len(args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg)
+  return n - (names[:1] in (["self"], ["cls"]))
+
+
+def test_no_function_is_long_or_takes_many_parameters():
+  too_big = [f"{module}.{node.name} (line {node.lineno}): {_n_params(node)} parameters, "
+             f"{node.end_lineno - node.lineno + 1} lines"
+             for module, tree in _modules().items() for node in ast.walk(tree)
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+             and (_n_params(node) > MAX_PARAMS or node.end_lineno - node.lineno >= MAX_LINES)]
+  assert not too_big, "\n".join(too_big)
+
+
+def _imports(module: str, tree: ast.Module) -> set[str]:
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      found.add(node.module)
+      found |= {f"{node.module}.{a.name}" for a in node.names}
+  return found
+
+
+def test_no_import_cycles():
+  modules = _modules()
+  graph = {m: sorted(i for i in _imports(m, tree) if i in modules and i != m)
+           for m, tree in modules.items()}
+  state, cycles = {}, []
+
+  def visit(m, path):
+    state[m] = "open"
+    for n in graph[m]:
+      if state.get(n) == "open":
+        cycles.append(" -> ".join(path[path.index(n):] + [n]))
+      elif n not in state:
+        visit(n, path + [n])
+    state[m] = "done"
+
+  for m in graph:
+    if m not in state:
+      visit(m, [m])
+  assert not cycles, cycles
