@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
-from famjax.model import KV, FamilialTransformer
+from famjax.model import KV, FamilialTransformer, run_segments
 from famjax.sharding import constrain
 
 CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
@@ -65,8 +65,7 @@ def _constrain_kv(kv: KV | None, stacked: bool = True) -> KV | None:
 def _run_segments(model, x_BTD, positions_BT, caches, first: int, last: int):
   """Segments first..last on x (positions [B, T]); returns x and their updated caches."""
   out = []
-  for g in range(first, last + 1):
-    x_BTD, kv = model.segments[g](x_BTD, positions_BT, caches[g - first])
+  for x_BTD, kv in run_segments(model.segments[first:last + 1], x_BTD, positions_BT, caches):
     out.append(_constrain_kv(kv))
   return x_BTD, tuple(out)
 
@@ -225,6 +224,77 @@ def _confidence(logits_BV, measure: str):
   return top2_B2[:, 0] - top2_B2[:, 1]
 
 
+def _leaves(logits_BV, exited_B, threshold: float, measure: str, deepest: bool):
+  """Rows not yet exited whose confidence reaches the threshold (all of them at the deepest)."""
+  return ~exited_B & ((_confidence(logits_BV, measure) >= threshold) | deepest)
+
+
+def _confident_prompt(model: FamilialTransformer, state, threshold: float, measure: str):
+  """Every exit's private block over the prompt, and the first token's exit: returns (head
+  caches, logits [B, V] of that exit at the last prompt position, its exit [B])."""
+  last, max_len = model.cfg.n_exits - 1, state.tokens_BS.shape[1]
+  batch = state.tokens_BS.shape[0]
+  heads = [empty_state(model, batch, max_len, g).head for g in range(last + 1)]
+  positions_BS = jnp.broadcast_to(jnp.arange(max_len), state.tokens_BS.shape)
+  logits_BV = jnp.zeros((batch, model.cfg.vocab_size), jnp.float32)
+  chosen_B = jnp.zeros(batch, bool)
+  first_exit_B = jnp.full(batch, last, jnp.int32)
+  states = model.exit_states(model.embed_tokens(state.tokens_BS), positions_BS,
+                             head_caches=list(heads))
+  for g, h_BSD, head in states:
+    heads[g] = head
+    logits_g = model.exits[g].logits(_at(h_BSD, state.lengths_B - 1)[:, None], model.embed)[:, 0]
+    leave_B = _leaves(logits_g, chosen_B, threshold, measure, g == last)
+    logits_BV = jnp.where(leave_B[:, None], logits_g, logits_BV)
+    first_exit_B = jnp.where(leave_B, g, first_exit_B)
+    chosen_B = chosen_B | leave_B
+  return heads, logits_BV, first_exit_B
+
+
+def _propagated(block, cache: KV, h_B1D, positions_B1, stacked: bool) -> KV:
+  """`cache` with this position's entries computed from the propagated hidden state h_B1D
+  (`stacked`: a segment's caches, one per layer)."""
+  kv = block.keys_values(h_B1D, positions_B1)
+  write = jax.vmap(_write_rows, in_axes=(0, 0, None)) if stacked else _write_rows
+  return KV(write(cache.k, kv.k, positions_B1), write(cache.v, kv.v, positions_B1))
+
+
+def _confident_token(model: FamilialTransformer, state, heads, token_B, threshold: float,
+                     measure: str):
+  """One token through the exits until each row's first confident one; deeper layers get KV
+  entries from the hidden state propagated past them. Returns (segment caches, head caches,
+  next logits [B, V], exit [B])."""
+  last, max_len = model.cfg.n_exits - 1, state.tokens_BS.shape[1]
+  positions_B1 = jnp.minimum(state.lengths_B, max_len - 1)[:, None]
+  x_B1D = model.embed_tokens(token_B[:, None])
+  exited_B = jnp.zeros(token_B.shape[0], bool)
+  exit_B = jnp.full(token_B.shape[0], last, jnp.int32)
+  h_B1D = x_B1D  # the hidden state of exited rows, propagated past deeper layers
+  next_BV = jnp.zeros((token_B.shape[0], model.cfg.vocab_size), jnp.float32)
+  segments, new_heads = [], []
+  pick = lambda a, b: jnp.where(exited_B.reshape((1, -1) + (1,) * (a.ndim - 2)), a, b)
+  for g in range(last + 1):
+    segment, cache = model.segments[g], state.segments[g]
+    full_B1D, full_kv = segment(x_B1D, positions_B1, cache)
+    written = _propagated(segment, cache, h_B1D, positions_B1, stacked=True)
+    segments.append(_constrain_kv(KV(pick(written.k, full_kv.k), pick(written.v, full_kv.v))))
+    x_B1D = jnp.where(exited_B[:, None, None], h_B1D, full_B1D)
+    head = model.exits[g]
+    h_head, head_kv = head.hidden(x_B1D, positions_B1, heads[g])
+    if head.block is not None:
+      prop_written = _propagated(head.block, heads[g], h_B1D, positions_B1, stacked=False)
+      head_kv = KV(*(jnp.where(exited_B[:, None, None, None], a, b)
+                     for a, b in zip(prop_written, head_kv)))
+    new_heads.append(head_kv)
+    logits_g = head.logits(h_head, model.embed)[:, 0]
+    leave_B = _leaves(logits_g, exited_B, threshold, measure, g == last)
+    next_BV = jnp.where(leave_B[:, None], logits_g, next_BV)
+    exit_B = jnp.where(leave_B, g, exit_B)
+    h_B1D = jnp.where(leave_B[:, None, None], x_B1D, h_B1D)
+    exited_B = exited_B | leave_B
+  return tuple(segments), new_heads, next_BV, exit_B
+
+
 def _confident_model(model: FamilialTransformer, prompts_BT, lengths_B, max_len: int,
                        max_new_tokens: int, threshold: float, measure: str = "max_prob"):
   """Greedy decoding where each token leaves at the first exit whose confidence (max probability
@@ -237,61 +307,16 @@ def _confident_model(model: FamilialTransformer, prompts_BT, lengths_B, max_len:
   last = model.cfg.n_exits - 1
   batch = prompts_BT.shape[0]
   state, _ = _prefill_model(model, prompts_BT, lengths_B, last, max_len)
-  heads = [empty_state(model, batch, max_len, g).head for g in range(last + 1)]
-  # every exit's private block needs the prompt's entries, and the first token its exit
-  positions_BS = jnp.broadcast_to(jnp.arange(max_len), state.tokens_BS.shape)
-  x_BSD = model.embed_tokens(state.tokens_BS)
-  logits_BV = jnp.zeros((batch, model.cfg.vocab_size), jnp.float32)
-  chosen_B = jnp.zeros(batch, bool)
-  first_exit_B = jnp.full(batch, last, jnp.int32)
-  for g in range(last + 1):
-    x_BSD, _ = model.segments[g](x_BSD, positions_BS)
-    h_BSD, heads[g] = model.exits[g].hidden(x_BSD, positions_BS, heads[g])
-    logits_g = model.exits[g].logits(_at(h_BSD, state.lengths_B - 1)[:, None], model.embed)[:, 0]
-    leave_B = ~chosen_B & ((_confidence(logits_g, measure) >= threshold) | (g == last))
-    logits_BV = jnp.where(leave_B[:, None], logits_g, logits_BV)
-    first_exit_B = jnp.where(leave_B, g, first_exit_B)
-    chosen_B = chosen_B | leave_B
+  heads, logits_BV, first_exit_B = _confident_prompt(model, state, threshold, measure)
 
   def step(carry):
     i, state, heads, logits_BV, out_BN, depth_BN = carry
     token_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
-    out_BN = out_BN.at[:, i].set(token_B)
-    positions_B1 = jnp.minimum(state.lengths_B, max_len - 1)[:, None]
-    x_B1D = model.embed_tokens(token_B[:, None])
-    exited_B = jnp.zeros(batch, bool)
-    exit_B = jnp.full(batch, last, jnp.int32)
-    h_B1D = x_B1D  # the hidden state of exited rows, propagated past deeper layers
-    next_BV = jnp.zeros_like(logits_BV)
-    segments, new_heads = [], []
-    for g in range(last + 1):
-      segment, cache = model.segments[g], state.segments[g]
-      full_B1D, full_kv = segment(x_B1D, positions_B1, cache)
-      propagated = segment.keys_values(h_B1D, positions_B1)
-      write_layers = jax.vmap(_write_rows, in_axes=(0, 0, None))
-      written = KV(write_layers(cache.k, propagated.k, positions_B1),
-                   write_layers(cache.v, propagated.v, positions_B1))
-      pick = lambda a, b: jnp.where(exited_B.reshape((1, -1) + (1,) * (a.ndim - 2)), a, b)
-      segments.append(_constrain_kv(KV(pick(written.k, full_kv.k), pick(written.v, full_kv.v))))
-      x_B1D = jnp.where(exited_B[:, None, None], h_B1D, full_B1D)
-      head = model.exits[g]
-      h_head, head_kv = head.hidden(x_B1D, positions_B1, heads[g])
-      if head.block is not None:
-        prop_kv = head.block.keys_values(h_B1D, positions_B1)
-        prop_written = KV(_write_rows(heads[g].k, prop_kv.k, positions_B1),
-                          _write_rows(heads[g].v, prop_kv.v, positions_B1))
-        head_kv = KV(*(jnp.where(exited_B[:, None, None, None], a, b)
-                       for a, b in zip(prop_written, head_kv)))
-      new_heads.append(head_kv)
-      logits_g = head.logits(h_head, model.embed)[:, 0]
-      leave_B = ~exited_B & ((_confidence(logits_g, measure) >= threshold) | (g == last))
-      next_BV = jnp.where(leave_B[:, None], logits_g, next_BV)
-      exit_B = jnp.where(leave_B, g, exit_B)
-      h_B1D = jnp.where(leave_B[:, None, None], x_B1D, h_B1D)
-      exited_B = exited_B | leave_B
-    depth_BN = depth_BN.at[:, i].set(exit_B)
-    state = state._replace(lengths_B=state.lengths_B + 1, segments=tuple(segments))
-    return i + 1, state, new_heads, next_BV, out_BN, depth_BN
+    segments, heads, next_BV, exit_B = _confident_token(model, state, heads, token_B,
+                                                        threshold, measure)
+    state = state._replace(lengths_B=state.lengths_B + 1, segments=segments)
+    return (i + 1, state, heads, next_BV, out_BN.at[:, i].set(token_B),
+            depth_BN.at[:, i].set(exit_B))
 
   # the exit chosen in step i decides token i + 1: depths are shifted to the tokens they produced
   out_BN = jnp.zeros((batch, max_new_tokens), jnp.int32)

@@ -170,6 +170,15 @@ class Segment(nnx.Module):
                        state)
 
 
+def run_segments(segments, x_BTD: jax.Array, positions, caches=None):
+  """The backbone's walk: x through each segment in turn (with its KV cache, if caches holds one
+  per segment). Yields (x leaving the segment, its updated cache, None without caches); exit
+  heads branch off these states."""
+  for i, segment in enumerate(segments):
+    x_BTD, kv = segment(x_BTD, positions, None if caches is None else caches[i])
+    yield x_BTD, kv
+
+
 class ExitHead(nnx.Module):
   """One exit: [private block] + RMSNorm + unembedding (its own, a shared one, or the embedding)."""
 
@@ -253,30 +262,34 @@ class FamilialTransformer(nnx.Module):
   def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
     return constrain(self.embed(tokens_BT), ("batch", "length", "act_embed"))
 
+  def exit_states(self, x_BTD: jax.Array, positions, n_exits: int | None = None,
+                  head_caches=None, remat: bool = False):
+    """The walk over segments and exits: x through segments 0..n_exits-1 in turn, each exit's
+    head branching off where its segment ends. Yields (g, h_BTD, head cache) per exit: the
+    normalised state exit g's unembedding reads, and its private block's updated cache (with
+    head_caches, one per exit). `remat` recomputes each head in the backward pass."""
+    n_exits = self.cfg.n_exits if n_exits is None else n_exits
+    states = run_segments(self.segments[:n_exits], x_BTD, positions)
+    for g, ((x_BTD, _), head) in enumerate(zip(states, self.exits[:n_exits])):
+      cache = None if head_caches is None else head_caches[g]
+      hidden = lambda x, c, head=head: head.hidden(x, positions, c)
+      h_BTD, cache = (_remat(hidden, self.cfg) if remat else hidden)(x_BTD, cache)
+      yield g, h_BTD, cache
+
   def __call__(self, tokens_BT: jax.Array, n_exits: int | None = None) -> jax.Array:
     """Logits of the first n_exits exits (all by default), stacked: logits_GBTV, float32."""
-    n_exits = self.cfg.n_exits if n_exits is None else n_exits
     positions_T = jnp.arange(tokens_BT.shape[1])
-    x_BTD = self.embed_tokens(tokens_BT)
-    logits = []
-    for segment, head in zip(self.segments[:n_exits], self.exits[:n_exits]):
-      x_BTD, _ = segment(x_BTD, positions_T)
-      h_BTD, _ = head.hidden(x_BTD, positions_T)
-      logits.append(head.logits(h_BTD, self.embed))
-    return jnp.stack(logits)
+    return jnp.stack([self.exits[g].logits(h_BTD, self.embed) for g, h_BTD, _ in
+                      self.exit_states(self.embed_tokens(tokens_BT), positions_T, n_exits)])
 
   def exit_losses(self, inputs_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy of every exit, ce_G (float32), each computed where its exit
     is, in chunks of cfg.loss_chunk tokens (see `chunked_cross_entropy`)."""
     positions_T = jnp.arange(inputs_BT.shape[1])
-    x_BTD = self.embed_tokens(inputs_BT)
-    losses = []
-    for segment, head in zip(self.segments, self.exits):
-      x_BTD, _ = segment(x_BTD, positions_T)
-      h_BTD, _ = _remat(lambda x: head.hidden(x, positions_T), self.cfg)(x_BTD)
-      losses.append(chunked_cross_entropy(h_BTD, head.unembedding(self.embed), targets_BT,
-                                          self.cfg.loss_chunk))
-    return jnp.stack(losses)
+    states = self.exit_states(self.embed_tokens(inputs_BT), positions_T, remat=True)
+    return jnp.stack([chunked_cross_entropy(h_BTD, self.exits[g].unembedding(self.embed),
+                                            targets_BT, self.cfg.loss_chunk)
+                      for g, h_BTD, _ in states])
 
 
 class ExitSubModel(nnx.Module):
@@ -292,8 +305,6 @@ class ExitSubModel(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
     positions_T = jnp.arange(tokens_BT.shape[1])
-    x_BTD = self.embed(tokens_BT)
-    for segment in self.segments:
-      x_BTD, _ = segment(x_BTD, positions_T)
+    *_, (x_BTD, _) = run_segments(self.segments, self.embed(tokens_BT), positions_T)
     h_BTD, _ = self.head.hidden(x_BTD, positions_T)
     return self.head.logits(h_BTD, self.embed)
