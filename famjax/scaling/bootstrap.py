@@ -42,13 +42,12 @@ class BootstrapResult:
 
 
 def resample_counts(n_rows: int, n: int, seed: int, groups: Sequence | None = None) -> np.ndarray:
-  """[n, n_rows] row multiplicities: rows drawn with replacement, or whole groups if given."""
-  rng = np.random.default_rng(seed)
-  if groups is None:
-    return rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=n).astype(np.float64)
-  labels, group_of_row = np.unique(np.asarray(groups), return_inverse=True)
-  group_counts = rng.multinomial(len(labels), np.full(len(labels), 1.0 / len(labels)), size=n)
-  return group_counts[:, group_of_row].astype(np.float64)
+  """[n, n_rows] row multiplicities: stages.resample_counts with jax.random.key(seed), the groups
+  given by any labels (one per row)."""
+  if groups is not None:
+    groups = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+  with jax.enable_x64(True):
+    return np.asarray(stages.resample_counts(jax.random.key(seed), n_rows, n, groups))
 
 
 def derived(natural: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,7 +70,7 @@ def _lower(a: Outcome, b: Outcome) -> np.ndarray:
 
 def _lower_of(a: Outcome, b: Outcome) -> Outcome:
   """Per refit, the lower-objective of two outcomes (a where b's is not lower)."""
-  return b.where(b.value_S < np.where(np.isfinite(a.value_S), a.value_S, np.inf), a)
+  return b.where(b.value_S < np.where(np.isfinite(a.value_S), a.value_S, np.inf), a, np)
 
 
 def _grid_points(p: Problem, every: int = 1) -> np.ndarray:
@@ -92,7 +91,7 @@ def _restart_from_grid(p: Problem, ends: Outcome, counts_BR, solver: Solver, ind
   value_BG = np.where(found.converged_S, found.value_S, np.inf).reshape(len(index), n_grid)
   found = found.take(np.arange(len(index)) * n_grid + np.argmin(value_BG, axis=1))
   found = stages.settle(p, found, counts_BR[index], solver, stages.host())
-  return ends.put(index, jax.device_get(stages.lower_converged(ends.take(index), found)))
+  return ends.put(index, stages.lower_converged(ends.take(index), found, np))
 
 
 _lowest_grid_points = jax.jit(stages.lowest_grid_points, static_argnames=("k",))
@@ -103,8 +102,8 @@ def _two_paths(p: Problem, ends: Outcome, x_P, counts_BR, solver: Solver):
   up to BOTH_PATHS_MAX_ROWS rows, else every PILOT_EVERY-th, and all if one of those lands
   lower), each keeping the lower end; and which refits' second path ended lower."""
   n = len(ends.value_S)
-  raw_path = lambda index: jax.device_get(stages.refits(
-      p, np.broadcast_to(x_P, (len(index), x_P.size)), counts_BR[index], solver, stages.host()))
+  raw_path = lambda index: stages.refits(p, np.broadcast_to(x_P, (len(index), x_P.size)),
+                                          counts_BR[index], solver, stages.host())
   pilot = np.arange(0, n, 1 if p.n_rows <= BOTH_PATHS_MAX_ROWS else PILOT_EVERY)
   raw = raw_path(pilot)
   # the second path reached a lower minimum than the first: the first may have missed it (the
@@ -114,7 +113,7 @@ def _two_paths(p: Problem, ends: Outcome, x_P, counts_BR, solver: Solver):
     raw = raw_path(pilot)
   paths_differ = np.zeros(n, bool)
   paths_differ[pilot] = _lower(ends.take(pilot), raw)
-  return ends.put(pilot, jax.device_get(_lower_of(ends.take(pilot), raw))), paths_differ
+  return ends.put(pilot, _lower_of(ends.take(pilot), raw)), paths_differ
 
 
 def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 4000, seed: int = 0,
@@ -139,24 +138,23 @@ def bootstrap(law: Law, data: Mapping, result: fitlib.FitResult, *, n: int = 400
     ends = stages.descend(p, np.broadcast_to(x_P, (n, x_P.size)), counts_BR, solver,
                           stages.host("bootstrap" if progress else None),
                           Coordinates(at.origin[0], at.basis[0]))
-    ends = jax.device_get(stages.settle(p, ends, counts_BR, solver, stages.host()))
+    ends = stages.settle(p, ends, counts_BR, solver, stages.host())
     ends, paths_differ = _two_paths(p, ends, x_P, counts_BR, solver)
     screened_lower = np.zeros(n, bool)
     if p.n_rows <= stages.SCREENED_MAX_ROWS:
       grid_SP = _grid_points(p)
       top_BC = _lowest_grid_points(p, grid_SP, counts_BR)
-      found = jax.device_get(stages.screened(p, grid_SP, counts_BR, np.asarray(top_BC), solver,
-                                             stages.host()))
+      found = stages.screened(p, grid_SP, counts_BR, np.asarray(top_BC), solver, stages.host())
       # several minima: a screened start converged lower than a converged refit
       screened_lower = ends.converged_S & found.converged_S & _lower(ends, found)
-      ends = jax.device_get(stages.lower_converged(ends, found))
+      ends = stages.lower_converged(ends, found, np)
     unsettled = paths_differ | ~ends.converged_S
     if unsettled.any():
       ends = _restart_from_grid(p, ends, counts_BR, solver, np.flatnonzero(unsettled))
-    natural = jax.device_get(stages.natural_samples(p, ends))
+    natural = stages.natural_samples(p, ends, np)
     if "alpha" in natural and "beta" in natural:
       natural.update(derived(natural))
-    se, ci95 = jax.device_get(stages.interval_summary(natural))
+    se, ci95 = stages.interval_summary(natural, np)
   converged_B = np.asarray(ends.converged_S)
   return BootstrapResult(n=n, samples=natural, se=jax.tree.map(float, se),
                          ci95={k: tuple(map(float, v)) for k, v in ci95.items()},

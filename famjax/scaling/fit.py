@@ -71,7 +71,7 @@ def whitened(law: Law, params: Mapping[str, float], data: Mapping, *, delta: flo
     weights_R = np.ones(p.n_rows) if weights_R is None else np.asarray(weights_R, np.float64)
     at = stages.whiten(p, np.array([[params[k] for k in p.names]]), weights_R[None], solver,
                        stages.host())
-    return Coordinates(np.asarray(at.origin[0]), np.asarray(at.basis[0]))
+    return Coordinates(at.origin[0], at.basis[0])
 
 
 def solve(law: Law, init: Mapping, data: Mapping, weights_R=None, *, delta: float = DEFAULT_DELTA,
@@ -99,13 +99,13 @@ def solve_batch(p: Problem, inits_S: Mapping, weights_SR, solver: Solver = Solve
 def refine(p: Problem, ends: Outcome, weights_SR, solver: Solver = Solver()) -> Outcome:
   """stages.refine then stages.restart from the host (REFINE_ROUNDS and RESTART_ROUNDS)."""
   with jax.enable_x64(True):
-    return jax.device_get(stages.settle(p, ends, weights_SR, solver, stages.host()))
+    return stages.settle(p, ends, weights_SR, solver, stages.host())
 
 
 def restart(p: Problem, ends: Outcome, weights_SR, solver: Solver = Solver()) -> Outcome:
   """stages.restart from the host."""
   with jax.enable_x64(True):
-    return jax.device_get(stages.restart(p, ends, weights_SR, solver, stages.host()))
+    return stages.restart(p, ends, weights_SR, solver, stages.host())
 
 
 def lowest_grid_points(p: Problem, grid_SP, weights_BR, k: int = SCREENED_STARTS):
@@ -150,7 +150,7 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
     top = stages.polish(p, starts.x_SP[polished], starts.x_SP[polished[0]], weights_R, solver,
                         stages.host("polish" if progress else None))
     top = stages.settle(p, top, weights_R[None], solver, stages.host())
-    ends = starts.put(polished, jax.device_get(top))
+    ends = starts.put(polished, top)
   candidates = np.where(ends.converged_S if ends.converged_S.any() else np.isfinite(ends.value_S),
                         ends.value_S, np.inf)
   best = int(np.argmin(candidates))

@@ -47,9 +47,9 @@ class Outcome(NamedTuple):
     """{name: [S]} of the final parameters."""
     return {k: self.x_SP[:, i] for i, k in enumerate(names)}
 
-  def where(self, mask_S, other: "Outcome") -> "Outcome":
-    """This outcome's starts where mask_S, other's elsewhere."""
-    return _select(jnp.asarray(mask_S), self, other)
+  def where(self, mask_S, other: "Outcome", xp=jnp) -> "Outcome":
+    """This outcome's starts where mask_S, other's elsewhere (xp: the array library)."""
+    return _select(mask_S, self, other, xp)
 
   def take(self, index) -> "Outcome":
     return jax.tree.map(lambda a: a[index], self)
@@ -63,23 +63,23 @@ class Outcome(NamedTuple):
     return jax.tree.map(written, self, part)
 
 
-def queue(x_SP, weights_SR, coordinates: Coordinates | None = None) -> Queue:
+def queue(x_SP, weights_SR, coordinates: Coordinates | None = None, xp=jnp) -> Queue:
   """Starts at parameters x_SP, in the given coordinates (one for all starts or one each; the
-  law's own by default)."""
-  x_SP = jnp.asarray(x_SP, jnp.float64)
+  law's own by default); xp: numpy on the host, jax.numpy in traced code."""
+  x_SP = xp.asarray(x_SP, xp.float64)
   n, p = x_SP.shape
   origin_SP, basis_SPP = coordinates or Coordinates.identity(p)
-  origin_SP = jnp.broadcast_to(jnp.asarray(origin_SP, jnp.float64), (n, p))
-  basis_SPP = jnp.broadcast_to(jnp.asarray(basis_SPP, jnp.float64), (n, p, p))
-  z_SP = jnp.linalg.solve(basis_SPP, (x_SP - origin_SP)[..., None])[..., 0]
-  weights_SR = jnp.asarray(weights_SR, jnp.float64)
-  return Queue(z_SP, origin_SP, basis_SPP, jnp.broadcast_to(weights_SR, (n, weights_SR.shape[-1])))
+  origin_SP = xp.broadcast_to(xp.asarray(origin_SP, xp.float64), (n, p))
+  basis_SPP = xp.broadcast_to(xp.asarray(basis_SPP, xp.float64), (n, p, p))
+  z_SP = xp.linalg.solve(basis_SPP, (x_SP - origin_SP)[..., None])[..., 0]
+  weights_SR = xp.asarray(weights_SR, xp.float64)
+  return Queue(z_SP, origin_SP, basis_SPP, xp.broadcast_to(weights_SR, (n, weights_SR.shape[-1])))
 
 
-def _select(mask_L, new, old):
+def _select(mask_L, new, old, xp=jnp):
   """Per lane: new where mask_L, else old (any pytree of [L, ...] arrays)."""
   return jax.tree.map(
-      lambda a, b: jnp.where(mask_L.reshape(mask_L.shape + (1,) * (a.ndim - 1)), a, b), new, old)
+      lambda a, b: xp.where(mask_L.reshape(mask_L.shape + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
 def _lbfgs_lanes(fun, stop: StopRules):
@@ -193,9 +193,9 @@ def _machine(problem: Problem, q: Queue, solver: Solver, n_starts):
   return start, keep_going, step
 
 
-def _outcome(q: Queue, out) -> Outcome:
-  x_SP = q.origin_SP + jnp.einsum("spq,sq->sp", q.basis_SPP, out["z"])
-  return Outcome(x_SP, out["value"], out["grad"], out["converged"] & jnp.isfinite(out["value"]))
+def _outcome(q: Queue, out, xp=jnp) -> Outcome:
+  x_SP = q.origin_SP + xp.einsum("spq,sq->sp", q.basis_SPP, out["z"])
+  return Outcome(x_SP, out["value"], out["grad"], out["converged"] & xp.isfinite(out["value"]))
 
 
 # XLA:CPU hands reductions to YNNPACK by default, which is slower on these small [lanes, rows]
@@ -222,11 +222,11 @@ def solve(problem: Problem, q: Queue, solver: Solver, active_S=None) -> Outcome:
   return out.where(active_S, _idle(q))
 
 
-def _idle(q: Queue) -> Outcome:
+def _idle(q: Queue, xp=jnp) -> Outcome:
   """The outcome of starts that did not run."""
   n = q.z_SP.shape[0]
-  return _outcome(q, dict(z=q.z_SP, value=jnp.full(n, jnp.inf), grad=jnp.zeros_like(q.z_SP),
-                          converged=jnp.zeros(n, bool)))
+  return _outcome(q, dict(z=q.z_SP, value=xp.full(n, xp.inf), grad=xp.zeros_like(q.z_SP),
+                          converged=xp.zeros(n, bool)), xp)
 
 
 @functools.partial(jax.jit, compiler_options=_COMPILER_OPTIONS)
@@ -251,8 +251,7 @@ def _padded(problem: Problem, q: Queue, size: int) -> tuple[Problem, Queue]:
   rows = max(MIN_ROWS, 1 << (n_rows - 1).bit_length())
   data = {k: np.concatenate([v, np.repeat(v[:1], rows - n_rows)])
           for k, v in jax.device_get(dict(problem.data)).items()}
-  q = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, 0)]),
-                   jax.device_get(q))
+  q = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, 0)]), q)
   q = q._replace(weights_SR=np.pad(q.weights_SR, ((0, 0), (0, rows - n_rows))))
   return dataclasses.replace(problem, data=data), Queue(*jax.device_put(tuple(q)))
 
@@ -261,9 +260,9 @@ def run(problem: Problem, q: Queue, solver: Solver, active_S=None, progress=None
   """`solve` driven from the host in chunks of CHUNK_STEPS loop steps, on the active starts
   only, padded to a multiple of QUEUE_BLOCK. `progress`, a tqdm bar, moves with the started
   starts. Returns numpy arrays."""
-  q = jax.device_get(q)
+  q = Queue(*(np.asarray(a) for a in q))
   index = np.arange(len(q.z_SP)) if active_S is None else np.flatnonzero(active_S)
-  out = jax.device_get(_idle(q))
+  out = _idle(q, np)
   n = len(index)
   if not n:
     return out
@@ -277,5 +276,6 @@ def run(problem: Problem, q: Queue, solver: Solver, active_S=None, progress=None
       progress.update(min(n, int(carry[2])) - progress.n)
   if progress is not None:
     progress.update(n - progress.n)
-  found = jax.device_get(_outcome(part, carry[1])).take(slice(0, n))
-  return Outcome(*(np.array(a) for a in out)).put(index, found)
+  part = Queue(*(np.asarray(a)[:n] for a in jax.device_get(part)))
+  found = _outcome(part, {k: np.asarray(v)[:n] for k, v in jax.device_get(carry[1]).items()}, np)
+  return out.put(index, found)

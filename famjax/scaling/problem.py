@@ -111,13 +111,15 @@ class Coordinates(NamedTuple):
     return self.origin + z_SP @ self.basis.T
 
 
-def whitening(hessian_PP, x_P) -> Coordinates:
-  """Coordinates centred on x_P in which hessian_PP is the identity (eigenvalues in absolute
-  value, floored at 1e-12 of the largest); the law's own axes where it is not finite."""
-  p = x_P.shape[-1]
-  hessian_PP = (hessian_PP + hessian_PP.T) / 2
-  finite = jnp.all(jnp.isfinite(hessian_PP))
-  eig_P, vectors_PP = jnp.linalg.eigh(jnp.where(finite, hessian_PP, jnp.eye(p)))
-  curvature_P = jnp.maximum(jnp.abs(eig_P), 1e-12 * jnp.abs(eig_P).max())
-  ok = finite & jnp.all(curvature_P > 0)
-  return Coordinates(x_P, jnp.where(ok, vectors_PP / jnp.sqrt(curvature_P), jnp.eye(p)))
+def whitening(hessian_SPP, x_SP, xp=jnp) -> Coordinates:
+  """Coordinates centred on each x_SP[s] in which hessian_SPP[s] is the identity (eigenvalues
+  in absolute value, floored at 1e-12 of the largest); the law's own axes where it is not
+  finite. `xp`: numpy on the host, jax.numpy in traced code (one code, either library)."""
+  p = x_SP.shape[-1]
+  hessian_SPP = (hessian_SPP + xp.swapaxes(hessian_SPP, -1, -2)) / 2
+  finite_S = xp.all(xp.isfinite(hessian_SPP), axis=(-1, -2))[..., None, None]
+  eig_SP, vectors_SPP = xp.linalg.eigh(xp.where(finite_S, hessian_SPP, xp.eye(p)))
+  curvature_SP = xp.maximum(xp.abs(eig_SP), 1e-12 * xp.abs(eig_SP).max(axis=-1, keepdims=True))
+  ok_S = finite_S & xp.all(curvature_SP > 0, axis=-1)[..., None, None]
+  return Coordinates(x_SP, xp.where(ok_S, vectors_SPP / xp.sqrt(curvature_SP)[..., None, :],
+                                    xp.eye(p)))

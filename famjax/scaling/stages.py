@@ -12,6 +12,8 @@ Shape letters: S starts, P parameters, R data rows, B resamples, C screened star
 from __future__ import annotations
 
 import functools
+import warnings
+from types import ModuleType
 from typing import Callable, NamedTuple
 
 import jax
@@ -45,6 +47,8 @@ class Engine(NamedTuple):
   hessians: Callable  # (problem, x_SP, weights_SR, solver, active_S) -> [S, P, P]
   refine_rounds: int
   restart_rounds: int
+  xp: ModuleType  # the array library of the stages' own arithmetic: numpy on the host (no
+  #                 dispatch or compilation per operation and shape), jax.numpy when traced
 
 
 def _exact_hessians(problem: Problem, x_SP, weights_SR, solver: Solver, active_S=None):
@@ -66,7 +70,8 @@ def _fd_hessians(problem: Problem, x_SP, weights_SR, solver: Solver, active_S=No
   points = (x_SP[index, None, :] + offsets_KP[None]).reshape(-1, p)
   weights = np.broadcast_to(np.asarray(weights_SR, np.float64), (n, problem.n_rows))[index]
   evaluate = Solver(StopRules(maxiter=0, maxls=1), solver.lanes)
-  out = lanes.run(problem, lanes.queue(points, np.repeat(weights, 2 * p, axis=0)), evaluate)
+  out = lanes.run(problem, lanes.queue(points, np.repeat(weights, 2 * p, axis=0), xp=np),
+                  evaluate)
   grad_SKP = out.grad_SP.reshape(len(index), 2 * p, p)
   hessian_SPP[index] = (grad_SKP[:, :p] - grad_SKP[:, p:]) / (2 * FD_STEP)
   return hessian_SPP
@@ -79,13 +84,13 @@ def _host_run(problem: Problem, q: lanes.Queue, solver: Solver, active_S=None, *
     return lanes.run(problem, q, solver, active_S, progress=bar)
 
 
-TRACED = Engine(lanes.solve, _exact_hessians, refine_rounds=1, restart_rounds=1)
+TRACED = Engine(lanes.solve, _exact_hessians, refine_rounds=1, restart_rounds=1, xp=jnp)
 
 
 def host(desc: str | None = None) -> Engine:
   """The host engine; `desc` names a progress bar over each run's starts (none if None)."""
   return Engine(functools.partial(_host_run, desc=desc), _fd_hessians, REFINE_ROUNDS,
-                RESTART_ROUNDS)
+                RESTART_ROUNDS, np)
 
 
 def whiten(problem: Problem, x_SP, weights_SR, solver: Solver, engine: Engine,
@@ -94,20 +99,22 @@ def whiten(problem: Problem, x_SP, weights_SR, solver: Solver, engine: Engine,
   weights_SR[s] has the identity as its Hessian there. Near an optimum L-BFGS then starts with
   the right curvature: refits of Epoch's data converge in a few steps, where in the law's own
   coordinates (Hessian eigenvalues 1e-4..1e3) they take hundreds."""
+  xp = engine.xp
   hessian_SPP = engine.hessians(problem, x_SP, weights_SR, solver, active_S)
-  return jax.vmap(whitening)(jnp.asarray(hessian_SPP), jnp.asarray(x_SP, jnp.float64))
+  return whitening(xp.asarray(hessian_SPP), xp.asarray(x_SP, xp.float64), xp)
 
 
 def descend(problem: Problem, x_SP, weights_SR, solver: Solver, engine: Engine,
             coordinates: Coordinates | None = None, active_S=None) -> Outcome:
   """L-BFGS from every start x_SP (the active ones) in the given coordinates."""
-  return engine.run(problem, lanes.queue(x_SP, weights_SR, coordinates), solver, active_S)
+  q = lanes.queue(x_SP, weights_SR, coordinates, engine.xp)
+  return engine.run(problem, q, solver, active_S)
 
 
 def polish(problem: Problem, x_SP, around_P, weights_R, solver: Solver,
            engine: Engine) -> Outcome:
   """Reruns the starts x_SP from where they stopped, in coordinates whitened at around_P."""
-  at = whiten(problem, jnp.asarray(around_P)[None], weights_R[None], solver, engine)
+  at = whiten(problem, engine.xp.asarray(around_P)[None], weights_R[None], solver, engine)
   return descend(problem, x_SP, weights_R[None], solver, engine,
                  Coordinates(at.origin[0], at.basis[0]))
 
@@ -117,13 +124,14 @@ def refine(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
   """Continues every unconverged start from where it stopped, in coordinates whitened at its own
   point by its own objective, for engine.refine_rounds rounds; a continuation replaces a start
   only where it lowers the objective."""
+  xp = engine.xp
   for _ in range(engine.refine_rounds):
-    todo_S = ~ends.converged_S & jnp.isfinite(ends.value_S)
+    todo_S = ~ends.converged_S & xp.isfinite(ends.value_S)
     coordinates = whiten(problem, ends.x_SP, weights_SR, solver, engine, todo_S)
     new = descend(problem, ends.x_SP, weights_SR, solver, engine, coordinates, todo_S)
     better_S = todo_S & (new.value_S <= ends.value_S)
-    ends = new.where(better_S, ends)._replace(
-        converged_S=jnp.where(todo_S, better_S & new.converged_S, ends.converged_S))
+    ends = new.where(better_S, ends, xp)._replace(
+        converged_S=xp.where(todo_S, better_S & new.converged_S, ends.converged_S))
   return ends
 
 
@@ -134,11 +142,11 @@ def restart(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
   for engine.restart_rounds rounds. An L-BFGS can stall short of a minimum on the Huber
   objective's kinks with a curvature memory that no longer fits (stop.ftol then ends it as
   converged); a fresh start from the same point goes on."""
-  todo_S = jnp.isfinite(ends.value_S)
+  todo_S = engine.xp.isfinite(ends.value_S)
   for _ in range(engine.restart_rounds):
     new = descend(problem, ends.x_SP, weights_SR, solver, engine, None, todo_S)
     todo_S = todo_S & (new.value_S < ends.value_S * (1 - RESTART_RTOL))
-    ends = new.where(todo_S, ends)
+    ends = new.where(todo_S, ends, engine.xp)
   return ends
 
 
@@ -157,15 +165,13 @@ def refits(problem: Problem, x_BP, counts_BR, solver: Solver, engine: Engine,
 
 
 def resample_counts(key, n_rows: int, n: int, groups=None) -> jax.Array:
-  """[n, R] row multiplicities: rows drawn with replacement, or whole groups (integer labels
-  0..G-1, concrete) if given."""
-  if groups is None:
-    draws = jax.random.randint(key, (n, n_rows), 0, n_rows)
-    return jax.nn.one_hot(draws, n_rows, dtype=jnp.float64).sum(axis=1)
-  groups = np.asarray(groups)
-  n_groups = int(groups.max()) + 1
+  """[n, R] row multiplicities of n bootstrap resamples: rows drawn with replacement, or whole
+  groups (integer labels 0..G-1, one per row, concrete) if given. Pure JAX: the one resampling
+  of `fit.estimate` and the host's bootstrap."""
+  n_groups = n_rows if groups is None else int(np.max(groups)) + 1
   draws = jax.random.randint(key, (n, n_groups), 0, n_groups)
-  return jax.nn.one_hot(draws, n_groups, dtype=jnp.float64).sum(axis=1)[:, groups]
+  counts = jnp.zeros((n, n_groups), jnp.float64).at[jnp.arange(n)[:, None], draws].add(1.0)
+  return counts if groups is None else counts[:, np.asarray(groups)]
 
 
 def lowest_grid_points(problem: Problem, grid_SP, weights_BR, k: int = SCREENED_STARTS):
@@ -182,33 +188,35 @@ def lowest_grid_points(problem: Problem, grid_SP, weights_BR, k: int = SCREENED_
 def screened(problem: Problem, grid_SP, counts_BR, top_BC, solver: Solver,
              engine: Engine) -> Outcome:
   """[B] refits from each resample's screened grid points top_BC: the lowest converged end."""
-  n, c = top_BC.shape
-  found = refits(problem, jnp.asarray(grid_SP)[jnp.asarray(top_BC).reshape(-1)],
-                 jnp.repeat(jnp.asarray(counts_BR), c, axis=0), solver, engine)
-  value_BC = jnp.where(found.converged_S, found.value_S, jnp.inf).reshape(n, c)
-  return found.take(jnp.arange(n) * c + jnp.argmin(value_BC, axis=1))
+  xp, (n, c) = engine.xp, top_BC.shape
+  found = refits(problem, xp.asarray(grid_SP)[xp.asarray(top_BC).reshape(-1)],
+                 xp.repeat(xp.asarray(counts_BR), c, axis=0), solver, engine)
+  value_BC = xp.where(found.converged_S, found.value_S, xp.inf).reshape(n, c)
+  return found.take(xp.arange(n) * c + xp.argmin(value_BC, axis=1))
 
 
-def lower_converged(current: Outcome, found: Outcome) -> Outcome:
+def lower_converged(current: Outcome, found: Outcome, xp=jnp) -> Outcome:
   """found where it converged lower than current (or current did not converge)."""
   lower_B = found.converged_S & (
-      found.value_S < jnp.where(current.converged_S, current.value_S, jnp.inf))
-  return found.where(lower_B, current)
+      found.value_S < xp.where(current.converged_S, current.value_S, xp.inf))
+  return found.where(lower_B, current, xp)
 
 
-def interval_summary(samples: dict) -> tuple[dict, dict]:
+def interval_summary(samples: dict, xp=jnp) -> tuple[dict, dict]:
   """Standard error and 95% percentile interval of each [B] sample over its non-nan entries
   (nan when fewer than two)."""
   se, ci95 = {}, {}
-  for k, v in samples.items():
-    enough = jnp.sum(~jnp.isnan(v)) >= 2
-    se[k] = jnp.where(enough, jnp.nanstd(v, ddof=1), jnp.nan)
-    ci95[k] = tuple(jnp.where(enough, jnp.nanpercentile(v, q), jnp.nan) for q in (2.5, 97.5))
+  with warnings.catch_warnings():  # numpy warns over samples of fewer than two
+    warnings.simplefilter("ignore", RuntimeWarning)
+    for k, v in samples.items():
+      enough = xp.sum(~xp.isnan(v)) >= 2
+      se[k] = xp.where(enough, xp.nanstd(v, ddof=1), xp.nan)
+      ci95[k] = tuple(xp.where(enough, xp.nanpercentile(v, q), xp.nan) for q in (2.5, 97.5))
   return se, ci95
 
 
-def natural_samples(problem: Problem, ends: Outcome) -> dict:
+def natural_samples(problem: Problem, ends: Outcome, xp=jnp) -> dict:
   """Natural parameters (E, A, B, exponents) of converged refits, nan elsewhere, [B] each."""
-  x_BP = jnp.where(ends.converged_S[:, None], ends.x_SP, jnp.nan)
-  return {to_natural_name(k): jnp.exp(v) if to_natural_name(k) != k else v
+  x_BP = xp.where(ends.converged_S[:, None], ends.x_SP, xp.nan)
+  return {to_natural_name(k): xp.exp(v) if to_natural_name(k) != k else v
           for k, v in problem.params(x_BP.T).items()}
