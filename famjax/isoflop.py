@@ -39,6 +39,13 @@ class RunSpec:
   tokens: int  # D, whole optimizer steps
   matches: str = ""  # DENSE_MATCH: run id of the family it is compared with
   matched_exit: int = 0  # DENSE_MATCH: the family's exit (1-based) whose sub-model it matches
+  # parameters and FLOPs of the model, computed once here and read by the plan and the records
+  accounting: accounting.Accounting | None = None
+
+  def __post_init__(self):
+    if self.accounting is None:
+      model, seq_len = self.experiment.model, self.experiment.train.seq_len
+      object.__setattr__(self, "accounting", accounting.account(model, seq_len))
 
   @property
   def steps(self) -> int:
@@ -50,7 +57,7 @@ class RunSpec:
 
   def describe(self) -> dict:
     """The plan-table fields of this run, JSON-ready."""
-    acc = accounting.account(self.experiment.model, self.experiment.train.seq_len)
+    acc = self.accounting
     return {"run_id": self.run_id, "kind": self.kind, "C": self.budget, "G": self.granularity,
             "seed": self.seed, "d_model": self.experiment.model.d_model,
             "n_layers": self.experiment.model.n_layers,
@@ -77,6 +84,11 @@ class Plan:
 
   def run(self, run_id: str) -> RunSpec:
     return next(r for r in self.runs if r.run_id == run_id)
+
+  def describe(self) -> dict:
+    """Every planned run (the plan table's fields), what was dropped and why: JSON-ready."""
+    return {"runs": [r.describe() for r in self.runs], "dropped": [list(d) for d in self.dropped],
+            "notes": list(self.notes), "total_flops": self.total_flops}
 
   def share(self, task_index: int, num_tasks: int) -> tuple[RunSpec, ...]:
     """Task i's runs: the plan sorted by FLOPs (largest first), dealt round-robin, so shares
@@ -117,8 +129,8 @@ def family_params(study: StudyConfig, acc: accounting.Accounting) -> int:
   return acc.params_non_embedding if study.param_count == "non_embedding" else acc.params_total
 
 
-def flops_per_token(study: StudyConfig, model: ModelConfig, seq_len: int) -> float:
-  acc = accounting.account(model, seq_len)
+def flops_per_token(study: StudyConfig, acc: accounting.Accounting) -> float:
+  """Training FLOPs per token under study.flops."""
   if study.flops == "6N":
     return 6.0 * family_params(study, acc)
   return acc.flops_per_token
@@ -129,9 +141,9 @@ def budget_widths(study: StudyConfig, base: ExperimentConfig, budget: float) -> 
   dense model, trained on C FLOPs, sees tokens_per_param tokens per parameter (D/N falls as the
   width grows). Also a note if the prior optimum lies outside the ladder."""
   seq_len = base.train.seq_len
-  models = [model_shape(study, base.model, w, 1) for w in study.widths]
-  n_w = np.array([family_params(study, accounting.account(m, seq_len)) for m in models], float)
-  d_w = np.array([budget / flops_per_token(study, m, seq_len) for m in models])
+  accs = [accounting.account(model_shape(study, base.model, w, 1), seq_len) for w in study.widths]
+  n_w = np.array([family_params(study, acc) for acc in accs], float)
+  d_w = np.array([budget / flops_per_token(study, acc) for acc in accs])
   log_ratio = np.log(d_w / n_w)[::-1]  # increasing
   position = len(n_w) - 1 - np.interp(np.log(study.tokens_per_param), log_ratio,
                                       np.arange(len(n_w)))
@@ -164,7 +176,8 @@ class _Planner:
     study, tc = self.study, self.base.train
     seed = extra.pop("seed", study.seeds[0])
     per_step = tc.batch_size * tc.seq_len
-    fpt = flops_per_token(study, model, tc.seq_len)
+    acc = accounting.account(model, tc.seq_len)
+    fpt = flops_per_token(study, acc)
     steps = int(run_budget / fpt // per_step)
     if steps < study.min_steps:
       self.dropped.append((run_id, f"C={run_budget:.3g} buys {steps} steps of {per_step} tokens "
@@ -182,7 +195,8 @@ class _Planner:
                                 exit_weights=())
     experiment = dataclasses.replace(self.base, model=model, train=train)
     return RunSpec(run_id=run_id, kind=kind, budget=budget, granularity=granularity, seed=seed,
-                   experiment=experiment, flops_per_token=fpt, tokens=tokens, **extra)
+                   experiment=experiment, flops_per_token=fpt, tokens=tokens, accounting=acc,
+                   **extra)
 
   def dense_matches(self, budget: float, granularity: int, runs) -> list:
     """The G dense models matched to the family at (C, G) in the middle of the budget's widths:

@@ -4,6 +4,7 @@ against observed loss."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -119,25 +120,27 @@ def branch_factors(rows: pd.DataFrame, params: dict, path: Path) -> Path:
   return _save(fig, path)
 
 
-def leverage_plot(report: dict, path: Path) -> Path:
+def leverage_plot(report, path: Path) -> Path:
+  """EL from the law (with its interval) and measured EL, against C per G (report.Report)."""
   fig, ax = plt.subplots(figsize=(5.2, 3.8))
-  from_law = report.get("from_law", {}).get("leverage", [])
-  frame = pd.DataFrame(from_law)
-  colours = _colours(set(frame["G"]) | {e["G"] for e in report["measured_leverage"]}
-                     if len(frame) else {e["G"] for e in report["measured_leverage"]})
+  from_law = report.from_law.leverage if report.from_law and report.from_law.leverage else []
+  frame = pd.DataFrame([dataclasses.asdict(e) for e in from_law])
+  measured = report.measured_leverage
+  colours = _colours(set(frame["G"]) | {e.G for e in measured} if len(frame)
+                     else {e.G for e in measured})
   for g, group in (frame.groupby("G") if len(frame) else []):
     ax.plot(group["C"], group["EL"], "-", color=colours[g], label=f"law, G={g}")
     cis = [ci for ci in group["ci95"] if ci]
     if len(cis) == len(group):
       lo, hi = np.array(cis).T
       ax.fill_between(group["C"], lo, hi, color=colours[g], alpha=0.2)
-  for e in report["measured_leverage"]:
-    ax.plot(e["C"], e["measured"], "D", color=colours[e["G"]], markeredgecolor="k",
-            label=f"measured, G={e['G']}")
-    if e.get("law_ci95"):  # a percentile interval need not contain the point estimate
-      low, high = max(0.0, e["law"] - e["law_ci95"][0]), max(0.0, e["law_ci95"][1] - e["law"])
-      ax.errorbar(e["C"] * 1.04, e["law"], yerr=[[low], [high]], fmt="s", color=colours[e["G"]],
-                  ms=4, capsize=3)
+  for e in measured:
+    ax.plot(e.C, e.measured, "D", color=colours[e.G], markeredgecolor="k",
+            label=f"measured, G={e.G}")
+    if e.law_ci95:  # a percentile interval need not contain the point estimate
+      low, high = max(0.0, e.law - e.law_ci95[0]), max(0.0, e.law_ci95[1] - e.law)
+      ax.errorbar(e.C * 1.04, e.law, yerr=[[low], [high]], fmt="s", color=colours[e.G], ms=4,
+                  capsize=3)
   ax.axhline(1.0, color="grey", lw=0.8, ls=":")
   ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="Efficiency Leverage",
          title="EL: law (bands: 95%), measured (diamonds)")
@@ -193,10 +196,11 @@ def draw_all(outdir: Path, analysis) -> dict[str, Path]:
   if "branch" in fits:
     figures["branch"] = branch_factors(rows["branch"], fits["branch"].result.params,
                                        outdir / "branch.png")
-  if report.get("from_law", {}).get("leverage") or report["measured_leverage"]:
+  if (report.from_law and report.from_law.leverage) or report.measured_leverage:
     figures["leverage"] = leverage_plot(report, outdir / "leverage.png")
   if familial and familial.boot:
-    figures["bootstrap"] = bootstrap_spreads(familial.boot.samples, familial.record["params"],
+    figures["bootstrap"] = bootstrap_spreads(familial.boot.samples,
+                                             laws.to_natural_params(familial.result.params),
                                              familial.boot.ci95, outdir / "bootstrap.png")
   if familial:
     figures["predicted_vs_observed"] = predicted_vs_observed(

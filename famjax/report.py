@@ -7,9 +7,6 @@ extrapolation check; written as STUDY/report.json, STUDY/report.md and PNG plots
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,13 +14,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from famjax import plots, results
-from famjax.files import atomic_write_text
-from famjax.isoflop import DENSE_MATCH, ISOFLOP
+from famjax import results
+from famjax.isoflop import DENSE_MATCH, ISOFLOP, Plan
 from famjax.scaling import fit as fitlib
 from famjax.scaling import io, laws, leverage, record
-
-LAW_OBJECTS = {"familial": laws.FAMILIAL, "branch": laws.BRANCH, "chinchilla": laws.CHINCHILLA}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +29,117 @@ class Options:
   seed: int = 0
 
 
+def _optional():
+  """A report field left out of report.json when None."""
+  return dataclasses.field(default=None, metadata={"optional": True})
+
+
+def _json(value):
+  """A report value as JSON-ready data: dataclasses as dicts (optional fields left out when
+  None), tuples as lists."""
+  if dataclasses.is_dataclass(value):
+    return {f.name: _json(getattr(value, f.name)) for f in dataclasses.fields(value)
+            if not (f.metadata.get("optional") and getattr(value, f.name) is None)}
+  if isinstance(value, dict):
+    return {k: _json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json(v) for v in value]
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+  planned: int
+  finished: int
+  failed: dict[str, str]  # run id -> error
+  missing: list[str]  # planned, no records yet
+  dropped: list[list[str]]  # [run id, why] at planning
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+  """At (C, G): the size with the lowest loss (mean over seeds), and whether it is the smallest
+  or the largest size trained (a valley the sizes did not bracket) or interior."""
+  C: float
+  G: int
+  best_N: float
+  best_loss: float
+  minimum_at: str
+  n_sizes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LawLeverage:
+  C: float
+  G: int
+  EL: float
+  ci95: list[float] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeOptimal:
+  C: float
+  G: int
+  N_opt: float
+  D_opt: float
+  ci95: list[float] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class FromLaw:
+  """EL(C, G) and N*(C) per G from the familial fit, C = 6ND."""
+  budgets: list[float]
+  flops_per_token: str
+  compute_optimal: list[ComputeOptimal]
+  leverage: list[LawLeverage] | None = _optional()  # None: no G >= 2 in the study
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredLeverage:
+  family: str  # the family's run id
+  C: float
+  G: int
+  family_loss: float
+  dense_losses: list[float]
+  measured: float
+  law: float | None = _optional()  # the familial law's EL for the same N and D
+  law_ci95: list[float] | None = _optional()
+
+
+@dataclasses.dataclass(frozen=True)
+class Extrapolation:
+  """The familial law refitted without the largest budget, predicting it (or why not run)."""
+  skipped: str | None = _optional()
+  held_out_budget: float | None = _optional()
+  n_fit_rows: int | None = _optional()
+  n_held_out: int | None = _optional()
+  params: dict | None = _optional()
+  mean_abs_relative_error: float | None = _optional()
+  max_abs_relative_error: float | None = _optional()
+  mean_relative_error: float | None = _optional()
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """What a study found; `to_json()` is report.json."""
+  options: Options
+  runs: Runs
+  laws: dict[str, dict]  # each law's fit record, as fit.json (record.fit_law)
+  skipped_laws: dict[str, str]  # law -> why it was not fitted
+  edges: list[Edge]
+  measured_leverage: list[MeasuredLeverage]
+  extrapolation: Extrapolation
+  from_law: FromLaw | None = _optional()
+  plan: dict | None = _optional()  # plan.json's runs, drops and notes, with the study's context
+
+  def to_json(self) -> dict:
+    return _json(self)
+
+
 @dataclasses.dataclass
 class Analysis:
-  """What the report shows: `report` (JSON-ready) and the tables and fits its plots draw."""
-  report: dict
+  """The report and the tables and fits its plots draw."""
+  report: Report
   rows: dict[str, pd.DataFrame]
   fits: dict[str, record.FittedLaw]
   frame: pd.DataFrame
@@ -51,7 +152,7 @@ def _data(rows: pd.DataFrame, law: laws.Law, source: str) -> dict[str, np.ndarra
 
 def _fit_laws(rows, options, progress) -> tuple[dict, dict]:
   fits, skipped = {}, {}
-  for name, law in LAW_OBJECTS.items():
+  for name, law in laws.LAWS.items():
     try:
       data = _data(rows[name], law, f"the study's {name} rows")
     except ValueError as e:
@@ -74,13 +175,6 @@ def _log_samples(fitted: record.FittedLaw) -> dict[str, np.ndarray] | None:
   return {k: np.asarray(v) for k, v in laws.to_log_params(natural).items()}
 
 
-def _interval(samples: np.ndarray) -> list[float]:
-  finite = samples[np.isfinite(samples)]
-  if not finite.size:
-    return [math.nan, math.nan]
-  return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))]
-
-
 def _with_interval(fn, params: dict, samples: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
   """fn(params) and, over bootstrap samples, its 95% interval (last axis: low, high)."""
   with jax.enable_x64(True):
@@ -92,34 +186,33 @@ def _with_interval(fn, params: dict, samples: dict | None) -> tuple[np.ndarray, 
                              np.nanpercentile(values, 97.5, axis=0)], axis=-1)
 
 
-def _leverage_from_law(fitted, budgets, granularities) -> dict:
+def _leverage_from_law(fitted, budgets, granularities) -> FromLaw:
   """EL(C, G) and N*(C) per G from the familial fit, C = 6ND (as the paper derives them)."""
   params, samples = fitted.result.params, _log_samples(fitted)
   el_gs = [g for g in granularities if g >= 2]
-  out = {"budgets": list(budgets), "flops_per_token": "6N"}
+  law_leverage = None
   if el_gs:
     el, el_ci = _with_interval(lambda p: leverage.leverage_table(p, budgets, el_gs), params,
                                samples)
-    out["leverage"] = [{"C": c, "G": g, "EL": float(el[i, j]),
-                        "ci95": None if el_ci is None else el_ci[i, j].tolist()}
-                       for i, c in enumerate(budgets) for j, g in enumerate(el_gs)]
+    law_leverage = [LawLeverage(c, g, float(el[i, j]),
+                                None if el_ci is None else el_ci[i, j].tolist())
+                    for i, c in enumerate(budgets) for j, g in enumerate(el_gs)]
   optimal = []
   for g in granularities:
     n_star, n_ci = _with_interval(
         lambda p: jax.vmap(lambda c: leverage.compute_optimal(p, c, g)[0])(
             jnp.asarray(budgets, jnp.float64)), params, samples)
-    optimal += [{"C": c, "G": g, "N_opt": float(n_star[i]), "D_opt": float(c / (6 * n_star[i])),
-                 "ci95": None if n_ci is None else n_ci[i].tolist()}
+    optimal += [ComputeOptimal(c, g, float(n_star[i]), float(c / (6 * n_star[i])),
+                               None if n_ci is None else n_ci[i].tolist())
                 for i, c in enumerate(budgets)]
-  out["compute_optimal"] = optimal
-  return out
+  return FromLaw(list(budgets), "6N", optimal, law_leverage)
 
 
 def _family_loss(runs: pd.DataFrame, loss: str) -> float:
   return float((runs[f"{loss}_loss"].astype(float) * runs["exit_weight"]).sum())
 
 
-def _measured_leverage(frame, fitted, options) -> list[dict]:
+def _measured_leverage(frame, fitted, options) -> list[MeasuredLeverage]:
   """Measured EL = mean loss of the G size-matched dense models / the family's mean exit loss,
   next to the fitted law's prediction for the same N and D."""
   suffix = "_non_embedding" if options.param_count == "non_embedding" else ""
@@ -134,9 +227,8 @@ def _measured_leverage(frame, fitted, options) -> list[dict]:
     matched = matched.sort_values("matched_exit")
     family_loss = _family_loss(family, options.loss)
     dense_losses = matched[f"{options.loss}_loss"].astype(float).to_numpy()
-    entry = {"family": family_id, "C": float(family["C"].iloc[0]), "G": g,
-             "family_loss": family_loss, "dense_losses": dense_losses.tolist(),
-             "measured": float(dense_losses.mean() / family_loss)}
+    entry = MeasuredLeverage(family_id, float(family["C"].iloc[0]), g, family_loss,
+                             dense_losses.tolist(), float(dense_losses.mean() / family_loss))
     if fitted is not None:
       n_dense = matched[f"N_exit{suffix}"].to_numpy(float)
       d_dense = matched["D"].to_numpy(float)
@@ -152,22 +244,22 @@ def _measured_leverage(frame, fitted, options) -> list[dict]:
         return jnp.mean(dense_loss) / family_loss
 
       value, ci = _with_interval(predicted, fitted.result.params, _log_samples(fitted))
-      entry["law"] = float(value)
-      entry["law_ci95"] = None if ci is None else ci.tolist()
+      entry = dataclasses.replace(entry, law=float(value),
+                                  law_ci95=None if ci is None else ci.tolist())
     out.append(entry)
   return out
 
 
-def _extrapolation(rows: pd.DataFrame, options) -> tuple[dict, pd.DataFrame | None]:
+def _extrapolation(rows: pd.DataFrame, options) -> tuple[Extrapolation, pd.DataFrame | None]:
   """Refit the familial law without the largest budget; errors predicting that budget's runs."""
   budgets = np.sort(rows["C"].unique())
   if len(budgets) < 3:
-    return {"skipped": "needs at least 3 budgets"}, None
+    return Extrapolation(skipped="needs at least 3 budgets"), None
   held_out = rows["C"] == budgets[-1]
   try:
     data = _data(rows[~held_out], laws.FAMILIAL, "the rows below the largest budget")
   except ValueError as e:
-    return {"skipped": str(e)}, None
+    return Extrapolation(skipped=str(e)), None
   result = fitlib.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(options.grid_every))
   test = rows[held_out]
   with jax.enable_x64(True):
@@ -176,17 +268,16 @@ def _extrapolation(rows: pd.DataFrame, options) -> tuple[dict, pd.DataFrame | No
   error = predicted / test["loss"].to_numpy(float) - 1
   out = rows.assign(held_out=held_out, predicted=np.nan)
   out.loc[held_out, "predicted"] = predicted
-  return {"held_out_budget": float(budgets[-1]), "n_fit_rows": int((~held_out).sum()),
-          "n_held_out": int(held_out.sum()),
-          "params": laws.to_natural_params(result.params),
-          "mean_abs_relative_error": float(np.mean(np.abs(error))),
-          "max_abs_relative_error": float(np.max(np.abs(error))),
-          "mean_relative_error": float(np.mean(error))}, out
+  return Extrapolation(held_out_budget=float(budgets[-1]), n_fit_rows=int((~held_out).sum()),
+                       n_held_out=int(held_out.sum()),
+                       params=laws.to_natural_params(result.params),
+                       mean_abs_relative_error=float(np.mean(np.abs(error))),
+                       max_abs_relative_error=float(np.max(np.abs(error))),
+                       mean_relative_error=float(np.mean(error))), out
 
 
-def _edges(rows: pd.DataFrame) -> list[dict]:
-  """Per (C, G): the size with the lowest loss (mean over seeds), and whether it is the
-  smallest or the largest size trained (a valley the sizes did not bracket)."""
+def _edges(rows: pd.DataFrame) -> list[Edge]:
+  """Per (C, G): the size with the lowest loss (mean over seeds), and where it sits."""
   out = []
   for (c, g), curve in rows.groupby(["C", "G"]):
     by_size = curve.groupby("N")["loss"].mean().sort_index()
@@ -194,195 +285,69 @@ def _edges(rows: pd.DataFrame) -> list[dict]:
       continue
     best = int(np.argmin(by_size.to_numpy()))
     where = ("smallest" if best == 0 else "largest" if best == len(by_size) - 1 else "interior")
-    out.append({"C": float(c), "G": int(g), "best_N": float(by_size.index[best]),
-                "best_loss": float(by_size.iloc[best]), "minimum_at": where,
-                "n_sizes": len(by_size)})
+    out.append(Edge(float(c), int(g), float(by_size.index[best]), float(by_size.iloc[best]),
+                    where, len(by_size)))
   return out
 
 
-def _runs(frame: pd.DataFrame, plan: dict | None) -> dict:
+def _runs(frame: pd.DataFrame, plan: Plan | None) -> Runs:
   by_run = frame.groupby("run_id").agg(status=("status", "first"), error=("error", "first"))
-  planned = [r["run_id"] for r in plan["runs"]] if plan else list(by_run.index)
+  planned = [r.run_id for r in plan.runs] if plan else list(by_run.index)
   failed = {i: e for i, (s, e) in by_run.iterrows() if s == results.FAILED}
-  return {"planned": len(planned), "finished": int((by_run["status"] == results.OK).sum()),
-          "failed": failed, "missing": sorted(set(planned) - set(by_run.index)),
-          "dropped": plan.get("dropped", []) if plan else []}
+  return Runs(len(planned), int((by_run["status"] == results.OK).sum()), failed,
+              sorted(set(planned) - set(by_run.index)),
+              [list(d) for d in plan.dropped] if plan else [])
 
 
-def analyze(frame: pd.DataFrame, options: Options = Options(), plan: dict | None = None,
-            progress: bool = False) -> Analysis:
-  """Fits, leverage, extrapolation and edge checks of a study's collected records."""
+def analyze(frame: pd.DataFrame, options: Options = Options(), plan: Plan | None = None,
+            context: dict | None = None, progress: bool = False) -> Analysis:
+  """Fits, leverage, extrapolation and edge checks of a study's collected records (`frame`,
+  results.collect), against the plan they were trained under; `context` (e.g. the corpus
+  fingerprint and the study config) is recorded beside the plan."""
   rows = {name: results.law_rows(frame, name, loss=options.loss,
-                                 param_count=options.param_count) for name in LAW_OBJECTS}
+                                 param_count=options.param_count) for name in laws.LAWS}
   fits, skipped = _fit_laws(rows, options, progress)
-  report = {"options": dataclasses.asdict(options), "runs": _runs(frame, plan),
-            "laws": {name: f.record for name, f in fits.items()}, "skipped_laws": skipped,
-            "edges": _edges(rows["familial"])}
   familial = fits.get("familial")
+  from_law = None
   if familial is not None:
     budgets = sorted(rows["familial"]["C"].unique().tolist())
     granularities = sorted(int(g) for g in rows["familial"]["G"].unique())
-    report["from_law"] = _leverage_from_law(familial, budgets, granularities)
-  report["measured_leverage"] = _measured_leverage(frame, familial, options)
-  report["extrapolation"], extrapolation_rows = _extrapolation(rows["familial"], options)
-  if plan:
-    report["plan"] = plan
+    from_law = _leverage_from_law(familial, budgets, granularities)
+  extrapolation, extrapolation_rows = _extrapolation(rows["familial"], options)
+  report = Report(options=options, runs=_runs(frame, plan),
+                  laws={name: f.record for name, f in fits.items()}, skipped_laws=skipped,
+                  edges=_edges(rows["familial"]),
+                  measured_leverage=_measured_leverage(frame, familial, options),
+                  extrapolation=extrapolation, from_law=from_law,
+                  plan={**plan.describe(), **(context or {})} if plan else None)
   return Analysis(report, rows, fits, frame, extrapolation_rows)
-
-
-def write(study_dir: str | Path, analysis: Analysis) -> dict[str, Path]:
-  """report.json, report.md, the PNG plots and the fit-ready tables (STUDY/data/)."""
-  study_dir = Path(study_dir)
-  figures = plots.draw_all(study_dir / "plots", analysis)
-  options = analysis.report["options"]
-  tables = results.export(analysis.frame, study_dir / "data", loss=options["loss"],
-                          param_count=options["param_count"])
-  atomic_write_text(study_dir / "report.json", json.dumps(_strict(analysis.report), indent=1,
-                                                          default=_json_default))
-  atomic_write_text(study_dir / "report.md", markdown(analysis.report, figures, study_dir))
-  return {"report.json": study_dir / "report.json", "report.md": study_dir / "report.md",
-          **figures, **tables}
-
-
-def _strict(x):
-  """NaN and infinities (an interval the bootstrap could not give) become null: strict JSON."""
-  if isinstance(x, dict):
-    return {k: _strict(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_strict(v) for v in x]
-  if isinstance(x, (float, np.floating)) and not math.isfinite(x):
-    return None
-  return x
-
-
-def _json_default(x):
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
-
-
-def _fmt(x, digits=4) -> str:
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
-    return "n/a"
-  return f"{x:.{digits}g}"
-
-
-def _ci(ci) -> str:
-  return "" if not ci else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
-
-
-def _law_lines(name: str, law: dict) -> list[str]:
-  boot = law.get("bootstrap")
-  lines = ["", f"## {name} law ({law['n_rows']} rows, objective {law['objective']:.4g})", "",
-           "| parameter | estimate | SE | 95% interval |", "|---|---|---|---|"]
-  for key in record.ORDER:
-    value = {**law["params"], **law["derived"]}.get(key)
-    if value is None:
-      continue
-    if key in law.get("boundary", {}):
-      lines.append(f"| {key} | {_fmt(value)} | | unidentified: {law['boundary'][key]} |")
-      continue
-    se = _fmt(boot["se"][key]) if boot else ""
-    lines.append(f"| {key} | {_fmt(value)} | {se} | {_ci(boot['ci95'][key]) if boot else ''} |")
-  if boot:
-    failed = f"; {boot['failed']} failed and are left out" if boot.get("failed") else ""
-    lines.append(f"\n{boot['n']} bootstrap refits (whole runs resampled), "
-                 f"{boot['converged']:.1%} converged{failed}.")
-  if "gamma_test" in law:
-    t = law["gamma_test"]
-    lines.append(f"\nIs gamma > 0? likelihood-ratio p = {_fmt(t['lrt_p'], 3)}"
-                 + (f", bootstrap p = {_fmt(t['bootstrap_p'], 3)}" if "bootstrap_p" in t else ""))
-  return lines
-
-
-def _from_law_lines(from_law: dict) -> list[str]:
-  lines = []
-  if "leverage" in from_law:
-    lines += ["", "## Efficiency Leverage from the familial law (C = 6ND, exits g/G of N*)", "",
-              "| C | G | EL | 95% interval |", "|---|---|---|---|"]
-    lines += [f"| {e['C']:.3g} | {e['G']} | {_fmt(e['EL'])} | {_ci(e['ci95'])} |"
-              for e in from_law["leverage"]]
-  lines += ["", "## Compute-optimal model size N*(C) per G", "",
-            "| C | G | N* | 95% interval | D* |", "|---|---|---|---|---|"]
-  lines += [f"| {e['C']:.3g} | {e['G']} | {_fmt(e['N_opt'])} | {_ci(e['ci95'])} | "
-            f"{_fmt(e['D_opt'])} |" for e in from_law["compute_optimal"]]
-  return lines
-
-
-def _measured_leverage_lines(measured: list) -> list[str]:
-  lines = ["", "## Measured Efficiency Leverage (G size-matched dense models, C/G each)", "",
-           "| family | C | G | family loss | dense losses | measured EL | law EL | 95% interval |",
-           "|---|---|---|---|---|---|---|---|"]
-  for e in measured:
-    dense = ", ".join(_fmt(x) for x in e["dense_losses"])
-    lines.append(f"| `{e['family']}` | {e['C']:.3g} | {e['G']} | {_fmt(e['family_loss'])} | "
-                 f"{dense} | {_fmt(e['measured'])} | {_fmt(e.get('law'))} | "
-                 f"{_ci(e.get('law_ci95'))} |")
-  return lines
-
-
-def _checks_lines(extrapolation: dict, edges: list) -> list[str]:
-  lines = ["", "## Extrapolation check", ""]
-  if "skipped" in extrapolation:
-    lines.append(f"Not run: {extrapolation['skipped']}")
-  else:
-    lines.append(
-        f"Familial law refitted without the largest budget (C = "
-        f"{extrapolation['held_out_budget']:.3g}, {extrapolation['n_held_out']} runs held out): "
-        f"mean absolute relative error {extrapolation['mean_abs_relative_error']:.2%}, "
-        f"max {extrapolation['max_abs_relative_error']:.2%}, mean signed "
-        f"{extrapolation['mean_relative_error']:+.2%}.")
-  lines += ["", "## IsoFLOP minima", "", "| C | G | best N | loss | minimum at |",
-            "|---|---|---|---|---|"]
-  for e in edges:
-    flag = e["minimum_at"] + ("" if e["minimum_at"] == "interior" else " (not bracketed)")
-    lines.append(f"| {e['C']:.3g} | {e['G']} | {_fmt(e['best_N'])} | {_fmt(e['best_loss'])} | "
-                 f"{flag} |")
-  return lines
-
-
-def markdown(report: dict, figures: dict, study_dir: Path) -> str:
-  """The tables a person reads, with the plots linked."""
-  runs = report["runs"]
-  lines = ["# IsoFLOP study report", "",
-           f"Runs: {runs['finished']} finished of {runs['planned']} planned, "
-           f"{len(runs['failed'])} failed, {len(runs['missing'])} not yet run; "
-           f"{len(runs['dropped'])} dropped at planning. Loss fitted: {report['options']['loss']}; "
-           f"N = {report['options']['param_count'].replace('_', '-')} parameters.", ""]
-  for run_id, error in runs["failed"].items():
-    lines.append(f"- failed: `{run_id}`: {error.splitlines()[0][:200]}")
-  for name, law in report["laws"].items():
-    lines += _law_lines(name, law)
-  for name, why in report["skipped_laws"].items():
-    lines.append(f"\n{name} law not fitted: {why}")
-  if "from_law" in report:
-    lines += _from_law_lines(report["from_law"])
-  if report["measured_leverage"]:
-    lines += _measured_leverage_lines(report["measured_leverage"])
-  lines += _checks_lines(report["extrapolation"], report["edges"])
-  if figures:
-    lines += ["", "## Plots", ""]
-    lines += [f"![{name}]({path.relative_to(study_dir)})" for name, path in figures.items()]
-  return "\n".join(lines) + "\n"
 
 
 class LiveFit:
   """Refits the familial law each time a run finishes, from the previous estimate and a thin
   grid (rows are padded to size buckets, so a growing study compiles a few programs, not one per
-  run), and prints the current estimates."""
+  run), and prints the current estimates. The first call reads the study's records from disk
+  (runs finished before this sweep); later calls add the records the sweep passes."""
 
   def __init__(self, study_dir, options: Options, fingerprint: str | None = None,
                grid_every: int = 50):
     self.study_dir, self.options, self.fingerprint = study_dir, options, fingerprint
     self.grid = laws.FAMILIAL.grid(grid_every)
     self.params: dict | None = None
+    self.records: list[dict] | None = None
+
+  def _add(self, spec, records) -> None:
+    if self.records is None or spec is None or records is None:
+      self.records = results.collect(self.study_dir, self.fingerprint).to_dict("records")
+    else:
+      self.records = [r for r in self.records if r["run_id"] != spec.run_id] + list(records)
 
   def __call__(self, spec=None, records=None) -> str | None:
+    """spec and records: a run the sweep has just finished (None: reread the study)."""
     if spec is not None and spec.kind != ISOFLOP:
       return None  # the law's rows did not change
-    frame = results.collect(self.study_dir, self.fingerprint)
+    self._add(spec, records)
+    frame = pd.DataFrame(self.records, columns=None if self.records else list(results.REQUIRED))
     rows = results.law_rows(frame, "familial", loss=self.options.loss,
                             param_count=self.options.param_count)
     try:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from famjax.files import atomic_write_text
 from famjax.isoflop import ISOFLOP, RunSpec
+from famjax.scaling.laws import LAWS
 
 RECORDS = "records.json"
 OK, FAILED = "ok", "failed"
@@ -26,17 +27,15 @@ REQUIRED = ("run_id", "kind", "status", "C", "G", "exit", "exit_layer", "P", "Q"
             "N_exit_non_embedding", "N_family", "N_family_non_embedding", "D", "train_loss",
             "val_loss", "exit_weight", "flops_per_token", "seed", "corpus_fingerprint",
             "config_hash", "wall_seconds")
-LAWS = ("familial", "branch", "chinchilla")
 
 
 def run_records(spec: RunSpec, summary: dict | None, *, fingerprint: str, wall_seconds: float,
                 error: str = "") -> list[dict]:
   """One record per exit of a finished run (summary from train.train), or of a failed one
   (summary None: losses null, `error` says why)."""
-  from famjax import accounting
   from famjax.config import config_hash
   cfg = spec.experiment
-  acc = accounting.account(cfg.model, cfg.train.seq_len)
+  acc = spec.accounting
   weights = cfg.train.weights_for(cfg.model.n_exits)
   n_exits = cfg.model.n_exits
   records = []
@@ -106,7 +105,7 @@ def law_rows(frame: pd.DataFrame, law: str, *, loss: str = "val",
   """The rows `law` is fitted to (see the module docstring), with columns N, D, G, exit, loss and
   run_id, C for grouping."""
   if law not in LAWS:
-    raise ValueError(f"law must be one of {LAWS}; got {law!r}")
+    raise ValueError(f"law must be one of {tuple(LAWS)}; got {law!r}")
   if loss not in ("val", "train"):
     raise ValueError(f"loss must be 'val' or 'train'; got {loss!r}")
   suffix = "_non_embedding" if param_count == "non_embedding" else ""

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, NamedTuple
 
 import jax
 
-from famjax import accounting, data, isoflop, report, results, sweep
+from famjax import accounting, data, isoflop, render, report, results, sweep
 from famjax.config import ExperimentConfig, StudyConfig, experiment_from_dict
 from famjax.files import atomic_write_text
 
@@ -138,9 +138,9 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task:
   plan = isoflop.plan(study, base, len(tokens.train))
   if not plan.runs:
     raise ValueError("the plan holds no run: " + "; ".join(f"{i}: {w}" for i, w in plan.dropped))
+  context = {"corpus_fingerprint": tokens.fingerprint, "study": dataclasses.asdict(study)}
   if not (fit_only and sweep.read_plan(outdir) is not None):  # a refit trusts the records
-    sweep.write_plan(outdir, plan, {"corpus_fingerprint": tokens.fingerprint,
-                                    "study": dataclasses.asdict(study)})
+    sweep.write_plan(outdir, plan, context)
   opts = options(study)
   outcome = None
   if not fit_only:
@@ -153,9 +153,8 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task:
   out = {"report": None, "files": {}, "sweep": outcome, "missing": missing}
   unfinished = {r.run_id for r in plan.runs} - done - set(outcome.failed if outcome else {})
   if (fit_only or not unfinished) and jax.process_index() == 0 and len(frame):
-    plan_record = sweep.read_plan(outdir)
-    analysis = report.analyze(frame, opts, plan_record, progress=progress)
-    out["report"], out["files"] = analysis.report, report.write(outdir, analysis)
+    analysis = report.analyze(frame, opts, plan, context, progress=progress)
+    out["report"], out["files"] = analysis.report, render.write(outdir, analysis)
   return out
 
 
@@ -177,15 +176,15 @@ def summary(result: dict, outdir: str | Path) -> str:
     return (f"{len(result['missing'])} planned runs have not finished yet (other tasks, or "
             f"failures); rerun with --fit_only for a report from the records so far: {outdir}")
   lines = []
-  familial = report_["laws"].get("familial")
+  familial = report_.laws.get("familial")
   if familial:
     lines.append(record.table(familial))
   else:
-    lines.append(f"familial law not fitted: {report_['skipped_laws'].get('familial')}")
-  for e in report_.get("measured_leverage", []):
-    law = f", law {e['law']:.3f}" if "law" in e else ""
-    lines.append(f"measured EL at C={e['C']:.3g}, G={e['G']}: {e['measured']:.3f}{law}")
-  failed = report_["runs"]["failed"]
+    lines.append(f"familial law not fitted: {report_.skipped_laws.get('familial')}")
+  for e in report_.measured_leverage:
+    law = f", law {e.law:.3f}" if e.law is not None else ""
+    lines.append(f"measured EL at C={e.C:.3g}, G={e.G}: {e.measured:.3f}{law}")
+  failed = report_.runs.failed
   if failed:
     lines.append(f"{len(failed)} runs failed: {', '.join(sorted(failed))} (see report.md)")
   lines.append(f"report: {Path(outdir) / 'report.md'} (and report.json, plots/)")

@@ -42,8 +42,7 @@ def run_dir(study_dir: str | Path, run_id: str) -> Path:
 def write_plan(study_dir: str | Path, plan: isoflop.Plan, extra: dict | None = None) -> None:
   """STUDY/plan.json: every planned run (the plan table's fields), what was dropped and why.
   A study directory holding a plan with other runs is refused: use a new directory."""
-  record = {"runs": [r.describe() for r in plan.runs], "dropped": [list(d) for d in plan.dropped],
-            "notes": list(plan.notes), "total_flops": plan.total_flops, **(extra or {})}
+  record = {**plan.describe(), **(extra or {})}
   previous = read_plan(study_dir)
   if previous is not None:
     old = {r["run_id"]: r["config_hash"] for r in previous["runs"]}

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax import accounting, isoflop, results
+from famjax import accounting, isoflop, report, results
 from famjax.config import ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
 from famjax.scaling import io, laws
 
@@ -99,9 +99,9 @@ def test_each_law_gets_its_rows(plan, study_dir):
 def test_records_round_trip_through_csv_and_parquet(study_dir, tmp_path):
   frame = results.collect(study_dir, FINGERPRINT)
   written = results.export(frame, tmp_path)
-  assert set(written) >= {f"{name}.{ext}" for name in ("records", *results.LAWS)
+  assert set(written) >= {f"{name}.{ext}" for name in ("records", *laws.LAWS)
                           for ext in ("csv", "parquet")}
-  for name in results.LAWS:
+  for name in laws.LAWS:
     expected = results.law_rows(frame, name)
     for ext in ("csv", "parquet"):
       back = io.read_table(written[f"{name}.{ext}"])
@@ -148,3 +148,20 @@ def test_finished_needs_ok_records_with_the_same_config(plan, study_dir):
   other = dataclasses.replace(spec.experiment, train=dataclasses.replace(
       spec.experiment.train, learning_rate=1.0))
   assert not results.finished(workdir, config_hash(other))
+
+
+def test_the_live_fit_adds_the_records_the_sweep_passes(plan, tmp_path):
+  """After its first read of the study directory, the live fit counts the records it is handed:
+  runs whose records never reached the disk are fitted too."""
+  rng = np.random.default_rng(1)
+  runs = [spec for spec in plan.runs if spec.kind == isoflop.ISOFLOP]
+  on_disk, handed = runs[:-3], runs[-3:]
+  for spec in on_disk:
+    results.write_records(tmp_path / "runs" / spec.run_id, results.run_records(
+        spec, fake_summary(spec, rng), fingerprint=FINGERPRINT, wall_seconds=1.0))
+  live = report.LiveFit(tmp_path, report.Options(), FINGERPRINT, grid_every=500)
+  assert f"over {len(on_disk)} runs" in live(on_disk[-1], None)
+  for k, spec in enumerate(handed, start=1):
+    records = results.run_records(spec, fake_summary(spec, rng), fingerprint=FINGERPRINT,
+                                  wall_seconds=1.0)
+    assert f"over {len(on_disk) + k} runs" in live(spec, records)

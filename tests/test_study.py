@@ -72,7 +72,7 @@ def test_fit_only_reports_from_the_records_present(mini_study, tmp_path):
   shutil.rmtree(gone)
   result = study.run(study_cfg, base, partial, fit_only=True, progress=False)
   assert result["missing"] == [gone.name]
-  assert result["report"]["runs"]["missing"] == [gone.name]
+  assert result["report"].runs.missing == [gone.name]
   assert "1 not yet run" in (partial / "report.md").read_text()
 
 
@@ -109,16 +109,16 @@ def synthetic_frame(curves_at_edge=False):
 def test_edges_flag_minima_the_sizes_did_not_bracket():
   frame = synthetic_frame(curves_at_edge=True)
   edges = report._edges(results.law_rows(frame, "familial"))
-  assert len(edges) == 9 and {e["minimum_at"] for e in edges} == {"smallest"}
+  assert len(edges) == 9 and {e.minimum_at for e in edges} == {"smallest"}
   inner = report._edges(results.law_rows(synthetic_frame(), "familial"))
-  assert all(e["minimum_at"] in ("interior", "smallest", "largest") for e in inner)
+  assert all(e.minimum_at in ("interior", "smallest", "largest") for e in inner)
 
 
 def test_extrapolation_recovers_an_exact_law():
   rows = results.law_rows(synthetic_frame(), "familial")
   out, table = report._extrapolation(rows, report.Options(grid_every=10))
-  assert out["held_out_budget"] == 1e20 and out["n_held_out"] == 15
-  assert out["max_abs_relative_error"] < 1e-3
+  assert out.held_out_budget == 1e20 and out.n_held_out == 15
+  assert out.max_abs_relative_error < 1e-3
   assert table["held_out"].sum() == 15
 
 

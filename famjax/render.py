@@ -1,0 +1,150 @@
+"""A study's report rendered for people and files: report.json, report.md (tables, plots
+linked), the PNG plots (plots.py) and the fit-ready tables, from report.analyze's Analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from famjax import plots, results
+from famjax.files import atomic_write_text
+from famjax.report import Analysis, Edge, Extrapolation, FromLaw, MeasuredLeverage, Report
+from famjax.scaling import record
+
+
+def write(study_dir: str | Path, analysis: Analysis) -> dict[str, Path]:
+  """report.json, report.md, the PNG plots and the fit-ready tables (STUDY/data/)."""
+  study_dir = Path(study_dir)
+  figures = plots.draw_all(study_dir / "plots", analysis)
+  options = analysis.report.options
+  tables = results.export(analysis.frame, study_dir / "data", loss=options.loss,
+                          param_count=options.param_count)
+  atomic_write_text(study_dir / "report.json", json.dumps(
+      _strict(analysis.report.to_json()), indent=1, default=_json_default))
+  atomic_write_text(study_dir / "report.md", markdown(analysis.report, figures, study_dir))
+  return {"report.json": study_dir / "report.json", "report.md": study_dir / "report.md",
+          **figures, **tables}
+
+
+def _strict(x):
+  """NaN and infinities (an interval the bootstrap could not give) become null: strict JSON."""
+  if isinstance(x, dict):
+    return {k: _strict(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_strict(v) for v in x]
+  if isinstance(x, (float, np.floating)) and not math.isfinite(x):
+    return None
+  return x
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _fmt(x, digits=4) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "n/a"
+  return f"{x:.{digits}g}"
+
+
+def _ci(ci) -> str:
+  return "" if not ci else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _law_lines(name: str, law: dict) -> list[str]:
+  boot = law.get("bootstrap")
+  lines = ["", f"## {name} law ({law['n_rows']} rows, objective {law['objective']:.4g})", "",
+           "| parameter | estimate | SE | 95% interval |", "|---|---|---|---|"]
+  for key in record.ORDER:
+    value = {**law["params"], **law["derived"]}.get(key)
+    if value is None:
+      continue
+    if key in law.get("boundary", {}):
+      lines.append(f"| {key} | {_fmt(value)} | | unidentified: {law['boundary'][key]} |")
+      continue
+    se = _fmt(boot["se"][key]) if boot else ""
+    lines.append(f"| {key} | {_fmt(value)} | {se} | {_ci(boot['ci95'][key]) if boot else ''} |")
+  if boot:
+    failed = f"; {boot['failed']} failed and are left out" if boot.get("failed") else ""
+    lines.append(f"\n{boot['n']} bootstrap refits (whole runs resampled), "
+                 f"{boot['converged']:.1%} converged{failed}.")
+  if "gamma_test" in law:
+    t = law["gamma_test"]
+    lines.append(f"\nIs gamma > 0? likelihood-ratio p = {_fmt(t['lrt_p'], 3)}"
+                 + (f", bootstrap p = {_fmt(t['bootstrap_p'], 3)}" if "bootstrap_p" in t else ""))
+  return lines
+
+
+def _from_law_lines(from_law: FromLaw) -> list[str]:
+  lines = []
+  if from_law.leverage:
+    lines += ["", "## Efficiency Leverage from the familial law (C = 6ND, exits g/G of N*)", "",
+              "| C | G | EL | 95% interval |", "|---|---|---|---|"]
+    lines += [f"| {e.C:.3g} | {e.G} | {_fmt(e.EL)} | {_ci(e.ci95)} |" for e in from_law.leverage]
+  lines += ["", "## Compute-optimal model size N*(C) per G", "",
+            "| C | G | N* | 95% interval | D* |", "|---|---|---|---|---|"]
+  lines += [f"| {e.C:.3g} | {e.G} | {_fmt(e.N_opt)} | {_ci(e.ci95)} | {_fmt(e.D_opt)} |"
+            for e in from_law.compute_optimal]
+  return lines
+
+
+def _measured_leverage_lines(measured: list[MeasuredLeverage]) -> list[str]:
+  lines = ["", "## Measured Efficiency Leverage (G size-matched dense models, C/G each)", "",
+           "| family | C | G | family loss | dense losses | measured EL | law EL | 95% interval |",
+           "|---|---|---|---|---|---|---|---|"]
+  for e in measured:
+    dense = ", ".join(_fmt(x) for x in e.dense_losses)
+    lines.append(f"| `{e.family}` | {e.C:.3g} | {e.G} | {_fmt(e.family_loss)} | {dense} | "
+                 f"{_fmt(e.measured)} | {_fmt(e.law)} | {_ci(e.law_ci95)} |")
+  return lines
+
+
+def _checks_lines(extrapolation: Extrapolation, edges: list[Edge]) -> list[str]:
+  lines = ["", "## Extrapolation check", ""]
+  x = extrapolation
+  if x.skipped:
+    lines.append(f"Not run: {x.skipped}")
+  else:
+    lines.append(
+        f"Familial law refitted without the largest budget (C = {x.held_out_budget:.3g}, "
+        f"{x.n_held_out} runs held out): mean absolute relative error "
+        f"{x.mean_abs_relative_error:.2%}, max {x.max_abs_relative_error:.2%}, mean signed "
+        f"{x.mean_relative_error:+.2%}.")
+  lines += ["", "## IsoFLOP minima", "", "| C | G | best N | loss | minimum at |",
+            "|---|---|---|---|---|"]
+  for e in edges:
+    flag = e.minimum_at + ("" if e.minimum_at == "interior" else " (not bracketed)")
+    lines.append(f"| {e.C:.3g} | {e.G} | {_fmt(e.best_N)} | {_fmt(e.best_loss)} | {flag} |")
+  return lines
+
+
+def markdown(report: Report, figures: dict, study_dir: Path) -> str:
+  """The tables a person reads, with the plots linked."""
+  runs, options = report.runs, report.options
+  lines = ["# IsoFLOP study report", "",
+           f"Runs: {runs.finished} finished of {runs.planned} planned, "
+           f"{len(runs.failed)} failed, {len(runs.missing)} not yet run; "
+           f"{len(runs.dropped)} dropped at planning. Loss fitted: {options.loss}; "
+           f"N = {options.param_count.replace('_', '-')} parameters.", ""]
+  for run_id, error in runs.failed.items():
+    lines.append(f"- failed: `{run_id}`: {error.splitlines()[0][:200]}")
+  for name, law in report.laws.items():
+    lines += _law_lines(name, law)
+  for name, why in report.skipped_laws.items():
+    lines.append(f"\n{name} law not fitted: {why}")
+  if report.from_law is not None:
+    lines += _from_law_lines(report.from_law)
+  if report.measured_leverage:
+    lines += _measured_leverage_lines(report.measured_leverage)
+  lines += _checks_lines(report.extrapolation, report.edges)
+  if figures:
+    lines += ["", "## Plots", ""]
+    lines += [f"![{name}]({path.relative_to(study_dir)})" for name, path in figures.items()]
+  return "\n".join(lines) + "\n"
