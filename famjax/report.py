@@ -69,17 +69,20 @@ class Edge:
 
 
 @dataclasses.dataclass(frozen=True)
-class LawLeverage:
+class _AtBudget:
+  """What the fitted law predicts at budget C for G exits."""
   C: float
   G: int
-  EL: float
-  ci95: list[float] | None
 
 
 @dataclasses.dataclass(frozen=True)
-class ComputeOptimal:
-  C: float
-  G: int
+class LawLeverage(_AtBudget):
+  EL: float
+  ci95: list[float] | None  # bootstrap 95% interval (None without a bootstrap)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeOptimal(_AtBudget):
   N_opt: float
   D_opt: float
   ci95: list[float] | None

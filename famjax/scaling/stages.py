@@ -169,9 +169,15 @@ def resample_counts(key, n_rows: int, n: int, groups=None) -> jax.Array:
   groups (integer labels 0..G-1, one per row, concrete) if given. Pure JAX: the one resampling
   of `fit.estimate` and the host's bootstrap."""
   n_groups = n_rows if groups is None else int(np.max(groups)) + 1
-  draws = jax.random.randint(key, (n, n_groups), 0, n_groups)
-  counts = jnp.zeros((n, n_groups), jnp.float64).at[jnp.arange(n)[:, None], draws].add(1.0)
+  counts = _group_counts(key, n, n_groups)
   return counts if groups is None else counts[:, np.asarray(groups)]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one program, not an eager op per step
+def _group_counts(key, n: int, n_groups: int) -> jax.Array:
+  """[n, n_groups] counts of n_groups draws with replacement, n times."""
+  draws = jax.random.randint(key, (n, n_groups), 0, n_groups)
+  return jnp.zeros((n, n_groups), jnp.float64).at[jnp.arange(n)[:, None], draws].add(1.0)
 
 
 def lowest_grid_points(problem: Problem, grid_SP, weights_BR, k: int = SCREENED_STARTS):
