@@ -73,7 +73,7 @@ MUTANTS = [
      "    if p.n_rows <= stages.SCREENED_MAX_ROWS:\n", "    if False:\n",
      "tests/test_scaling.py -k wider_grid_search"),
     ("a screened end replaces a lower refit", "famjax/scaling/stages.py",
-     "  return found.where(lower_B, current)",
+     "  return found.where(lower_B, current, xp)",
      "  return found",
      "tests/test_scaling.py -k wider_grid_search"),
     ("microbatch gradients summed, not averaged", "famjax/train.py",
