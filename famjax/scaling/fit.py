@@ -42,7 +42,7 @@ from famjax.scaling.problem import (  # noqa: F401 (public)
   problem,
   row_losses,
 )
-from famjax.scaling.stages import SCREENED_MAX_ROWS, SCREENED_STARTS  # noqa: F401 (public)
+from famjax.scaling.stages import SCREENED_MAX_ROWS, SCREENED_STARTS, lowest_grid_points  # noqa: F401 (public)
 
 N_POLISHED = 8  # best grid starts rerun in coordinates whitened at the best one
 
@@ -106,11 +106,6 @@ def restart(p: Problem, ends: Outcome, weights_SR, solver: Solver = Solver()) ->
   """stages.restart from the host."""
   with jax.enable_x64(True):
     return stages.restart(p, ends, weights_SR, solver, stages.host())
-
-
-def lowest_grid_points(p: Problem, grid_SP, weights_BR, k: int = SCREENED_STARTS):
-  """stages.lowest_grid_points: [B, C] the grid points lowest in each row weighting's objective."""
-  return stages.lowest_grid_points(p, grid_SP, weights_BR, k)
 
 
 @dataclasses.dataclass(frozen=True)
