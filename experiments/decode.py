@@ -33,9 +33,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def load(workdir: Path):
-  """The family and tokenizer of a trained workdir, from its latest checkpoint."""
+  """The family and tokenizer of a trained workdir (its latest checkpoint, its saved tokenizer:
+  the corpus is not read)."""
   cfg, model = train.load_model(workdir)
-  return cfg, model, data.load_tokens(cfg.data).tokenizer
+  return cfg, model, data.load_tokenizer(workdir)
 
 
 def main(argv):

@@ -141,6 +141,8 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task:
   context = {"corpus_fingerprint": tokens.fingerprint, "study": dataclasses.asdict(study)}
   if not (fit_only and sweep.read_plan(outdir) is not None):  # a refit trusts the records
     sweep.write_plan(outdir, plan, context)
+  if jax.process_index() == 0:
+    data.save_tokenizer(tokens.tokenizer, outdir)
   opts = options(study)
   outcome = None
   if not fit_only:

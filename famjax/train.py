@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -248,10 +249,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
   workdir = Path(workdir)
   tc = cfg.train
   tokens = data.load_tokens(cfg.data) if tokens is None else tokens
-  if tokens.vocab_size > cfg.model.vocab_size:
-    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                     f"{tokens.vocab_size}-token vocabulary of "
-                     f"data.tokenizer={cfg.data.tokenizer!r}")
+  _check_vocabulary(cfg, tokens)
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   batches = data.train_batches(tokens.train, tc.seq_len, tc.batch_size, tc.seed, **proc)
@@ -266,6 +264,18 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
     return _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_after)
   finally:
     lock.release()
+
+
+def _check_vocabulary(cfg: ExperimentConfig, tokens: data.TokenData) -> None:
+  """model.vocab_size below the tokenizer's is an error; above it, the extra rows are padding
+  (never a target), which the log states."""
+  size, have = cfg.model.vocab_size, tokens.vocab_size
+  if have > size:
+    raise ValueError(f"model.vocab_size={size} is smaller than the {have}-token vocabulary of "
+                     f"data.tokenizer={cfg.data.tokenizer!r}: set it to at least {have}")
+  if have < size:
+    logging.info("model.vocab_size=%d pads the %d-token vocabulary of %s with %d unused rows",
+                 size, have, tokens.tokenizer.name, size - have)
 
 
 def _resume(cfg, workdir, mngr, trainer, batches) -> tuple[int, float]:
@@ -310,7 +320,7 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
   mngr = checkpoint.manager(workdir, tc.keep_checkpoints)
   (start, elapsed), total = _resume(cfg, workdir, mngr, trainer, batches), tc.total_steps
   if jax.process_index() == 0:
-    workdir_files.claim(workdir, cfg, start)
+    workdir_files.claim(workdir, cfg, start, tokens.tokenizer)
   log = workdir_files.MetricsLog(workdir, start)
   last = total if stop_after is None else max(start, min(total, stop_after))
   tokens_per_step = tc.batch_size * tc.seq_len

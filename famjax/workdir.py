@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from famjax import data
 from famjax.config import ExperimentConfig, experiment_from_dict
 from famjax.files import atomic_write_text
 
@@ -99,7 +100,9 @@ def _jsonable(value):
 def _run_identity(cfg: ExperimentConfig) -> dict:
   """The fields a resumed run must share with the run that wrote the workdir."""
   tc = cfg.train
-  return _jsonable({"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+  data = {k: v for k, v in dataclasses.asdict(cfg.data).items()
+          if k not in ("num_workers", "cache_dir")}  # where and how fast, not what
+  return _jsonable({"model": dataclasses.asdict(cfg.model), "data": data,
                     "seed": tc.seed, "batch_size": tc.batch_size, "seq_len": tc.seq_len})
 
 
@@ -120,9 +123,11 @@ def check_identity(workdir: Path, cfg: ExperimentConfig) -> None:
                      "--workdir or the original config")
 
 
-def claim(workdir: Path, cfg: ExperimentConfig, start: int) -> None:
+def claim(workdir: Path, cfg: ExperimentConfig, start: int, tokenizer) -> None:
   """Writes config.json: the run's identity, its current config, and the history of the
-  optimisation settings (`train` section), each entry with the step it took effect."""
+  optimisation settings (`train` section), each entry with the step it took effect; and the
+  run's tokenizer (tokenizer/), so that decoding never needs the corpus."""
+  data.save_tokenizer(tokenizer, workdir)
   previous = _recorded_config(workdir) or {}
   history = previous.get("history", [])
   current = _jsonable(dataclasses.asdict(cfg.train))

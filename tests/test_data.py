@@ -43,60 +43,76 @@ def test_iterator_resume_continues_the_exact_sequence(tokens):
   assert all(np.array_equal(x, y) for x, y in zip(expected, take(resumed, 5)))
 
 
-def test_process_slices_tile_the_global_batch(tokens):
+class Recorder:
+  """A token stream that notes where each slice read starts."""
+
+  def __init__(self, tokens):
+    self.tokens, self.starts = tokens, set()
+
+  def __len__(self):
+    return len(self.tokens)
+
+  def __getitem__(self, window):
+    self.starts.add(window.start)
+    return self.tokens[window]
+
+
+def test_process_slices_tile_the_global_batch_and_each_reads_only_its_own(tokens):
   full = take(data.train_batches(tokens.train, 32, 8, seed=2), 3)
-  parts = [take(data.train_batches(tokens.train, 32, 8, seed=2, process_index=p,
-                                   process_count=2), 3) for p in range(2)]
+  readers = [Recorder(tokens.train) for _ in range(2)]
+  parts = [take(data.train_batches(readers[p], 32, 8, seed=2, process_index=p, process_count=2),
+                3) for p in range(2)]
   for step in range(3):
     np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]), full[step])
+  assert len(readers[0].starts) == len(readers[1].starts) == 3 * 4
+  assert readers[0].starts.isdisjoint(readers[1].starts)
 
 
-def test_train_and_validation_documents_are_disjoint(corpus_dir):
-  docs = data.load_documents(str(corpus_dir))
-  train, val = data.split_documents(docs, 0.1)
-  assert {d.path for d in train}.isdisjoint({d.path for d in val})
-  assert len(train) + len(val) == len(docs) and len(val) >= 1
-  # the split follows the path alone: a document keeps its side whatever else the corpus holds
-  _, val_subset = data.split_documents(docs[: len(docs) // 2] + val, 0.1)
-  assert {d.path for d in val} <= {d.path for d in val_subset}
+def test_a_document_keeps_its_split_whatever_else_the_corpus_holds(corpus_dir, tmp_path):
+  full = data.load_tokens(DataConfig(corpus=str(corpus_dir), val_fraction=0.1))
+  assert full.n_val_docs >= 1 and full.n_train_docs >= 1
+  eos = data.ByteTokenizer.eos_id
+  assert int((np.asarray(full.val) == eos).sum()) == full.n_val_docs
+  # the split follows a document's text alone: half the documents keep their sides
+  half = tmp_path / "half"
+  half.mkdir()
+  for doc in sorted(corpus_dir.iterdir())[::2]:
+    (half / doc.name).write_text(doc.read_text())
+  part = data.load_tokens(DataConfig(corpus=str(half), val_fraction=0.1))
+  # each generated document is one line; the byte decoder drops the EOS between them
+  held_out = lambda t: set(data.ByteTokenizer().decode(np.asarray(t.val)).splitlines())
+  assert held_out(part) <= held_out(full)
+  assert part.n_train_docs + part.n_val_docs == len(list(half.iterdir()))
 
 
 def test_stdlib_split_is_about_one_percent():
-  docs = data.load_documents("stdlib")
-  _, val = data.split_documents(docs, 0.01)
-  assert len(docs) > 500 and 0.003 < len(val) / len(docs) < 0.03
-  assert all("site-packages" not in d.path for d in docs)
+  tokens = data.load_tokens(DataConfig())
+  n = tokens.n_train_docs + tokens.n_val_docs
+  assert n > 500 and 0.003 < tokens.n_val_docs / n < 0.03
 
 
-def test_tokens_are_cached_once_and_reused(corpus_dir, private_cache):
+def test_tokens_are_stored_once_and_reused(corpus_dir, private_cache):
   cfg = DataConfig(corpus=str(corpus_dir), val_fraction=0.1)
   first = data.load_tokens(cfg)
-  entry = private_cache / "tokens" / f"{first.fingerprint[:16]}-byte-val0.1"
-  entries = sorted((private_cache / "tokens").iterdir())
-  mtime = (entry / "train.bin").stat().st_mtime_ns
+  stores = sorted((private_cache / "store").iterdir())
+  index = first.store / "index.json"
+  mtime = index.stat().st_mtime_ns
   second = data.load_tokens(cfg)
-  assert sorted((private_cache / "tokens").iterdir()) == entries
-  assert (entry / "train.bin").stat().st_mtime_ns == mtime
+  assert sorted((private_cache / "store").iterdir()) == stores and second.store == first.store
+  assert index.stat().st_mtime_ns == mtime
   assert np.array_equal(first.train, second.train) and first.fingerprint == second.fingerprint
   eos = data.ByteTokenizer.eos_id
   assert int((np.asarray(first.train) == eos).sum()) == first.n_train_docs
 
 
-def test_fingerprint_follows_content(tmp_path):
-  (tmp_path / "a.txt").write_text("hello")
-  before = data.fingerprint(data.load_documents(str(tmp_path)))
-  (tmp_path / "a.txt").write_text("hello!")
-  assert data.fingerprint(data.load_documents(str(tmp_path))) != before
-
-
-def test_jsonl_and_plain_files(tmp_path):
-  lines = [json.dumps({"text": f"record {i}"}) for i in range(3)]
-  (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
-  (tmp_path / "b.txt").write_text("plain")
-  (tmp_path / "blob.bin").write_bytes(b"\x00\x01binary")
-  docs = data.load_documents(f"{tmp_path / 'c.jsonl'},{tmp_path / 'b.txt'}")
-  assert [d.text for d in docs] == ["record 0", "record 1", "record 2", "plain"]
-  assert "binary" not in "".join(d.text for d in data.load_documents(str(tmp_path)))
+def test_fingerprint_and_store_follow_content(tmp_path):
+  for i in range(12):
+    (tmp_path / f"{i}.txt").write_text(f"hello {i}")
+  cfg = DataConfig(corpus=str(tmp_path), val_fraction=0.3)
+  before = data.load_tokens(cfg)
+  (tmp_path / "0.txt").write_text("hello again, longer")
+  after = data.load_tokens(cfg)
+  assert after.fingerprint != before.fingerprint and after.store != before.store
 
 
 def test_byte_tokenizer_round_trips():
@@ -111,20 +127,20 @@ def test_bpe_tokenizer_trains_locally_and_is_cached(corpus_dir, private_cache):
   assert tokens.vocab_size <= 300 and int(np.asarray(tokens.train).max()) < tokens.vocab_size
   assert len(tokens.train) < len(data.load_tokens(DataConfig(corpus=str(corpus_dir),
                                                              val_fraction=0.1)).train)
-  assert list((private_cache / "tokenizers").glob("*-bpe300.json"))
+  assert list((private_cache / "tokenizers").glob("*-bpe300-100mb-*"))
   text = "the shared backbone keeps its cache"
   assert tokens.tokenizer.decode(tokens.tokenizer.encode(text)) == text
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: str(p / "missing"), "does not exist"),
-    (lambda p: (p / "empty").mkdir() or str(p / "empty"), "no non-empty text document"),
-    (lambda p: (p / "bad.jsonl").write_text('{"txt": 1}\n') and str(p / "bad.jsonl"),
-     "bad.jsonl:1: each JSONL record needs a string field 'text'"),
-])
-def test_bad_corpus_is_a_clear_error(tmp_path, make, message):
-  with pytest.raises((ValueError, FileNotFoundError), match=message):
-    data.load_documents(make(tmp_path))
+def test_the_local_bpe_sample_is_bounded_and_holds_training_documents_only(corpus_dir):
+  source = data.sources.plan(str(corpus_dir))
+  sample = list(data.bpe_sample(source, 0.1, max_bytes=5000))
+  sizes = [len(t.encode()) for t in sample]
+  assert sum(sizes[:-1]) < 5000 <= sum(sizes)
+  everything = list(data.bpe_sample(source, 0.1, max_bytes=1 << 30))
+  held_out = data.load_tokens(DataConfig(corpus=str(corpus_dir), val_fraction=0.1)).n_val_docs
+  assert everything[:len(sample)] == sample and len(everything) == len(source.units[0].paths) \
+      - held_out
 
 
 def test_too_few_documents_for_a_split(tmp_path):

@@ -3,6 +3,7 @@ confidence extremes == single exits, speculative == plain greedy)."""
 
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,15 +166,18 @@ def test_stop_tokens_end_a_row(decoders):
 def test_decode_command_line(corpus_dir, tmp_path):
   root = Path(__file__).resolve().parents[1]
   env = dict(os.environ, PYTHONPATH=str(root))
-  train = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}",
-           f"--config.data.corpus={corpus_dir}", "--config.data.val_fraction=0.1",
+  corpus = shutil.copytree(corpus_dir, tmp_path / "corpus")
+  workdir = tmp_path / "run"
+  train = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
+           f"--config.data.corpus={corpus}", "--config.data.val_fraction=0.1",
            "--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.d_ff=64",
            "--config.train.steps=20", "--config.train.warmup_steps=1",
            "--config.train.seq_len=32", "--config.train.batch_size=4",
            "--config.train.progress=False"]
   assert subprocess.run(train, cwd=root, env=env, capture_output=True).returncode == 0
+  shutil.rmtree(corpus)  # decoding reads the tokenizer the run saved, never the corpus
   run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.decode",
-                                   f"--workdir={tmp_path}", *a], cwd=root, env=env,
+                                   f"--workdir={workdir}", *a], cwd=root, env=env,
                                   capture_output=True, text=True, timeout=600)
   out = run("--prompt=the model ", "--exit=1", "--relay_to=3", "--max_new_tokens=16",
             "--confidence=0.9", "--speculative_exit=1")

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax import isoflop, report, results, study
+from famjax import data, isoflop, report, results, study
 from famjax.config import DataConfig, ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
 from famjax.scaling import io, laws
 
@@ -54,6 +54,9 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert "## familial law" in text and "plots/isoflop.png" in text
   for law in ("familial", "branch", "chinchilla"):
     io.validate(io.read_table(outdir / "data" / f"{law}.csv"), laws.LAWS[law])
+  # the study and each run keep the tokenizer, so nothing downstream needs the corpus
+  assert data.load_tokenizer(outdir).name == "byte"
+  assert data.load_tokenizer(next(outdir.glob("runs/*"))).name == "byte"
 
 
 def test_rerunning_a_finished_study_trains_nothing(mini_study):
