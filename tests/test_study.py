@@ -169,3 +169,79 @@ def test_the_command_line_refuses_another_config_for_an_existing_study(tmp_path)
                        env=dict(os.environ, PYTHONPATH=str(root)))
   assert out.returncode != 0 and "Traceback" not in out.stderr
   assert "holds a study made with another config" in out.stderr and "study.widths" in out.stderr
+
+
+def _readme_command(start: str, words: dict[str, str]) -> list[str]:
+  """The README's shell command whose line begins with `start` (joined over its continuation
+  lines, split as the shell would), with `words` replaced: what a user would run."""
+  import shlex
+  from pathlib import Path
+  lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+  i = next(i for i, line in enumerate(lines) if line.startswith(start))
+  command = ""
+  while True:
+    command += lines[i].rstrip("\\") + " "
+    if not lines[i].endswith("\\"):
+      break
+    i += 1
+  for old, new in words.items():
+    command = command.replace(old, new)
+  return shlex.split(command)
+
+
+# The paper preset shrunk to run here: tiny budgets, widths and batches (the README's commands
+# otherwise as written).
+PAPER_ON_A_CPU = [
+    "--config.study.budgets=(2e7,4e7)", "--config.study.granularities=(1,2)",
+    "--config.study.widths=(8,12)", "--config.study.head_dim=4", "--config.study.min_layers=2",
+    "--config.study.layer_multiple=2", "--config.study.sizes_per_budget=2",
+    "--config.study.min_steps=5", "--config.study.leverage=4e7:2",
+    "--config.study.leverage_granularities=(2,)", "--config.study.bootstrap=0",
+    "--config.model.max_seq_len=16", "--config.model.dtype=float32",
+    "--config.train.batch_size=4", "--config.train.seq_len=16", "--config.train.eval_batches=2",
+    "--config.train.learning_rate=1e-2", "--config.train.progress=False"]
+
+
+def test_the_readme_slurm_example_runs_on_a_named_corpus_and_tokenizer(tmp_path):
+  """README's cluster example as written (tokenize once, then a task of the array), on a parquet
+  corpus and a tokenizer.json made here and the paper preset shrunk by PAPER_ON_A_CPU."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+  from conftest import write_corpus
+  root = Path(__file__).resolve().parents[1]
+  texts = [p.read_text() for p in sorted(write_corpus(tmp_path / "text", n_docs=80).iterdir())]
+  (tmp_path / "corpus").mkdir()
+  for part in range(2):
+    pq.write_table(pa.table({"text": texts[part::2]}), tmp_path / "corpus" / f"{part}.parquet")
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["</s>"], show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(tmp_path / "tokenizer.json"))
+  corpus = (f"--config.data.corpus={tmp_path}/corpus/*.parquet "
+            f"--config.data.tokenizer={tmp_path}/tokenizer.json --config.model.vocab_size=304 "
+            "--config.data.val_fraction=0.1")
+  words = {".venv/bin/python": sys.executable, "$CORPUS": corpus,
+           "FAMJAX_CACHE=/shared/cache/famjax ": "", "srun ": "",
+           "/shared/studies/paper": str(tmp_path / "study"), "$SLURM_ARRAY_TASK_ID": "0",
+           "$SLURM_ARRAY_TASK_COUNT": "2"}
+  env = dict(os.environ, PYTHONPATH=str(root), FAMJAX_CACHE=str(tmp_path / "cache"))
+  run = lambda argv: subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True,
+                                    timeout=600)
+  tokenized = run(_readme_command("FAMJAX_CACHE=/shared/cache/famjax", words) + PAPER_ON_A_CPU)
+  assert tokenized.returncode == 0, tokenized.stderr[-2000:]
+  assert "tokenizer tokenizer.json" in tokenized.stdout
+  task = run(_readme_command("srun ", words) + PAPER_ON_A_CPU)
+  assert task.returncode == 0, task.stderr[-2000:]
+  plan = json.loads((tmp_path / "study" / "plan.json").read_text())
+  trained = list((tmp_path / "study" / "runs").glob("*/summary.json"))
+  assert plan["runs"] and 0 < len(trained) < len(plan["runs"])  # task 1 of 2: its share
+  assert data.load_tokenizer(tmp_path / "study").eos_id == tok.token_to_id("</s>")
