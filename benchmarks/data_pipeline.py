@@ -43,7 +43,7 @@ def write_corpus(out: Path, gigabytes: float, shard_mb: int = 25, seed: int = 0)
   import pyarrow.parquet as pq
 
   from famjax.data import sources
-  docs = [p.read_text("utf-8", errors="replace") for p in sources._stdlib_files()]
+  docs = [p.read_text("utf-8", errors="replace") for p in sources.stdlib_files()]
   rng, target, written, shard = random.Random(seed), int(gigabytes * 1e9), 0, 0
   out.mkdir(parents=True, exist_ok=True)
   while written < target:
@@ -99,7 +99,7 @@ def bpe_tokenizer(out: Path, sample_mb: int = 24) -> Path:
   path = out / "bpe32k" / "tokenizer.json"
   if not path.exists():
     texts, size = [], 0
-    for p in sources._stdlib_files():
+    for p in sources.stdlib_files():
       texts.append(p.read_text("utf-8", errors="replace"))
       size += len(texts[-1])
       if size >= sample_mb << 20:

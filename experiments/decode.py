@@ -36,7 +36,12 @@ def load(workdir: Path):
   """The family and tokenizer of a trained workdir (its latest checkpoint, its saved tokenizer:
   the corpus is not read)."""
   cfg, model = train.load_model(workdir)
-  return cfg, model, data.load_tokenizer(workdir)
+  try:
+    return cfg, model, data.load_tokenizer(workdir)
+  except FileNotFoundError:
+    if cfg.data.tokenizer != "byte":
+      raise
+    return cfg, model, data.ByteTokenizer()  # a byte-level run from before tokenizers were saved
 
 
 def main(argv):

@@ -189,6 +189,9 @@ def test_decode_command_line(corpus_dir, tmp_path):
                         (["--prompt=" + "x" * 300], "leaves no room")):
     bad = run(*args)
     assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
+  shutil.rmtree(workdir / "tokenizer")  # a byte-level run trained before tokenizers were saved
+  old = run("--max_new_tokens=4")
+  assert old.returncode == 0 and "exit 1" in old.stdout, old.stderr[-2000:]
   empty = subprocess.run([sys.executable, "-m", "experiments.decode",
                           f"--workdir={tmp_path / 'none'}"], cwd=root, env=env,
                          capture_output=True, text=True)

@@ -56,7 +56,7 @@ def stdlib_root() -> Path:
   return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _stdlib_files() -> list[Path]:
+def stdlib_files() -> list[Path]:
   root = stdlib_root()
   return sorted(p for p in root.rglob("*.py")
                 if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
@@ -161,7 +161,7 @@ def _stat_key(files: list[Path]) -> str:
 def plan(corpus: str, text_field: str = "text") -> Source:
   """The units of "stdlib" or of comma-separated files, directories and glob patterns."""
   if corpus == "stdlib":
-    files = _stdlib_files()
+    files = stdlib_files()
   else:
     files = [f for part in corpus.split(",") if part.strip() for f in _expand(part.strip())]
   units = tuple(_units(files))
