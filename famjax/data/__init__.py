@@ -4,7 +4,6 @@ token store (store.py) and grain batches (batches.py). `load_tokens(cfg.data)` i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -43,8 +42,7 @@ def bpe_sample(source: sources.Source, val_fraction: float, max_bytes: int):
   seen = 0
   for unit in source.units:
     for text in sources.read(unit, source.text_field):
-      digest = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
-      if not text or store.is_validation(digest, val_fraction):
+      if not text or store.is_validation(store.document_digest(text), val_fraction):
         continue
       yield text
       seen += len(text.encode("utf-8", errors="replace"))
@@ -84,10 +82,9 @@ def load_tokens(cfg: DataConfig, progress: bool = True) -> TokenData:
   return open_store(out, tokenizer)
 
 
-def open_store(directory: Path, tokenizer=None) -> TokenData:
+def open_store(directory: Path, tokenizer) -> TokenData:
   index = json.loads((directory / "index.json").read_text())
   streams = {s: store.TokenStream(directory, index["shards"][s], index["dtype"])
              for s in store.SPLITS}
-  tokenizer = tokenizer or tokenizers.load(directory)
   return TokenData(streams["train"], streams["val"], index["vocab_size"], tokenizer,
                    index["fingerprint"], index["docs"]["train"], index["docs"]["val"], directory)

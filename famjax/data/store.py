@@ -34,6 +34,11 @@ _ENCODE_BYTES = 1 << 22  # documents are encoded in batches of about this much t
 SPLITS = ("train", "val")
 
 
+def document_digest(text: str) -> bytes:
+  """sha256 of a document's UTF-8 text: its split and its share of the fingerprint."""
+  return hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
+
+
 def is_validation(digest: bytes, val_fraction: float) -> bool:
   """A document's split depends on its text alone (sha256): the same document lands on the same
   side in every source kind, and duplicates never straddle the split."""
@@ -144,7 +149,7 @@ def tokenize_unit(task: _Task) -> dict:
 
   def encode():
     for text, ids in zip(batch, tok.encode_batch(batch)):
-      digest = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
+      digest = document_digest(text)
       content.add(digest)
       split = "val" if is_validation(digest, task.val_fraction) else "train"
       docs[split] += 1
