@@ -6,6 +6,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+# A hang guard, not a speed target: on a busy 2-core CI runner notebook 01's training cell took
+# over 180 s while the other test worker compiled its own programs.
+CELL_TIMEOUT_S = 600
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "colab").glob("*.ipynb"))
 
 
@@ -24,8 +27,8 @@ def test_stored_without_outputs(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_runs_top_to_bottom(path, tmp_path):
-  """Each cell runs without error, in at most 3 minutes for the whole notebook."""
+  """Each cell runs without error; the cell timeout only stops a hang (speed: docs/testing.md)."""
   notebook = nbformat.read(path, as_version=4)
-  client = NotebookClient(notebook, timeout=180, kernel_name="python3",
+  client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}})
   client.execute()
