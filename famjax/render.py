@@ -76,9 +76,7 @@ def _law_lines(name: str, law: dict) -> list[str]:
     lines.append(f"\n{boot['n']} bootstrap refits (whole runs resampled), "
                  f"{boot['converged']:.1%} converged{failed}.")
   if "gamma_test" in law:
-    t = law["gamma_test"]
-    lines.append(f"\nIs gamma > 0? likelihood-ratio p = {_fmt(t['lrt_p'], 3)}"
-                 + (f", bootstrap p = {_fmt(t['bootstrap_p'], 3)}" if "bootstrap_p" in t else ""))
+    lines.append("\n" + record.gamma_test_line(law["gamma_test"]) + " (docs/statistics.md)")
   return lines
 
 

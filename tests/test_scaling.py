@@ -141,8 +141,18 @@ def test_bootstrap_spreads_and_gamma_test():
   assert boot.se["gamma"] == pytest.approx(np.std(scipy_gamma, ddof=1), rel=0.03)
   lo, hi = boot.ci95["gamma"]
   assert lo < laws.PAPER_FAMILIAL["gamma"] < hi
-  tests = bootstrap.gamma_tests(data, result, boot, grid=laws.FAMILIAL.grid(450))
-  assert tests["bootstrap_p"] < 0.05 and tests["lrt_p"] < 1e-3
+  test = bootstrap.gamma_test(boot, result.params["gamma"])
+  assert test["n_refits"] == 200 and test["p_percentile"] < 0.05 and test["p_basic"] < 0.05
+
+
+def test_gamma_test_inverts_the_one_sided_percentile_and_basic_intervals():
+  samples = {"gamma": np.array([-0.01, 0.01, 0.02, 0.03, 0.05, np.nan])}  # nan: a failed refit
+  boot = bootstrap.BootstrapResult(n=6, samples=samples, se={}, ci95={}, converged=5 / 6)
+  test = bootstrap.gamma_test(boot, 0.015)
+  assert test["n_refits"] == 5
+  assert test["p_percentile"] == pytest.approx(1 / 5)  # -0.01 <= 0
+  assert test["p_basic"] == pytest.approx(2 / 5)  # 0.03 and 0.05 >= 2 * 0.015
+  assert record.gamma_test_line({**test, "p_percentile": 0.0}).count("p < 0.2") == 1
 
 
 def test_the_objective_is_the_huber_sum_of_log_residuals_computed_by_hand():

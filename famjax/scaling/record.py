@@ -63,8 +63,8 @@ class Grouping(NamedTuple):
 def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int = 0,
             grouping: Grouping | None = None, delta: float = fitlib.DEFAULT_DELTA,
             grid: Mapping | None = None, progress: bool = False) -> FittedLaw:
-  """Grid fit, bootstrap refits (of rows, or of whole groups) and, for the familial law, the
-  tests of gamma > 0."""
+  """Grid fit, bootstrap refits (of rows, or of whole groups) and, for the familial law with
+  refits, the one-sided tests of gamma > 0."""
   start = time.perf_counter()
   grid = dict(grid or law.grid())
   result = fitlib.fit(law, data, delta=delta, grid=grid, progress=progress)
@@ -98,8 +98,8 @@ def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int 
       warnings.warn(f"{law.name} law: {boot.failed} of {boot.n} bootstrap refits did not "
                     "converge after every retry; they are left out of the SEs and intervals",
                     stacklevel=2)
-  if law is laws.FAMILIAL:
-    record["gamma_test"] = bootlib.gamma_tests(data, result, boot, delta=delta, grid=grid)
+  if law is laws.FAMILIAL and boot is not None and "gamma" in result.params:
+    record["gamma_test"] = bootlib.gamma_test(boot, result.params["gamma"])
   record["seconds"] = time.perf_counter() - start
   return FittedLaw(record, result, boot)
 
@@ -129,7 +129,13 @@ def table(record: dict) -> str:
   if not record.get("converged", True):
     lines.append("warning: no grid start converged; the estimates are not an optimum")
   if "gamma_test" in record:
-    t = record["gamma_test"]
-    lines.append(f"gamma > 0?  likelihood-ratio p = {t['lrt_p']:.3g}"
-                 + (f", bootstrap p = {t['bootstrap_p']:.3g}" if "bootstrap_p" in t else ""))
+    lines.append(gamma_test_line(record["gamma_test"]))
   return "\n".join(lines)
+
+
+def gamma_test_line(test: Mapping) -> str:
+  """The one-sided tests of gamma > 0 in words (p = 0 printed as p < 1/n)."""
+  n = test["n_refits"]
+  p = lambda v: f"p < {1 / n:.2g}" if v == 0 else f"p = {v:.3g}"
+  return (f"Is gamma > 0 (one-sided, {n} bootstrap refits)? percentile {p(test['p_percentile'])}"
+          f" ({round(test['p_percentile'] * n)} refits <= 0), basic {p(test['p_basic'])}")
