@@ -42,6 +42,11 @@ class Accounting:
   flops_per_token: float  # training the family, forward + backward, every exit head included
   train_flops_per_token_per_exit: tuple[float, ...]  # training sub-model g alone (a dense model)
   forward_flops_per_token_per_exit: tuple[float, ...]  # inference through exit g
+  # the regime: share of all parameters outside the backbone's layers (input embedding, exit
+  # heads with their private blocks, norms and unembeddings), and the family's training FLOPs
+  # per token over a dense model of the same width and depth (one head)
+  outside_backbone_share: float
+  flops_over_dense: float
 
 
 def _attention_flops(cfg: ModelConfig, seq_len: int) -> int:
@@ -75,6 +80,7 @@ def account(cfg: ModelConfig, seq_len: int) -> Accounting:
     train_per_exit.append(3.0 * forward)
 
   forward_family = n_attention_layers * block_forward_flops(cfg, seq_len) + 2 * cfg.n_exits * vd
+  forward_dense = cfg.n_layers * block_forward_flops(cfg, seq_len) + 2 * vd
   return Accounting(
       params_total=params_total,
       params_non_embedding=params_non_embedding,
@@ -83,6 +89,8 @@ def account(cfg: ModelConfig, seq_len: int) -> Accounting:
       flops_per_token=3.0 * forward_family,
       train_flops_per_token_per_exit=tuple(train_per_exit),
       forward_flops_per_token_per_exit=tuple(forward_per_exit),
+      outside_backbone_share=1.0 - cfg.n_layers * block / params_total,
+      flops_over_dense=forward_family / forward_dense,
   )
 
 

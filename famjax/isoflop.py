@@ -65,7 +65,9 @@ class RunSpec:
             "N_per_exit": list(acc.params_per_exit),
             "N_non_embedding_per_exit": list(acc.non_embedding_per_exit), "D": self.tokens,
             "steps": self.steps, "flops": self.flops, "flops_per_token": self.flops_per_token,
-            "matches": self.matches, "matched_exit": self.matched_exit,
+            "outside_backbone_share": acc.outside_backbone_share,
+            "flops_over_dense": acc.flops_over_dense, "matches": self.matches,
+            "matched_exit": self.matched_exit,
             "config_hash": config_hash(self.experiment)}
 
 
@@ -249,15 +251,17 @@ def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None =
 
 
 def table(plan_: Plan) -> str:
-  """The plan as a text table, with total FLOPs."""
+  """The plan as a text table, with total FLOPs. `heads`: share of the family's parameters in
+  its embedding and exit heads; `x dense`: its FLOPs per token over a dense model of its shape."""
   header = (f"{'run id':<34} {'C':>8} {'G':>2} {'exit layers':<12} {'N per exit (total)':<34} "
-            f"{'D':>12} {'steps':>6} {'FLOPs':>9}")
+            f"{'D':>12} {'steps':>6} {'FLOPs':>9} {'heads':>6} {'x dense':>7}")
   lines = [header, "-" * len(header)]
   for r in plan_.runs:
     d = r.describe()
     n = ",".join(f"{x:,}" for x in d["N_per_exit"])
     lines.append(f"{r.run_id:<34} {r.budget:>8.2g} {r.granularity:>2} "
                  f"{','.join(map(str, d['exit_layers'])):<12} {n:<34} {r.tokens:>12,} "
-                 f"{r.steps:>6} {r.flops:>9.3g}")
+                 f"{r.steps:>6} {r.flops:>9.3g} {r.accounting.outside_backbone_share:>6.1%} "
+                 f"{r.accounting.flops_over_dense:>7.2f}")
   lines.append(f"{len(plan_.runs)} runs, {plan_.total_flops:.3g} training FLOPs in all")
   return "\n".join(lines)

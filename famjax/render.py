@@ -11,7 +11,7 @@ import numpy as np
 
 from famjax import plots, results
 from famjax.files import atomic_write_text
-from famjax.report import Analysis, Edge, Extrapolation, FromLaw, MeasuredLeverage, Report
+from famjax.report import Analysis, Edge, Extrapolation, FromLaw, MeasuredLeverage, Regime, Report
 from famjax.scaling import record
 
 
@@ -123,6 +123,30 @@ def _checks_lines(extrapolation: Extrapolation, edges: list[Edge]) -> list[str]:
   return lines
 
 
+def _param_count_lines(param_counts: dict) -> list[str]:
+  counts = list(param_counts)
+  lines = ["", "## The familial law under both definitions of N", "",
+           "| parameter | " + " | ".join(f"N = {c.replace('_', '-')}" for c in counts) + " |",
+           "|---|" + "---|" * len(counts)]
+  for name in ("gamma", "alpha", "beta"):
+    cells = [f"{_fmt(param_counts[c][name]['estimate'])} {_ci(param_counts[c][name]['ci95'])}"
+             for c in counts]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines.append("\nThe paper names its models by their total size and does not define N further "
+               "(docs/statistics.md, \"Which N\").")
+  return lines
+
+
+def _regime_lines(regime: list[Regime]) -> list[str]:
+  lines = ["", "## Regime of the planned families", "",
+           "| G | families | embedding + exit heads, share of parameters | FLOPs / dense model of "
+           "the same shape |", "|---|---|---|---|"]
+  for r in regime:
+    (s0, s1), (f0, f1) = r.outside_backbone_share, r.flops_over_dense
+    lines.append(f"| {r.G} | {r.n_families} | {s0:.1%} - {s1:.1%} | {f0:.3g} - {f1:.3g} |")
+  return lines
+
+
 def markdown(report: Report, figures: dict, study_dir: Path) -> str:
   """The tables a person reads, with the plots linked."""
   runs, options = report.runs, report.options
@@ -133,10 +157,14 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
            f"N = {options.param_count.replace('_', '-')} parameters.", ""]
   for run_id, error in runs.failed.items():
     lines.append(f"- failed: `{run_id}`: {error.splitlines()[0][:200]}")
+  if report.regime:
+    lines += _regime_lines(report.regime)
   for name, law in report.laws.items():
     lines += _law_lines(name, law)
   for name, why in report.skipped_laws.items():
     lines.append(f"\n{name} law not fitted: {why}")
+  if report.param_counts:
+    lines += _param_count_lines(report.param_counts)
   if report.from_law is not None:
     lines += _from_law_lines(report.from_law)
   if report.measured_leverage:

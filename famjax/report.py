@@ -69,6 +69,28 @@ class Edge:
 
 
 @dataclasses.dataclass(frozen=True)
+class Regime:
+  """The planned families of one G: the range (min, max) of the share of their parameters in
+  the embedding and exit heads, and of their FLOPs per token over a dense model of their shape."""
+  G: int
+  n_families: int
+  outside_backbone_share: tuple[float, float]
+  flops_over_dense: tuple[float, float]
+
+
+def _regime(plan: Plan | None) -> list[Regime] | None:
+  if plan is None:
+    return None
+  out = []
+  for g in sorted({r.granularity for r in plan.runs if r.kind == ISOFLOP}):
+    accs = [r.accounting for r in plan.runs if r.kind == ISOFLOP and r.granularity == g]
+    span = lambda values: (float(min(values)), float(max(values)))
+    out.append(Regime(g, len(accs), span([a.outside_backbone_share for a in accs]),
+                      span([a.flops_over_dense for a in accs])))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
 class _AtBudget:
   """What the fitted law predicts at budget C for G exits."""
   C: float
@@ -134,6 +156,10 @@ class Report:
   extrapolation: Extrapolation
   from_law: FromLaw | None = _optional()
   plan: dict | None = _optional()  # plan.json's runs, drops and notes, with the study's context
+  # the familial law's exponents under non-embedding and total N: {count: {name: {estimate,
+  # ci95}}}
+  param_counts: dict | None = _optional()
+  regime: list[Regime] | None = _optional()  # per G, from the plan
 
   def to_json(self) -> dict:
     return _json(self)
@@ -168,6 +194,27 @@ def _fit_laws(rows, options, progress) -> tuple[dict, dict]:
                                 grouping=grouping, grid=law.grid(options.grid_every),
                                 progress=progress)
   return fits, skipped
+
+
+def _by_param_count(rows_other: pd.DataFrame, fits: dict, options) -> dict[str, dict] | None:
+  """gamma, alpha and beta of the familial law under both N definitions (the study's and the
+  other one, refitted with the same bootstrap), each as {"estimate", "ci95"}."""
+  if "familial" not in fits:
+    return None
+  other = "total" if options.param_count == "non_embedding" else "non_embedding"
+  try:
+    data = _data(rows_other, laws.FAMILIAL, f"the study's familial rows with N = {other}")
+  except ValueError:
+    return None
+  refit = record.fit_law(laws.FAMILIAL, data, n_bootstrap=options.n_bootstrap, seed=options.seed,
+                         grid=laws.FAMILIAL.grid(options.grid_every))
+
+  def summary(law_record: dict) -> dict:
+    ci = (law_record.get("bootstrap") or {}).get("ci95", {})
+    return {k: {"estimate": law_record["params"][k], "ci95": ci.get(k)}
+            for k in ("gamma", "alpha", "beta")}
+
+  return {options.param_count: summary(fits["familial"].record), other: summary(refit.record)}
 
 
 def _log_samples(fitted: record.FittedLaw) -> dict[str, np.ndarray] | None:
@@ -310,6 +357,9 @@ def analyze(frame: pd.DataFrame, options: Options = Options(), plan: Plan | None
   rows = {name: results.law_rows(frame, name, loss=options.loss,
                                  param_count=options.param_count) for name in laws.LAWS}
   fits, skipped = _fit_laws(rows, options, progress)
+  other = "total" if options.param_count == "non_embedding" else "non_embedding"
+  param_counts = _by_param_count(
+      results.law_rows(frame, "familial", loss=options.loss, param_count=other), fits, options)
   familial = fits.get("familial")
   from_law = None
   if familial is not None:
@@ -322,7 +372,8 @@ def analyze(frame: pd.DataFrame, options: Options = Options(), plan: Plan | None
                   edges=_edges(rows["familial"]),
                   measured_leverage=_measured_leverage(frame, familial, options),
                   extrapolation=extrapolation, from_law=from_law,
-                  plan={**plan.describe(), **(context or {})} if plan else None)
+                  plan={**plan.describe(), **(context or {})} if plan else None,
+                  regime=_regime(plan), param_counts=param_counts)
   return Analysis(report, rows, fits, frame, extrapolation_rows)
 
 

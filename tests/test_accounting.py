@@ -46,6 +46,10 @@ def test_flops_match_a_hand_count():
   # params: embed 40, blocks 2 * (160 + 8), exit block 168, two norms 8, two heads 80
   assert acc.params_total == 40 + 336 + 168 + 8 + 80
   assert acc.params_per_exit == (40 + 168 + 168 + 4 + 40, 40 + 336 + 4 + 40)
+  # the regime: all but the two backbone blocks is embedding and exit heads; a dense model of
+  # the same shape runs the 2 blocks and one head
+  assert acc.outside_backbone_share == pytest.approx(1 - 336 / 632)
+  assert acc.flops_over_dense == pytest.approx((3 * 368 + 160) / (2 * 368 + 80))
 
 
 def test_flops_agree_with_the_compiler():

@@ -44,6 +44,13 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert familial["bootstrap"]["n"] == 100 and familial["bootstrap"]["resampled"] == "runs"
   assert 0 < familial["gamma_test"]["n_refits"] <= 100
   assert {"p_percentile", "p_basic"} <= set(familial["gamma_test"])
+  counts = rep["param_counts"]
+  assert set(counts) == {"non_embedding", "total"}
+  assert counts["non_embedding"]["gamma"]["estimate"] == familial["params"]["gamma"]
+  assert counts["total"]["gamma"]["estimate"] != familial["params"]["gamma"]
+  regime = {r["G"]: r for r in rep["regime"]}
+  assert set(regime) == {1, 2} and regime[1]["flops_over_dense"] == [1.0, 1.0]
+  assert 0 < regime[1]["outside_backbone_share"][0] < regime[2]["outside_backbone_share"][1] < 1
   assert len(rep["measured_leverage"]) == 1 and rep["measured_leverage"][0]["G"] == 2
   assert {e["G"] for e in rep["from_law"]["compute_optimal"]} == {1, 2}
   assert "held_out_budget" in rep["extrapolation"]
