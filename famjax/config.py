@@ -288,6 +288,10 @@ class StudyConfig:
   seeds: tuple[int, ...] = (0,)  # every (C, G, size) is trained once per seed
   leverage: str = ""  # (C, G) points where G size-matched dense models are trained: "1e11:2,1e11:4"
   leverage_granularities: tuple[int, ...] = ()  # G of the law's EL table; () = granularities >= 2
+  # gamma measured without the law (famjax.isoflop): at each of these widths and token counts D,
+  # every G of granularities on one backbone and dense controls shaped as its exits; () = none
+  grid_widths: tuple[int, ...] = ()
+  grid_tokens: tuple[int, ...] = ()
   fit_loss: str = "val"  # loss the laws are fitted to: "val" (held out) or "train" (as the paper)
   bootstrap: int = 1000  # bootstrap refits per law (whole runs resampled)
   grid_every: int = 1  # keep every k-th grid start of each law's fit
@@ -297,7 +301,8 @@ class StudyConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "budgets", tuple(float(c) for c in self.budgets))
-    for name in ("granularities", "widths", "seeds", "leverage_granularities"):
+    for name in ("granularities", "widths", "seeds", "leverage_granularities", "grid_widths",
+                 "grid_tokens"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     _require(len(self.budgets) >= 1 and all(0 < c < math.inf for c in self.budgets),
              "study.budgets", "a non-empty tuple of finite FLOP counts > 0", self.budgets)
@@ -340,6 +345,16 @@ class StudyConfig:
              "study.planned_corpus_tokens", "a non-negative integer", self.planned_corpus_tokens)
     _require(all(isinstance(g, int) and g >= 2 for g in self.leverage_granularities),
              "study.leverage_granularities", "integers >= 2", self.leverage_granularities)
+    _require(all(isinstance(w, int) and w > 0 and w % self.head_dim == 0 for w in self.grid_widths)
+             and list(self.grid_widths) == sorted(set(self.grid_widths)), "study.grid_widths",
+             f"strictly increasing multiples of study.head_dim={self.head_dim}", self.grid_widths)
+    _require(all(isinstance(d, int) and d > 0 for d in self.grid_tokens)
+             and list(self.grid_tokens) == sorted(set(self.grid_tokens)), "study.grid_tokens",
+             "strictly increasing integers > 0 (training tokens)", self.grid_tokens)
+    _require(bool(self.grid_widths) == bool(self.grid_tokens)
+             and (not self.grid_widths or len(self.granularities) >= 2), "study.grid_widths",
+             "given with study.grid_tokens (both or neither) and at least two granularities",
+             self.grid_widths)
     for g, layers in self.explicit_exits.items():
       _require(g in self.granularities and len(layers) == g, "study.exit_layers",
                f"entries 'G:l1,...,lG' with G in {self.granularities} and G layers",

@@ -10,11 +10,16 @@ prior optimum, the width that sees tokens_per_param tokens per parameter when tr
 within the window (the report says when a minimum sits at an edge).
 Tokens: D = C / (training FLOPs per token), rounded down to whole optimizer steps, so that
 D x FLOPs per token = C within one step.
+Gamma grid (study.grid_widths x study.grid_tokens, optional): at each width and D, one family
+per G in study.granularities on the same backbone (the shape rule's depth for that width), all
+trained on the same D tokens (same steps, same seed: the same batches), and dense "exit
+controls" with the shape of each exit's sub-model (its depth, the family's width) on that D.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -23,6 +28,8 @@ from famjax import accounting
 from famjax.config import ExperimentConfig, ModelConfig, StudyConfig, config_hash
 
 ISOFLOP, DENSE_MATCH = "isoflop", "dense_match"
+GRID, EXIT_CONTROL = "gamma_grid", "exit_control"  # the gamma grid's families and dense controls
+DENSE_KINDS = (DENSE_MATCH, EXIT_CONTROL)  # runs whose records have G = 1 whatever they match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +235,38 @@ class _Planner:
     return matches
 
 
+  def grid(self) -> list:
+    """The gamma grid: per (width, D, seed) a family for every G and a dense control for every
+    exit depth below the backbone's (the G = 1 family is the control of the last exits)."""
+    study, per_step = self.study, self.base.train.batch_size * self.base.train.seq_len
+    runs = []
+    for width, tokens, seed in itertools.product(study.grid_widths, study.grid_tokens,
+                                                 study.seeds):
+      steps = max(1, round(tokens / per_step))
+      tag = f"grid_d{width}_D{steps * per_step}"
+      depths = set()
+      for granularity in study.granularities:
+        model = model_shape(study, self.base.model, width, granularity)
+        private = accounting.private_blocks(model)
+        depths |= {layer + p for layer, p in zip(model.exit_layers, private)}
+        runs.append(self._fixed_tokens(f"{tag}_G{granularity}_s{seed}", GRID, granularity,
+                                       model, steps, seed=seed))
+      for depth in sorted(depths - {model.n_layers}):
+        dense = model_shape(study, self.base.model, width, 1, n_layers=depth)
+        runs.append(self._fixed_tokens(f"{tag}_control{depth}_s{seed}", EXIT_CONTROL, 1, dense,
+                                       steps, seed=seed))
+    return [r for r in runs if r is not None]
+
+  def _fixed_tokens(self, run_id, kind, granularity, model, steps, **extra) -> RunSpec | None:
+    """A run of exactly `steps` optimizer steps (its budget C is what they cost)."""
+    per_step = self.base.train.batch_size * self.base.train.seq_len
+    fpt = flops_per_token(self.study, accounting.account(model, self.base.train.seq_len))
+    budget = steps * per_step * fpt
+    # half a step of slack so that rounding C / FLOPs-per-token cannot lose a step
+    return self.spec(run_id, kind, budget, budget + per_step * fpt / 2, granularity, model,
+                     **extra)
+
+
 def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None = None) -> Plan:
   """Every run of the study. `base` gives everything but the model's shape and the steps
   (vocabulary, exit heads, batch, sequence length, optimizer); corpus_tokens (training tokens of
@@ -247,6 +286,7 @@ def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None =
             runs.append(spec)
   for budget, granularity in study.leverage_points:
     runs.extend(planner.dense_matches(budget, granularity, runs))
+  runs.extend(planner.grid())
   return Plan(tuple(runs), tuple(planner.dropped), tuple(notes))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from famjax import plots, results
 from famjax.files import atomic_write_text
+from famjax.gamma_grid import GammaGrid, Slope
 from famjax.report import Analysis, Edge, Extrapolation, FromLaw, MeasuredLeverage, Regime, Report
 from famjax.scaling import record
 
@@ -137,6 +138,40 @@ def _param_count_lines(param_counts: dict) -> list[str]:
   return lines
 
 
+def _slope(x: Slope) -> str:
+  return f"{_fmt(x.estimate)} {_ci(x.ci95)}"
+
+
+def _law_ci(law: dict | None, name: str) -> str:
+  if not law:
+    return "not fitted"
+  ci = (law.get("bootstrap") or {}).get("ci95", {}).get(name)
+  return f"{_fmt(law['params'][name])} {_ci(ci)}"
+
+
+def _gamma_grid_lines(grid: GammaGrid, laws_: dict) -> list[str]:
+  lines = ["", "## gamma without the law (gamma grid)", "",
+           "Families of every G on one backbone, trained on the same tokens; gamma_direct = slope "
+           "of log(mean exit loss) on log G, intercept per seed, 95% t interval.", "",
+           "| width | D | families | gamma_direct | 95% interval |", "|---|---|---|---|---|"]
+  lines += [f"| {c.d_model} | {c.D:,} | {c.n_families} | {_fmt(c.gamma.estimate)} | "
+            f"{_ci(c.gamma.ci95)} |" for c in grid.cells]
+  lines += ["", f"One gamma for all cells: {_slope(grid.shared)}; the familial law's gamma: "
+                f"{_law_ci(laws_.get('familial'), 'gamma')}."]
+  for t in grid.homogeneity:
+    lines.append(f"- a gamma per {t.per.replace('d_model', 'width')} ({t.n_groups}) against one: "
+                 f"F({t.df[0]}, {t.df[1]}) = {_fmt(t.f, 3)}, p = {_fmt(t.p, 3)}")
+  if grid.branch:
+    b = grid.branch
+    lines += ["", f"Branch exponents, {b.n_exits} exits over dense controls of their own shape "
+                  "(same tokens, same seed), against the branch law fitted to the IsoFLOP runs:",
+              "", "| exponent | with controls | branch law |", "|---|---|---|"]
+    branch = laws_.get("branch")
+    lines += [f"| alpha_b (P above) | {_slope(b.alpha_b)} | {_law_ci(branch, 'alpha_b')} |",
+              f"| beta_b (Q below) | {_slope(b.beta_b)} | {_law_ci(branch, 'beta_b')} |"]
+  return lines
+
+
 def _regime_lines(regime: list[Regime]) -> list[str]:
   lines = ["", "## Regime of the planned families", "",
            "| G | families | embedding + exit heads, share of parameters | FLOPs / dense model of "
@@ -169,6 +204,8 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
     lines += _from_law_lines(report.from_law)
   if report.measured_leverage:
     lines += _measured_leverage_lines(report.measured_leverage)
+  if report.gamma_grid is not None:
+    lines += _gamma_grid_lines(report.gamma_grid, report.laws)
   lines += _checks_lines(report.extrapolation, report.edges)
   if figures:
     lines += ["", "## Plots", ""]

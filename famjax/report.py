@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from famjax import results
+from famjax import gamma_grid, results
 from famjax.isoflop import DENSE_MATCH, ISOFLOP, Plan
 from famjax.scaling import fit as fitlib
 from famjax.scaling import io, laws, leverage, record
@@ -27,6 +27,7 @@ class Options:
   n_bootstrap: int = 1000
   grid_every: int = 1
   seed: int = 0
+  leverage_granularities: tuple[int, ...] = ()  # G of the law's EL table; () = the study's G >= 2
 
 
 def _optional():
@@ -160,6 +161,7 @@ class Report:
   # ci95}}}
   param_counts: dict | None = _optional()
   regime: list[Regime] | None = _optional()  # per G, from the plan
+  gamma_grid: gamma_grid.GammaGrid | None = _optional()  # gamma without the law (its runs)
 
   def to_json(self) -> dict:
     return _json(self)
@@ -236,10 +238,11 @@ def _with_interval(fn, params: dict, samples: dict | None) -> tuple[np.ndarray, 
                              np.nanpercentile(values, 97.5, axis=0)], axis=-1)
 
 
-def _leverage_from_law(fitted, budgets, granularities) -> FromLaw:
-  """EL(C, G) and N*(C) per G from the familial fit, C = 6ND (as the paper derives them)."""
+def _leverage_from_law(fitted, budgets, granularities, el_granularities=()) -> FromLaw:
+  """EL(C, G) for el_granularities (default: the study's G >= 2) and N*(C) per trained G from
+  the familial fit, C = 6ND (as the paper derives them)."""
   params, samples = fitted.result.params, _log_samples(fitted)
-  el_gs = [g for g in granularities if g >= 2]
+  el_gs = list(el_granularities) or [g for g in granularities if g >= 2]
   law_leverage = None
   if el_gs:
     el, el_ci = _with_interval(lambda p: leverage.leverage_table(p, budgets, el_gs), params,
@@ -365,7 +368,8 @@ def analyze(frame: pd.DataFrame, options: Options = Options(), plan: Plan | None
   if familial is not None:
     budgets = sorted(rows["familial"]["C"].unique().tolist())
     granularities = sorted(int(g) for g in rows["familial"]["G"].unique())
-    from_law = _leverage_from_law(familial, budgets, granularities)
+    from_law = _leverage_from_law(familial, budgets, granularities,
+                                  options.leverage_granularities)
   extrapolation, extrapolation_rows = _extrapolation(rows["familial"], options)
   report = Report(options=options, runs=_runs(frame, plan),
                   laws={name: f.record for name, f in fits.items()}, skipped_laws=skipped,
@@ -373,7 +377,8 @@ def analyze(frame: pd.DataFrame, options: Options = Options(), plan: Plan | None
                   measured_leverage=_measured_leverage(frame, familial, options),
                   extrapolation=extrapolation, from_law=from_law,
                   plan={**plan.describe(), **(context or {})} if plan else None,
-                  regime=_regime(plan), param_counts=param_counts)
+                  regime=_regime(plan), param_counts=param_counts,
+                  gamma_grid=gamma_grid.analyze(frame, options.loss))
   return Analysis(report, rows, fits, frame, extrapolation_rows)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from famjax.files import atomic_write_text
-from famjax.isoflop import ISOFLOP, RunSpec
+from famjax.isoflop import DENSE_KINDS, ISOFLOP, RunSpec
 from famjax.scaling.laws import LAWS
 
 RECORDS = "records.json"
@@ -43,7 +43,8 @@ def run_records(spec: RunSpec, summary: dict | None, *, fingerprint: str, wall_s
     loss = lambda key: None if summary is None or summary.get(key) is None else summary[key][g - 1]
     records.append({
         "run_id": spec.run_id, "kind": spec.kind, "status": FAILED if summary is None else OK,
-        "error": error, "C": spec.budget, "G": spec.granularity if spec.kind == ISOFLOP else 1,
+        "error": error, "C": spec.budget,
+        "G": 1 if spec.kind in DENSE_KINDS else spec.granularity,
         "exit": g, "exit_layer": layer, "P": g - 1, "Q": n_exits - g,
         "N_exit": acc.params_per_exit[g - 1],
         "N_exit_non_embedding": acc.non_embedding_per_exit[g - 1],

@@ -103,7 +103,8 @@ def remembered(outdir: str | Path, values: Mapping, given: Iterable[str] | None 
 
 def options(study: StudyConfig) -> report.Options:
   return report.Options(loss=study.fit_loss, param_count=study.param_count,
-                        n_bootstrap=study.bootstrap, grid_every=study.grid_every)
+                        n_bootstrap=study.bootstrap, grid_every=study.grid_every,
+                        leverage_granularities=tuple(study.leverage_granularities))
 
 
 def dry_run(study: StudyConfig, base: ExperimentConfig) -> str:

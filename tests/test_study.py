@@ -15,7 +15,8 @@ from famjax.scaling import io, laws
 def mini(corpus_dir, **study_overrides):
   values = dict(budgets=(2e7, 4e7, 8e7), granularities=(1, 2), widths=(8, 12), head_dim=4,
                 min_layers=2, layer_multiple=2, sizes_per_budget=2, min_steps=5,
-                tokens_per_param=20.0, leverage="4e7:2", bootstrap=100, grid_every=50)
+                tokens_per_param=20.0, leverage="4e7:2", leverage_granularities=(2, 3),
+                grid_widths=(8,), grid_tokens=(320, 640), bootstrap=100, grid_every=50)
   values.update(study_overrides)
   base = ExperimentConfig(model=ModelConfig(vocab_size=264, max_seq_len=16),
                           data=DataConfig(corpus=str(corpus_dir), val_fraction=0.1),
@@ -48,11 +49,16 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert set(counts) == {"non_embedding", "total"}
   assert counts["non_embedding"]["gamma"]["estimate"] == familial["params"]["gamma"]
   assert counts["total"]["gamma"]["estimate"] != familial["params"]["gamma"]
+  grid = rep["gamma_grid"]  # 2 cells x G in {1, 2}, one seed, and the exit-1 controls
+  assert [(c["d_model"], c["D"], c["n_families"]) for c in grid["cells"]] == [(8, 320, 2),
+                                                                               (8, 640, 2)]
+  assert grid["shared"]["df"] == 1 and grid["branch"]["n_exits"] == 4
   regime = {r["G"]: r for r in rep["regime"]}
   assert set(regime) == {1, 2} and regime[1]["flops_over_dense"] == [1.0, 1.0]
   assert 0 < regime[1]["outside_backbone_share"][0] < regime[2]["outside_backbone_share"][1] < 1
   assert len(rep["measured_leverage"]) == 1 and rep["measured_leverage"][0]["G"] == 2
   assert {e["G"] for e in rep["from_law"]["compute_optimal"]} == {1, 2}
+  assert {e["G"] for e in rep["from_law"]["leverage"]} == {2, 3}  # leverage_granularities
   assert "held_out_budget" in rep["extrapolation"]
   assert rep["extrapolation"]["held_out_budget"] == 8e7
   for name in ("isoflop", "loss_vs_G", "branch", "leverage", "bootstrap",
