@@ -256,6 +256,7 @@ def experiment_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
 FLOP_RULES = ("accounting", "6N")
 PARAM_COUNTS = ("non_embedding", "total")
 FIT_LOSSES = ("val", "train")
+LAW_FLOPS = ("runs", "6N")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +289,9 @@ class StudyConfig:
   seeds: tuple[int, ...] = (0,)  # every (C, G, size) is trained once per seed
   leverage: str = ""  # (C, G) points where G size-matched dense models are trained: "1e11:2,1e11:4"
   leverage_granularities: tuple[int, ...] = ()  # G of the law's EL table; () = granularities >= 2
+  # FLOPs per token of the law's EL and N*(C): "runs" (the study's own rule, `flops`, fitted per
+  # G as c N^p over the ladder) or "6N" (C = 6ND, as the paper derives them)
+  law_flops: str = "runs"
   # gamma measured without the law (famjax.isoflop): at each of these widths and token counts D,
   # every G of granularities on one backbone and dense controls shaped as its exits; () = none
   grid_widths: tuple[int, ...] = ()
@@ -336,6 +340,8 @@ class StudyConfig:
     _require(self.param_count in PARAM_COUNTS, "study.param_count", f"one of {PARAM_COUNTS}",
              self.param_count)
     _require(self.flops in FLOP_RULES, "study.flops", f"one of {FLOP_RULES}", self.flops)
+    _require(self.law_flops in LAW_FLOPS, "study.law_flops", f"one of {LAW_FLOPS}",
+             self.law_flops)
     _require(self.fit_loss in FIT_LOSSES, "study.fit_loss", f"one of {FIT_LOSSES}",
              self.fit_loss)
     _require(self.bootstrap == 0 or self.bootstrap >= 100, "study.bootstrap",

@@ -145,6 +145,30 @@ def flops_per_token(study: StudyConfig, acc: accounting.Accounting) -> float:
   return acc.flops_per_token
 
 
+def flops_rule(study: StudyConfig, base: ModelConfig, seq_len: int,
+               granularities) -> dict[int, tuple[float, float, float]]:
+  """The study's training FLOPs per token as a power of its N, per G: {G: (log c, p, max
+  relative error over the ladder)} with k = c N^p fitted (least squares in logs) to the shapes
+  of every ladder width with G exits. A G for which no width has enough layers is left out."""
+  rule = {}
+  for g in granularities:
+    n, k = [], []
+    for width in study.widths:
+      try:
+        acc = accounting.account(model_shape(study, base, width, g), seq_len)
+      except ValueError:  # fewer layers than exits
+        continue
+      n.append(family_params(study, acc))
+      k.append(flops_per_token(study, acc))
+    if not n:
+      continue
+    log_n, log_k = np.log(np.array(n, float)), np.log(np.array(k, float))
+    power, log_c = np.polyfit(log_n, log_k, 1) if len(n) > 1 else (1.0, log_k[0] - log_n[0])
+    error = float(np.max(np.abs(np.exp(log_c + power * log_n - log_k) - 1)))
+    rule[int(g)] = (float(log_c), float(power), error)
+  return rule
+
+
 def budget_widths(study: StudyConfig, base: ExperimentConfig, budget: float) -> tuple[list, str]:
   """The sizes_per_budget consecutive ladder widths centred on the prior optimum: the width whose
   dense model, trained on C FLOPs, sees tokens_per_param tokens per parameter (D/N falls as the

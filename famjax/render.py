@@ -81,13 +81,24 @@ def _law_lines(name: str, law: dict) -> list[str]:
   return lines
 
 
-def _from_law_lines(from_law: FromLaw) -> list[str]:
+def _flops_words(from_law: FromLaw, law_flops: dict | None) -> str:
+  if from_law.flops_per_token == "6N":
+    return "C = 6ND"
+  error = max(e for _, _, e in law_flops.values())
+  return (f"C = k(N, G) D, k the runs' FLOPs per token fitted per G as c N^p over the ladder "
+          f"(within {error:.1%})")
+
+
+def _from_law_lines(from_law: FromLaw, law_flops: dict | None) -> list[str]:
   lines = []
   if from_law.leverage:
-    lines += ["", "## Efficiency Leverage from the familial law (C = 6ND, exits g/G of N*)", "",
+    lines += ["", "## Efficiency Leverage from the familial law", "",
+              f"{_flops_words(from_law, law_flops)}; exits g/G of N*; the G dense models "
+              "share C.", "",
               "| C | G | EL | 95% interval |", "|---|---|---|---|"]
     lines += [f"| {e.C:.3g} | {e.G} | {_fmt(e.EL)} | {_ci(e.ci95)} |" for e in from_law.leverage]
   lines += ["", "## Compute-optimal model size N*(C) per G", "",
+            f"{_flops_words(from_law, law_flops)}.", "",
             "| C | G | N* | 95% interval | D* |", "|---|---|---|---|---|"]
   lines += [f"| {e.C:.3g} | {e.G} | {_fmt(e.N_opt)} | {_ci(e.ci95)} | {_fmt(e.D_opt)} |"
             for e in from_law.compute_optimal]
@@ -201,7 +212,7 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
   if report.param_counts:
     lines += _param_count_lines(report.param_counts)
   if report.from_law is not None:
-    lines += _from_law_lines(report.from_law)
+    lines += _from_law_lines(report.from_law, report.options.law_flops)
   if report.measured_leverage:
     lines += _measured_leverage_lines(report.measured_leverage)
   if report.gamma_grid is not None:

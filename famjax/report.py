@@ -28,6 +28,9 @@ class Options:
   grid_every: int = 1
   seed: int = 0
   leverage_granularities: tuple[int, ...] = ()  # G of the law's EL table; () = the study's G >= 2
+  # FLOPs per token of the law's EL and N*(C): {G: (log c, p, max error)} for k = c N^p (the
+  # runs' own rule, isoflop.flops_rule), or None for 6N
+  law_flops: dict | None = None
 
 
 def _optional():
@@ -113,9 +116,9 @@ class ComputeOptimal(_AtBudget):
 
 @dataclasses.dataclass(frozen=True)
 class FromLaw:
-  """EL(C, G) and N*(C) per G from the familial fit, C = 6ND."""
+  """EL(C, G) and N*(C) per G from the familial fit, C = k(N, G) D."""
   budgets: list[float]
-  flops_per_token: str
+  flops_per_token: str  # "6N", or "runs" (the study's rule, fitted per G: Options.law_flops)
   compute_optimal: list[ComputeOptimal]
   leverage: list[LawLeverage] | None = _optional()  # None: no G >= 2 in the study
 
@@ -238,27 +241,34 @@ def _with_interval(fn, params: dict, samples: dict | None) -> tuple[np.ndarray, 
                              np.nanpercentile(values, 97.5, axis=0)], axis=-1)
 
 
-def _leverage_from_law(fitted, budgets, granularities, el_granularities=()) -> FromLaw:
-  """EL(C, G) for el_granularities (default: the study's G >= 2) and N*(C) per trained G from
-  the familial fit, C = 6ND (as the paper derives them)."""
+def _leverage_from_law(fitted, budgets, granularities, options: Options) -> FromLaw:
+  """EL(C, G) for options.leverage_granularities (default: the study's G >= 2) and N*(C) per
+  trained G from the familial fit, with C = k(N, G) D under options.law_flops (6N if None)."""
   params, samples = fitted.result.params, _log_samples(fitted)
-  el_gs = list(el_granularities) or [g for g in granularities if g >= 2]
+  el_gs = list(options.leverage_granularities) or [g for g in granularities if g >= 2]
+  rule, label = leverage.six_n, "6N"
+  if options.law_flops is not None:
+    known = {int(g): (c, p) for g, (c, p, _) in options.law_flops.items()}
+    rule, label = leverage.power_rule(known), "runs"
+    el_gs = [g for g in el_gs if g in known and 1 in known]
+    granularities = [g for g in granularities if g in known]
   law_leverage = None
   if el_gs:
-    el, el_ci = _with_interval(lambda p: leverage.leverage_table(p, budgets, el_gs), params,
-                               samples)
+    el, el_ci = _with_interval(
+        lambda p: leverage.leverage_table(p, budgets, el_gs, flops_per_token=rule), params,
+        samples)
     law_leverage = [LawLeverage(c, g, float(el[i, j]),
                                 None if el_ci is None else el_ci[i, j].tolist())
                     for i, c in enumerate(budgets) for j, g in enumerate(el_gs)]
   optimal = []
   for g in granularities:
     n_star, n_ci = _with_interval(
-        lambda p: jax.vmap(lambda c: leverage.compute_optimal(p, c, g)[0])(
+        lambda p: jax.vmap(lambda c: leverage.compute_optimal(p, c, g, flops_per_token=rule)[0])(
             jnp.asarray(budgets, jnp.float64)), params, samples)
-    optimal += [ComputeOptimal(c, g, float(n_star[i]), float(c / (6 * n_star[i])),
+    optimal += [ComputeOptimal(c, g, float(n_star[i]), float(c / rule(n_star[i], g)),
                                None if n_ci is None else n_ci[i].tolist())
                 for i, c in enumerate(budgets)]
-  return FromLaw(list(budgets), "6N", optimal, law_leverage)
+  return FromLaw(list(budgets), label, optimal, law_leverage)
 
 
 def _family_loss(runs: pd.DataFrame, loss: str) -> float:
@@ -368,8 +378,7 @@ def analyze(frame: pd.DataFrame, options: Options = Options(), plan: Plan | None
   if familial is not None:
     budgets = sorted(rows["familial"]["C"].unique().tolist())
     granularities = sorted(int(g) for g in rows["familial"]["G"].unique())
-    from_law = _leverage_from_law(familial, budgets, granularities,
-                                  options.leverage_granularities)
+    from_law = _leverage_from_law(familial, budgets, granularities, options)
   extrapolation, extrapolation_rows = _extrapolation(rows["familial"], options)
   report = Report(options=options, runs=_runs(frame, plan),
                   laws={name: f.record for name, f in fits.items()}, skipped_laws=skipped,

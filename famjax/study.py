@@ -36,8 +36,8 @@ CONFIG = "config.json"
 # study fields that change only the analysis (fits, report, --dry_run's estimate), never which
 # runs are trained: an existing study accepts new values for these
 ANALYSIS_FIELDS = frozenset(f"study.{name}" for name in (
-    "param_count", "leverage_granularities", "fit_loss", "bootstrap", "grid_every", "device", "mfu",
-    "planned_corpus_tokens"))
+    "param_count", "leverage_granularities", "law_flops", "fit_loss", "bootstrap", "grid_every",
+    "device", "mfu", "planned_corpus_tokens"))
 
 
 def _flat(values: Mapping, prefix: str = "") -> dict:
@@ -101,10 +101,15 @@ def remembered(outdir: str | Path, values: Mapping, given: Iterable[str] | None 
   return _nested(current)
 
 
-def options(study: StudyConfig) -> report.Options:
+def options(study: StudyConfig, base: ExperimentConfig) -> report.Options:
+  flops = None
+  if study.law_flops == "runs":
+    flops = isoflop.flops_rule(study, base.model, base.train.seq_len,
+                               sorted({1, *study.granularities, *study.leverage_granularities}))
   return report.Options(loss=study.fit_loss, param_count=study.param_count,
                         n_bootstrap=study.bootstrap, grid_every=study.grid_every,
-                        leverage_granularities=tuple(study.leverage_granularities))
+                        leverage_granularities=tuple(study.leverage_granularities),
+                        law_flops=flops)
 
 
 def dry_run(study: StudyConfig, base: ExperimentConfig) -> str:
@@ -144,7 +149,7 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task:
     sweep.write_plan(outdir, plan, context)
   if jax.process_index() == 0:
     data.save_tokenizer(tokens.tokenizer, outdir)
-  opts = options(study)
+  opts = options(study, base)
   outcome = None
   if not fit_only:
     live = report.LiveFit(outdir, opts, tokens.fingerprint) if live_fit else None

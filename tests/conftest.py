@@ -1,12 +1,16 @@
-"""Shared fixtures: a small generated corpus, a private token cache, tiny configs."""
+"""Shared fixtures: a small generated corpus, a private token cache, tiny configs, and data drawn
+from the paper's law."""
 
 import os
 import random
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from famjax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from famjax.scaling import fit, laws
 
 WORDS = ("the model exits early when its confidence is high and the shared backbone keeps its "
          "cache for deeper tiers def return import class for while if else loss token layer "
@@ -63,3 +67,17 @@ def tiny_experiment(corpus_dir):
                             data=DataConfig(corpus=str(corpus_dir), val_fraction=0.1),
                             train=TrainConfig(**train))
   return make
+
+
+PAPER = laws.to_log_params(laws.PAPER_FAMILIAL)
+
+
+def synthetic_family(noise=0.0, seed=0):
+  """An IsoFLOP-like design over N, D and G drawn from the paper's law."""
+  rng = np.random.default_rng(seed)
+  n, d, g = np.meshgrid(np.geomspace(3e7, 3e9, 6), np.geomspace(1e9, 1e11, 5), [1, 2, 4, 8])
+  data = {"N": n.ravel(), "D": d.ravel(), "G": g.ravel().astype(float)}
+  with jax.enable_x64(True):
+    clean = np.asarray(laws.loss(laws.FAMILIAL, PAPER, fit.as_data(data)))
+  data["loss"] = clean * np.exp(noise * rng.standard_normal(clean.shape))
+  return data

@@ -2,6 +2,7 @@
 shares."""
 
 import dataclasses
+import math
 
 import pytest
 
@@ -35,6 +36,22 @@ def test_six_n_rule_counts_six_flops_per_parameter():
   for run in plan.runs:
     n = accounting.account(run.experiment.model, 64).params_non_embedding
     assert run.flops_per_token == 6.0 * n
+
+
+def test_flops_rule_is_the_runs_flops_per_token_as_a_power_of_n(plan):
+  six_n = isoflop.flops_rule(dataclasses.replace(STUDY, flops="6N"), BASE.model, 64, (1, 4))
+  for g in (1, 4):
+    log_c, power, error = six_n[g]
+    assert power == pytest.approx(1.0) and log_c == pytest.approx(math.log(6.0))
+    assert error < 1e-9
+  rule = isoflop.flops_rule(STUDY, BASE.model, 64, (1, 2, 4, 9))
+  assert set(rule) == {1, 2, 4}  # no ladder width has 9 layers for 9 exits
+  for run in plan.runs:
+    if run.kind == isoflop.ISOFLOP:
+      log_c, power, error = rule[run.granularity]
+      n = run.accounting.params_non_embedding
+      assert math.exp(log_c) * n ** power == pytest.approx(run.flops_per_token, rel=error + 1e-9)
+  assert rule[4][0] > rule[1][0] or rule[4][1] > rule[1][1]  # more exit heads, more FLOPs
 
 
 def test_shape_rule():

@@ -19,7 +19,7 @@ SECOND_PATH = "--xla_cpu_max_isa=AVX"
 # every fast fitter test whose outcome follows an optimizer's path (fits, refits, bootstrap
 # outcomes) and the line search's own path; those that check closed forms, input errors, the
 # command line or gradients by finite differences are left out (a third of the time)
-PORTABLE = ("tests/test_scaling.py", "tests/test_linesearch.py")
+PORTABLE = ("tests/test_scaling.py", "tests/test_bootstrap.py", "tests/test_linesearch.py")
 PATH_FREE = ("closed_form", "grids", "published_law", "differentiable", "by_hand",
              "group_resampling", "bad_fit_data", "command_line", "gradients_match", "vmaps",
              "float32")

@@ -1,6 +1,7 @@
 """A miniature IsoFLOP study end to end (real training, fits, report and plots), and the report's
 pieces on synthetic records."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -58,7 +59,9 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert 0 < regime[1]["outside_backbone_share"][0] < regime[2]["outside_backbone_share"][1] < 1
   assert len(rep["measured_leverage"]) == 1 and rep["measured_leverage"][0]["G"] == 2
   assert {e["G"] for e in rep["from_law"]["compute_optimal"]} == {1, 2}
-  assert {e["G"] for e in rep["from_law"]["leverage"]} == {2, 3}  # leverage_granularities
+  # the runs' FLOPs per token, not 6N; no ladder width has 3 layers for G = 3 exits
+  assert rep["from_law"]["flops_per_token"] == "runs"
+  assert {e["G"] for e in rep["from_law"]["leverage"]} == {2}
   assert "held_out_budget" in rep["extrapolation"]
   assert rep["extrapolation"]["held_out_budget"] == 8e7
   for name in ("isoflop", "loss_vs_G", "branch", "leverage", "bootstrap",
@@ -87,10 +90,13 @@ def test_fit_only_reports_from_the_records_present(mini_study, tmp_path):
   shutil.copytree(outdir, partial)
   gone = sorted(partial.glob("runs/*"))[0]
   shutil.rmtree(gone)
-  result = study.run(study_cfg, base, partial, fit_only=True, progress=False)
+  six_n = dataclasses.replace(study_cfg, law_flops="6N")  # an analysis field: allowed
+  result = study.run(six_n, base, partial, fit_only=True, progress=False)
   assert result["missing"] == [gone.name]
   assert result["report"].runs.missing == [gone.name]
   assert "1 not yet run" in (partial / "report.md").read_text()
+  from_law = result["report"].from_law  # EL at leverage_granularities, C = 6ND
+  assert from_law.flops_per_token == "6N" and {e.G for e in from_law.leverage} == {2, 3}
 
 
 def test_summary_prints_the_law_with_intervals(mini_study):
