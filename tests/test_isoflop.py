@@ -159,7 +159,44 @@ def test_paper_preset_plans_billion_parameter_families_without_reading_a_corpus(
   assert hours == pytest.approx(plan.total_flops / (989e12 * 0.4) / 3600)
 
 
+def test_medium_preset_is_out_of_the_embedding_regime_with_a_gamma_grid():
+  """Every family: width >= 32, heads >= 16 wide, embedding and exit heads under 25% of its
+  parameters; budgets up to at least 1e12, two seeds, grid families and their controls."""
+  from experiments.configs import isoflop as presets
+  from famjax import study
+  study_cfg, base = study.configs(presets.get_config("medium").to_dict())
+  plan = isoflop.plan(study_cfg, base)
+  families = [r for r in plan.runs if r.kind in (isoflop.ISOFLOP, isoflop.GRID)]
+  for run in families:
+    model = run.experiment.model
+    assert model.d_model >= 32 and model.d_model // model.n_heads >= 16, run.run_id
+    assert run.accounting.outside_backbone_share < 0.25, run.run_id
+  assert max(study_cfg.budgets) >= 1e12 and len(study_cfg.seeds) == 2
+  kinds = {r.kind for r in plan.runs}
+  assert {isoflop.ISOFLOP, isoflop.DENSE_MATCH, isoflop.GRID, isoflop.EXIT_CONTROL} <= kinds
+  assert not plan.dropped
+
+
+def test_gamma_grid_trains_every_g_on_one_backbone_and_the_same_tokens():
+  grid_study = dataclasses.replace(STUDY, grid_widths=(16,), grid_tokens=(102_400,), seeds=(0, 1),
+                                   leverage="")
+  runs = [r for r in isoflop.plan(grid_study, BASE).runs
+          if r.kind in (isoflop.GRID, isoflop.EXIT_CONTROL)]
+  families = [r for r in runs if r.kind == isoflop.GRID]
+  assert sorted((r.granularity, r.seed) for r in families) == [(g, s) for g in (1, 2, 4)
+                                                               for s in (0, 1)]
+  assert {r.tokens for r in runs} == {102_400} and {r.steps for r in runs} == {100}
+  assert {(r.experiment.model.d_model, r.experiment.model.n_layers) for r in families} == {(16, 4)}
+  controls = sorted({r.experiment.model.n_layers for r in runs if r.kind == isoflop.EXIT_CONTROL})
+  assert controls == [1, 2, 3]  # the exits' depths below the backbone's 4 layers
+  assert {r.experiment.train.seed for r in families} == {0, 1}
+
+
 @pytest.mark.parametrize("field, value, message", [
+    ("grid_widths", (6,), "study.grid_widths must be strictly increasing multiples"),
+    ("grid_tokens", (0,), "study.grid_tokens must be strictly increasing integers > 0"),
+    ("grid_widths", (8,), "study.grid_widths must be given with study.grid_tokens"),
+    ("law_flops", "7N", "study.law_flops must be one of"),
     ("budgets", (1e11, 3e10), "study.budgets must be strictly increasing"),
     ("granularities", (1, 8), "study.min_layers must be >= the largest granularity 8"),
     ("widths", (4, 6), "study.widths must be strictly increasing multiples of study.head_dim=4"),

@@ -39,6 +39,20 @@ PRESETS = {
                           sizes_per_budget=5, tokens_per_param=100.0, min_steps=50, seeds=(0, 1),
                           leverage="1e11:2,1e11:4", bootstrap=2000),
         model=_CPU_MODEL, train=_CPU_TRAIN),
+    # Out of the embedding regime, on a 2-core CPU (docs/medium.md): heads of 16, widths from 32,
+    # tied unembeddings (an exit head is a norm), so that embedding and exit heads are 6-18% of
+    # every family; budgets 5e11-2e12 (a pilot found the 1e11 valley below the smallest such
+    # model); 3 sizes, 2 seeds, measured EL for G = 2 and 4 at 1e12; and a gamma grid at widths
+    # 32 and 48 on 0.26M and 0.51M tokens with dense exit controls.
+    "medium": dict(
+        study=StudyConfig(budgets=(5e11, 1e12, 2e12), granularities=(1, 2, 4),
+                          widths=(32, 48, 64, 80, 96, 128), head_dim=16, aspect_ratio=16.0,
+                          min_layers=4, layer_multiple=2, sizes_per_budget=3,
+                          tokens_per_param=50.0, min_steps=50, seeds=(0, 1),
+                          leverage="1e12:2,1e12:4", leverage_granularities=(2, 3, 4),
+                          grid_widths=(32, 48), grid_tokens=(256_000, 512_000),
+                          bootstrap=1000),
+        model=dataclasses.replace(_CPU_MODEL, unembed="tied"), train=_CPU_TRAIN),
     # The paper's design (arXiv 2512.23407): 1e19..1e21 FLOPs, G up to 4 for the law, EL for
     # G = 3..6, for an accelerator cluster (here: --dry_run only). The paper trained 1B-12B
     # families but publishes no shapes; this ladder centred on ~20 tokens/parameter spans
