@@ -1,5 +1,5 @@
 """The IsoFLOP study: python -m experiments.isoflop --config=experiments/configs/isoflop.py:tiny
---outdir=DIR [--dry_run] [--fit_only] [--task_index=i --num_tasks=n].
+--outdir=DIR [--dry_run] [--fit_only] [--task_index=i --num_tasks=n] [--publish=results/NAME].
 
 Plans budgets x granularities x sizes, trains this task's share of the runs (rerunning resumes and
 skips finished runs), refits as records arrive and writes DIR/report.md, report.json and plots/.
@@ -26,6 +26,9 @@ _TASK_INDEX = flags.DEFINE_integer("task_index", 0, "This task's share of the pl
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "Tasks sharing the plan, e.g. "
                                   "$SLURM_ARRAY_TASK_COUNT.", lower_bound=1)
 _LIVE_FIT = flags.DEFINE_boolean("live_fit", True, "Refit the familial law after every run.")
+_PUBLISH = flags.DEFINE_string("publish", None, "After the report, copy the study's config, plan, "
+                               "report, fit-ready tables and plots (no checkpoints) into this "
+                               "directory, e.g. results/medium.")
 _ALLOW_OTHER_CORPORA = flags.DEFINE_boolean("allow_other_corpora", False, "Fit records made on "
                                             "another corpus than the study's.")
 flags.adopt_module_key_flags(cli)  # --coordinator_address, --num_processes, ...
@@ -48,6 +51,9 @@ def main(argv):
                      task=study.Task(_TASK_INDEX.value, _NUM_TASKS.value), fit_only=_FIT_ONLY.value,
                      live_fit=_LIVE_FIT.value, allow_other_corpora=_ALLOW_OTHER_CORPORA.value)
   print(study.summary(result, _OUTDIR.value))
+  if _PUBLISH.value and result["report"] is not None:
+    written = study.publish(_OUTDIR.value, _PUBLISH.value)
+    print(f"published {len(written)} files to {_PUBLISH.value}")
 
 
 if __name__ == "__main__":

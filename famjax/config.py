@@ -286,6 +286,8 @@ class StudyConfig:
   min_steps: int = 50  # runs with fewer optimizer steps are dropped
   max_epochs: float = 1.0  # runs needing more passes over the training corpus are dropped
   warmup_fraction: float = 0.05  # of each run's steps
+  # learning rate per size: train.learning_rate at widths[0], times (widths[0] / d_model)^power
+  lr_width_power: float = 0.0
   seeds: tuple[int, ...] = (0,)  # every (C, G, size) is trained once per seed
   leverage: str = ""  # (C, G) points where G size-matched dense models are trained: "1e11:2,1e11:4"
   leverage_granularities: tuple[int, ...] = ()  # G of the law's EL table; () = granularities >= 2
@@ -334,6 +336,8 @@ class StudyConfig:
                getattr(self, name))
     _require(0 <= self.warmup_fraction < 1, "study.warmup_fraction", "in [0, 1)",
              self.warmup_fraction)
+    _require(0 <= self.lr_width_power <= 2, "study.lr_width_power", "in [0, 2]",
+             self.lr_width_power)
     _require(len(self.seeds) >= 1 and all(isinstance(s, int) and s >= 0 for s in self.seeds)
              and len(set(self.seeds)) == len(self.seeds), "study.seeds",
              "distinct non-negative integers", self.seeds)

@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from famjax import accounting
-from famjax.config import ExperimentConfig, ModelConfig, StudyConfig, config_hash
+from famjax.config import ExperimentConfig, ModelConfig, StudyConfig, TrainConfig, config_hash
 
 ISOFLOP, DENSE_MATCH = "isoflop", "dense_match"
 GRID, EXIT_CONTROL = "gamma_grid", "exit_control"  # the gamma grid's families and dense controls
@@ -145,6 +145,12 @@ def flops_per_token(study: StudyConfig, acc: accounting.Accounting) -> float:
   return acc.flops_per_token
 
 
+def learning_rate(study: StudyConfig, train: TrainConfig, model: ModelConfig) -> float:
+  """train.learning_rate at the ladder's first width, times (that width / d_model) to the power
+  study.lr_width_power (0: one rate for every size)."""
+  return train.learning_rate * (study.widths[0] / model.d_model) ** study.lr_width_power
+
+
 def flops_rule(study: StudyConfig, base: ModelConfig, seq_len: int,
                granularities) -> dict[int, tuple[float, float, float]]:
   """The study's training FLOPs per token as a power of its N, per G: {G: (log c, p, max
@@ -225,7 +231,7 @@ class _Planner:
       return None
     warmup = min(steps - 1, int(round(study.warmup_fraction * steps)))
     train = dataclasses.replace(tc, steps=steps, tokens=0, warmup_steps=warmup, seed=seed,
-                                exit_weights=())
+                                exit_weights=(), learning_rate=learning_rate(study, tc, model))
     experiment = dataclasses.replace(self.base, model=model, train=train)
     return RunSpec(run_id=run_id, kind=kind, budget=budget, granularity=granularity, seed=seed,
                    experiment=experiment, flops_per_token=fpt, tokens=tokens, accounting=acc,

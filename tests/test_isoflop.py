@@ -29,6 +29,8 @@ def test_tokens_times_flops_per_token_is_the_budget_within_one_step(plan):
     assert run.flops_per_token == fpt
     assert run.tokens == run.steps * per_step == run.experiment.train.total_steps * per_step
     assert 0 <= budget - run.flops < fpt * per_step, run.run_id
+  # lr_width_power 0: every size trains at the base rate
+  assert {r.experiment.train.learning_rate for r in plan.runs} == {BASE.train.learning_rate}
 
 
 def test_six_n_rule_counts_six_flops_per_parameter():
@@ -155,6 +157,8 @@ def test_paper_preset_plans_billion_parameter_families_without_reading_a_corpus(
   assert len(plan.runs) >= 5 * 4 * 4
   sizes = [accounting.account(r.experiment.model, 2048).params_total for r in plan.runs]
   assert min(sizes) < 1e9 and max(sizes) > 5e9
+  rates = {r.experiment.model.d_model: r.experiment.train.learning_rate for r in plan.runs}
+  assert rates[1024] == pytest.approx(3e-4) and rates[4096] == pytest.approx(1.5e-4)
   hours = plan.accelerator_hours("h100", 0.4)
   assert hours == pytest.approx(plan.total_flops / (989e12 * 0.4) / 3600)
 
@@ -197,6 +201,7 @@ def test_gamma_grid_trains_every_g_on_one_backbone_and_the_same_tokens():
     ("grid_tokens", (0,), "study.grid_tokens must be strictly increasing integers > 0"),
     ("grid_widths", (8,), "study.grid_widths must be given with study.grid_tokens"),
     ("law_flops", "7N", "study.law_flops must be one of"),
+    ("lr_width_power", -1.0, "study.lr_width_power must be in .0, 2."),
     ("budgets", (1e11, 3e10), "study.budgets must be strictly increasing"),
     ("granularities", (1, 8), "study.min_layers must be >= the largest granularity 8"),
     ("widths", (4, 6), "study.widths must be strictly increasing multiples of study.head_dim=4"),

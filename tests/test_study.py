@@ -99,6 +99,25 @@ def test_fit_only_reports_from_the_records_present(mini_study, tmp_path):
   assert from_law.flops_per_token == "6N" and {e.G for e in from_law.leverage} == {2, 3}
 
 
+def test_a_published_study_refits_to_its_report_without_its_runs(mini_study, tmp_path):
+  from famjax.scaling import fit
+  outdir, _, study_cfg, _ = mini_study
+  dest = tmp_path / "results" / "mini"
+  written = study.publish(outdir, dest)
+  names = {p.relative_to(dest).as_posix() for p in written}
+  assert {"config.json", "plan.json", "report.md", "report.json", "data/familial.csv",
+          "data/records.csv", "plots/isoflop.png"} <= names
+  assert not any(n.startswith("runs/") or n.endswith(".parquet") for n in names)
+  published = json.loads((dest / "report.json").read_text())["laws"]["familial"]
+  data = io.validate(pd.read_csv(dest / "data" / "familial.csv"), laws.FAMILIAL)
+  refit = fit.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(study_cfg.grid_every))
+  natural = laws.to_natural_params(refit.params)
+  for name in ("gamma", "alpha", "beta"):
+    assert natural[name] == pytest.approx(published["params"][name], rel=1e-6), name
+  with pytest.raises(FileNotFoundError, match="has no report.json"):
+    study.publish(tmp_path / "empty", dest)
+
+
 def test_summary_prints_the_law_with_intervals(mini_study):
   outdir, result, _, _ = mini_study
   text = study.summary(result, outdir)

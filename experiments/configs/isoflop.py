@@ -53,19 +53,20 @@ PRESETS = {
                           grid_widths=(32, 48), grid_tokens=(256_000, 512_000),
                           bootstrap=1000),
         model=dataclasses.replace(_CPU_MODEL, unembed="tied"), train=_CPU_TRAIN),
-    # The paper's design (arXiv 2512.23407): 1e19..1e21 FLOPs, G up to 4 for the law, EL for
-    # G = 3..6, for an accelerator cluster (here: --dry_run only). The paper trained 1B-12B
-    # families but publishes no shapes; this ladder centred on ~20 tokens/parameter spans
-    # 0.2B-7B families.
-    # BPE vocabulary of 32768, 2048-token sequences, 1M-token batches, SwiGLU d_ff = 8/3 d_model,
-    # d_model / n_layers ~ 128, heads of 128; a 2T-token corpus assumed by --dry_run.
+    # The paper's (arXiv 2512.23407): budgets 1e19..1e21 FLOPs, G up to 4 for the law, EL for
+    # G = 3..6, the training loss fitted. famjax's choices, for an accelerator cluster (here:
+    # --dry_run only): a ladder centred on ~20 tokens/parameter (0.2B-7B families; the paper's
+    # families are 2B-12B, whose exact shapes famjax does not reproduce), a BPE vocabulary of
+    # 32768, 2048-token sequences, 1M-token batches, SwiGLU d_ff = 8/3 d_model, d_model /
+    # n_layers ~ 128, heads of 128, a 2T-token corpus assumed by --dry_run, and a learning rate
+    # of 3e-4 at width 1024 falling as width^-1/2 (1.1e-4 at 8192).
     "paper": dict(
         study=StudyConfig(budgets=(1e19, 3e19, 1e20, 3e20, 1e21), granularities=(1, 2, 3, 4),
                           widths=tuple(range(1024, 8193, 512)), head_dim=128, ff_ratio=8 / 3,
                           aspect_ratio=128.0, min_layers=8, layer_multiple=4, sizes_per_budget=5,
                           tokens_per_param=20.0, param_count="non_embedding", min_steps=500,
                           leverage="1e20:3,1e20:4", leverage_granularities=(3, 4, 5, 6),
-                          fit_loss="train", bootstrap=4000,
+                          lr_width_power=0.5, fit_loss="train", bootstrap=4000,
                           planned_corpus_tokens=2_000_000_000_000),
         model=ModelConfig(vocab_size=32768, max_seq_len=2048, dtype="bfloat16"),
         data=DataConfig(tokenizer="bpe", bpe_vocab_size=32768),
