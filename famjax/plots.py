@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from famjax import gamma_grid  # noqa: E402
 from famjax.scaling import fit as fitlib  # noqa: E402
 from famjax.scaling import laws  # noqa: E402
 
@@ -182,6 +183,32 @@ def predicted_vs_observed(rows: pd.DataFrame, params: dict, extrapolation: pd.Da
   return _save(fig, path)
 
 
+def gamma_grid_plot(families: pd.DataFrame, grid, law_gamma: float | None, path: Path) -> Path:
+  """Mean exit loss against G per gamma-grid cell (one point per seed), with each cell's slope
+  (gamma_direct) through the cell's mean, and the familial law's gamma for comparison."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  cells = {(c.d_model, c.D): c for c in grid.cells}
+  colours = _colours(list(cells))
+  for (width, tokens), cell in families.groupby(["d_model", "D"]):
+    if (width, tokens) not in cells:
+      continue
+    colour, slope = colours[(width, tokens)], cells[(width, tokens)].gamma
+    ax.scatter(cell["G"], cell["loss"], color=colour, s=14)
+    g = np.array(sorted(cell["G"].unique()), float)
+    mean_log = np.log(cell["loss"]).mean() - slope.estimate * np.log(cell["G"]).mean()
+    ax.plot(g, np.exp(mean_log + slope.estimate * np.log(g)), color=colour,
+            label=f"width {width}, D {tokens:,}: gamma {slope.estimate:.3f}")
+  title = "gamma without the law" + (f" (law: {law_gamma:.3f})" if law_gamma is not None else "")
+  ax.set(xscale="log", yscale="log", xlabel="G (exits)", ylabel="mean exit loss", title=title)
+  g_values = sorted(int(g) for g in families["G"].unique())
+  ax.set_xticks(g_values, [str(g) for g in g_values])
+  ax.set_yticks(np.geomspace(families["loss"].min(), families["loss"].max(), 5))
+  ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3f"))
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
 def draw_all(outdir: Path, analysis) -> dict[str, Path]:
   """Every figure the analysis has data for, as {name: path}."""
   outdir = Path(outdir)
@@ -202,6 +229,10 @@ def draw_all(outdir: Path, analysis) -> dict[str, Path]:
     figures["bootstrap"] = bootstrap_spreads(familial.boot.samples,
                                              laws.to_natural_params(familial.result.params),
                                              familial.boot.ci95, outdir / "bootstrap.png")
+  if report.gamma_grid is not None:
+    figures["gamma_grid"] = gamma_grid_plot(
+        gamma_grid.family_rows(analysis.frame, report.options.loss), report.gamma_grid,
+        laws.to_natural_params(params)["gamma"] if params else None, outdir / "gamma_grid.png")
   if familial:
     figures["predicted_vs_observed"] = predicted_vs_observed(
         rows["familial"], params, analysis.extrapolation_rows,

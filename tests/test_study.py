@@ -65,7 +65,7 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert "held_out_budget" in rep["extrapolation"]
   assert rep["extrapolation"]["held_out_budget"] == 8e7
   for name in ("isoflop", "loss_vs_G", "branch", "leverage", "bootstrap",
-               "predicted_vs_observed"):
+               "predicted_vs_observed", "gamma_grid"):
     assert (outdir / "plots" / f"{name}.png").stat().st_size > 5000, name
   text = (outdir / "report.md").read_text()
   assert "## familial law" in text and "plots/isoflop.png" in text
