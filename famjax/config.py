@@ -353,8 +353,9 @@ class StudyConfig:
     _require(0 < self.mfu <= 1, "study.mfu", "in (0, 1]", self.mfu)
     _require(isinstance(self.planned_corpus_tokens, int) and self.planned_corpus_tokens >= 0,
              "study.planned_corpus_tokens", "a non-negative integer", self.planned_corpus_tokens)
-    _require(all(isinstance(g, int) and g >= 2 for g in self.leverage_granularities),
-             "study.leverage_granularities", "integers >= 2", self.leverage_granularities)
+    self._check_grid_exits_and_leverage()
+
+  def _check_grid_exits_and_leverage(self):
     _require(all(isinstance(w, int) and w > 0 and w % self.head_dim == 0 for w in self.grid_widths)
              and list(self.grid_widths) == sorted(set(self.grid_widths)), "study.grid_widths",
              f"strictly increasing multiples of study.head_dim={self.head_dim}", self.grid_widths)
@@ -369,6 +370,8 @@ class StudyConfig:
       _require(g in self.granularities and len(layers) == g, "study.exit_layers",
                f"entries 'G:l1,...,lG' with G in {self.granularities} and G layers",
                self.exit_layers)
+    _require(all(isinstance(g, int) and g >= 2 for g in self.leverage_granularities),
+             "study.leverage_granularities", "integers >= 2", self.leverage_granularities)
     for c, g in self.leverage_points:
       _require(c in self.budgets and g in self.granularities and g >= 2, "study.leverage",
                f"'C:G' pairs with C in study.budgets {self.budgets} and G >= 2 in "
