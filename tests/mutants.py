@@ -105,6 +105,18 @@ MUTANTS = [
     ("an import cycle", "famjax/accounting.py", "from famjax.config import ModelConfig\n",
      "from famjax.config import ModelConfig\nfrom famjax import isoflop  # noqa: F401\n",
      "tests/test_structure.py -k cycles"),
+    ("gamma's basic p against gamma, not 2 gamma", "famjax/scaling/bootstrap.py",
+     '"p_basic": float(np.mean(gamma_B >= 2 * gamma))',
+     '"p_basic": float(np.mean(gamma_B >= gamma))', "tests/test_scaling.py -k inverts"),
+    ("gamma_direct without seed intercepts", "famjax/gamma_grid.py",
+     ' + "_"\n                        + rows["seed"].astype(str))', ")",
+     "tests/test_gamma_grid.py -k shared_gamma"),
+    ("exits paired with controls of another seed", "famjax/gamma_grid.py",
+     '  key = ["d_model", "D", "seed", "N_exit_non_embedding"]',
+     '  key = ["d_model", "D", "N_exit_non_embedding"]', "tests/test_gamma_grid.py -k branch"),
+    ("the grid trains a control of the backbone's own depth", "famjax/isoflop.py",
+     "sorted(depths - {model.n_layers})", "sorted(depths)",
+     "tests/test_isoflop.py -k gamma_grid"),
 ]
 
 
