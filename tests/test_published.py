@@ -1,0 +1,33 @@
+"""The medium study's published records (results/medium) refit to the numbers of its report,
+without training, as `experiments.fit --data=results/medium/data/familial.csv` does."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from famjax import gamma_grid
+from famjax.scaling import fit, io, laws
+
+MEDIUM = Path(__file__).resolve().parents[1] / "results" / "medium"
+
+
+def test_the_familial_law_refits_to_the_published_report():
+  report = json.loads((MEDIUM / "report.json").read_text())
+  published = report["laws"]["familial"]
+  data = io.validate(pd.read_csv(MEDIUM / "data" / "familial.csv"), laws.FAMILIAL)
+  refit = fit.fit(laws.FAMILIAL, data)
+  natural = laws.to_natural_params(refit.params)
+  assert refit.objective == pytest.approx(published["objective"], rel=1e-6)
+  for name in ("gamma", "alpha", "beta"):
+    assert natural[name] == pytest.approx(published["params"][name], rel=1e-4), name
+  assert published["gamma_test"]["p_percentile"] < 0.05
+
+
+def test_gamma_without_the_law_comes_from_the_published_records():
+  report = json.loads((MEDIUM / "report.json").read_text())
+  grid = gamma_grid.analyze(pd.read_csv(MEDIUM / "data" / "records.csv"))
+  assert len(grid.cells) == len(report["gamma_grid"]["cells"]) == 4
+  assert grid.shared.estimate == pytest.approx(report["gamma_grid"]["shared"]["estimate"],
+                                               rel=1e-9)
