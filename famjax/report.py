@@ -201,14 +201,15 @@ def _fit_laws(rows, options, progress) -> tuple[dict, dict]:
   return fits, skipped
 
 
-def _by_param_count(rows_other: pd.DataFrame, fits: dict, options) -> dict[str, dict] | None:
+def _by_param_count(frame: pd.DataFrame, fits: dict, options) -> dict[str, dict] | None:
   """gamma, alpha and beta of the familial law under both N definitions (the study's and the
   other one, refitted with the same bootstrap), each as {"estimate", "ci95"}."""
   if "familial" not in fits:
     return None
   other = "total" if options.param_count == "non_embedding" else "non_embedding"
   try:
-    data = _data(rows_other, laws.FAMILIAL, f"the study's familial rows with N = {other}")
+    rows = results.law_rows(frame, "familial", loss=options.loss, param_count=other)
+    data = _data(rows, laws.FAMILIAL, f"the study's familial rows with N = {other}")
   except ValueError:
     return None
   refit = record.fit_law(laws.FAMILIAL, data, n_bootstrap=options.n_bootstrap, seed=options.seed,
@@ -370,9 +371,7 @@ def analyze(frame: pd.DataFrame, options: Options = Options(), plan: Plan | None
   rows = {name: results.law_rows(frame, name, loss=options.loss,
                                  param_count=options.param_count) for name in laws.LAWS}
   fits, skipped = _fit_laws(rows, options, progress)
-  other = "total" if options.param_count == "non_embedding" else "non_embedding"
-  param_counts = _by_param_count(
-      results.law_rows(frame, "familial", loss=options.loss, param_count=other), fits, options)
+  param_counts = _by_param_count(frame, fits, options)
   familial = fits.get("familial")
   from_law = None
   if familial is not None:
