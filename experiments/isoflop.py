@@ -1,5 +1,6 @@
 """The IsoFLOP study: python -m experiments.isoflop --config=experiments/configs/isoflop.py:tiny
---outdir=DIR [--dry_run] [--fit_only] [--task_index=i --num_tasks=n] [--publish=results/NAME].
+--outdir=DIR [--dry_run [--memory]] [--fit_only] [--task_index=i --num_tasks=n]
+[--publish=results/NAME].
 
 Plans budgets x granularities x sizes, trains this task's share of the runs (rerunning resumes and
 skips finished runs), refits as records arrive and writes DIR/report.md, report.json and plots/.
@@ -19,6 +20,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None,
 _OUTDIR = flags.DEFINE_string("outdir", "runs/isoflop", "Study directory (shared by every task).")
 _DRY_RUN = flags.DEFINE_boolean("dry_run", False, "Print the plan, its FLOPs and "
                                 "accelerator-hours; train nothing.")
+_MEMORY = flags.DEFINE_boolean("memory", False, "With --dry_run: compile every model shape's train "
+                              "step for study.memory_devices simulated devices and print the "
+                              "cheapest setting (FSDP, remat, microbatches) that fits "
+                              "study.device_memory_gb, and the bytes per device.")
 _FIT_ONLY = flags.DEFINE_boolean("fit_only", False, "Train nothing: refit and rewrite the report "
                                  "from the records present (other tasks may still be training).")
 _TASK_INDEX = flags.DEFINE_integer("task_index", 0, "This task's share of the plan (0-based), e.g. "
@@ -40,7 +45,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   values = _CONFIG.value.to_dict()
   if _DRY_RUN.value:
-    print(study.dry_run(*study.configs(values)))
+    print(study.dry_run(*study.configs(values), with_memory=_MEMORY.value))
     return
   # an existing study runs with its own config (STUDY/config.json), whatever the default preset
   study_cfg, base = study.configs(study.remembered(_OUTDIR.value, values,

@@ -163,9 +163,15 @@ class TrainConfig:
   checkpoint_every: int = 50  # steps between checkpoints
   keep_checkpoints: int = 3  # checkpoints kept on disk
   progress: bool = True  # show a tqdm bar
+  # reporting only (not in config_hash): a jax.profiler trace of steps (start, stop), 1-based and
+  # both included, into the run's tensorboard/; () = none
+  profile_steps: tuple[int, ...] = ()
+  wandb_project: str = ""  # Weights & Biases project of the run's metrics; "" = no W&B
+  wandb_group: str = ""  # its W&B group ("" = none; a study sets its own directory's name)
 
   def __post_init__(self):
     object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
+    object.__setattr__(self, "profile_steps", tuple(self.profile_steps))
     for name in ("batch_size", "microbatches", "seq_len", "log_every", "eval_every",
                  "eval_batches", "checkpoint_every", "keep_checkpoints"):
       _positive_int(f"train.{name}", getattr(self, name))
@@ -197,6 +203,11 @@ class TrainConfig:
              "finite and non-negative", self.exit_weights)
     _require(not self.exit_weights or sum(self.exit_weights) > 0, "train.exit_weights",
              "not all zero", self.exit_weights)
+    steps = self.profile_steps
+    _require(steps == () or (len(steps) == 2 and all(isinstance(s, int) for s in steps)
+                             and 1 <= steps[0] <= steps[1] <= self.total_steps),
+             "train.profile_steps", f"() or (start, stop) with 1 <= start <= stop <= "
+             f"{self.total_steps} (the run's steps)", steps)
 
   @property
   def total_steps(self) -> int:
@@ -228,9 +239,15 @@ class ExperimentConfig:
              f"<= model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
 
 
+# train fields that change what a run reports, not what it trains
+REPORTING_FIELDS = ("profile_steps", "wandb_project", "wandb_group")
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
-  """A short fingerprint of every field of a run's config."""
-  text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=list)
+  """A short fingerprint of every field of a run's config but REPORTING_FIELDS."""
+  values = dataclasses.asdict(cfg)
+  values["train"] = {k: v for k, v in values["train"].items() if k not in REPORTING_FIELDS}
+  text = json.dumps(values, sort_keys=True, default=list)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -304,6 +321,10 @@ class StudyConfig:
   device: str = "h100"  # accelerator for --dry_run's hours estimate (accounting.PEAK_FLOPS)
   mfu: float = 0.4  # model FLOPs utilisation assumed by that estimate
   planned_corpus_tokens: int = 0  # training tokens assumed by --dry_run; 0 reads data.corpus
+  # --dry_run --memory (famjax.memory): the node each run is compiled for, as fake CPU devices,
+  # and the memory (GB = 1e9 bytes) its train step may use on each device
+  memory_devices: int = 8
+  device_memory_gb: float = 80.0
 
   def __post_init__(self):
     object.__setattr__(self, "budgets", tuple(float(c) for c in self.budgets))
@@ -353,6 +374,9 @@ class StudyConfig:
     _require(0 < self.mfu <= 1, "study.mfu", "in (0, 1]", self.mfu)
     _require(isinstance(self.planned_corpus_tokens, int) and self.planned_corpus_tokens >= 0,
              "study.planned_corpus_tokens", "a non-negative integer", self.planned_corpus_tokens)
+    _positive_int("study.memory_devices", self.memory_devices)
+    _require(0 < self.device_memory_gb < math.inf, "study.device_memory_gb", "finite and > 0",
+             self.device_memory_gb)
     self._check_grid_exits_and_leverage()
 
   def _check_grid_exits_and_leverage(self):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from typing import Mapping
 
 import numpy as np
 
@@ -320,11 +321,12 @@ def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None =
   return Plan(tuple(runs), tuple(planner.dropped), tuple(notes))
 
 
-def table(plan_: Plan) -> str:
+def table(plan_: Plan, extra: tuple[str, Mapping[str, str]] = ("", {})) -> str:
   """The plan as a text table, with total FLOPs. `heads`: share of the family's parameters in
-  its embedding and exit heads; `x dense`: its FLOPs per token over a dense model of its shape."""
+  its embedding and exit heads; `x dense`: its FLOPs per token over a dense model of its shape;
+  `extra`: (header, {run id: cell}) of more columns, e.g. famjax.memory.run_cells."""
   header = (f"{'run id':<34} {'C':>8} {'G':>2} {'exit layers':<12} {'N per exit (total)':<34} "
-            f"{'D':>12} {'steps':>6} {'FLOPs':>9} {'heads':>6} {'x dense':>7}")
+            f"{'D':>12} {'steps':>6} {'FLOPs':>9} {'heads':>6} {'x dense':>7} {extra[0]}").rstrip()
   lines = [header, "-" * len(header)]
   for r in plan_.runs:
     d = r.describe()
@@ -332,6 +334,6 @@ def table(plan_: Plan) -> str:
     lines.append(f"{r.run_id:<34} {r.budget:>8.2g} {r.granularity:>2} "
                  f"{','.join(map(str, d['exit_layers'])):<12} {n:<34} {r.tokens:>12,} "
                  f"{r.steps:>6} {r.flops:>9.3g} {r.accounting.outside_backbone_share:>6.1%} "
-                 f"{r.accounting.flops_over_dense:>7.2f}")
+                 f"{r.accounting.flops_over_dense:>7.2f} {extra[1].get(r.run_id, '')}".rstrip())
   lines.append(f"{len(plan_.runs)} runs, {plan_.total_flops:.3g} training FLOPs in all")
   return "\n".join(lines)

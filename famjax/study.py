@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
 
 import jax
 
-from famjax import accounting, data, isoflop, render, report, results, sweep
+from famjax import accounting, data, isoflop, memory, render, report, results, sweep
 from famjax.config import ExperimentConfig, StudyConfig, experiment_from_dict
-from famjax.files import atomic_write_text
+from famjax.files import atomic_write_text, default_cache_dir
 
 
 def configs(values: Mapping) -> tuple[StudyConfig, ExperimentConfig]:
@@ -37,7 +38,7 @@ CONFIG = "config.json"
 # runs are trained: an existing study accepts new values for these
 ANALYSIS_FIELDS = frozenset(f"study.{name}" for name in (
     "param_count", "leverage_granularities", "law_flops", "fit_loss", "bootstrap", "grid_every",
-    "device", "mfu", "planned_corpus_tokens"))
+    "device", "mfu", "planned_corpus_tokens", "memory_devices", "device_memory_gb"))
 
 
 def _flat(values: Mapping, prefix: str = "") -> dict:
@@ -112,19 +113,37 @@ def options(study: StudyConfig, base: ExperimentConfig) -> report.Options:
                         law_flops=flops)
 
 
-def dry_run(study: StudyConfig, base: ExperimentConfig) -> str:
+def dry_run(study: StudyConfig, base: ExperimentConfig, with_memory: bool = False) -> str:
   """The plan as a table, what was dropped and why, total FLOPs and accelerator-hours; trains
-  nothing (reads the corpus only to count its tokens, unless study.planned_corpus_tokens)."""
+  nothing (reads the corpus only to count its tokens, unless study.planned_corpus_tokens).
+  with_memory adds famjax.memory's plan: bytes per device and setting of every run."""
+  target = memory_target(study, base) if with_memory else None  # before JAX's CPU backend starts
   corpus_tokens = study.planned_corpus_tokens or len(data.load_tokens(base.data).train)
   plan = isoflop.plan(study, base, corpus_tokens)
   peak = accounting.PEAK_FLOPS[study.device]
-  lines = [isoflop.table(plan), ""]
+  if target is None:
+    lines = [isoflop.table(plan), ""]
+  else:
+    started = time.perf_counter()
+    shapes = memory.plan_memory(plan.runs, base.train.batch_size, base.train.seq_len, target)
+    lines = [isoflop.table(plan, memory.run_cells(shapes)), "", memory.table(shapes, target),
+             f"memory pass: {time.perf_counter() - started:.0f} s", ""]
+    lines += memory.refusals(shapes, target)
   lines += [f"dropped {run_id}: {why}" for run_id, why in plan.dropped]
   lines += [f"note: {note}" for note in plan.notes]
   lines.append(f"training corpus: {corpus_tokens:,} tokens; {plan.total_flops:.3g} FLOPs = "
                f"{plan.accelerator_hours(study.device, study.mfu):,.3g} {study.device} hours at "
                f"{study.mfu:.0%} MFU ({peak:.3g} FLOP/s peak)")
   return "\n".join(lines)
+
+
+def memory_target(study: StudyConfig, base: ExperimentConfig) -> memory.Target:
+  """The simulated node of study.memory_devices fake CPU devices; call before JAX starts."""
+  if study.memory_devices % base.mesh.model:
+    raise ValueError(f"mesh.model={base.mesh.model} must divide study.memory_devices="
+                     f"{study.memory_devices}")
+  return memory.Target(memory.simulated_devices(study.memory_devices), base.mesh.model,
+                       study.device_memory_gb * 1e9, default_cache_dir() / "memory")
 
 
 class Task(NamedTuple):
@@ -140,6 +159,9 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task:
   has finished, or fit_only asks for one from the records so far. Returns {"report": dict or
   None, "files": {name: path}, "sweep": SweepOutcome or None, "missing": [run ids]}."""
   outdir = Path(outdir)
+  if base.train.wandb_project and not base.train.wandb_group:  # the study's runs, one W&B group
+    base = dataclasses.replace(base, train=dataclasses.replace(
+        base.train, wandb_group=outdir.resolve().name))
   tokens = data.load_tokens(base.data)
   plan = isoflop.plan(study, base, len(tokens.train))
   if not plan.runs:

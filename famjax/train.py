@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from famjax import accounting, checkpoint, data, sharding
+from famjax import accounting, checkpoint, data, sharding, tracking
 from famjax import workdir as workdir_files
 from famjax.config import ExperimentConfig, MeshConfig, ModelConfig, TrainConfig
 from famjax.files import WorkdirLock
@@ -321,7 +321,8 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
   (start, elapsed), total = _resume(cfg, workdir, mngr, trainer, batches), tc.total_steps
   if jax.process_index() == 0:
     workdir_files.claim(workdir, cfg, start, tokens.tokenizer)
-  log = workdir_files.MetricsLog(workdir, start)
+  log = workdir_files.MetricsLog(workdir, start, tracking.open_wandb(cfg, workdir))
+  profile = tracking.ProfileWindow(tc.profile_steps, workdir / "tensorboard")
   last = total if stop_after is None else max(start, min(total, stop_after))
   tokens_per_step = tc.batch_size * tc.seq_len
   window: list[np.ndarray] = []  # per-exit train losses since the last log line
@@ -346,7 +347,10 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
 
   try:
     for step in range(start + 1, last + 1):
-      metrics = trainer.step(next(batches))
+      profile.before(step)
+      with profile.annotation(step):
+        metrics = trainer.step(next(batches))
+      profile.after(step, metrics)
       if pending is not None:
         consume(*pending)
       pending = (step, metrics)
@@ -362,17 +366,25 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
                         "elapsed_seconds": elapsed + time.perf_counter() - began}
           checkpoint.save(mngr, step, trainer.state, data_state)
   finally:
+    profile.close()
     bar.close()
     mngr.wait_until_finished()
     log.close()
 
+  return _finish(cfg, workdir, trainer, val_batches, window,
+                 elapsed + time.perf_counter() - began, tokens.fingerprint)
+
+
+def _finish(cfg, workdir, trainer, val_batches, window, seconds: float, fingerprint: str) -> dict:
+  """Writes and returns the run's summary: the final validation loss per exit and the mean of
+  the last log window's train losses."""
   val_loss = trainer.evaluate(val_batches)
   if not window:  # resumed a finished run: report the last logged train loss
     last = workdir_files.last_train_loss(workdir)
     window = [] if last is None else [last]
-  train_loss = np.mean(window[-tc.log_every:], axis=0).tolist() if window else None
-  summary = _summary(cfg, trainer, train_loss, val_loss, elapsed + time.perf_counter() - began,
-                     tokens.fingerprint)
+  log_every = cfg.train.log_every
+  train_loss = np.mean(window[-log_every:], axis=0).tolist() if window else None
+  summary = _summary(cfg, trainer, train_loss, val_loss, seconds, fingerprint)
   workdir_files.write_summary(workdir, summary)
   return summary
 

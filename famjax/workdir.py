@@ -48,16 +48,17 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-  """Appends records to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard (process 0 only).
+  """Appends records to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard and, when given
+  one (famjax.tracking.open_wandb), a W&B run (process 0 only).
 
   Opening it for a run resumed at `resume_step` keeps the records up to that step (each once) and
   drops the rest, which a resumed run writes again.
   """
 
-  def __init__(self, workdir: Path, resume_step: int):
+  def __init__(self, workdir: Path, resume_step: int, wandb_run=None):
     self.enabled = jax.process_index() == 0
     self.path = workdir / METRICS
-    self._tb = None
+    self._tb, self._wandb = None, wandb_run
     if not self.enabled:
       return
     kept, seen = [], set()
@@ -76,15 +77,21 @@ class MetricsLog:
       return
     self._file.write(json.dumps({"step": step, **record}) + "\n")
     self._file.flush()
+    scalars = {}
     for key, value in record.items():
       for i, v in enumerate(np.atleast_1d(value)):
-        name = key if np.ndim(value) == 0 else f"{key}/exit{i}"
-        self._tb.add_scalar(name, float(v), step)
+        scalars[key if np.ndim(value) == 0 else f"{key}/exit{i}"] = float(v)
+    for name, v in scalars.items():
+      self._tb.add_scalar(name, v, step)
+    if self._wandb is not None:
+      self._wandb.log({"step": step, **scalars})
 
   def close(self) -> None:
     if self.enabled:
       self._file.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
 
 
 def last_train_loss(workdir: Path) -> np.ndarray | None:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU check (README, "On a GPU"): on a machine with one GPU and famjax installed with
+# `make venv EXTRAS=test,cuda`, runs each part under its own timeout (all within 8 minutes) and
+# prints one JSON line per part: {"part", "rc", "seconds", "result"} where result is the part's
+# own JSON line (null when it failed or timed out; rc 124 = timed out).
+#   mfu:          benchmarks/mfu.py, `small` preset, bfloat16, remat none, dots and block
+#   step_memory:  benchmarks/step_memory.py (XLA's temp bytes per remat policy, compile time)
+#   decode:       benchmarks/decode.py (cached, relay, confidence and speculative decoding)
+#   paper_train:  benchmarks/paper_smallest.py, 200 steps of the paper preset's smallest shape
+# Usage: bash benchmarks/gpu_check.sh   (GPU_CHECK_SMOKE=1: tiny sizes, to check it on a CPU)
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then
+  MFU_ARGS="--preset tiny --batch 8 --seq 128 --steps 2"
+  MEMORY_ARGS="--remat none --depths 4,8"
+  DECODE_ARGS="--steps 20 --context 32"
+  TRAIN_ARGS="--steps 3 --batch 2 --seq 128 --microbatches 1"
+else
+  MFU_ARGS="--preset small --remat none,dots,block"
+  MEMORY_ARGS=""
+  DECODE_ARGS="--steps 300"
+  TRAIN_ARGS="--steps 200 --batch 32 --seq 2048"
+fi
+
+part() {  # name, timeout in seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"
+  local rc=$?
+  local result
+  result=$(grep '^{' "$WORK/$name.out" | tail -n 1)
+  printf '{"part": "%s", "rc": %d, "seconds": %d, "result": %s}\n' \
+    "$name" "$rc" "$((SECONDS - start))" "${result:-null}"
+  if [[ $rc -ne 0 ]]; then tail -n 5 "$WORK/$name.err" >&2; fi
+}
+
+part mfu 150 $PY benchmarks/mfu.py $MFU_ARGS
+part step_memory 90 $PY benchmarks/step_memory.py $MEMORY_ARGS
+part decode 110 $PY benchmarks/decode.py --workdir "$WORK/decode" $DECODE_ARGS
+part paper_train 120 $PY benchmarks/paper_smallest.py $TRAIN_ARGS
