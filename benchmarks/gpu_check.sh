@@ -16,7 +16,7 @@ trap 'rm -rf "$WORK"' EXIT
 if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then
   MFU_ARGS="--preset tiny --batch 8 --seq 128 --steps 2"
   MEMORY_ARGS="--remat none --depths 4,8"
-  DECODE_ARGS="--steps 20 --context 32"
+  DECODE_ARGS="--steps 20 --context 64"
   TRAIN_ARGS="--steps 3 --batch 2 --seq 128 --microbatches 1"
 else
   MFU_ARGS="--preset small --remat none,dots,block"

@@ -157,8 +157,8 @@ def _rank(setting: Setting) -> tuple[int, int, int]:
 
 class _Search:
   """Measures settings of one shape on demand and remembers each footprint. Settings cheaper
-  than `floor` (a smaller sibling's choice: the same backbone with fewer exits) are known not to
-  fit and are not compiled."""
+  than `floor` (the choice for the same backbone with fewer exits) are known not to fit and are
+  not compiled."""
 
   def __init__(self, model: ModelConfig, shape: tuple[int, int], target: Target,
                floor: Setting | None = None):
@@ -197,12 +197,14 @@ class _Search:
     return None
 
   def smallest_fsdp(self, remat: str, micro: int, fits_at: int) -> int:
-    """The smallest FSDP degree that fits, knowing `fits_at` does; degrees whose parameters and
-    optimizer state alone (by formula) exceed the memory are not compiled."""
+    """The smallest FSDP degree that fits, knowing `fits_at` does. A degree is compiled only if
+    its parameters and optimizer state (by formula) fit beside the temporaries at `fits_at`:
+    a smaller degree's temporaries are no smaller (its gradient shards are larger)."""
+    temporaries = self.footprint(Setting(fits_at, remat, micro)).temporaries
     for fsdp in (f for f in self.fsdps if f < fits_at):
-      setting = Setting(fsdp, remat, micro)
       state = analytic_state_bytes(self.model, self.shape[1], fsdp * self.target.model_axis)
-      if state <= self.target.capacity_bytes and self.fits(setting):
+      if state + temporaries <= self.target.capacity_bytes and self.fits(
+          Setting(fsdp, remat, micro)):
         return fsdp
     return fits_at
 
@@ -259,8 +261,10 @@ def plan_memory(runs, batch: int, seq_len: int, target: Target,
         model)
   bar = tqdm(total=len(run_ids), desc="memory", unit="shape", disable=not progress)
   with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    largest_first = sorted(backbones.values(), key=lambda models: -max(
+        accounting.account(m, seq_len).params_total for m in models))  # no lone tail
     futures = [pool.submit(_siblings, models, (batch, seq_len), target, run_ids)
-               for models in backbones.values()]
+               for models in largest_first]
     for future in concurrent.futures.as_completed(futures):
       bar.update(len(future.result()))  # an error stops the pass here
   bar.close()

@@ -1,6 +1,6 @@
-"""Run in a subprocess (JAX must start with 4 CPU devices); prints `RESULT {json}`.
+"""Run in a subprocess (JAX must start with 2 CPU devices); prints `RESULT {json}`.
 
-Measures every setting of a small family's train step on a simulated 4-device node, then asks
+Measures every setting of a small family's train step on a simulated 2-device node, then asks
 famjax.memory.choose for each capacity between the measured peaks, so that the test can compare
 its search with the brute-force cheapest setting. Called by tests/test_memory.py.
 """
@@ -15,13 +15,13 @@ from famjax.config import ModelConfig
 
 
 def main(cache: Path):
-  devices = memory.simulated_devices(4)
+  devices = memory.simulated_devices(2)
   model = ModelConfig(vocab_size=264, d_model=64, n_layers=4, n_heads=4, d_ff=128,
                       max_seq_len=64, exit_layers=(2, 4))
-  shape = (16, 64)
+  shape = (8, 64)
   target = memory.Target(devices, 1, 1e12, cache)
   measured = {}
-  for fsdp, remat, micro in itertools.product((1, 2, 4), memory.REMAT_ORDER, (1, 2, 4)):
+  for fsdp, remat, micro in itertools.product((1, 2), memory.REMAT_ORDER, (1, 2, 4)):
     setting = memory.Setting(fsdp, remat, micro)
     measured[str(setting)] = [list(memory._rank(setting)),
                               memory.measure(model, shape, setting, target).__dict__]
@@ -39,7 +39,7 @@ def main(cache: Path):
       "floor": str(floor.setting),
       "state_difference": {f: memory.choose(model, shape, memory.Target(
           devices, 1, 1e12, cache), floor=memory.Setting(f, "none", 1)).state_difference
-          for f in (1, 2, 4)}}))
+          for f in (1, 2)}}))
 
 
 if __name__ == "__main__":
