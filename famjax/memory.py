@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -250,7 +251,8 @@ def _siblings(models: list[ModelConfig], shape: tuple[int, int], target: Target,
 def plan_memory(runs, batch: int, seq_len: int, target: Target,
                 progress: bool = True) -> list[ShapePlan]:
   """ShapePlan of every distinct model shape among `runs` (isoflop.RunSpec), in plan order.
-  Backbones are searched on one thread per CPU core (XLA compiles outside Python's lock)."""
+  Backbones are searched in one process per CPU core, largest first: tracing a step is Python
+  and holds its process's lock, so threads would take turns at it."""
   run_ids: dict[ModelConfig, list[str]] = {}
   for run in runs:
     run_ids.setdefault(dataclasses.replace(run.experiment.model, remat="none"), []).append(
@@ -259,17 +261,40 @@ def plan_memory(runs, batch: int, seq_len: int, target: Target,
   for model in run_ids:
     backbones.setdefault(dataclasses.replace(model, exit_layers=(model.n_layers,)), []).append(
         model)
+  largest_first = sorted(backbones.values(), key=lambda models: -max(
+      accounting.account(m, seq_len).params_total for m in models))  # no lone tail
+  jobs = [(models, (batch, seq_len), target.model_axis, target.capacity_bytes, target.cache_dir,
+           {m: run_ids[m] for m in models}) for models in largest_first]
   bar = tqdm(total=len(run_ids), desc="memory", unit="shape", disable=not progress)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-    largest_first = sorted(backbones.values(), key=lambda models: -max(
-        accounting.account(m, seq_len).params_total for m in models))  # no lone tail
-    futures = [pool.submit(_siblings, models, (batch, seq_len), target, run_ids)
-               for models in largest_first]
-    for future in concurrent.futures.as_completed(futures):
-      bar.update(len(future.result()))  # an error stops the pass here
+  workers = min(os.cpu_count() or 1, len(jobs))
+  if workers == 1:
+    done = [_siblings(models, shape, target, ids) for models, shape, _, _, _, ids in jobs]
+    bar.update(len(run_ids))
+  else:
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+        initargs=(len(target.devices),)) as pool:
+      futures = [pool.submit(_siblings_in_worker, *job) for job in jobs]
+      for future in concurrent.futures.as_completed(futures):
+        bar.update(len(future.result()))  # an error stops the pass here
+      done = [f.result() for f in futures]
   bar.close()
-  chosen = {p.model: p for f in futures for p in f.result()}
+  chosen = {p.model: p for plans in done for p in plans}
   return [chosen[model] for model in run_ids]
+
+
+_worker_devices: tuple = ()
+
+
+def _start_worker(n_devices: int) -> None:
+  global _worker_devices
+  _worker_devices = simulated_devices(n_devices)
+
+
+def _siblings_in_worker(models, shape, model_axis, capacity, cache_dir, run_ids):
+  """_siblings in a worker process, on its own simulated devices (devices do not pickle)."""
+  return _siblings(models, shape, Target(_worker_devices, model_axis, capacity, cache_dir),
+                   run_ids)
 
 
 def _gb(n: float) -> str:
