@@ -274,6 +274,7 @@ FLOP_RULES = ("accounting", "6N")
 PARAM_COUNTS = ("non_embedding", "total")
 FIT_LOSSES = ("val", "train")
 LAW_FLOPS = ("runs", "6N")
+LEVERAGE_WIDTHS = ("all", "middle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +308,10 @@ class StudyConfig:
   lr_width_power: float = 0.0
   seeds: tuple[int, ...] = (0,)  # every (C, G, size) is trained once per seed
   leverage: str = ""  # (C, G) points where G size-matched dense models are trained: "1e11:2,1e11:4"
+  # which families of a leverage point get their dense models: "all" (every width and seed of
+  # the budget, so that the report can take the family nearest the fitted N*(C) with every
+  # seed) or "middle" (the middle width, first seed: G runs instead of widths x seeds x G)
+  leverage_widths: str = "all"
   leverage_granularities: tuple[int, ...] = ()  # G of the law's EL table; () = granularities >= 2
   # FLOPs per token of the law's EL and N*(C): "runs" (the study's own rule, `flops`, fitted per
   # G as c N^p over the ladder) or "6N" (C = 6ND, as the paper derives them)
@@ -367,6 +372,8 @@ class StudyConfig:
     _require(self.flops in FLOP_RULES, "study.flops", f"one of {FLOP_RULES}", self.flops)
     _require(self.law_flops in LAW_FLOPS, "study.law_flops", f"one of {LAW_FLOPS}",
              self.law_flops)
+    _require(self.leverage_widths in LEVERAGE_WIDTHS, "study.leverage_widths",
+             f"one of {LEVERAGE_WIDTHS}", self.leverage_widths)
     _require(self.fit_loss in FIT_LOSSES, "study.fit_loss", f"one of {FIT_LOSSES}",
              self.fit_loss)
     _require(self.bootstrap == 0 or self.bootstrap >= 100, "study.bootstrap",

@@ -239,32 +239,37 @@ class _Planner:
                    **extra)
 
   def dense_matches(self, budget: float, granularity: int, runs) -> list:
-    """The G dense models matched to the family at (C, G) in the middle of the budget's widths:
-    dense model g has exit g's sub-model (layers 1..l_g, plus the exit's private block if it has
-    one) and trains C / G FLOPs, as leverage.efficiency_leverage assumes."""
-    study, base = self.study, self.base
-    family = [r for r in runs if r.kind == ISOFLOP and r.budget == budget
-              and r.granularity == granularity and r.seed == study.seeds[0]]
-    if not family:
+    """The G dense models matched to each family at (C, G) (study.leverage_widths: every width
+    and seed of the budget, or the middle width's first seed): dense model g has exit g's
+    sub-model (layers 1..l_g, plus the exit's private block if it has one), the family's seed,
+    and trains C / G FLOPs, as leverage.efficiency_leverage assumes."""
+    study = self.study
+    families = [r for r in runs if r.kind == ISOFLOP and r.budget == budget
+                and r.granularity == granularity]
+    if study.leverage_widths == "middle":
+      widths = budget_widths(study, self.base, budget)[0]
+      middle = widths[(len(widths) - 1) // 2]
+      first = [r for r in families if r.seed == study.seeds[0]]
+      families = first and [min(first, key=lambda r: abs(r.experiment.model.d_model - middle))]
+    if not families:
       self.dropped.append((f"C{_tag(budget)}_G{granularity}_dense*", "its family was dropped"))
       return []
-    widths = budget_widths(study, base, budget)[0]
-    middle = widths[(len(widths) - 1) // 2]
-    target = min(family, key=lambda r: abs(r.experiment.model.d_model - middle))
-    model = target.experiment.model
+    return [m for family in families for m in self._matches(family, budget, granularity)]
+
+  def _matches(self, family, budget: float, granularity: int) -> list:
+    model, before, matches = family.experiment.model, len(self.dropped), []
     private = accounting.private_blocks(model)
-    before, matches = len(self.dropped), []
     for g, layer in enumerate(model.exit_layers, start=1):
-      dense = model_shape(study, base.model, model.d_model, 1, n_layers=layer + private[g - 1])
-      matches.append(self.spec(f"{target.run_id}_dense{g}", DENSE_MATCH, budget,
-                               budget / granularity, granularity, dense,
-                               matches=target.run_id, matched_exit=g))
+      dense = model_shape(self.study, self.base.model, model.d_model, 1,
+                          n_layers=layer + private[g - 1])
+      matches.append(self.spec(f"{family.run_id}_dense{g}", DENSE_MATCH, budget,
+                               budget / granularity, granularity, dense, seed=family.seed,
+                               matches=family.run_id, matched_exit=g))
     if len(self.dropped) > before:  # a leverage point needs all G dense models
       self.dropped.extend((m.run_id, "another dense model of its leverage point was dropped")
                           for m in matches if m is not None)
       return []
     return matches
-
 
   def grid(self) -> list:
     """The gamma grid: per (width, D, seed) a family for every G and a dense control for every

@@ -135,9 +135,16 @@ def leverage_plot(report, path: Path) -> Path:
     if len(cis) == len(group):
       lo, hi = np.array(cis).T
       ax.fill_between(group["C"], lo, hi, color=colours[g], alpha=0.2)
-  for e in measured:
-    ax.plot(e.C, e.measured, "D", color=colours[e.G], markeredgecolor="k",
-            label=f"measured, G={e.G}")
+  optimum = report.leverage_at_optimum or []
+  for e in optimum:  # the family nearest N*(C): mean over seeds, t interval when 2+ seeds
+    low, high = e.ci95 or (e.mean, e.mean)
+    ax.errorbar(e.C, e.mean, yerr=[[e.mean - low], [high - e.mean]], fmt="D", capsize=3,
+                color=colours[e.G], markeredgecolor="k", label=f"measured at N*, G={e.G}")
+  for e in measured:  # each family: small dots beside the optimum's, else the diamonds
+    ax.plot(e.C * (0.96 if optimum else 1.0), e.measured, "." if optimum else "D",
+            color=colours[e.G], markeredgecolor="k", ms=4 if optimum else 6,
+            label=None if optimum else f"measured, G={e.G}")
+  for e in optimum or measured:
     if e.law_ci95:  # a percentile interval need not contain the point estimate
       low, high = max(0.0, e.law - e.law_ci95[0]), max(0.0, e.law_ci95[1] - e.law)
       ax.errorbar(e.C * 1.04, e.law, yerr=[[low], [high]], fmt="s", color=colours[e.G], ms=4,

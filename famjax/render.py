@@ -12,7 +12,8 @@ import numpy as np
 from famjax import plots, results
 from famjax.files import atomic_write_text
 from famjax.gamma_grid import GammaGrid, Slope
-from famjax.report import Analysis, Edge, Extrapolation, FromLaw, MeasuredLeverage, Regime, Report
+from famjax.leverage_runs import LeverageAtOptimum, MeasuredLeverage
+from famjax.report import Analysis, Edge, Extrapolation, FromLaw, Regime, Report
 from famjax.scaling import record
 
 
@@ -116,6 +117,21 @@ def _measured_leverage_lines(measured: list[MeasuredLeverage]) -> list[str]:
   return lines
 
 
+def _optimum_lines(optimum: list[LeverageAtOptimum]) -> list[str]:
+  lines = ["", "## Measured Efficiency Leverage at the fitted optimum", "",
+           "Per leverage point, the family nearest the familial law's N*(C) in log N among the "
+           "widths with dense models for the most seeds; its measured EL per seed, their mean "
+           "and a 95% Student t interval over seeds (two seeds give a wide one).", "",
+           "| C | G | N* (law) | family N | seeds | measured EL per seed | mean | 95% interval | "
+           "law EL | 95% interval |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for e in optimum:
+    per_seed = ", ".join(_fmt(x) for x in e.measured)
+    lines.append(f"| {e.C:.3g} | {e.G} | {_fmt(e.N_opt)} | {_fmt(e.N_family)} | "
+                 f"{len(e.families)} | {per_seed} | {_fmt(e.mean)} | {_ci(e.ci95)} | "
+                 f"{_fmt(e.law)} | {_ci(e.law_ci95)} |")
+  return lines
+
+
 def _checks_lines(extrapolation: Extrapolation, edges: list[Edge]) -> list[str]:
   lines = ["", "## Extrapolation check", ""]
   x = extrapolation
@@ -215,6 +231,8 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
     lines += _from_law_lines(report.from_law, report.options.law_flops)
   if report.measured_leverage:
     lines += _measured_leverage_lines(report.measured_leverage)
+  if report.leverage_at_optimum:
+    lines += _optimum_lines(report.leverage_at_optimum)
   if report.gamma_grid is not None:
     lines += _gamma_grid_lines(report.gamma_grid, report.laws)
   lines += _checks_lines(report.extrapolation, report.edges)

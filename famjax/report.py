@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from famjax import gamma_grid, results
-from famjax.isoflop import DENSE_MATCH, ISOFLOP, Plan
+from famjax import gamma_grid, leverage_runs, results
+from famjax.isoflop import ISOFLOP, Plan
 from famjax.scaling import fit as fitlib
 from famjax.scaling import io, laws, leverage, record
 
@@ -124,18 +124,6 @@ class FromLaw:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeasuredLeverage:
-  family: str  # the family's run id
-  C: float
-  G: int
-  family_loss: float
-  dense_losses: list[float]
-  measured: float
-  law: float | None = _optional()  # the familial law's EL for the same N and D
-  law_ci95: list[float] | None = _optional()
-
-
-@dataclasses.dataclass(frozen=True)
 class Extrapolation:
   """The familial law refitted without the largest budget, predicting it (or why not run)."""
   skipped: str | None = _optional()
@@ -156,7 +144,7 @@ class Report:
   laws: dict[str, dict]  # each law's fit record, as fit.json (record.fit_law)
   skipped_laws: dict[str, str]  # law -> why it was not fitted
   edges: list[Edge]
-  measured_leverage: list[MeasuredLeverage]
+  measured_leverage: list[leverage_runs.MeasuredLeverage]
   extrapolation: Extrapolation
   from_law: FromLaw | None = _optional()
   plan: dict | None = _optional()  # plan.json's runs, drops and notes, with the study's context
@@ -165,6 +153,8 @@ class Report:
   param_counts: dict | None = _optional()
   regime: list[Regime] | None = _optional()  # per G, from the plan
   gamma_grid: gamma_grid.GammaGrid | None = _optional()  # gamma without the law (its runs)
+  # measured EL per leverage point of the family nearest the fitted N*(C), over seeds
+  leverage_at_optimum: list[leverage_runs.LeverageAtOptimum] | None = _optional()
 
   def to_json(self) -> dict:
     return _json(self)
@@ -272,48 +262,6 @@ def _leverage_from_law(fitted, budgets, granularities, options: Options) -> From
   return FromLaw(list(budgets), label, optimal, law_leverage)
 
 
-def _family_loss(runs: pd.DataFrame, loss: str) -> float:
-  return float((runs[f"{loss}_loss"].astype(float) * runs["exit_weight"]).sum())
-
-
-def _measured_leverage(frame, fitted, options) -> list[MeasuredLeverage]:
-  """Measured EL = mean loss of the G size-matched dense models / the family's mean exit loss,
-  next to the fitted law's prediction for the same N and D."""
-  suffix = "_non_embedding" if options.param_count == "non_embedding" else ""
-  ok = frame[frame["status"] == results.OK]
-  dense = ok[ok["kind"] == DENSE_MATCH]
-  out = []
-  for family_id, matched in dense.groupby("matches"):
-    family = ok[ok["run_id"] == family_id]
-    g = int(matched["matched_G"].iloc[0])
-    if family.empty or len(matched) != g:
-      continue
-    matched = matched.sort_values("matched_exit")
-    family_loss = _family_loss(family, options.loss)
-    dense_losses = matched[f"{options.loss}_loss"].astype(float).to_numpy()
-    entry = MeasuredLeverage(family_id, float(family["C"].iloc[0]), g, family_loss,
-                             dense_losses.tolist(), float(dense_losses.mean() / family_loss))
-    if fitted is not None:
-      n_dense = matched[f"N_exit{suffix}"].to_numpy(float)
-      d_dense = matched["D"].to_numpy(float)
-      n_family = float(family[f"N_family{suffix}"].iloc[0])
-      d_family = float(family["D"].iloc[0])
-
-      def predicted(p):
-        dense_loss = jnp.exp(laws.FAMILIAL.log_loss(
-            p, {"N": jnp.asarray(n_dense), "D": jnp.asarray(d_dense), "G": jnp.ones(g)}))
-        family_loss = jnp.exp(laws.FAMILIAL.log_loss(
-            p, {"N": jnp.asarray([n_family]), "D": jnp.asarray([d_family]),
-                "G": jnp.asarray([float(g)])}))[0]
-        return jnp.mean(dense_loss) / family_loss
-
-      value, ci = _with_interval(predicted, fitted.result.params, _log_samples(fitted))
-      entry = dataclasses.replace(entry, law=float(value),
-                                  law_ci95=None if ci is None else ci.tolist())
-    out.append(entry)
-  return out
-
-
 def _extrapolation(rows: pd.DataFrame, options) -> tuple[Extrapolation, pd.DataFrame | None]:
   """Refit the familial law without the largest budget; errors predicting that budget's runs."""
   budgets = np.sort(rows["C"].unique())
@@ -379,10 +327,15 @@ def analyze(frame: pd.DataFrame, options: Options = Options(), plan: Plan | None
     granularities = sorted(int(g) for g in rows["familial"]["G"].unique())
     from_law = _leverage_from_law(familial, budgets, granularities, options)
   extrapolation, extrapolation_rows = _extrapolation(rows["familial"], options)
+  law_interval = None if familial is None else (
+      lambda fn: _with_interval(fn, familial.result.params, _log_samples(familial)))
+  measured = leverage_runs.measured(frame, options, law_interval)
   report = Report(options=options, runs=_runs(frame, plan),
                   laws={name: f.record for name, f in fits.items()}, skipped_laws=skipped,
                   edges=_edges(rows["familial"]),
-                  measured_leverage=_measured_leverage(frame, familial, options),
+                  measured_leverage=measured,
+                  leverage_at_optimum=leverage_runs.at_optimum(
+                      measured, from_law.compute_optimal) if from_law else None,
                   extrapolation=extrapolation, from_law=from_law,
                   plan={**plan.describe(), **(context or {})} if plan else None,
                   regime=_regime(plan), param_counts=param_counts,

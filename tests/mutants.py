@@ -117,6 +117,12 @@ MUTANTS = [
     ("the grid trains a control of the backbone's own depth", "famjax/isoflop.py",
      "sorted(depths - {model.n_layers})", "sorted(depths)",
      "tests/test_isoflop.py -k gamma_grid"),
+    ("EL at the optimum ignores how many seeds a size has", "famjax/leverage_runs.py",
+     "if len(group) == most)", "if len(group))",
+     "tests/test_study.py -k leverage_at_the_optimum"),
+    ("dense models of a leverage point take the first seed", "famjax/isoflop.py",
+     "budget / granularity, granularity, dense, seed=family.seed,",
+     "budget / granularity, granularity, dense,", "tests/test_isoflop.py -k share_the_budget"),
 ]
 
 

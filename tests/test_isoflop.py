@@ -113,18 +113,35 @@ def test_a_prior_outside_the_ladder_is_noted():
   assert plan.notes and "outside the ladder" in plan.notes[0]
 
 
-def test_dense_models_match_each_exit_and_share_the_budget(plan):
+def test_dense_models_match_each_exit_and_share_the_budget():
+  plan = isoflop.plan(dataclasses.replace(STUDY, seeds=(0, 1)), BASE, corpus_tokens=30_000_000)
   dense = [r for r in plan.runs if r.kind == isoflop.DENSE_MATCH]
-  assert len(dense) == 4
-  family = plan.run(dense[0].matches)
-  family_acc = accounting.account(family.experiment.model, 64)
+  families = [r for r in plan.runs if r.kind == isoflop.ISOFLOP and r.budget == 1e11
+              and r.granularity == 4]
+  assert sorted({r.matches for r in dense}) == sorted(r.run_id for r in families)
+  assert len(dense) == 4 * len(families) and len(families) == 2 * STUDY.sizes_per_budget
   for run in dense:
+    family = plan.run(run.matches)
+    family_acc = accounting.account(family.experiment.model, 64)
     acc = accounting.account(run.experiment.model, 64)
     g = run.matched_exit
-    assert run.experiment.model.n_exits == 1
+    assert run.experiment.model.n_exits == 1 and run.seed == family.seed
     assert acc.params_total == family_acc.params_per_exit[g - 1]
     assert acc.params_non_embedding == family_acc.non_embedding_per_exit[g - 1]
     assert run.budget == 1e11 and abs(run.flops - 1e11 / 4) < run.flops_per_token * 1024
+
+
+def test_leverage_widths_middle_matches_only_the_middle_family_of_the_first_seed():
+  study = dataclasses.replace(STUDY, leverage_widths="middle", seeds=(3, 1))
+  plan = isoflop.plan(study, BASE, corpus_tokens=30_000_000)
+  dense = [r for r in plan.runs if r.kind == isoflop.DENSE_MATCH]
+  widths = isoflop.budget_widths(study, BASE, 1e11)[0]
+  (family_id,) = {r.matches for r in dense}
+  family = plan.run(family_id)
+  assert len(dense) == 4 and family.seed == 3 and {r.seed for r in dense} == {3}
+  assert family.experiment.model.d_model == widths[(len(widths) - 1) // 2]
+  with pytest.raises(ValueError, match=r"study.leverage_widths.*one of \('all', 'middle'\)"):
+    dataclasses.replace(STUDY, leverage_widths="best")
 
 
 def test_two_shares_cover_the_plan_exactly_once(plan):

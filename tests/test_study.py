@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax import data, isoflop, report, results, study
+from famjax import data, isoflop, leverage_runs, report, results, study
 from famjax.config import DataConfig, ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
 from famjax.scaling import io, laws
 
@@ -57,7 +57,16 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   regime = {r["G"]: r for r in rep["regime"]}
   assert set(regime) == {1, 2} and regime[1]["flops_over_dense"] == [1.0, 1.0]
   assert 0 < regime[1]["outside_backbone_share"][0] < regime[2]["outside_backbone_share"][1] < 1
-  assert len(rep["measured_leverage"]) == 1 and rep["measured_leverage"][0]["G"] == 2
+  # dense models for both sizes of the leverage point; the report takes the one nearest N*
+  measured = rep["measured_leverage"]
+  assert len(measured) == 2 and {e["G"] for e in measured} == {2}
+  (optimum,) = rep["leverage_at_optimum"]
+  n_opt = next(e["N_opt"] for e in rep["from_law"]["compute_optimal"]
+               if e["C"] == 4e7 and e["G"] == 2)
+  assert optimum["N_opt"] == n_opt and optimum["N_family"] == min(
+      (e["N_family"] for e in measured), key=lambda n: abs(np.log(n / n_opt)))
+  assert optimum["measured"] == [next(e["measured"] for e in measured
+                                      if e["family"] == optimum["families"][0])]
   assert {e["G"] for e in rep["from_law"]["compute_optimal"]} == {1, 2}
   # the runs' FLOPs per token, not 6N; no ladder width has 3 layers for G = 3 exits
   assert rep["from_law"]["flops_per_token"] == "runs"
@@ -123,6 +132,23 @@ def test_summary_prints_the_law_with_intervals(mini_study):
   outdir, result, _, _ = mini_study
   text = study.summary(result, outdir)
   assert "familial law" in text and "95% CI" in text and str(outdir / "report.md") in text
+
+
+def test_measured_leverage_at_the_optimum_takes_the_nearest_size_over_every_seed():
+  entry = lambda n, seed, el, c=1e12: leverage_runs.MeasuredLeverage(
+      f"C{c:g}_N{n:g}_s{seed}", c, 2, 1.0, [el, el], el, law=1.1, law_ci95=[1.0, 1.2],
+      N_family=n, seed=seed)
+  entries = [entry(3e4, 0, 1.02), entry(3e4, 1, 1.04), entry(6e4, 1, 1.08), entry(6e4, 0, 1.06),
+             entry(1.2e5, 0, 1.5), entry(6e4, 0, 1.3, c=2e12)]  # 1.2e5: nearest, one seed only
+  optimal = [report.ComputeOptimal(1e12, 2, N_opt=9e4, D_opt=1e6, ci95=None),
+             report.ComputeOptimal(2e12, 2, N_opt=1e5, D_opt=1e6, ci95=None)]
+  at_1e12, at_2e12 = leverage_runs.at_optimum(entries, optimal)
+  assert at_1e12.N_family == 6e4 and at_1e12.families == ["C1e+12_N60000_s0", "C1e+12_N60000_s1"]
+  assert at_1e12.measured == [1.06, 1.08] and at_1e12.mean == pytest.approx(1.07)
+  half = 12.706 * 0.01 / np.sqrt(2) * np.sqrt(2)  # t(0.975, 1) x sd / sqrt(2), sd = 0.01 sqrt 2
+  np.testing.assert_allclose(at_1e12.ci95, [1.07 - half, 1.07 + half], rtol=1e-4)
+  assert at_1e12.law == 1.1 and at_1e12.law_ci95 == [1.0, 1.2]
+  assert at_2e12.ci95 is None and at_2e12.mean == 1.3  # one seed: no interval
 
 
 def synthetic_frame(curves_at_edge=False):

@@ -23,27 +23,28 @@ _CPU_TRAIN = TrainConfig(batch_size=16, seq_len=64, steps=1, warmup_steps=0, lea
 PRESETS = {
     # The whole study on a 2-core CPU in 4-10 minutes (README): 3 budgets x G in {1, 2, 4}
     # x 4 sizes (N ~ 1k-13k non-embedding parameters, where these budgets' optima lie), 2 dense
-    # models matched to the G = 2 family at 4e10 FLOPs. tokens_per_param 130 (non-embedding N)
-    # centres the sizes on the optima a pilot sweep found.
+    # models matched to the middle G = 2 family at 4e10 FLOPs. tokens_per_param 130 (non-embedding
+    # N) centres the sizes on the optima a pilot sweep found.
     "tiny": dict(
         study=StudyConfig(budgets=(2e10, 4e10, 8e10), granularities=(1, 2, 4),
                           widths=(4, 8, 12, 16, 20, 24, 32), head_dim=4, sizes_per_budget=4,
                           tokens_per_param=130.0, min_steps=50, leverage="4e10:2",
-                          bootstrap=1000),
+                          leverage_widths="middle", bootstrap=1000),
         model=_CPU_MODEL, train=_CPU_TRAIN),
     # 16 minutes on a 2-core CPU (README, 2026-11-30): 3 budgets a decade apart, 5 sizes each,
-    # 2 seeds per point, measured EL for G = 2 and 4 at the middle budget.
+    # 2 seeds per point, measured EL for G = 2 and 4 at the middle budget (middle size, seed 0).
     "small": dict(
         study=StudyConfig(budgets=(3e10, 1e11, 3e11), granularities=(1, 2, 4),
                           widths=(4, 8, 12, 16, 20, 24, 32, 40, 48), head_dim=4,
                           sizes_per_budget=5, tokens_per_param=100.0, min_steps=50, seeds=(0, 1),
-                          leverage="1e11:2,1e11:4", bootstrap=2000),
+                          leverage="1e11:2,1e11:4", leverage_widths="middle", bootstrap=2000),
         model=_CPU_MODEL, train=_CPU_TRAIN),
     # Out of the embedding regime, on a 2-core CPU (docs/medium.md): heads of 16, widths from 32,
     # tied unembeddings (an exit head is a norm), so that embedding and exit heads are 6-18% of
     # every family; budgets 5e11-2e12 (a pilot found the 1e11 valley below the smallest such
-    # model); 3 sizes, 2 seeds, measured EL for G = 2 and 4 at 1e12; and a gamma grid at widths
-    # 32 and 48 on 0.26M and 0.51M tokens with dense exit controls.
+    # model); 3 sizes, 2 seeds, measured EL for G = 2 and 4 at 1e12 (dense models for every size
+    # and seed, so that the report takes the family nearest the fitted N* over both seeds); and a
+    # gamma grid at widths 32 and 48 on 0.26M and 0.51M tokens with dense exit controls.
     "medium": dict(
         study=StudyConfig(budgets=(5e11, 1e12, 2e12), granularities=(1, 2, 4),
                           widths=(32, 48, 64, 80, 96, 128), head_dim=16, aspect_ratio=16.0,
@@ -59,13 +60,15 @@ PRESETS = {
     # families are 2B-12B, whose exact shapes famjax does not reproduce), a BPE vocabulary of
     # 32768, 2048-token sequences, 1M-token batches, SwiGLU d_ff = 8/3 d_model, d_model /
     # n_layers ~ 128, heads of 128, a 2T-token corpus assumed by --dry_run, and a learning rate
-    # of 3e-4 at width 1024 falling as width^-1/2 (1.1e-4 at 8192).
+    # of 3e-4 at width 1024 falling as width^-1/2 (1.1e-4 at 8192); dense models for EL matched
+    # to the middle size only (every size would add 35 runs and 8e20 FLOPs).
     "paper": dict(
         study=StudyConfig(budgets=(1e19, 3e19, 1e20, 3e20, 1e21), granularities=(1, 2, 3, 4),
                           widths=tuple(range(1024, 8193, 512)), head_dim=128, ff_ratio=8 / 3,
                           aspect_ratio=128.0, min_layers=8, layer_multiple=4, sizes_per_budget=5,
                           tokens_per_param=20.0, param_count="non_embedding", min_steps=500,
-                          leverage="1e20:3,1e20:4", leverage_granularities=(3, 4, 5, 6),
+                          leverage="1e20:3,1e20:4", leverage_widths="middle",
+                          leverage_granularities=(3, 4, 5, 6),
                           lr_width_power=0.5, fit_loss="train", bootstrap=4000,
                           planned_corpus_tokens=2_000_000_000_000),
         model=ModelConfig(vocab_size=32768, max_seq_len=2048, dtype="bfloat16"),
