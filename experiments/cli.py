@@ -23,7 +23,8 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "JAX's persistent compilation cache "
-                             "(default: the famjax cache dir's xla/; 'none' turns it off).")
+                             "(default: $JAX_COMPILATION_CACHE_DIR, else the famjax cache dir's "
+                             "xla/; 'none' turns it off).")
 
 
 def use_compilation_cache() -> Path | None:
@@ -33,7 +34,8 @@ def use_compilation_cache() -> Path | None:
   if _CACHE.value == "none":
     return None
   import jax
-  path = Path(_CACHE.value).expanduser() if _CACHE.value else default_cache_dir() / "xla"
+  chosen = _CACHE.value or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  path = Path(chosen).expanduser() if chosen else default_cache_dir() / "xla"
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

@@ -37,6 +37,28 @@ def private_cache(tmp_path_factory):
     os.environ["FAMJAX_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """One persistent XLA cache for the whole run: both xdist workers, the command lines and the
+  notebooks they start, so that a program compiled once (a tiny train step, a fitter) is read
+  back everywhere else instead of compiled again."""
+  base = tmp_path_factory.getbasetemp()
+  path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-cache"
+  path.mkdir(exist_ok=True)
+  settings = {"JAX_COMPILATION_CACHE_DIR": str(path),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
+  old = {name: os.environ.get(name) for name in settings}
+  os.environ.update(settings)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  yield path
+  for name, value in old.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
+
+
 def write_corpus(root, n_docs=60, words_per_doc=400, seed=0):
   rng = random.Random(seed)
   root.mkdir(parents=True, exist_ok=True)

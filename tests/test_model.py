@@ -209,7 +209,7 @@ def test_in_loop_chunked_losses_equal_the_losses_of_the_stacked_logits(kind, rem
     return nnx.merge(graphdef, p).exit_losses(x[:, :-1], x[:, 1:])
 
   weights = jnp.array([0.2, 0.3, 0.5])
-  np.testing.assert_allclose(in_loop(params), stacked(params), rtol=1e-5)
-  grads = [jax.grad(lambda p: weights @ f(p))(params) for f in (in_loop, stacked)]
+  np.testing.assert_allclose(jax.jit(in_loop)(params), jax.jit(stacked)(params), rtol=1e-5)
+  grads = [jax.jit(jax.grad(lambda p, f=f: weights @ f(p)))(params) for f in (in_loop, stacked)]
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
