@@ -214,9 +214,10 @@ def summary(result: dict, outdir: str | Path) -> str:
   for e in report_.leverage_at_optimum or report_.measured_leverage:
     law = f", law {e.law:.3f}" if e.law is not None else ""
     if hasattr(e, "mean"):  # the family nearest N*(C), over seeds
-      ci = f" [{e.ci95[0]:.3f}, {e.ci95[1]:.3f}]" if e.ci95 else ""
-      lines.append(f"measured EL at C={e.C:.3g}, G={e.G}, N={e.N_family:.3g} (N* "
-                   f"{e.N_opt:.3g}): {e.mean:.3f}{ci} over {len(e.families)} seeds{law}")
+      seeds = (f" [{e.ci95[0]:.3f}, {e.ci95[1]:.3f}] over {len(e.families)} seeds" if e.ci95
+               else ", one seed")
+      lines.append(f"measured EL at C={e.C:.3g}, G={e.G}, N={e.N_family:.3g} (fitted N* "
+                   f"{e.N_opt:.3g}): {e.mean:.3f}{seeds}{law}")
     else:
       lines.append(f"measured EL at C={e.C:.3g}, G={e.G}: {e.measured:.3f}{law}")
   failed = report_.runs.failed
