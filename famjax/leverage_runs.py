@@ -15,8 +15,8 @@ from famjax.isoflop import DENSE_MATCH
 from famjax.scaling import laws
 
 
-def _optional():
-  """A report field left out of report.json when None."""
+def optional():
+  """A report field left out of report.json when None (report._json)."""
   return dataclasses.field(default=None, metadata={"optional": True})
 
 
@@ -28,10 +28,10 @@ class MeasuredLeverage:
   family_loss: float
   dense_losses: list[float]
   measured: float
-  law: float | None = _optional()  # the familial law's EL for the same N and D
-  law_ci95: list[float] | None = _optional()
-  N_family: float | None = _optional()  # the family's N (the report's definition)
-  seed: int | None = _optional()
+  law: float | None = optional()  # the familial law's EL for the same N and D
+  law_ci95: list[float] | None = optional()
+  N_family: float | None = optional()  # the family's N (the report's definition)
+  seed: int | None = optional()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +45,9 @@ class LeverageAtOptimum:
   families: list[str]  # its run id per seed
   measured: list[float]  # its measured EL per seed
   mean: float
-  ci95: list[float] | None = _optional()  # None: one seed
-  law: float | None = _optional()  # the law's EL for the chosen family's N and D
-  law_ci95: list[float] | None = _optional()
+  ci95: list[float] | None = optional()  # None: one seed
+  law: float | None = optional()  # the law's EL for the chosen family's N and D
+  law_ci95: list[float] | None = optional()
 
 
 def _family_loss(runs: pd.DataFrame, loss: str) -> float:

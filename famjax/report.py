@@ -33,9 +33,7 @@ class Options:
   law_flops: dict | None = None
 
 
-def _optional():
-  """A report field left out of report.json when None."""
-  return dataclasses.field(default=None, metadata={"optional": True})
+_optional = leverage_runs.optional
 
 
 def _json(value):
