@@ -157,24 +157,37 @@ def _lowest_ends_of_a_wider_search(law, data, counts_BR, k=32):
   return np.where(ends.converged_S, ends.value_S, np.inf).reshape(len(counts_BR), k).min(axis=1)
 
 
-def test_small_study_refits_are_as_low_as_a_wider_grid_search():
+def test_small_study_refits_are_as_low_as_a_wider_grid_search(monkeypatch):
   """Resamples of a 20-row study can have several local minima, and which grid starts reach the
   lowest one depends on the CPU's floating-point code path. Against a wider search (each
   resample's 32 lowest grid points, run to convergence) at most 4 of 500 refits end higher by
-  more than 1e-6 (measured 1-2 under three XLA code paths; 9 without the screened starts)."""
+  more than 1e-6 (measured 1-2 under three XLA code paths; 9 without the screened starts). And,
+  whatever the CPU, the screened starts lower some refits that the bootstrap without them leaves
+  higher, and raise none."""
   law, data, n = laws.CHINCHILLA, _epoch_like_study(20), 500
-  boot = bootstrap.bootstrap(law, data, fit.fit(law, data, grid=law.grid(5)), n=n, seed=0)
+  full = fit.fit(law, data, grid=law.grid(5))
   counts_BR = bootstrap.resample_counts(20, n, 0)
-  refits = laws.to_log_params({name: boot.samples[name]
-                               for name in map(laws.to_natural_name, law.param_names)})
-  with jax.enable_x64(True):
-    arrays = fit.as_data(data)
-    refit_B = np.asarray(jax.vmap(lambda x, w: fit.objective(
-        x, arrays, w, law=law, delta=fit.DEFAULT_DELTA))(refits, jnp.asarray(counts_BR)))
+
+  def refit_objectives():
+    boot = bootstrap.bootstrap(law, data, full, n=n, seed=0)
+    refits = laws.to_log_params({name: boot.samples[name]
+                                 for name in map(laws.to_natural_name, law.param_names)})
+    with jax.enable_x64(True):
+      arrays = fit.as_data(data)
+      return boot, np.asarray(jax.vmap(lambda x, w: fit.objective(
+          x, arrays, w, law=law, delta=fit.DEFAULT_DELTA))(refits, jnp.asarray(counts_BR)))
+
+  boot, refit_B = refit_objectives()
   wider_B = _lowest_ends_of_a_wider_search(law, data, counts_BR)
   above_B = refit_B > np.minimum(wider_B, refit_B) * (1 + 1e-6)
   assert boot.failed == 0 and boot.multimodal >= 1
   assert above_B.sum() <= 4, np.flatnonzero(above_B)
+  monkeypatch.setattr(stages, "SCREENED_MAX_ROWS", 0)
+  _, plain_B = refit_objectives()
+  plain_B = np.where(np.isfinite(plain_B), plain_B, np.inf)  # a failed refit of the plain path
+  lowered = refit_B < plain_B * (1 - 1e-7)
+  higher = refit_B > plain_B * (1 + 1e-6)
+  assert lowered.sum() >= 1 and higher.sum() == 0, (lowered.sum(), np.flatnonzero(higher))
 
 
 def test_estimate_refits_of_a_small_study_also_run_from_their_lowest_grid_points(monkeypatch):
