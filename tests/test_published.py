@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from famjax import gamma_grid
+from famjax import gamma_grid, leverage_runs
+from famjax import report as report_lib
 from famjax.scaling import fit, io, laws
 
 MEDIUM = Path(__file__).resolve().parents[1] / "results" / "medium"
@@ -31,3 +32,19 @@ def test_gamma_without_the_law_comes_from_the_published_records():
   assert len(grid.cells) == len(report["gamma_grid"]["cells"]) == 4
   assert grid.shared.estimate == pytest.approx(report["gamma_grid"]["shared"]["estimate"],
                                                rel=1e-9)
+
+
+def test_measured_leverage_at_the_optimum_comes_from_both_seeds_of_the_records():
+  """Every published family's measured EL recomputes from records.csv, and at each leverage
+  point the family nearest the fitted N*(C) has both seeds and a t interval around their mean."""
+  report = json.loads((MEDIUM / "report.json").read_text())
+  frame = pd.read_csv(MEDIUM / "data" / "records.csv")
+  recomputed = {e.family: e.measured for e in leverage_runs.measured(frame, report_lib.Options())}
+  published = {e["family"]: e["measured"] for e in report["measured_leverage"]}
+  assert recomputed == pytest.approx(published, rel=1e-9)
+  assert {e["G"] for e in report["leverage_at_optimum"]} == {2, 4}
+  for entry in report["leverage_at_optimum"]:
+    assert len(entry["families"]) == 2
+    assert entry["measured"] == pytest.approx([published[f] for f in entry["families"]])
+    lo, hi = entry["ci95"]
+    assert lo < entry["mean"] < hi
