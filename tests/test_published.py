@@ -2,6 +2,7 @@
 without training, as `experiments.fit --data=results/medium/data/familial.csv` does."""
 
 import json
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -42,9 +43,12 @@ def test_measured_leverage_at_the_optimum_comes_from_both_seeds_of_the_records()
   recomputed = {e.family: e.measured for e in leverage_runs.measured(frame, report_lib.Options())}
   published = {e["family"]: e["measured"] for e in report["measured_leverage"]}
   assert recomputed == pytest.approx(published, rel=1e-9)
+  optimal = [types.SimpleNamespace(**o) for o in report["from_law"]["compute_optimal"]]
+  at_optimum = leverage_runs.at_optimum(
+      leverage_runs.measured(frame, report_lib.Options()), optimal)
   assert {e["G"] for e in report["leverage_at_optimum"]} == {2, 4}
-  for entry in report["leverage_at_optimum"]:
-    assert len(entry["families"]) == 2
-    assert entry["measured"] == pytest.approx([published[f] for f in entry["families"]])
+  for entry, again in zip(report["leverage_at_optimum"], at_optimum, strict=True):
+    assert entry["families"] == again.families and len(again.families) == 2
+    assert entry["ci95"] == pytest.approx(again.ci95, rel=1e-9)
     lo, hi = entry["ci95"]
-    assert lo < entry["mean"] < hi
+    assert 1 < lo < entry["mean"] < hi
