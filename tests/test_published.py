@@ -40,12 +40,11 @@ def test_measured_leverage_at_the_optimum_comes_from_both_seeds_of_the_records()
   point the family nearest the fitted N*(C) has both seeds and a t interval around their mean."""
   report = json.loads((MEDIUM / "report.json").read_text())
   frame = pd.read_csv(MEDIUM / "data" / "records.csv")
-  recomputed = {e.family: e.measured for e in leverage_runs.measured(frame, report_lib.Options())}
+  entries = leverage_runs.measured(frame, report_lib.Options())
   published = {e["family"]: e["measured"] for e in report["measured_leverage"]}
-  assert recomputed == pytest.approx(published, rel=1e-9)
+  assert {e.family: e.measured for e in entries} == pytest.approx(published, rel=1e-9)
   optimal = [types.SimpleNamespace(**o) for o in report["from_law"]["compute_optimal"]]
-  at_optimum = leverage_runs.at_optimum(
-      leverage_runs.measured(frame, report_lib.Options()), optimal)
+  at_optimum = leverage_runs.at_optimum(entries, optimal)
   assert {e["G"] for e in report["leverage_at_optimum"]} == {2, 4}
   for entry, again in zip(report["leverage_at_optimum"], at_optimum, strict=True):
     assert entry["families"] == again.families and len(again.families) == 2
