@@ -17,13 +17,14 @@ from pathlib import Path
 import jax
 
 from experiments.configs import isoflop as presets
-from famjax import accounting, isoflop, study, train
+from famjax import accounting, train
 from famjax import workdir as workdir_files
 from famjax.config import DataConfig, ExperimentConfig, TrainConfig
+from famjax.study import isoflop, remember
 
 
 def smallest_paper_model():
-  study_cfg, base = study.configs(presets.get_config("paper").to_dict())
+  study_cfg, base = remember.configs(presets.get_config("paper").to_dict())
   plan = isoflop.plan(study_cfg, base, study_cfg.planned_corpus_tokens)
   return min((r.experiment.model for r in plan.runs),
              key=lambda m: accounting.account(m, 2048).params_total)

@@ -6,14 +6,15 @@ Plans budgets x granularities x sizes, trains this task's share of the runs (rer
 skips finished runs), refits as records arrive and writes DIR/report.md, report.json and plots/.
 DIR/config.json remembers the study's config: later runs, other tasks and --fit_only use it
 without --config, and refuse a --config that would train other runs.
-Logic lives in famjax.study; this file only parses flags and prints.
+Logic lives in famjax.pipeline and famjax.study; this file only parses flags and prints.
 """
 
 from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
-from famjax import study
+from famjax import pipeline
+from famjax.study import publish, remember
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           cli.config_help("isoflop.py", "tiny", "small"))
@@ -45,19 +46,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   values = _CONFIG.value.to_dict()
   if _DRY_RUN.value:
-    print(study.dry_run(*study.configs(values), with_memory=_MEMORY.value))
+    print(pipeline.dry_run(*remember.configs(values), with_memory=_MEMORY.value))
     return
   # an existing study runs with its own config (STUDY/config.json), whatever the default preset
-  study_cfg, base = study.configs(study.remembered(_OUTDIR.value, values,
+  study_cfg, base = remember.configs(remember.remembered(_OUTDIR.value, values,
                                                    cli.given_config_fields()))
   cli.use_compilation_cache()
   cli.initialize_distributed()
-  result = study.run(study_cfg, base, _OUTDIR.value,
-                     task=study.Task(_TASK_INDEX.value, _NUM_TASKS.value), fit_only=_FIT_ONLY.value,
-                     live_fit=_LIVE_FIT.value, allow_other_corpora=_ALLOW_OTHER_CORPORA.value)
-  print(study.summary(result, _OUTDIR.value))
+  result = pipeline.run(study_cfg, base, _OUTDIR.value,
+                      task=pipeline.Task(_TASK_INDEX.value, _NUM_TASKS.value),
+                      fit_only=_FIT_ONLY.value, live_fit=_LIVE_FIT.value,
+                      allow_other_corpora=_ALLOW_OTHER_CORPORA.value)
+  print(pipeline.summary(result, _OUTDIR.value))
   if _PUBLISH.value and result["report"] is not None:
-    written = study.publish(_OUTDIR.value, _PUBLISH.value)
+    written = publish.publish(_OUTDIR.value, _PUBLISH.value)
     print(f"published {len(written)} files to {_PUBLISH.value}")
 
 

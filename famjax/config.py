@@ -278,14 +278,67 @@ LEVERAGE_WIDTHS = ("all", "middle")
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
+class AnalysisConfig:
+  """What a study's analysis reads (fits, report, EL): study fields that never change which runs
+  are trained, so an existing study accepts new values for them. The report takes this object."""
+
+  fit_loss: str = "val"  # loss the laws are fitted to: "val" (held out) or "train" (as the paper)
+  bootstrap: int = 1000  # bootstrap refits per law (whole runs resampled)
+  bootstrap_seed: int = 0  # seed of the bootstrap's resamples
+  grid_every: int = 1  # keep every k-th grid start of each law's fit
+  param_count: str = "non_embedding"  # N of the laws: "non_embedding" (Kaplan) or "total"
+  leverage_granularities: tuple[int, ...] = ()  # G of the law's EL table; () = granularities >= 2
+  # FLOPs per token of the law's EL and N*(C): "runs" (the study's own rule, `flops`, fitted per
+  # G as c N^p over the ladder) or "6N" (C = 6ND, as the paper derives them)
+  law_flops: str = "runs"
+
+  def __post_init__(self):
+    object.__setattr__(self, "leverage_granularities", tuple(self.leverage_granularities))
+    _require(self.fit_loss in FIT_LOSSES, "study.fit_loss", f"one of {FIT_LOSSES}",
+             self.fit_loss)
+    _require(self.param_count in PARAM_COUNTS, "study.param_count", f"one of {PARAM_COUNTS}",
+             self.param_count)
+    _require(self.bootstrap == 0 or self.bootstrap >= 100, "study.bootstrap",
+             "0 (no intervals) or at least 100", self.bootstrap)
+    _require(isinstance(self.bootstrap_seed, int) and self.bootstrap_seed >= 0,
+             "study.bootstrap_seed", "a non-negative integer", self.bootstrap_seed)
+    _positive_int("study.grid_every", self.grid_every)
+    _require(all(isinstance(g, int) and g >= 2 for g in self.leverage_granularities),
+             "study.leverage_granularities", "integers >= 2", self.leverage_granularities)
+    _require(self.law_flops in LAW_FLOPS, "study.law_flops", f"one of {LAW_FLOPS}",
+             self.law_flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateConfig:
+  """What --dry_run assumes to estimate a study's cost and memory; changes no run either."""
+
+  device: str = "h100"  # accelerator for --dry_run's hours estimate (accounting.PEAK_FLOPS)
+  mfu: float = 0.4  # model FLOPs utilisation assumed by that estimate
+  planned_corpus_tokens: int = 0  # training tokens assumed by --dry_run; 0 reads data.corpus
+  # --dry_run --memory (famjax.study.memory): the node each run is compiled for, as fake CPU
+  # devices, and the memory (GB = 1e9 bytes) its train step may use on each device
+  memory_devices: int = 8
+  device_memory_gb: float = 80.0
+
+  def __post_init__(self):
+    _require(0 < self.mfu <= 1, "study.mfu", "in (0, 1]", self.mfu)
+    _require(isinstance(self.planned_corpus_tokens, int) and self.planned_corpus_tokens >= 0,
+             "study.planned_corpus_tokens", "a non-negative integer", self.planned_corpus_tokens)
+    _positive_int("study.memory_devices", self.memory_devices)
+    _require(0 < self.device_memory_gb < math.inf, "study.device_memory_gb", "finite and > 0",
+             self.device_memory_gb)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig(AnalysisConfig, EstimateConfig):
   """An IsoFLOP study: budgets x granularities x a ladder of model sizes, trained and fitted.
 
   Shape rule: a model of width d_model has n_heads = d_model / head_dim, d_ff = ff_ratio * d_model
   (rounded to a multiple of 8) and n_layers = d_model / aspect_ratio rounded up to a multiple of
   layer_multiple, at least min_layers. Each budget C trains the sizes_per_budget consecutive
   widths of the ladder centred on the width whose dense model sees tokens_per_param tokens per
-  parameter when trained on C FLOPs (famjax.isoflop).
+  parameter when trained on C FLOPs (famjax.study.isoflop).
   """
 
   budgets: tuple[float, ...] = (1e10, 3e10, 1e11)  # training FLOPs C of each IsoFLOP curve
@@ -298,7 +351,6 @@ class StudyConfig:
   layer_multiple: int = 4  # n_layers rounded up to a multiple of this
   sizes_per_budget: int = 4  # consecutive ladder widths trained at each budget
   tokens_per_param: float = 20.0  # prior optimum D/N, centre of each budget's sizes
-  param_count: str = "non_embedding"  # N of the laws: "non_embedding" (Kaplan) or "total"
   flops: str = "accounting"  # FLOPs per token: "accounting" (famjax.accounting) or "6N"
   exit_layers: str = ""  # explicit exits per G, "2:2,4;4:1,2,3,4"; others evenly spaced
   min_steps: int = 50  # runs with fewer optimizer steps are dropped
@@ -312,29 +364,17 @@ class StudyConfig:
   # the budget, so that the report can take the family nearest the fitted N*(C) with every
   # seed) or "middle" (the middle width, first seed: G runs instead of widths x seeds x G)
   leverage_widths: str = "all"
-  leverage_granularities: tuple[int, ...] = ()  # G of the law's EL table; () = granularities >= 2
-  # FLOPs per token of the law's EL and N*(C): "runs" (the study's own rule, `flops`, fitted per
-  # G as c N^p over the ladder) or "6N" (C = 6ND, as the paper derives them)
-  law_flops: str = "runs"
-  # gamma measured without the law (famjax.isoflop): at each of these widths and token counts D,
-  # every G of granularities on one backbone and dense controls shaped as its exits; () = none
+  # gamma measured without the law (famjax.study.isoflop): at each of these widths and token
+  # counts D, every G of granularities on one backbone and dense controls shaped as its exits;
+  # () = none
   grid_widths: tuple[int, ...] = ()
   grid_tokens: tuple[int, ...] = ()
-  fit_loss: str = "val"  # loss the laws are fitted to: "val" (held out) or "train" (as the paper)
-  bootstrap: int = 1000  # bootstrap refits per law (whole runs resampled)
-  grid_every: int = 1  # keep every k-th grid start of each law's fit
-  device: str = "h100"  # accelerator for --dry_run's hours estimate (accounting.PEAK_FLOPS)
-  mfu: float = 0.4  # model FLOPs utilisation assumed by that estimate
-  planned_corpus_tokens: int = 0  # training tokens assumed by --dry_run; 0 reads data.corpus
-  # --dry_run --memory (famjax.memory): the node each run is compiled for, as fake CPU devices,
-  # and the memory (GB = 1e9 bytes) its train step may use on each device
-  memory_devices: int = 8
-  device_memory_gb: float = 80.0
 
   def __post_init__(self):
     object.__setattr__(self, "budgets", tuple(float(c) for c in self.budgets))
-    for name in ("granularities", "widths", "seeds", "leverage_granularities", "grid_widths",
-                 "grid_tokens"):
+    AnalysisConfig.__post_init__(self)
+    EstimateConfig.__post_init__(self)
+    for name in ("granularities", "widths", "seeds", "grid_widths", "grid_tokens"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     _require(len(self.budgets) >= 1 and all(0 < c < math.inf for c in self.budgets),
              "study.budgets", "a non-empty tuple of finite FLOP counts > 0", self.budgets)
@@ -344,8 +384,7 @@ class StudyConfig:
              and all(isinstance(g, int) and g >= 1 for g in self.granularities)
              and list(self.granularities) == sorted(set(self.granularities)),
              "study.granularities", "strictly increasing integers >= 1", self.granularities)
-    for name in ("head_dim", "min_layers", "layer_multiple", "sizes_per_budget", "min_steps",
-                 "grid_every"):
+    for name in ("head_dim", "min_layers", "layer_multiple", "sizes_per_budget", "min_steps"):
       _positive_int(f"study.{name}", getattr(self, name))
     _require(self.head_dim % 2 == 0, "study.head_dim", "even (rotary embeddings rotate pairs)",
              self.head_dim)
@@ -367,24 +406,16 @@ class StudyConfig:
     _require(len(self.seeds) >= 1 and all(isinstance(s, int) and s >= 0 for s in self.seeds)
              and len(set(self.seeds)) == len(self.seeds), "study.seeds",
              "distinct non-negative integers", self.seeds)
-    _require(self.param_count in PARAM_COUNTS, "study.param_count", f"one of {PARAM_COUNTS}",
-             self.param_count)
     _require(self.flops in FLOP_RULES, "study.flops", f"one of {FLOP_RULES}", self.flops)
-    _require(self.law_flops in LAW_FLOPS, "study.law_flops", f"one of {LAW_FLOPS}",
-             self.law_flops)
     _require(self.leverage_widths in LEVERAGE_WIDTHS, "study.leverage_widths",
              f"one of {LEVERAGE_WIDTHS}", self.leverage_widths)
-    _require(self.fit_loss in FIT_LOSSES, "study.fit_loss", f"one of {FIT_LOSSES}",
-             self.fit_loss)
-    _require(self.bootstrap == 0 or self.bootstrap >= 100, "study.bootstrap",
-             "0 (no intervals) or at least 100", self.bootstrap)
-    _require(0 < self.mfu <= 1, "study.mfu", "in (0, 1]", self.mfu)
-    _require(isinstance(self.planned_corpus_tokens, int) and self.planned_corpus_tokens >= 0,
-             "study.planned_corpus_tokens", "a non-negative integer", self.planned_corpus_tokens)
-    _positive_int("study.memory_devices", self.memory_devices)
-    _require(0 < self.device_memory_gb < math.inf, "study.device_memory_gb", "finite and > 0",
-             self.device_memory_gb)
     self._check_grid_exits_and_leverage()
+
+  @property
+  def analysis(self) -> AnalysisConfig:
+    """The fields the analysis reads, as the one object the report takes."""
+    return AnalysisConfig(**{f.name: getattr(self, f.name)
+                             for f in dataclasses.fields(AnalysisConfig)})
 
   def _check_grid_exits_and_leverage(self):
     _require(all(isinstance(w, int) and w > 0 and w % self.head_dim == 0 for w in self.grid_widths)
@@ -401,8 +432,6 @@ class StudyConfig:
       _require(g in self.granularities and len(layers) == g, "study.exit_layers",
                f"entries 'G:l1,...,lG' with G in {self.granularities} and G layers",
                self.exit_layers)
-    _require(all(isinstance(g, int) and g >= 2 for g in self.leverage_granularities),
-             "study.leverage_granularities", "integers >= 2", self.leverage_granularities)
     for c, g in self.leverage_points:
       _require(c in self.budgets and g in self.granularities and g >= 2, "study.leverage",
                f"'C:G' pairs with C in study.budgets {self.budgets} and G >= 2 in "

@@ -1,8 +1,8 @@
 """Run in a subprocess (JAX must start with 2 CPU devices); prints `RESULT {json}`.
 
 Measures every setting of a small family's train step on a simulated 2-device node, then asks
-famjax.memory.choose for each capacity between the measured peaks, so that the test can compare
-its search with the brute-force cheapest setting. Called by tests/test_memory.py.
+famjax.study.memory.choose for each capacity between the measured peaks, so that the test can
+compare its search with the brute-force cheapest setting. Called by tests/test_memory.py.
 """
 
 import itertools
@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from famjax import memory
 from famjax.config import ModelConfig
+from famjax.study import memory
 
 
 def main(cache: Path):

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax import gamma_grid
-from famjax.isoflop import EXIT_CONTROL, GRID
+from famjax.analysis import gamma_grid
+from famjax.study.isoflop import EXIT_CONTROL, GRID
 
 
 def _families(gamma_of_width, seed_noise=0.003, rng_seed=0):

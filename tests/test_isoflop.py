@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from famjax import accounting, isoflop
+from famjax import accounting
 from famjax.config import ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
+from famjax.study import isoflop
 
 BASE = ExperimentConfig(model=ModelConfig(vocab_size=264, max_seq_len=64),
                         train=TrainConfig(batch_size=16, seq_len=64, steps=1, warmup_steps=0))
@@ -168,8 +169,8 @@ def test_table_lists_every_run_and_the_total(plan):
 
 def test_paper_preset_plans_billion_parameter_families_without_reading_a_corpus():
   from experiments.configs import isoflop as presets
-  from famjax import study
-  study_cfg, base = study.configs(presets.get_config("paper").to_dict())
+  from famjax.study import remember
+  study_cfg, base = remember.configs(presets.get_config("paper").to_dict())
   plan = isoflop.plan(study_cfg, base, study_cfg.planned_corpus_tokens)
   assert len(plan.runs) >= 5 * 4 * 4
   sizes = [accounting.account(r.experiment.model, 2048).params_total for r in plan.runs]
@@ -184,8 +185,8 @@ def test_medium_preset_is_out_of_the_embedding_regime_with_a_gamma_grid():
   """Every family: width >= 32, heads >= 16 wide, embedding and exit heads under 25% of its
   parameters; budgets up to at least 1e12, two seeds, grid families and their controls."""
   from experiments.configs import isoflop as presets
-  from famjax import study
-  study_cfg, base = study.configs(presets.get_config("medium").to_dict())
+  from famjax.study import remember
+  study_cfg, base = remember.configs(presets.get_config("medium").to_dict())
   plan = isoflop.plan(study_cfg, base)
   families = [r for r in plan.runs if r.kind in (isoflop.ISOFLOP, isoflop.GRID)]
   for run in families:

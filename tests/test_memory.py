@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from famjax import memory
+from famjax.study import memory
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from famjax import gamma_grid, leverage_runs
-from famjax import report as report_lib
+from famjax.analysis import gamma_grid, measured_leverage
+from famjax.config import AnalysisConfig
 from famjax.scaling import fit, io, laws
 
 MEDIUM = Path(__file__).resolve().parents[1] / "results" / "medium"
@@ -40,11 +40,11 @@ def test_measured_leverage_at_the_optimum_comes_from_both_seeds_of_the_records()
   point the family nearest the fitted N*(C) has both seeds and a t interval around their mean."""
   report = json.loads((MEDIUM / "report.json").read_text())
   frame = pd.read_csv(MEDIUM / "data" / "records.csv")
-  entries = leverage_runs.measured(frame, report_lib.Options())
+  entries = measured_leverage.measured(frame, AnalysisConfig())
   published = {e["family"]: e["measured"] for e in report["measured_leverage"]}
   assert {e.family: e.measured for e in entries} == pytest.approx(published, rel=1e-9)
   optimal = [types.SimpleNamespace(**o) for o in report["from_law"]["compute_optimal"]]
-  at_optimum = leverage_runs.at_optimum(entries, optimal)
+  at_optimum = measured_leverage.at_optimum(entries, optimal)
   assert {e["G"] for e in report["leverage_at_optimum"]} == {2, 4}
   for entry, again in zip(report["leverage_at_optimum"], at_optimum, strict=True):
     assert entry["families"] == again.families and len(again.families) == 2

@@ -59,3 +59,16 @@ def test_no_import_cycles():
     if m not in state:
       visit(m, [m])
   assert not cycles, cycles
+
+
+def test_importing_famjax_leaves_matplotlib_alone(tmp_path):
+  """The caller's matplotlib backend survives importing and plotting with famjax."""
+  import os
+  import subprocess
+  import sys
+  code = ("import matplotlib; before = matplotlib.get_backend(); "
+          "import famjax.pipeline, famjax.analysis.plots, famjax.analysis.render; "
+          "assert matplotlib.get_backend() == before, (before, matplotlib.get_backend())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "MPLBACKEND": "svg"}, cwd=PACKAGE.parent)
+  assert out.returncode == 0, out.stderr[-2000:]

@@ -8,9 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax import data, isoflop, leverage_runs, report, results, study
-from famjax.config import DataConfig, ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
+from famjax import data, pipeline
+from famjax.analysis import analyze, measured_leverage, report
+from famjax.config import (
+  AnalysisConfig,
+  DataConfig,
+  ExperimentConfig,
+  ModelConfig,
+  StudyConfig,
+  TrainConfig,
+)
 from famjax.scaling import io, laws
+from famjax.study import isoflop, publish, remember, results
 
 
 def mini(corpus_dir, **study_overrides):
@@ -31,7 +40,7 @@ def mini(corpus_dir, **study_overrides):
 def mini_study(corpus_dir, tmp_path_factory):
   outdir = tmp_path_factory.mktemp("study")
   study_cfg, base = mini(corpus_dir)
-  result = study.run(study_cfg, base, outdir, progress=False)
+  result = pipeline.run(study_cfg, base, outdir, progress=False)
   return outdir, result, study_cfg, base
 
 
@@ -87,7 +96,7 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
 
 def test_rerunning_a_finished_study_trains_nothing(mini_study):
   outdir, _, study_cfg, base = mini_study
-  again = study.run(study_cfg, base, outdir, live_fit=False, progress=False)
+  again = pipeline.run(study_cfg, base, outdir, live_fit=False, progress=False)
   assert again["sweep"].trained == [] and len(again["sweep"].skipped) > 0
   assert again["report"] is not None
 
@@ -100,7 +109,7 @@ def test_fit_only_reports_from_the_records_present(mini_study, tmp_path):
   gone = sorted(partial.glob("runs/*"))[0]
   shutil.rmtree(gone)
   six_n = dataclasses.replace(study_cfg, law_flops="6N")  # an analysis field: allowed
-  result = study.run(six_n, base, partial, fit_only=True, progress=False)
+  result = pipeline.run(six_n, base, partial, fit_only=True, progress=False)
   assert result["missing"] == [gone.name]
   assert result["report"].runs.missing == [gone.name]
   assert "1 not yet run" in (partial / "report.md").read_text()
@@ -112,9 +121,9 @@ def test_a_published_study_refits_to_its_report_without_its_runs(mini_study, tmp
   from famjax.scaling import fit
   outdir, _, study_cfg, _ = mini_study
   dest = tmp_path / "results" / "mini"
-  written = study.publish(outdir, dest)
+  written = publish.publish(outdir, dest)
   names = {p.relative_to(dest).as_posix() for p in written}
-  # config.json is the command line's (study.remembered); study.run alone writes none
+  # config.json is the command line's (remember.remembered); pipeline.run alone writes none
   assert {"plan.json", "report.md", "report.json", "data/familial.csv", "data/records.csv",
           "plots/isoflop.png"} <= names
   assert not any(n.startswith("runs/") or n.endswith(".parquet") for n in names)
@@ -125,24 +134,24 @@ def test_a_published_study_refits_to_its_report_without_its_runs(mini_study, tmp
   for name in ("gamma", "alpha", "beta"):
     assert natural[name] == pytest.approx(published["params"][name], rel=1e-6), name
   with pytest.raises(FileNotFoundError, match="has no report.json"):
-    study.publish(tmp_path / "empty", dest)
+    publish.publish(tmp_path / "empty", dest)
 
 
 def test_summary_prints_the_law_with_intervals(mini_study):
   outdir, result, _, _ = mini_study
-  text = study.summary(result, outdir)
+  text = pipeline.summary(result, outdir)
   assert "familial law" in text and "95% CI" in text and str(outdir / "report.md") in text
 
 
 def test_measured_leverage_at_the_optimum_takes_the_nearest_size_over_every_seed():
-  entry = lambda n, seed, el, c=1e12: leverage_runs.MeasuredLeverage(
+  entry = lambda n, seed, el, c=1e12: measured_leverage.MeasuredLeverage(
       f"C{c:g}_N{n:g}_s{seed}", c, 2, 1.0, [el, el], el, law=1.1, law_ci95=[1.0, 1.2],
       N_family=n, seed=seed)
   entries = [entry(3e4, 0, 1.02), entry(3e4, 1, 1.04), entry(6e4, 1, 1.08), entry(6e4, 0, 1.06),
              entry(1.2e5, 0, 1.5), entry(6e4, 0, 1.3, c=2e12)]  # 1.2e5: nearest, one seed only
   optimal = [report.ComputeOptimal(1e12, 2, N_opt=9e4, D_opt=1e6, ci95=None),
              report.ComputeOptimal(2e12, 2, N_opt=1e5, D_opt=1e6, ci95=None)]
-  at_1e12, at_2e12 = leverage_runs.at_optimum(entries, optimal)
+  at_1e12, at_2e12 = measured_leverage.at_optimum(entries, optimal)
   assert at_1e12.N_family == 6e4 and at_1e12.families == ["C1e+12_N60000_s0", "C1e+12_N60000_s1"]
   assert at_1e12.measured == [1.06, 1.08] and at_1e12.mean == pytest.approx(1.07)
   half = 12.706 * 0.01 / np.sqrt(2) * np.sqrt(2)  # t(0.975, 1) x sd / sqrt(2), sd = 0.01 sqrt 2
@@ -177,15 +186,15 @@ def synthetic_frame(curves_at_edge=False):
 
 def test_edges_flag_minima_the_sizes_did_not_bracket():
   frame = synthetic_frame(curves_at_edge=True)
-  edges = report._edges(results.law_rows(frame, "familial"))
+  edges = analyze._edges(results.law_rows(frame, "familial"))
   assert len(edges) == 9 and {e.minimum_at for e in edges} == {"smallest"}
-  inner = report._edges(results.law_rows(synthetic_frame(), "familial"))
+  inner = analyze._edges(results.law_rows(synthetic_frame(), "familial"))
   assert all(e.minimum_at in ("interior", "smallest", "largest") for e in inner)
 
 
 def test_extrapolation_recovers_an_exact_law():
   rows = results.law_rows(synthetic_frame(), "familial")
-  out, table = report._extrapolation(rows, report.Options(grid_every=10))
+  out, table = analyze._extrapolation(rows, AnalysisConfig(grid_every=10))
   assert out.held_out_budget == 1e20 and out.n_held_out == 15
   assert out.max_abs_relative_error < 1e-3
   assert table["held_out"].sum() == 15
@@ -206,20 +215,22 @@ def test_a_study_remembers_its_config_and_takes_only_analysis_overrides(tmp_path
   recorded one, not the default preset's; an analysis field may change and is recorded; a field
   that would train other runs is refused, naming it."""
   small, tiny = _preset("small"), _preset("tiny")
-  assert study.remembered(tmp_path, small)["study"]["bootstrap"] == small["study"]["bootstrap"]
-  again = study.remembered(tmp_path, tiny, given=[])
-  assert study.configs(again) == study.configs(study.remembered(tmp_path / "other", small))
+  assert remember.remembered(tmp_path, small)["study"]["bootstrap"] == small["study"]["bootstrap"]
+  again = remember.remembered(tmp_path, tiny, given=[])
+  other = remember.remembered(tmp_path / "other", small)
+  assert remember.configs(again) == remember.configs(other)
   more = {**small, "study": {**small["study"], "bootstrap": 3000}}
-  assert study.remembered(tmp_path, more, given=["study.bootstrap"])["study"]["bootstrap"] == 3000
-  recorded = json.loads((tmp_path / study.CONFIG).read_text())
+  kept = remember.remembered(tmp_path, more, given=["study.bootstrap"])
+  assert kept["study"]["bootstrap"] == 3000
+  recorded = json.loads((tmp_path / remember.CONFIG).read_text())
   assert recorded["history"] == [{"changed": {"study.bootstrap": [small["study"]["bootstrap"],
                                                                   3000]}}]
-  assert study.remembered(tmp_path, tiny, given=[])["study"]["bootstrap"] == 3000
+  assert remember.remembered(tmp_path, tiny, given=[])["study"]["bootstrap"] == 3000
   with pytest.raises(ValueError, match=r"study\.widths.*without --config"):
-    study.remembered(tmp_path, tiny)  # a whole other preset: widths, budgets, ...
+    remember.remembered(tmp_path, tiny)  # a whole other preset: widths, budgets, ...
   wider = {**small, "study": {**small["study"], "widths": [64, 128]}}
   with pytest.raises(ValueError, match=r"study\.widths: \[.*\] -> \[64, 128\]"):
-    study.remembered(tmp_path, wider, given=["study.widths"])
+    remember.remembered(tmp_path, wider, given=["study.widths"])
 
 
 def test_the_command_line_refuses_another_config_for_an_existing_study(tmp_path):
@@ -228,7 +239,7 @@ def test_the_command_line_refuses_another_config_for_an_existing_study(tmp_path)
   import sys
   from pathlib import Path
   root = Path(__file__).resolve().parents[1]
-  study.remembered(tmp_path, _preset("tiny"))
+  remember.remembered(tmp_path, _preset("tiny"))
   out = subprocess.run([sys.executable, "-m", "experiments.isoflop",
                         "--config=experiments/configs/isoflop.py:small", f"--outdir={tmp_path}",
                         "--fit_only"], cwd=root, capture_output=True, text=True, timeout=300,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from famjax import isoflop, results, sweep, train
+from famjax import train
 from famjax.config import DataConfig, ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
+from famjax.study import isoflop, results, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

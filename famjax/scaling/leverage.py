@@ -23,7 +23,7 @@ def six_n(n, n_exits=1):
 
 def power_rule(coefficients: Mapping[int, tuple[float, float]]) -> FlopsPerToken:
   """k(N, G) = c_G * N^p_G from {G: (log c_G, p_G)}, e.g. fitted to a study's accounting
-  (famjax.isoflop.flops_rule)."""
+  (famjax.study.isoflop.flops_rule)."""
   def flops_per_token(n, n_exits=1):
     log_c, power = coefficients[int(n_exits)]
     return jnp.exp(log_c + power * jnp.log(n))

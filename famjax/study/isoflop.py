@@ -329,7 +329,7 @@ def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None =
 def table(plan_: Plan, extra: tuple[str, Mapping[str, str]] = ("", {})) -> str:
   """The plan as a text table, with total FLOPs. `heads`: share of the family's parameters in
   its embedding and exit heads; `x dense`: its FLOPs per token over a dense model of its shape;
-  `extra`: (header, {run id: cell}) of more columns, e.g. famjax.memory.run_cells."""
+  `extra`: (header, {run id: cell}) of more columns, e.g. famjax.study.memory.run_cells."""
   header = (f"{'run id':<34} {'C':>8} {'G':>2} {'exit layers':<12} {'N per exit (total)':<34} "
             f"{'D':>12} {'steps':>6} {'FLOPs':>9} {'heads':>6} {'x dense':>7} {extra[0]}").rstrip()
   lines = [header, "-" * len(header)]

@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from famjax.files import atomic_write_text
-from famjax.isoflop import DENSE_KINDS, ISOFLOP, RunSpec
 from famjax.scaling.laws import LAWS
+from famjax.study.isoflop import DENSE_KINDS, ISOFLOP, RunSpec
 
 RECORDS = "records.json"
 OK, FAILED = "ok", "failed"

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from famjax import results
-from famjax.isoflop import DENSE_MATCH
 from famjax.scaling import laws
+from famjax.study import results
+from famjax.study.isoflop import DENSE_MATCH
 
 
 def optional():
@@ -54,11 +54,11 @@ def _family_loss(runs: pd.DataFrame, loss: str) -> float:
   return float((runs[f"{loss}_loss"].astype(float) * runs["exit_weight"]).sum())
 
 
-def measured(frame, options, law_interval=None) -> list[MeasuredLeverage]:
+def measured(frame, config, law_interval=None) -> list[MeasuredLeverage]:
   """Measured EL = mean loss of the G size-matched dense models / the family's mean exit loss,
   next to the fitted law's prediction for the same N and D: law_interval(fn) gives fn of the
   familial fit's parameters and its bootstrap interval (None: no familial fit)."""
-  suffix = "_non_embedding" if options.param_count == "non_embedding" else ""
+  suffix = "_non_embedding" if config.param_count == "non_embedding" else ""
   ok = frame[frame["status"] == results.OK]
   dense = ok[ok["kind"] == DENSE_MATCH]
   out = []
@@ -68,8 +68,8 @@ def measured(frame, options, law_interval=None) -> list[MeasuredLeverage]:
     if family.empty or len(matched) != g:
       continue
     matched = matched.sort_values("matched_exit")
-    family_loss = _family_loss(family, options.loss)
-    dense_losses = matched[f"{options.loss}_loss"].astype(float).to_numpy()
+    family_loss = _family_loss(family, config.fit_loss)
+    dense_losses = matched[f"{config.fit_loss}_loss"].astype(float).to_numpy()
     n_family = float(family[f"N_family{suffix}"].iloc[0])
     entry = MeasuredLeverage(family_id, float(family["C"].iloc[0]), g, family_loss,
                              dense_losses.tolist(), float(dense_losses.mean() / family_loss),

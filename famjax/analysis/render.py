@@ -1,5 +1,5 @@
 """A study's report rendered for people and files: report.json, report.md (tables, plots
-linked), the PNG plots (plots.py) and the fit-ready tables, from report.analyze's Analysis."""
+linked), the PNG plots (plots.py) and the fit-ready tables, from famjax.analysis.analyze's Analysis."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from famjax import plots, results
+from famjax.analysis import plots
+from famjax.analysis.gamma_grid import GammaGrid, Slope
+from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage
+from famjax.analysis.report import Analysis, Edge, Extrapolation, FromLaw, Regime, Report
 from famjax.files import atomic_write_text
-from famjax.gamma_grid import GammaGrid, Slope
-from famjax.leverage_runs import LeverageAtOptimum, MeasuredLeverage
-from famjax.report import Analysis, Edge, Extrapolation, FromLaw, Regime, Report
 from famjax.scaling import record
+from famjax.study import results
 
 
 def write(study_dir: str | Path, analysis: Analysis) -> dict[str, Path]:
@@ -22,7 +23,7 @@ def write(study_dir: str | Path, analysis: Analysis) -> dict[str, Path]:
   study_dir = Path(study_dir)
   figures = plots.draw_all(study_dir / "plots", analysis)
   options = analysis.report.options
-  tables = results.export(analysis.frame, study_dir / "data", loss=options.loss,
+  tables = results.export(analysis.frame, study_dir / "data", loss=options.fit_loss,
                           param_count=options.param_count)
   atomic_write_text(study_dir / "report.json", json.dumps(
       _strict(analysis.report.to_json()), indent=1, default=_json_default))
@@ -215,7 +216,7 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
   lines = ["# IsoFLOP study report", "",
            f"Runs: {runs.finished} finished of {runs.planned} planned, "
            f"{len(runs.failed)} failed, {len(runs.missing)} not yet run; "
-           f"{len(runs.dropped)} dropped at planning. Loss fitted: {options.loss}; "
+           f"{len(runs.dropped)} dropped at planning. Loss fitted: {options.fit_loss}; "
            f"N = {options.param_count.replace('_', '-')} parameters.", ""]
   for run_id, error in runs.failed.items():
     lines.append(f"- failed: `{run_id}`: {error.splitlines()[0][:200]}")
@@ -228,7 +229,7 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
   if report.param_counts:
     lines += _param_count_lines(report.param_counts)
   if report.from_law is not None:
-    lines += _from_law_lines(report.from_law, report.options.law_flops)
+    lines += _from_law_lines(report.from_law, report.from_law.flops_rule)
   if report.measured_leverage:
     lines += _measured_leverage_lines(report.measured_leverage)
   if report.leverage_at_optimum:

@@ -10,15 +10,13 @@ from pathlib import Path
 import jax
 import matplotlib
 import matplotlib.ticker
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from famjax import gamma_grid  # noqa: E402
-from famjax.scaling import fit as fitlib  # noqa: E402
-from famjax.scaling import laws  # noqa: E402
+from famjax.analysis import gamma_grid
+from famjax.scaling import fit as fitlib
+from famjax.scaling import laws
 
 
 def _law_loss(law: laws.Law, params: dict, columns: dict) -> np.ndarray:
@@ -27,7 +25,7 @@ def _law_loss(law: laws.Law, params: dict, columns: dict) -> np.ndarray:
 
 
 def _colours(values) -> dict:
-  cmap = plt.get_cmap("viridis")
+  cmap = matplotlib.colormaps["viridis"]
   values = sorted(values)
   return {v: cmap(i / max(1, len(values) - 1) * 0.85) for i, v in enumerate(values)}
 
@@ -41,13 +39,19 @@ def _tokens_along_curve(rows: pd.DataFrame):
   return lambda c, n, g: c / np.exp(fits[g][1] + fits[g][0] * np.log(n))
 
 
+def _subplots(*args, figsize, **kwargs):
+  """A figure outside pyplot: no global backend or figure registry, so importing or calling this
+  module changes nothing for the caller's own plots."""
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(*args, **kwargs)
+
+
 def _save(fig, path: Path) -> Path:
   for ax in fig.axes:  # a log axis spanning less than a decade labels its minor ticks: overlap
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.stem}.tmp.png")
   fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  plt.close(fig)
   tmp.replace(path)
   return path
 
@@ -56,7 +60,7 @@ def isoflop_curves(rows: pd.DataFrame, params: dict | None, path: Path) -> Path:
   budgets = sorted(rows["C"].unique())
   colours = _colours(rows["G"].unique())
   tokens = _tokens_along_curve(rows)
-  fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
+  fig, axes = _subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
   for ax, c in zip(axes[0], budgets):
     curve = rows[rows["C"] == c]
     for g, group in curve.groupby("G"):
@@ -78,7 +82,7 @@ def loss_against_granularity(rows: pd.DataFrame, params: dict | None, path: Path
   same IsoFLOP curve."""
   tokens = _tokens_along_curve(rows)
   colours = _colours(rows["C"].unique())
-  fig, ax = plt.subplots(figsize=(5, 3.8))
+  fig, ax = _subplots(figsize=(5, 3.8))
   for c, curve in rows.groupby("C"):
     best = curve.groupby("G")["loss"].min()
     ax.plot(best.index, best.to_numpy(), "o", color=colours[c], label=f"C={c:.2g}")
@@ -105,7 +109,7 @@ def branch_factors(rows: pd.DataFrame, params: dict, path: Path) -> Path:
   p_factor = (1 + p) ** params["alpha_b"]
   q_factor = (1 + q) ** params["beta_b"]
   colours = _colours(rows["G"].unique())
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+  fig, axes = _subplots(1, 2, figsize=(9, 3.6))
   for ax, x, y, exponent, label in ((axes[0], p, ratio / q_factor, params["alpha_b"], "P"),
                                     (axes[1], q, ratio / p_factor, params["beta_b"], "Q")):
     for g in sorted(rows["G"].unique()):
@@ -123,7 +127,7 @@ def branch_factors(rows: pd.DataFrame, params: dict, path: Path) -> Path:
 
 def leverage_plot(report, path: Path) -> Path:
   """EL from the law (with its interval) and measured EL, against C per G (report.Report)."""
-  fig, ax = plt.subplots(figsize=(5.2, 3.8))
+  fig, ax = _subplots(figsize=(5.2, 3.8))
   from_law = report.from_law.leverage if report.from_law and report.from_law.leverage else []
   frame = pd.DataFrame([dataclasses.asdict(e) for e in from_law])
   measured = report.measured_leverage
@@ -158,7 +162,7 @@ def leverage_plot(report, path: Path) -> Path:
 
 def bootstrap_spreads(samples: dict, estimates: dict, ci95: dict, path: Path) -> Path:
   names = [k for k in ("gamma", "alpha", "beta") if k in samples]
-  fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+  fig, axes = _subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
   for ax, name in zip(axes[0], names):
     values = np.asarray(samples[name])
     ax.hist(values[np.isfinite(values)], bins=40, color="#4c72b0", alpha=0.8)
@@ -174,7 +178,7 @@ def bootstrap_spreads(samples: dict, estimates: dict, ci95: dict, path: Path) ->
 def predicted_vs_observed(rows: pd.DataFrame, params: dict, extrapolation: pd.DataFrame | None,
                           path: Path) -> Path:
   predicted = _law_loss(laws.FAMILIAL, params, {k: rows[k].to_numpy(float) for k in "NDG"})
-  fig, ax = plt.subplots(figsize=(4.4, 4.2))
+  fig, ax = _subplots(figsize=(4.4, 4.2))
   colours = _colours(rows["G"].unique())
   for g in sorted(rows["G"].unique()):
     mask = (rows["G"] == g).to_numpy()
@@ -193,7 +197,7 @@ def predicted_vs_observed(rows: pd.DataFrame, params: dict, extrapolation: pd.Da
 def gamma_grid_plot(families: pd.DataFrame, grid, law_gamma: float | None, path: Path) -> Path:
   """Mean exit loss against G per gamma-grid cell (one point per seed), with each cell's slope
   (gamma_direct) through the cell's mean, and the familial law's gamma for comparison."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _subplots(figsize=(6, 4))
   cells = {(c.d_model, c.D): c for c in grid.cells}
   colours = _colours(list(cells))
   for (width, tokens), cell in families.groupby(["d_model", "D"]):
@@ -238,7 +242,7 @@ def draw_all(outdir: Path, analysis) -> dict[str, Path]:
                                              familial.boot.ci95, outdir / "bootstrap.png")
   if report.gamma_grid is not None:
     figures["gamma_grid"] = gamma_grid_plot(
-        gamma_grid.family_rows(analysis.frame, report.options.loss), report.gamma_grid,
+        gamma_grid.family_rows(analysis.frame, report.options.fit_loss), report.gamma_grid,
         laws.to_natural_params(params)["gamma"] if params else None, outdir / "gamma_grid.png")
   if familial:
     figures["predicted_vs_observed"] = predicted_vs_observed(

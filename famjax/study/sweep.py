@@ -20,9 +20,10 @@ from typing import Callable
 import jax
 from tqdm.auto import tqdm
 
-from famjax import data, isoflop, results, train
+from famjax import data, train
 from famjax.config import config_hash
 from famjax.files import WorkdirBusy, atomic_write_text
+from famjax.study import isoflop, results
 
 PLAN = "plan.json"
 

@@ -1,5 +1,5 @@
-"""Gamma measured without the law, from a study's gamma grid (famjax.isoflop: GRID families and
-EXIT_CONTROL dense runs, StudyConfig.grid_widths x grid_tokens).
+"""Gamma measured without the law, from a study's gamma grid (famjax.study.isoflop: GRID families
+and EXIT_CONTROL dense runs, StudyConfig.grid_widths x grid_tokens).
 
 - gamma_direct, per cell (width, D): the least-squares slope of log(mean exit loss) on log G over
   the cell's families (one backbone, the same tokens), with one intercept per seed (a seed's
@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from famjax import results
-from famjax.isoflop import EXIT_CONTROL, GRID
+from famjax.study import results
+from famjax.study.isoflop import EXIT_CONTROL, GRID
 
 CELL = ["d_model", "D"]
 

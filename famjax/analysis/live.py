@@ -1,0 +1,57 @@
+"""The live fit: the familial law refitted as each run of a sweep finishes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from famjax.analysis.analyze import law_data
+from famjax.config import AnalysisConfig
+from famjax.scaling import fit as fitlib
+from famjax.scaling import laws
+from famjax.study import results
+from famjax.study.isoflop import ISOFLOP
+
+
+class LiveFit:
+  """Refits the familial law each time a run finishes, from the previous estimate and a thin
+  grid (rows are padded to size buckets, so a growing study compiles a few programs, not one per
+  run), and prints the current estimates. The first call reads the study's records from disk
+  (runs finished before this sweep); later calls add the records the sweep passes."""
+
+  def __init__(self, study_dir, config: AnalysisConfig, fingerprint: str | None = None,
+               grid_every: int = 50):
+    self.study_dir, self.config, self.fingerprint = study_dir, config, fingerprint
+    self.grid = laws.FAMILIAL.grid(grid_every)
+    self.params: dict | None = None
+    self.records: list[dict] | None = None
+
+  def _add(self, spec, records) -> None:
+    if self.records is None or spec is None or records is None:
+      self.records = results.collect(self.study_dir, self.fingerprint).to_dict("records")
+    else:
+      self.records = [r for r in self.records if r["run_id"] != spec.run_id] + list(records)
+
+  def __call__(self, spec=None, records=None) -> str | None:
+    """spec and records: a run the sweep has just finished (None: reread the study)."""
+    if spec is not None and spec.kind != ISOFLOP:
+      return None  # the law's rows did not change
+    self._add(spec, records)
+    frame = pd.DataFrame(self.records, columns=None if self.records else list(results.REQUIRED))
+    rows = results.law_rows(frame, "familial", loss=self.config.fit_loss,
+                            param_count=self.config.param_count)
+    try:
+      data = law_data(rows, laws.FAMILIAL, "the runs so far")
+    except ValueError:
+      return None  # not identifiable yet
+    grid = self.grid
+    if self.params is not None:
+      grid = {k: np.append(v, self.params[k]) for k, v in grid.items()}
+    result = fitlib.fit(laws.FAMILIAL, data, grid=grid)
+    self.params = result.params
+    natural = laws.to_natural_params(result.params)
+    line = (f"live fit over {len(rows)} runs: gamma={natural['gamma']:.4f} "
+            f"alpha={natural['alpha']:.3f} beta={natural['beta']:.3f} E={natural['E']:.3g}")
+    tqdm.write(line)
+    return line
