@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 STUDY ?= runs/isoflop-tiny
 CACHE := $(or $(FAMJAX_CACHE),$(HOME)/.cache/famjax)
 
-.PHONY: run test test-fast bench lint venv clean clean-cache
+.PHONY: run test check bench lint venv clean clean-cache
 
 venv:
 	@$(PY) -c "import famjax" 2>/dev/null || rm -rf $(VENV)
@@ -28,11 +28,13 @@ run: venv
 	$(PY) -m experiments.isoflop --config=experiments/configs/isoflop.py:tiny --outdir=$(STUDY)
 
 # Two workers, one test file each at a time, so that a file's compiled fixtures are built once.
+# `make test`: every test but the statistical and end-to-end ones (marked slow), for each change.
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
-
-test-fast: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+# `make check`: the whole suite, notebooks and the second XLA code path included (CI runs it).
+check: venv
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: venv
 	$(PY) -m ruff check .

@@ -24,6 +24,18 @@ def reference_data_dir() -> Path:
   return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "reference-data"
 
 
+# The files of `make check` that take longest (measured 2026-12-03), started first: with
+# `--dist loadfile` the two workers take whole files in collection order, so a long file dealt
+# last would leave one worker running it alone at the end. Only the order changes, never what runs.
+LONGEST_FIRST = ("test_portability.py", "test_bootstrap.py", "test_notebooks.py", "test_study.py",
+                 "test_sharding.py", "test_memory.py", "test_decode.py", "test_scaling.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
   """Keeps the tests' token caches out of the user's ~/.cache."""

@@ -13,6 +13,8 @@ from famjax.scaling import bootstrap, fit, laws, leverage, record, stages
 from conftest import PAPER, reference_data_dir, synthetic_family
 
 
+@pytest.mark.fp_path
+@pytest.mark.slow
 def test_bootstrap_spreads_and_gamma_test():
   """The SE of every parameter equals the SE of independent scipy refits of the same resamples
   (within 3%), and both tests find the true gamma > 0."""
@@ -157,6 +159,8 @@ def _lowest_ends_of_a_wider_search(law, data, counts_BR, k=32):
   return np.where(ends.converged_S, ends.value_S, np.inf).reshape(len(counts_BR), k).min(axis=1)
 
 
+@pytest.mark.fp_path
+@pytest.mark.slow
 def test_small_study_refits_are_as_low_as_a_wider_grid_search(monkeypatch):
   """Resamples of a 20-row study can have several local minima, and which grid starts reach the
   lowest one depends on the CPU's floating-point code path. Against a wider search (each
@@ -190,6 +194,8 @@ def test_small_study_refits_are_as_low_as_a_wider_grid_search(monkeypatch):
   assert lowered.sum() >= 1 and higher.sum() == 0, (lowered.sum(), np.flatnonzero(higher))
 
 
+@pytest.mark.fp_path
+@pytest.mark.slow
 def test_estimate_refits_of_a_small_study_also_run_from_their_lowest_grid_points(monkeypatch):
   """fit.estimate's bootstrap, as the host's: each resample's screened grid starts lower refits
   of a 20-row study that the refit from the optimum leaves at a higher minimum, or converge

@@ -163,6 +163,7 @@ def test_stop_tokens_end_a_row(decoders):
   assert row[:3] == [int(t) for t in free[0, :3]] and all(t == -1 for t in row[3:])
 
 
+@pytest.mark.slow
 def test_decode_command_line(corpus_dir, tmp_path):
   root = Path(__file__).resolve().parents[1]
   env = dict(os.environ, PYTHONPATH=str(root))

@@ -48,6 +48,7 @@ def test_a_paused_run_reports_the_step_its_state_has(tiny_experiment, tmp_path):
   assert json.loads((tmp_path / "summary.json").read_text())["step"] == 20
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_workdir_is_refused_naming_the_holder(corpus_dir, tmp_path):
   args = ["--config=experiments/configs/train.py:tiny", f"--workdir={tmp_path}",
           f"--config.data.corpus={corpus_dir}", "--config.data.val_fraction=0.1",

@@ -25,6 +25,7 @@ def starts():
   return np.array([[-1.2, 1.0, 0.5], [0.0, 0.0, 0.0], [2.0, -1.0, 3.0], [1.5, 1.5, 1.5]])
 
 
+@pytest.mark.fp_path
 def test_steps_meet_the_strong_wolfe_conditions_under_vmap(starts):
   c1, c2 = 1e-4, 0.9
   with jax.enable_x64(True):
@@ -71,6 +72,7 @@ def test_a_trial_budget_that_runs_out_returns_the_best_point_found(starts):
     assert float(out.state.value) < float(rosenbrock(x))  # grew the step twice, both lower
 
 
+@pytest.mark.fp_path
 def test_jaxopt_lbfgs_with_it_minimises_rosenbrock_in_every_lane(starts):
   with jax.enable_x64(True):
     solver = jaxopt.LBFGS(fun=rosenbrock, maxiter=500, tol=1e-10,
@@ -80,6 +82,7 @@ def test_jaxopt_lbfgs_with_it_minimises_rosenbrock_in_every_lane(starts):
     assert bool(jnp.allclose(params, 1.0, atol=1e-8))
 
 
+@pytest.mark.fp_path
 def test_one_trial_updates_retrace_the_full_searches_path(starts):
   """jaxopt.LBFGS.update with OneTrialLineSearch, the state kept until each search ends (as
   fit's lanes do), visits the same iterates as with LaneLineSearch, in as many trials."""

@@ -25,6 +25,7 @@ def checks(tmp_path_factory):
   return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_the_search_finds_the_cheapest_setting_that_fits_at_every_capacity(checks):
   measured = checks["measured"]
   for peak, (setting, _) in checks["chosen"].items():
@@ -32,6 +33,7 @@ def test_the_search_finds_the_cheapest_setting_that_fits_at_every_capacity(check
     assert setting == min(fitting)[1], peak
 
 
+@pytest.mark.slow
 def test_fewer_microbatches_fsdp_and_no_remat_cost_memory(checks):
   peak = {name: fp["peak"] for name, (_, fp) in checks["measured"].items()}
   assert peak["fsdp 1, remat none, micro 1"] > peak["fsdp 1, remat none, micro 4"]
@@ -39,11 +41,13 @@ def test_fewer_microbatches_fsdp_and_no_remat_cost_memory(checks):
   assert peak["fsdp 1, remat none, micro 1"] > peak["fsdp 1, remat block, micro 1"]
 
 
+@pytest.mark.slow
 def test_parameters_and_optimizer_state_match_the_formula(checks):
   for fsdp, difference in checks["state_difference"].items():
     assert abs(difference) < 0.05, fsdp
 
 
+@pytest.mark.slow
 def test_a_shape_that_fits_nothing_is_refused_with_its_need(checks):
   setting, most_frugal, (line, *_) = checks["impossible"]
   assert setting is None and most_frugal == "fsdp 2, remat block, micro 1"
@@ -51,6 +55,7 @@ def test_a_shape_that_fits_nothing_is_refused_with_its_need(checks):
   assert "study.device_memory_gb" in line and "temporaries" in line
 
 
+@pytest.mark.slow
 def test_a_siblings_setting_is_tried_first_and_kept_when_it_fits(checks):
   assert checks["floor"] == "fsdp 2, remat dots, micro 2"
 
@@ -61,6 +66,7 @@ def test_ranks_order_remat_then_microbatches_then_fsdp():
   assert sorted(settings, key=memory._rank) == settings
 
 
+@pytest.mark.slow
 def test_dry_run_memory_prints_a_setting_for_every_run_and_refuses_what_cannot_fit(tmp_path):
   common = [sys.executable, "-m", "experiments.isoflop",
             "--config=experiments/configs/isoflop.py:tiny", "--dry_run", "--memory",

@@ -104,6 +104,7 @@ def familial_fit():
                        solver=fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000)))
 
 
+@pytest.mark.fp_path
 def test_fit_recovers_the_generating_parameters(familial_fit):
   _, result = familial_fit
   got = laws.to_natural_params(result.params)
@@ -147,6 +148,7 @@ def test_the_objective_is_the_huber_sum_of_log_residuals_computed_by_hand():
   assert float(value) == pytest.approx(float(np.sum(weights * huber)), rel=1e-8)
 
 
+@pytest.mark.fp_path
 def test_the_default_fit_shrugs_off_an_outlier():
   """Huber with delta 1e-3 on log residuals: one run 30% off moves the fit little; a squared
   loss (delta 1) is dragged by it."""
@@ -180,6 +182,7 @@ def test_whitened_coordinates_make_the_hessian_the_identity(familial_fit):
   np.testing.assert_allclose(coordinates.to_params(coordinates.to_solver(x)), x, atol=1e-12)
 
 
+@pytest.mark.fp_path
 def test_whitened_refits_match_refits_in_the_laws_coordinates(familial_fit):
   data, result = familial_fit
   counts = bootstrap.resample_counts(len(data["loss"]), 32, seed=1)
@@ -198,6 +201,7 @@ def test_whitened_refits_match_refits_in_the_laws_coordinates(familial_fit):
                                plain.params(problem.names)[name], rtol=1e-4)
 
 
+@pytest.mark.fp_path
 def test_restart_carries_starts_that_stalled_on_to_the_minimum(familial_fit):
   """A loose stall rule (ftol 1e-2) ends every start early and calls it converged; restarting
   with fresh L-BFGS memory goes on to where a full run from the same start ends."""
@@ -375,6 +379,8 @@ def test_estimate_vmaps_over_studies_and_compiles_once_per_shape():
   assert bool(np.all(batched.converged))
 
 
+@pytest.mark.fp_path
+@pytest.mark.slow
 def test_estimate_bootstrap_gives_intervals_like_the_host_bootstrap():
   data = synthetic_family(noise=0.01, seed=1)
   with jax.enable_x64(True):
@@ -394,6 +400,7 @@ def test_estimate_refuses_a_silent_float32_fit():
     fit.estimate(laws.FAMILIAL, data, grid=GRID)
 
 
+@pytest.mark.fp_path
 def test_failed_refits_are_left_out_and_counted():
   data = synthetic_family(noise=0.01, seed=1)
   result = fit.fit(laws.FAMILIAL, data, grid=GRID)
@@ -406,6 +413,7 @@ def test_failed_refits_are_left_out_and_counted():
     assert boot.se["gamma"] == pytest.approx(np.std(ok, ddof=1))
 
 
+@pytest.mark.fp_path
 def test_a_parameter_at_a_boundary_is_flagged_and_its_interval_unidentified():
   """Data without a loss floor (E = 0): the fit runs E to zero; the record says so."""
   rng = np.random.default_rng(0)

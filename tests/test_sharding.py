@@ -61,6 +61,7 @@ def golden_for(path: str) -> str:
   return GOLDEN[key]
 
 
+@pytest.mark.slow
 def test_every_parameter_follows_the_rules_table(checks):
   specs = checks["param_specs"]["(2, 1, 4)"]
   assert len(specs) == 52  # 3 segments and 2 private blocks of 9, 3 norms, 3 heads, embedding
@@ -71,6 +72,7 @@ def test_every_parameter_follows_the_rules_table(checks):
 MESHES = ["(8, 1, 1)", "(1, 1, 8)", "(2, 1, 4)", "(1, 8, 1)", "(2, 2, 2)"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES)
 def test_optimizer_state_follows_its_parameters(checks, shape):
   params = checks["param_specs"][shape]
@@ -82,6 +84,7 @@ def test_optimizer_state_follows_its_parameters(checks, shape):
     assert any("'model'" in spec for spec in params.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES)
 def test_one_step_matches_one_device(checks, shape):
   """float32 reductions split across devices add in another order: a few ulps (1e-6 relative on a
@@ -94,6 +97,7 @@ def test_one_step_matches_one_device(checks, shape):
   assert step["max_param_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_meshes(checks):
   """3 steps under fsdp, 3 on (data 2, model 4), 3 under fsdp, the last 3 on 1 device == one
   uninterrupted run."""
@@ -105,11 +109,13 @@ def test_checkpoint_moves_between_meshes(checks):
   assert resume["max_param_diff"] < 1e-3  # 12 Adam steps of 1e-2, see the test above
 
 
+@pytest.mark.slow
 def test_decoding_on_a_mesh_equals_one_device(checks):
   decoded = checks["decode"]
   assert decoded["mesh"] == decoded["one"] and decoded["max_logit_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_fsdp_splits_parameters_and_optimizer_state(checks):
   """Per device: within 1.1x of the total over 8 (norm scales and step counters are whole)."""
   per_device, total = checks["fsdp_bytes"]["per_device"], checks["fsdp_bytes"]["total"]
@@ -141,6 +147,7 @@ def cli(workdir, corpus, *extra):
           "--config.train.checkpoint_every=3", "--config.train.progress=False", *extra]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(corpus_dir, tmp_path):
   """jax.distributed over localhost (CPU collectives), one device per process, == one process
   with two devices."""

@@ -44,6 +44,7 @@ def mini_study(corpus_dir, tmp_path_factory):
   return outdir, result, study_cfg, base
 
 
+@pytest.mark.slow
 def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   outdir, result, study_cfg, base = mini_study
   plan = isoflop.plan(study_cfg, base)
@@ -94,6 +95,7 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert data.load_tokenizer(next(outdir.glob("runs/*"))).name == "byte"
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_study_trains_nothing(mini_study):
   outdir, _, study_cfg, base = mini_study
   again = pipeline.run(study_cfg, base, outdir, live_fit=False, progress=False)
@@ -101,6 +103,7 @@ def test_rerunning_a_finished_study_trains_nothing(mini_study):
   assert again["report"] is not None
 
 
+@pytest.mark.slow
 def test_fit_only_reports_from_the_records_present(mini_study, tmp_path):
   import shutil
   outdir, _, study_cfg, base = mini_study
@@ -117,6 +120,7 @@ def test_fit_only_reports_from_the_records_present(mini_study, tmp_path):
   assert from_law.flops_per_token == "6N" and {e.G for e in from_law.leverage} == {2, 3}
 
 
+@pytest.mark.slow
 def test_a_published_study_refits_to_its_report_without_its_runs(mini_study, tmp_path):
   from famjax.scaling import fit
   outdir, _, study_cfg, _ = mini_study
@@ -137,6 +141,7 @@ def test_a_published_study_refits_to_its_report_without_its_runs(mini_study, tmp
     publish.publish(tmp_path / "empty", dest)
 
 
+@pytest.mark.slow
 def test_summary_prints_the_law_with_intervals(mini_study):
   outdir, result, _, _ = mini_study
   text = pipeline.summary(result, outdir)
@@ -233,6 +238,7 @@ def test_a_study_remembers_its_config_and_takes_only_analysis_overrides(tmp_path
     remember.remembered(tmp_path, wider, given=["study.widths"])
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_another_config_for_an_existing_study(tmp_path):
   import os
   import subprocess
@@ -279,6 +285,7 @@ PAPER_ON_A_CPU = [
     "--config.train.learning_rate=1e-2", "--config.train.progress=False"]
 
 
+@pytest.mark.slow
 def test_the_readme_slurm_example_runs_on_a_named_corpus_and_tokenizer(tmp_path):
   """README's cluster example as written (tokenize once, then a task of the array), on a parquet
   corpus and a tokenizer.json made here and the paper preset shrunk by PAPER_ON_A_CPU."""

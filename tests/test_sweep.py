@@ -141,6 +141,7 @@ def get_config():
 """
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_mid_run_loses_nothing_and_duplicates_nothing(corpus_dir, tmp_path):
   preset = tmp_path / "mini.py"
   preset.write_text(MINI_PRESET.format(corpus=str(corpus_dir)))

@@ -189,6 +189,7 @@ def test_vocabulary_smaller_than_the_tokenizer_is_an_error(tiny_experiment, tmp_
     train.train(cfg, tmp_path)
 
 
+@pytest.mark.slow
 def test_command_line_entry_point(corpus_dir, tmp_path):
   root = Path(__file__).resolve().parents[1]
   cmd = [sys.executable, "-m", "experiments.train",
