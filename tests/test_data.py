@@ -85,6 +85,7 @@ def test_a_document_keeps_its_split_whatever_else_the_corpus_holds(corpus_dir, t
   assert part.n_train_docs + part.n_val_docs == len(list(half.iterdir()))
 
 
+@pytest.mark.slow  # tokenizes the whole embedded corpus, the interpreter's standard library
 def test_stdlib_split_is_about_one_percent():
   tokens = data.load_tokens(DataConfig())
   n = tokens.n_train_docs + tokens.n_val_docs
