@@ -14,8 +14,9 @@ decodes on it.
 speculative) is one method, running a jitted function of the split model (`_on_split_model`)
 around a model-level function (`_prefill_model`, ...).
 
-Shape suffixes as in model.py: B batch, S cache length (max_len), T new tokens, D d_model,
-V vocabulary, L layers of a segment, N heads, H head dim, K drafted tokens.
+Shape suffixes as in model.py: B batch, S cache length (max_len), T new tokens, M d_model,
+V vocabulary, L layers of a segment, Q attention heads, H head dim, K drafted tokens, O tokens
+generated.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ class RelayState(NamedTuple):
   """What a tier that decoded at exit g hands to a deeper one (exit = len(segments) - 1)."""
   tokens_BS: jax.Array  # int32, tokens so far (prompt and generated), padded
   lengths_B: jax.Array  # int32, tokens so far per row
-  hidden_BSD: jax.Array  # the hidden state leaving layer l_g, at every position
-  segments: tuple  # KV of segments 0..g, [L, B, S, N, H] each
-  head: KV | None  # KV of exit g's private block, [B, S, N, H] each, if it has one
+  hidden_BSM: jax.Array  # the hidden state leaving layer l_g, at every position
+  segments: tuple  # KV of segments 0..g, [L, B, S, Q, H] each
+  head: KV | None  # KV of exit g's private block, [B, S, Q, H] each, if it has one
 
   @property
   def exit(self) -> int:
@@ -62,21 +63,21 @@ def _constrain_kv(kv: KV | None, stacked: bool = True) -> KV | None:
   return KV(constrain(kv.k, axes), constrain(kv.v, axes))
 
 
-def _run_segments(model, x_BTD, positions_BT, caches, first: int, last: int):
+def _run_segments(model, x_BTM, positions_BT, caches, first: int, last: int):
   """Segments first..last on x (positions [B, T]); returns x and their updated caches."""
   out = []
-  for x_BTD, kv in run_segments(model.segments[first:last + 1], x_BTD, positions_BT, caches):
+  for x_BTM, kv in run_segments(model.segments[first:last + 1], x_BTM, positions_BT, caches):
     out.append(_constrain_kv(kv))
-  return x_BTD, tuple(out)
+  return x_BTM, tuple(out)
 
 
-def _head_logits(model, g, x_BTD, positions_BT, head_cache, at_B=None):
+def _head_logits(model, g, x_BTM, positions_BT, head_cache, at_B=None):
   """Exit g's logits at every position ([B, T, V]), or only at position at_B[b] of each row
   ([B, V]): the private block still runs over every position to fill its cache."""
-  h_BTD, head_cache = model.exits[g].hidden(x_BTD, positions_BT, head_cache)
+  h_BTM, head_cache = model.exits[g].hidden(x_BTM, positions_BT, head_cache)
   if at_B is not None:
-    h_BTD = _at(h_BTD, at_B)[:, None]
-  logits = model.exits[g].logits(h_BTD, model.embed)
+    h_BTM = _at(h_BTM, at_B)[:, None]
+  logits = model.exits[g].logits(h_BTM, model.embed)
   return (logits if at_B is None else logits[:, 0]), _constrain_kv(head_cache, stacked=False)
 
 
@@ -85,9 +86,9 @@ def _at(x_BT, index_B):
   return jnp.take_along_axis(x_BT, index_B.reshape((-1,) + (1,) * (x_BT.ndim - 1)), axis=1)[:, 0]
 
 
-def _write_rows(cache_BSNH, new_BTNH, positions_BT):
+def _write_rows(cache_BSQH, new_BTQH, positions_BT):
   put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p[0], 0, 0))
-  return jax.vmap(put)(cache_BSNH, new_BTNH, positions_BT)
+  return jax.vmap(put)(cache_BSQH, new_BTQH, positions_BT)
 
 
 def _put(x_BS, value_BT, positions_BT):
@@ -100,11 +101,11 @@ def _forward(model, state: RelayState, tokens_BT, positions_BT, exit_: int, at_B
   """Feeds tokens at positions through segments 0..exit and exit's head; returns logits
   [B, T, V] (or [B, V] at position at_B of each row) and the updated state (tokens, hidden and
   caches written; lengths unchanged)."""
-  x_BTD = model.embed_tokens(tokens_BT)
-  x_BTD, segments = _run_segments(model, x_BTD, positions_BT, state.segments, 0, exit_)
-  logits_BTV, head = _head_logits(model, exit_, x_BTD, positions_BT, state.head, at_B)
+  x_BTM = model.embed_tokens(tokens_BT)
+  x_BTM, segments = _run_segments(model, x_BTM, positions_BT, state.segments, 0, exit_)
+  logits_BTV, head = _head_logits(model, exit_, x_BTM, positions_BT, state.head, at_B)
   return logits_BTV, state._replace(tokens_BS=_put(state.tokens_BS, tokens_BT, positions_BT),
-                                    hidden_BSD=_put(state.hidden_BSD, x_BTD, positions_BT),
+                                    hidden_BSM=_put(state.hidden_BSM, x_BTM, positions_BT),
                                     segments=segments, head=head)
 
 
@@ -135,8 +136,8 @@ def _prefill_model(model: FamilialTransformer, prompts_BT, lengths_B, exit_: int
   return state._replace(lengths_B=lengths_B), logits_BV
 
 
-def _deepened(state: RelayState, hidden_BSD, segments, head) -> RelayState:
-  return state._replace(hidden_BSD=hidden_BSD, segments=state.segments + segments, head=head)
+def _deepened(state: RelayState, hidden_BSM, segments, head) -> RelayState:
+  return state._replace(hidden_BSM=hidden_BSM, segments=state.segments + segments, head=head)
 
 
 def _relay_parts_model(model: FamilialTransformer, state: RelayState, to_exit: int,
@@ -152,12 +153,12 @@ def _relay_parts_model(model: FamilialTransformer, state: RelayState, to_exit: i
   length = max_len if length is None else length
   deeper = empty_state(model, batch, max_len, to_exit, first=g + 1)
   positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
-  x_BTD, segments = _run_segments(model, state.hidden_BSD[:, :length], positions_BT,
+  x_BTM, segments = _run_segments(model, state.hidden_BSM[:, :length], positions_BT,
                                   deeper.segments, g + 1, to_exit)
-  logits_BV, head = _head_logits(model, to_exit, x_BTD, positions_BT, deeper.head,
+  logits_BV, head = _head_logits(model, to_exit, x_BTM, positions_BT, deeper.head,
                                  at_B=state.lengths_B - 1)
-  hidden_BSD = jax.lax.dynamic_update_slice_in_dim(state.hidden_BSD, x_BTD, 0, axis=1)
-  return hidden_BSD, segments, head, logits_BV
+  hidden_BSM = jax.lax.dynamic_update_slice_in_dim(state.hidden_BSM, x_BTM, 0, axis=1)
+  return hidden_BSM, segments, head, logits_BV
 
 
 def sample(logits_BV, key, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
@@ -195,25 +196,25 @@ def _continue_model(model: FamilialTransformer, state: RelayState, logits_BV, ke
   stop = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
 
   def body(carry):
-    i, state, logits_BV, done_B, out_BN, key = carry
+    i, state, logits_BV, done_B, out_BO, key = carry
     key, sub = jax.random.split(key)
     token_B = sample(logits_BV, sub, sampling.temperature, sampling.top_k, sampling.top_p)
-    out_BN = out_BN.at[:, i].set(jnp.where(done_B, -1, token_B))
+    out_BO = out_BO.at[:, i].set(jnp.where(done_B, -1, token_B))
     done_B = done_B | jnp.isin(token_B, stop) | (state.lengths_B + 1 >= max_len)
     positions_B1 = jnp.minimum(state.lengths_B, max_len - 1)[:, None]
     logits_B1V, new = _forward(model, state, token_B[:, None], positions_B1, exit_)
-    lengths_B = jnp.where(out_BN[:, i] >= 0, state.lengths_B + 1, state.lengths_B)
-    return i + 1, new._replace(lengths_B=lengths_B), logits_B1V[:, 0], done_B, out_BN, key
+    lengths_B = jnp.where(out_BO[:, i] >= 0, state.lengths_B + 1, state.lengths_B)
+    return i + 1, new._replace(lengths_B=lengths_B), logits_B1V[:, 0], done_B, out_BO, key
 
   def going(carry):
     i, _, _, done_B, _, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done_B)
 
-  out_BN = jnp.full((batch, max_new_tokens), -1, jnp.int32)
+  out_BO = jnp.full((batch, max_new_tokens), -1, jnp.int32)
   done_B = state.lengths_B >= max_len
-  carry = (jnp.int32(0), state, logits_BV, done_B, out_BN, key)
-  _, state, _, _, out_BN, _ = jax.lax.while_loop(going, body, carry)
-  return state, out_BN
+  carry = (jnp.int32(0), state, logits_BV, done_B, out_BO, key)
+  _, state, _, _, out_BO, _ = jax.lax.while_loop(going, body, carry)
+  return state, out_BO
 
 
 def _confidence(logits_BV, measure: str):
@@ -241,9 +242,9 @@ def _confident_prompt(model: FamilialTransformer, state, threshold: float, measu
   first_exit_B = jnp.full(batch, last, jnp.int32)
   states = model.exit_states(model.embed_tokens(state.tokens_BS), positions_BS,
                              head_caches=list(heads))
-  for g, h_BSD, head in states:
+  for g, h_BSM, head in states:
     heads[g] = head
-    logits_g = model.exits[g].logits(_at(h_BSD, state.lengths_B - 1)[:, None], model.embed)[:, 0]
+    logits_g = model.exits[g].logits(_at(h_BSM, state.lengths_B - 1)[:, None], model.embed)[:, 0]
     leave_B = _leaves(logits_g, chosen_B, threshold, measure, g == last)
     logits_BV = jnp.where(leave_B[:, None], logits_g, logits_BV)
     first_exit_B = jnp.where(leave_B, g, first_exit_B)
@@ -310,20 +311,20 @@ def _confident_model(model: FamilialTransformer, prompts_BT, lengths_B, max_len:
   heads, logits_BV, first_exit_B = _confident_prompt(model, state, threshold, measure)
 
   def step(carry):
-    i, state, heads, logits_BV, out_BN, depth_BN = carry
+    i, state, heads, logits_BV, out_BO, depth_BO = carry
     token_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
     segments, heads, next_BV, exit_B = _confident_token(model, state, heads, token_B,
                                                         threshold, measure)
     state = state._replace(lengths_B=state.lengths_B + 1, segments=segments)
-    return (i + 1, state, heads, next_BV, out_BN.at[:, i].set(token_B),
-            depth_BN.at[:, i].set(exit_B))
+    return (i + 1, state, heads, next_BV, out_BO.at[:, i].set(token_B),
+            depth_BO.at[:, i].set(exit_B))
 
   # the exit chosen in step i decides token i + 1: depths are shifted to the tokens they produced
-  out_BN = jnp.zeros((batch, max_new_tokens), jnp.int32)
-  depth_BN = jnp.full((batch, max_new_tokens), last, jnp.int32)
-  carry = (jnp.int32(0), state, heads, logits_BV, out_BN, depth_BN)
-  _, _, _, _, out_BN, depth_BN = jax.lax.while_loop(lambda c: c[0] < max_new_tokens, step, carry)
-  return out_BN, jnp.roll(depth_BN, 1, axis=1).at[:, 0].set(first_exit_B)
+  out_BO = jnp.zeros((batch, max_new_tokens), jnp.int32)
+  depth_BO = jnp.full((batch, max_new_tokens), last, jnp.int32)
+  carry = (jnp.int32(0), state, heads, logits_BV, out_BO, depth_BO)
+  _, _, _, _, out_BO, depth_BO = jax.lax.while_loop(lambda c: c[0] < max_new_tokens, step, carry)
+  return out_BO, jnp.roll(depth_BO, 1, axis=1).at[:, 0].set(first_exit_B)
 
 
 def _speculative_model(model: FamilialTransformer, prompts_BT, lengths_B, max_len: int,
@@ -345,7 +346,7 @@ def _speculative_model(model: FamilialTransformer, prompts_BT, lengths_B, max_le
   rows = jnp.arange(batch)
 
   def iteration(carry):
-    n_out_B, state, draft_head, logits_BV, out_BN, accepted, proposed = carry
+    n_out_B, state, draft_head, logits_BV, out_BO, accepted, proposed = carry
     token_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)  # known right: the deep exit's
     start_B = state.lengths_B
 
@@ -370,17 +371,17 @@ def _speculative_model(model: FamilialTransformer, prompts_BT, lengths_B, max_le
     emit_BT = jnp.where(jnp.arange(k + 1)[None] <= n_accept_B[:, None], checked_BT, -1)
     slots_BT = n_out_B[:, None] + jnp.arange(k + 1)
     valid_BT = (emit_BT >= 0) & (slots_BT < max_new_tokens)
-    out_BN = out_BN.at[rows[:, None], jnp.where(valid_BT, slots_BT, max_new_tokens)].set(
+    out_BO = out_BO.at[rows[:, None], jnp.where(valid_BT, slots_BT, max_new_tokens)].set(
         emit_BT, mode="drop")
     next_BV = _at(logits_BTV, n_accept_B)
     active_B = n_out_B < max_new_tokens
     state = state._replace(lengths_B=jnp.where(active_B, start_B + 1 + n_accept_B, start_B))
-    return (n_out_B + 1 + n_accept_B, state, draft_head, next_BV, out_BN,
+    return (n_out_B + 1 + n_accept_B, state, draft_head, next_BV, out_BO,
             accepted + jnp.sum(jnp.where(active_B, n_accept_B, 0)),
             proposed + k * jnp.sum(active_B))
 
-  out_BN = jnp.full((batch, max_new_tokens), -1, jnp.int32)
-  carry = (jnp.zeros(batch, jnp.int32), state, draft.head, logits_BV, out_BN, jnp.int32(0),
+  out_BO = jnp.full((batch, max_new_tokens), -1, jnp.int32)
+  carry = (jnp.zeros(batch, jnp.int32), state, draft.head, logits_BV, out_BO, jnp.int32(0),
            jnp.int32(0))
   carry = jax.lax.while_loop(lambda c: jnp.any(c[0] < max_new_tokens), iteration, carry)
   return carry[4], carry[5], carry[6]
@@ -513,7 +514,7 @@ def to_bytes(state: RelayState) -> bytes:
   used = int(np.max(np.asarray(state.lengths_B)))
   trim = lambda a, axis: np.asarray(jax.device_get(a)).take(np.arange(used), axis=axis)
   record = {"max_len": state.tokens_BS.shape[1], "lengths": np.asarray(state.lengths_B),
-            "tokens": trim(state.tokens_BS, 1), "hidden": trim(state.hidden_BSD, 1),
+            "tokens": trim(state.tokens_BS, 1), "hidden": trim(state.hidden_BSM, 1),
             "segments": [{"k": trim(kv.k, 2), "v": trim(kv.v, 2)} for kv in state.segments],
             "head": None if state.head is None else {"k": trim(state.head.k, 1),
                                                      "v": trim(state.head.v, 1)}}

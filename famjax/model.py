@@ -6,11 +6,12 @@ deep the model is. Exit g reads the hidden state leaving segment g. Training com
 cross-entropy where the exit is, in token chunks whose logits are recomputed in the backward
 pass, so no [G, B, T, V] (or even [B, T, V]) float32 array is ever live; `__call__` still returns
 the stacked logits for scoring. Decoding passes a KV cache through the same segments
-(famjax.decode): the cache of segment g is a stack [L_g, B, S, N, H] that scans with its blocks.
+(famjax.decode): the cache of segment g is a stack [L_g, B, S, Q, H] that scans with its blocks.
 
-Shape suffixes: B batch, T sequence (new tokens), S cache length, D d_model, N heads, H head dim,
-F MLP hidden, V vocabulary, G exits, L layers of a segment, C tokens of a loss chunk. Every
-parameter carries logical axis names (famjax.sharding.RULES).
+Shape suffixes: B batch, T sequence (new tokens), S cache length, M d_model, Q attention heads,
+H head dim, F MLP hidden, V vocabulary, G exits, L layers of a segment, C tokens of a loss chunk,
+K loss chunks, R rows (B x T flattened). M and Q, not the usual D and N: those are the scaling
+law's tokens and parameters. Every parameter carries logical axis names (famjax.sharding.RULES).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.checkpoint_dots
 
 
 class KV(NamedTuple):
-  """Keys and values of the cached positions: [..., B, S, N, H] each."""
+  """Keys and values of the cached positions: [..., B, S, Q, H] each."""
   k: jax.Array
   v: jax.Array
 
@@ -51,22 +52,22 @@ def _linear(d_in, d_out, axes, cfg: ModelConfig, rngs: nnx.Rngs, in_axis=-1) -> 
                            kernel_init=nnx.with_partitioning(KERNEL_INIT, axes), rngs=rngs)
 
 
-def rotary(x_BTNH: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rotary(x_BTQH: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotates channel pairs (i, i + H/2) by position-dependent angles (RoFormer, GPT-NeoX layout).
   positions: [T] (every row alike) or [B, T]."""
-  half = x_BTNH.shape[-1] // 2
+  half = x_BTQH.shape[-1] // 2
   freq_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions.astype(jnp.float32)[..., None] * freq_h
   sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]
-  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_BTQH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNH.dtype)
+  return out.astype(x_BTQH.dtype)
 
 
-def _write(cache_BSNH: jax.Array, new_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
+def _write(cache_BSQH: jax.Array, new_BTQH: jax.Array, positions_BT: jax.Array) -> jax.Array:
   """Writes each row's new entries at its own (contiguous) positions."""
   put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p[0], 0, 0))
-  return jax.vmap(put)(cache_BSNH, new_BTNH, positions_BT)
+  return jax.vmap(put)(cache_BSQH, new_BTQH, positions_BT)
 
 
 class Attention(nnx.Module):
@@ -74,31 +75,31 @@ class Attention(nnx.Module):
   (which picks a fused kernel on accelerators)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    shape_NH = (cfg.n_heads, cfg.head_dim)
-    self.query = _linear(cfg.d_model, shape_NH, ("embed", "heads", "kv"), cfg, rngs)
-    self.key = _linear(cfg.d_model, shape_NH, ("embed", "heads", "kv"), cfg, rngs)
-    self.value = _linear(cfg.d_model, shape_NH, ("embed", "heads", "kv"), cfg, rngs)
-    self.out = _linear(shape_NH, cfg.d_model, ("heads", "kv", "embed"), cfg, rngs,
+    shape_QH = (cfg.n_heads, cfg.head_dim)
+    self.query = _linear(cfg.d_model, shape_QH, ("embed", "heads", "kv"), cfg, rngs)
+    self.key = _linear(cfg.d_model, shape_QH, ("embed", "heads", "kv"), cfg, rngs)
+    self.value = _linear(cfg.d_model, shape_QH, ("embed", "heads", "kv"), cfg, rngs)
+    self.out = _linear(shape_QH, cfg.d_model, ("heads", "kv", "embed"), cfg, rngs,
                        in_axis=(-2, -1))
     self.rope_theta = cfg.rope_theta
 
-  def keys_values(self, x_BTD, positions) -> KV:
-    return KV(rotary(self.key(x_BTD), positions, self.rope_theta), self.value(x_BTD))
+  def keys_values(self, x_BTM, positions) -> KV:
+    return KV(rotary(self.key(x_BTM), positions, self.rope_theta), self.value(x_BTM))
 
-  def __call__(self, x_BTD: jax.Array, positions: jax.Array, cache: KV | None = None):
+  def __call__(self, x_BTM: jax.Array, positions: jax.Array, cache: KV | None = None):
     """Without a cache: causal attention over the T positions (positions [T]). With one: the new
     entries are written at positions [B, T] and every query attends to the cached positions up
     to its own. Returns (output, updated cache or None)."""
-    q_BTNH = rotary(self.query(x_BTD), positions, self.rope_theta)
-    new = self.keys_values(x_BTD, positions)
+    q_BTQH = rotary(self.query(x_BTM), positions, self.rope_theta)
+    new = self.keys_values(x_BTM, positions)
     if cache is None:
-      attended = jax.nn.dot_product_attention(q_BTNH, new.k, new.v, is_causal=True)
+      attended = jax.nn.dot_product_attention(q_BTQH, new.k, new.v, is_causal=True)
       return self.out(attended), None
     cache = KV(_write(cache.k, new.k, positions), _write(cache.v, new.v, positions))
     key_positions_S = jnp.arange(cache.k.shape[1])
     mask_B1TS = key_positions_S[None, None, None, :] <= positions[:, None, :, None]
-    attended = jax.nn.dot_product_attention(q_BTNH, cache.k.astype(q_BTNH.dtype),
-                                            cache.v.astype(q_BTNH.dtype), mask=mask_B1TS)
+    attended = jax.nn.dot_product_attention(q_BTQH, cache.k.astype(q_BTQH.dtype),
+                                            cache.v.astype(q_BTQH.dtype), mask=mask_B1TS)
     return self.out(attended), cache
 
 
@@ -108,8 +109,8 @@ class SwiGLU(nnx.Module):
     self.up = _linear(cfg.d_model, cfg.d_ff, ("embed", "mlp"), cfg, rngs)
     self.down = _linear(cfg.d_ff, cfg.d_model, ("mlp", "embed"), cfg, rngs)
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+  def __call__(self, x_BTM: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x_BTM)) * self.up(x_BTM))
 
 
 class Block(nnx.Module):
@@ -121,15 +122,15 @@ class Block(nnx.Module):
     self.mlp_norm = _norm(cfg, rngs)
     self.mlp = SwiGLU(cfg, rngs)
 
-  def __call__(self, x_BTD: jax.Array, positions: jax.Array, cache: KV | None = None):
-    attended, cache = self.attn(self.attn_norm(x_BTD), positions, cache)
-    x_BTD = constrain(x_BTD + attended, ("batch", "length", "act_embed"))
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+  def __call__(self, x_BTM: jax.Array, positions: jax.Array, cache: KV | None = None):
+    attended, cache = self.attn(self.attn_norm(x_BTM), positions, cache)
+    x_BTM = constrain(x_BTM + attended, ("batch", "length", "act_embed"))
+    return x_BTM + self.mlp(self.mlp_norm(x_BTM)), cache
 
-  def keys_values(self, x_BTD, positions) -> KV:
+  def keys_values(self, x_BTM, positions) -> KV:
     """The entries this block would cache for input x, without running it (confidence exits
     give skipped layers these, from the hidden state propagated past them)."""
-    return self.attn.keys_values(self.attn_norm(x_BTD), positions)
+    return self.attn.keys_values(self.attn_norm(x_BTM), positions)
 
 
 def _remat(fn, cfg: ModelConfig):
@@ -151,8 +152,8 @@ class Segment(nnx.Module):
     self.n_layers = n_layers
     self.cfg = cfg
 
-  def __call__(self, x_BTD: jax.Array, positions: jax.Array, cache: KV | None = None):
-    """x through every block; with a cache ([L, B, S, N, H] each), the updated cache too."""
+  def __call__(self, x_BTM: jax.Array, positions: jax.Array, cache: KV | None = None):
+    """x through every block; with a cache ([L, B, S, Q, H] each), the updated cache too."""
     graphdef, state = nnx.split(self.blocks)
 
     def body(x, layer):
@@ -160,23 +161,23 @@ class Segment(nnx.Module):
       x, kv = nnx.merge(graphdef, params)(x, positions, kv)
       return x, kv
 
-    x_BTD, cache = jax.lax.scan(_remat(body, self.cfg), x_BTD, (state, cache))
-    return x_BTD, cache
+    x_BTM, cache = jax.lax.scan(_remat(body, self.cfg), x_BTM, (state, cache))
+    return x_BTM, cache
 
-  def keys_values(self, x_BTD: jax.Array, positions: jax.Array) -> KV:
+  def keys_values(self, x_BTM: jax.Array, positions: jax.Array) -> KV:
     """Every block's cache entries computed from the same input x (see Block.keys_values)."""
     graphdef, state = nnx.split(self.blocks)
-    return jax.lax.map(lambda params: nnx.merge(graphdef, params).keys_values(x_BTD, positions),
+    return jax.lax.map(lambda params: nnx.merge(graphdef, params).keys_values(x_BTM, positions),
                        state)
 
 
-def run_segments(segments, x_BTD: jax.Array, positions, caches=None):
+def run_segments(segments, x_BTM: jax.Array, positions, caches=None):
   """The backbone's walk: x through each segment in turn (with its KV cache, if caches holds one
   per segment). Yields (x leaving the segment, its updated cache, None without caches); exit
   heads branch off these states."""
   for i, segment in enumerate(segments):
-    x_BTD, kv = segment(x_BTD, positions, None if caches is None else caches[i])
-    yield x_BTD, kv
+    x_BTM, kv = segment(x_BTM, positions, None if caches is None else caches[i])
+    yield x_BTM, kv
 
 
 class ExitHead(nnx.Module):
@@ -188,11 +189,11 @@ class ExitHead(nnx.Module):
     self.norm = _norm(cfg, rngs)
     self.unembed = unembed
 
-  def hidden(self, h_BTD, positions, cache: KV | None = None):
+  def hidden(self, h_BTM, positions, cache: KV | None = None):
     """The normalised state the unembedding reads, and the private block's updated cache."""
     if self.block is not None:
-      h_BTD, cache = self.block(h_BTD, positions, cache)
-    return self.norm(h_BTD), cache
+      h_BTM, cache = self.block(h_BTM, positions, cache)
+    return self.norm(h_BTM), cache
 
   def unembedding(self, embed: nnx.Embed) -> jax.Array:
     """The [D, V] matrix from hidden state to logits."""
@@ -200,34 +201,34 @@ class ExitHead(nnx.Module):
       return embed.embedding.value.T
     return self.unembed.kernel.value
 
-  def logits(self, h_BTD: jax.Array, embed: nnx.Embed) -> jax.Array:
-    w_DV = self.unembedding(embed).astype(h_BTD.dtype)
-    return constrain((h_BTD @ w_DV).astype(jnp.float32), ("batch", "length", "vocab"))
+  def logits(self, h_BTM: jax.Array, embed: nnx.Embed) -> jax.Array:
+    w_MV = self.unembedding(embed).astype(h_BTM.dtype)
+    return constrain((h_BTM @ w_MV).astype(jnp.float32), ("batch", "length", "vocab"))
 
 
-def chunked_cross_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
+def chunked_cross_entropy(h_BTM: jax.Array, w_MV: jax.Array, targets_BT: jax.Array,
                           chunk: int) -> jax.Array:
   """Mean next-token cross-entropy of logits h @ w, computed `chunk` tokens at a time; each
   chunk's float32 logits are recomputed in the backward pass instead of kept."""
-  h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])
-  targets_N = targets_BT.reshape(-1)
-  n = h_ND.shape[0]
+  h_RM = h_BTM.reshape(-1, h_BTM.shape[-1])
+  targets_R = targets_BT.reshape(-1)
+  n = h_RM.shape[0]
   chunk = min(chunk, n)
   n_chunks = -(-n // chunk)
   pad = n_chunks * chunk - n
-  h_KCD = jnp.pad(h_ND, ((0, pad), (0, 0))).reshape(n_chunks, chunk, -1)
-  targets_KC = jnp.pad(targets_N, (0, pad)).reshape(n_chunks, chunk)
+  h_KCM = jnp.pad(h_RM, ((0, pad), (0, 0))).reshape(n_chunks, chunk, -1)
+  targets_KC = jnp.pad(targets_R, (0, pad)).reshape(n_chunks, chunk)
   valid_KC = (jnp.arange(n_chunks * chunk) < n).reshape(n_chunks, chunk)
 
   @jax.checkpoint
   def chunk_loss(total, xs):
-    h_CD, t_C, valid_C = xs
-    logits_CV = (h_CD @ w_DV.astype(h_CD.dtype)).astype(jnp.float32)
+    h_CM, t_C, valid_C = xs
+    logits_CV = (h_CM @ w_MV.astype(h_CM.dtype)).astype(jnp.float32)
     ce_C = jax.nn.logsumexp(logits_CV, axis=-1) - jnp.take_along_axis(
         logits_CV, t_C[:, None], axis=-1)[:, 0]
     return total + jnp.sum(jnp.where(valid_C, ce_C, 0.0)), None
 
-  total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (h_KCD, targets_KC, valid_KC))
+  total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (h_KCM, targets_KC, valid_KC))
   return total / n
 
 
@@ -262,24 +263,24 @@ class FamilialTransformer(nnx.Module):
   def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
     return constrain(self.embed(tokens_BT), ("batch", "length", "act_embed"))
 
-  def exit_states(self, x_BTD: jax.Array, positions, n_exits: int | None = None,
+  def exit_states(self, x_BTM: jax.Array, positions, n_exits: int | None = None,
                   head_caches=None, remat: bool = False):
     """The walk over segments and exits: x through segments 0..n_exits-1 in turn, each exit's
-    head branching off where its segment ends. Yields (g, h_BTD, head cache) per exit: the
+    head branching off where its segment ends. Yields (g, h_BTM, head cache) per exit: the
     normalised state exit g's unembedding reads, and its private block's updated cache (with
     head_caches, one per exit). `remat` recomputes each head in the backward pass."""
     n_exits = self.cfg.n_exits if n_exits is None else n_exits
-    states = run_segments(self.segments[:n_exits], x_BTD, positions)
-    for g, ((x_BTD, _), head) in enumerate(zip(states, self.exits[:n_exits])):
+    states = run_segments(self.segments[:n_exits], x_BTM, positions)
+    for g, ((x_BTM, _), head) in enumerate(zip(states, self.exits[:n_exits])):
       cache = None if head_caches is None else head_caches[g]
       hidden = lambda x, c, head=head: head.hidden(x, positions, c)
-      h_BTD, cache = (_remat(hidden, self.cfg) if remat else hidden)(x_BTD, cache)
-      yield g, h_BTD, cache
+      h_BTM, cache = (_remat(hidden, self.cfg) if remat else hidden)(x_BTM, cache)
+      yield g, h_BTM, cache
 
   def __call__(self, tokens_BT: jax.Array, n_exits: int | None = None) -> jax.Array:
     """Logits of the first n_exits exits (all by default), stacked: logits_GBTV, float32."""
     positions_T = jnp.arange(tokens_BT.shape[1])
-    return jnp.stack([self.exits[g].logits(h_BTD, self.embed) for g, h_BTD, _ in
+    return jnp.stack([self.exits[g].logits(h_BTM, self.embed) for g, h_BTM, _ in
                       self.exit_states(self.embed_tokens(tokens_BT), positions_T, n_exits)])
 
   def exit_losses(self, inputs_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -287,9 +288,9 @@ class FamilialTransformer(nnx.Module):
     is, in chunks of cfg.loss_chunk tokens (see `chunked_cross_entropy`)."""
     positions_T = jnp.arange(inputs_BT.shape[1])
     states = self.exit_states(self.embed_tokens(inputs_BT), positions_T, remat=True)
-    return jnp.stack([chunked_cross_entropy(h_BTD, self.exits[g].unembedding(self.embed),
+    return jnp.stack([chunked_cross_entropy(h_BTM, self.exits[g].unembedding(self.embed),
                                             targets_BT, self.cfg.loss_chunk)
-                      for g, h_BTD, _ in states])
+                      for g, h_BTM, _ in states])
 
 
 class ExitSubModel(nnx.Module):
@@ -305,6 +306,6 @@ class ExitSubModel(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
     positions_T = jnp.arange(tokens_BT.shape[1])
-    *_, (x_BTD, _) = run_segments(self.segments, self.embed(tokens_BT), positions_T)
-    h_BTD, _ = self.head.hidden(x_BTD, positions_T)
-    return self.head.logits(h_BTD, self.embed)
+    *_, (x_BTM, _) = run_segments(self.segments, self.embed(tokens_BT), positions_T)
+    h_BTM, _ = self.head.hidden(x_BTM, positions_T)
+    return self.head.logits(h_BTM, self.embed)

@@ -1,5 +1,6 @@
 """A study's report rendered for people and files: report.json, report.md (tables, plots
-linked), the PNG plots (plots.py) and the fit-ready tables, from famjax.analysis.analyze's Analysis."""
+linked), the PNG plots (plots.py) and the fit-ready tables, from an Analysis
+(famjax.analysis.analyze)."""
 
 from __future__ import annotations
 
