@@ -82,7 +82,7 @@ def main():
   dec = decode.Decoder(model, max_len=max_len)
   tokens = data.load_tokens(cfg.data)
   val = np.asarray(tokens.val[: max(4 * max_len, 4 * 128 + 1)], np.int32)  # (c) reads 513
-  last = cfg.model.n_exits - 1
+  last = cfg.model.n_exits  # the deepest exit (exits count from 1)
   print(f"family: tiny preset, {step} steps, val loss per exit {summary['val_loss']}")
 
   # (a) cached decoding vs recomputation, 256 new tokens after an 8-token prompt
@@ -98,7 +98,7 @@ def main():
 
   # (b) relay a context from exit 1 to the deepest exit vs prefilling it there from scratch
   context = [val[: args.context - 1].tolist()]
-  shallow, _ = dec.prefill(context, 0)
+  shallow, _ = dec.prefill(context, 1)
   relay_s, prefill_s = best_of_interleaved(lambda: dec.relay(shallow, last),
                                            lambda: dec.prefill(context, last))
   _, relay_logits = dec.relay(shallow, last)
@@ -110,11 +110,11 @@ def main():
             zip(cfg.model.exit_layers, accounting.private_blocks(cfg.model))]
   block_flops = t * accounting.block_forward_flops(cfg.model, t)
   logits_flops = 2 * cfg.model.vocab_size * cfg.model.d_model
-  predicted = (((blocks[last] - cfg.model.exit_layers[0]) * block_flops + logits_flops)
-               / (blocks[last] * block_flops + logits_flops))
+  predicted = (((blocks[-1] - cfg.model.exit_layers[0]) * block_flops + logits_flops)
+               / (blocks[-1] * block_flops + logits_flops))
   measured = relay_s / prefill_s
   max_diff = float(jnp.abs(relay_logits - direct_logits).max())
-  print(f"(b) relay of {args.context - 1} tokens to exit {last + 1}: {relay_s * 1e3:.1f} ms, "
+  print(f"(b) relay of {args.context - 1} tokens to exit {last}: {relay_s * 1e3:.1f} ms, "
         f"prefill from scratch {prefill_s * 1e3:.1f} ms: {measured:.2f} of it; FLOPs predict "
         f"{predicted:.2f} ({measured / predicted:.2f}x prediction); max |logit diff| "
         f"{max_diff:.2e}")
@@ -139,8 +139,8 @@ def main():
 
   # (d) self-speculative decoding, drafts from exit 1
   plain_s = best_of(lambda: dec.generate(prompt, last, 128)[1])
-  spec_s = best_of(lambda: dec.speculative(prompt, 128, draft_exit=0, k=4)[0])
-  out, accepted, proposed = dec.speculative(prompt, 128, draft_exit=0, k=4)
+  spec_s = best_of(lambda: dec.speculative(prompt, 128, draft_exit=1, k=4)[0])
+  out, accepted, proposed = dec.speculative(prompt, 128, draft_exit=1, k=4)
   same = bool(jnp.all(out == dec.generate(prompt, last, 128)[1]))
   acceptance = int(accepted) / int(proposed)
   print(f"(d) speculative (k=4): acceptance {acceptance:.2f}, {128 / spec_s:,.0f} tok/s vs "

@@ -68,26 +68,26 @@ def main(argv):
     return out
 
   state, generated = timed(f"exit {_EXIT.value}", lambda: dec.generate(
-      [prompt], _EXIT.value - 1, _MAX_NEW.value, sampling, _SEED.value))
+      [prompt], _EXIT.value, _MAX_NEW.value, sampling, _SEED.value))
   print(_PROMPT.value + text(generated[0]))
   if _RELAY_TO.value:
     size = len(decode.to_bytes(state))
     relayed, logits = timed(f"relay to exit {_RELAY_TO.value} (state {size:,} bytes, "
                             f"{size / int(state.lengths_B[0]):,.0f} per token)",
-                            lambda: dec.relay(state, _RELAY_TO.value - 1))
+                            lambda: dec.relay(state, _RELAY_TO.value))
     _, more = dec.continue_(relayed, logits, _MAX_NEW.value, sampling, _SEED.value)
     print(_PROMPT.value + text(generated[0]) + text(more[0]))
   if _CONFIDENCE.value:
     out, depth = timed(f"confidence exits at {_CONFIDENCE.value}", lambda: dec.confident(
         [prompt], _MAX_NEW.value, _CONFIDENCE.value))
     print(_PROMPT.value + text(out[0]))
-    print(f"mean exit: {np.mean(np.asarray(depth)) + 1:.2f} of {n_exits}")
+    print(f"mean exit: {np.mean(np.asarray(depth)):.2f} of {n_exits}")
   if _SPECULATIVE.value:
     if not 1 <= _SPECULATIVE.value < n_exits:
       raise ValueError(f"--speculative_exit must be in 1..{n_exits - 1}")
     out, accepted, proposed = timed(
         f"speculative, drafts from exit {_SPECULATIVE.value}", lambda: dec.speculative(
-            [prompt], _MAX_NEW.value, _SPECULATIVE.value - 1, _DRAFT.value))
+            [prompt], _MAX_NEW.value, _SPECULATIVE.value, _DRAFT.value))
     print(_PROMPT.value + text(out[0]))
     print(f"acceptance: {int(accepted)} of {int(proposed)} drafted tokens")
 

@@ -1,8 +1,9 @@
 """Deploying a family: cached decoding at any exit, relay between tiers, confidence exits (CALM)
 and self-speculative decoding (LayerSkip, with the family's own exits).
 
-Exits are 0-based here (exit g of G reads layer cfg.exit_layers[g]). A decoding state holds, for
-each row, its tokens so far, the hidden state leaving the deepest segment it has run at every
+The functions here number exits from 0 (exit g reads layer cfg.exit_layers[g]); `Decoder`, what
+users call, numbers them 1..G as records, reports and the command line do. A decoding state holds,
+for each row, its tokens so far, the hidden state leaving the deepest segment it has run at every
 position, and the KV cache of those segments (and of the exit's private block, if it has one).
 Prompts of different lengths are padded on the right; every row writes at its own positions, and
 a query attends to the cached positions up to its own, so padding is never read before a real
@@ -36,16 +37,17 @@ CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
 
 
 class RelayState(NamedTuple):
-  """What a tier that decoded at exit g hands to a deeper one (exit = len(segments) - 1)."""
+  """What a tier that decoded at exit g hands to a deeper one (`exit`: g, 1-based)."""
   tokens_BS: jax.Array  # int32, tokens so far (prompt and generated), padded
   lengths_B: jax.Array  # int32, tokens so far per row
   hidden_BSM: jax.Array  # the hidden state leaving layer l_g, at every position
-  segments: tuple  # KV of segments 0..g, [L, B, S, Q, H] each
+  segments: tuple  # KV of segments 1..g, [L, B, S, Q, H] each
   head: KV | None  # KV of exit g's private block, [B, S, Q, H] each, if it has one
 
   @property
   def exit(self) -> int:
-    return len(self.segments) - 1
+    """The exit (1..G) this state was decoded at."""
+    return len(self.segments)
 
 
 def _zeros_kv(cfg, layers: int | None, batch: int, max_len: int) -> KV:
@@ -145,7 +147,7 @@ def _relay_parts_model(model: FamilialTransformer, state: RelayState, to_exit: i
   """What relay adds to a state: the new hidden states, the deeper segments' and head's caches,
   and the next-token logits. The shallow caches pass through untouched, so a jitted relay that
   returns only these never copies them."""
-  g = state.exit
+  g = len(state.segments) - 1  # 0-based inside this module
   if not g < to_exit < model.cfg.n_exits:
     raise ValueError(f"relay goes from exit {g} to a deeper one, {g + 1}..{model.cfg.n_exits - 1}"
                      f"; got to_exit={to_exit}")
@@ -192,7 +194,7 @@ def _continue_model(model: FamilialTransformer, state: RelayState, logits_BV, ke
   """Generates up to max_new_tokens per row at the state's exit (a row stops at a stop token or
   a full cache); returns (state, generated [B, max_new_tokens] with -1 after a row stopped)."""
   batch, max_len = state.tokens_BS.shape
-  exit_ = state.exit
+  exit_ = len(state.segments) - 1
   stop = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
 
   def body(carry):
@@ -423,7 +425,9 @@ _full_logits = _on_split_model(lambda model, tokens_BT: model(tokens_BT))
 
 class Decoder:
   """A family ready to decode: jitted prefill, generation, relay, confidence and speculative
-  decoding on the model's own mesh (its parameters keep their shardings)."""
+  decoding on the model's own mesh (its parameters keep their shardings). Exits are numbered
+  1..G here, as in records, reports and the command line (the module's own functions count
+  from 0)."""
 
   def __init__(self, model: FamilialTransformer, max_len: int | None = None,
                mesh: jax.sharding.Mesh | None = None):
@@ -440,9 +444,12 @@ class Decoder:
     from contextlib import nullcontext
     return jax.set_mesh(self.mesh) if self.mesh is not None else nullcontext()
 
-  def _check_exit(self, exit_: int, name: str = "exit") -> None:
-    if not (isinstance(exit_, int) and 0 <= exit_ < self.cfg.n_exits):
-      raise ValueError(f"{name} must be in 0..{self.cfg.n_exits - 1} (0-based); got {exit_!r}")
+  def _index(self, exit_: int, name: str = "exit", deepest: int | None = None) -> int:
+    """The 0-based index of exit `exit_` (1..deepest, by default 1..G)."""
+    deepest = self.cfg.n_exits if deepest is None else deepest
+    if not (isinstance(exit_, (int, np.integer)) and 1 <= exit_ <= deepest):
+      raise ValueError(f"{name} must be in 1..{deepest}; got {exit_!r}")
+    return int(exit_) - 1
 
   def pad(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded [B, T] prompts and their lengths; a prompt longer than the cache is an
@@ -459,21 +466,24 @@ class Decoder:
     return out, lengths
 
   def prefill(self, prompts, exit_: int):
-    self._check_exit(exit_)
+    """(state, next-token logits [B, V]) of the prompts at exit `exit_` (1..G)."""
+    index = self._index(exit_)
     tokens, lengths = self.pad(prompts)
     with self._ctx():
-      return _prefill(self._graph, self.params, tokens, lengths, exit_=exit_,
+      return _prefill(self._graph, self.params, tokens, lengths, exit_=index,
                       max_len=self.max_len)
 
   def relay(self, state: RelayState, to_exit: int):
-    self._check_exit(to_exit, "to_exit")
+    """A state decoded at a shallower exit, continued through the layers up to exit `to_exit`
+    (1..G) without recomputing the shared ones: (deeper state, next-token logits [B, V])."""
+    index = self._index(to_exit, "to_exit")
     if to_exit <= state.exit:
       raise ValueError(f"relay goes to a deeper exit than {state.exit}; got to_exit={to_exit}")
     # the used positions, rounded up to a multiple of 64: one compilation per bucket
     used = int(np.max(np.asarray(state.lengths_B)))
     length = min(self.max_len, -(-used // 64) * 64)
     with self._ctx():
-      *parts, logits_BV = _relay_parts(self._graph, self.params, state, to_exit=to_exit,
+      *parts, logits_BV = _relay_parts(self._graph, self.params, state, to_exit=index,
                                        length=length)
     return _deepened(state, *parts), logits_BV
 
@@ -485,23 +495,28 @@ class Decoder:
 
   def generate(self, prompts, exit_: int, max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0):
-    """(state, generated [B, max_new_tokens], -1 after a row stopped) at exit `exit_`."""
+    """(state, generated [B, max_new_tokens], -1 after a row stopped) at exit `exit_` (1..G)."""
     state, logits = self.prefill(prompts, exit_)
     return self.continue_(state, logits, max_new_tokens, sampling, seed)
 
   def confident(self, prompts, max_new_tokens: int, threshold: float, measure="max_prob"):
+    """(generated [B, max_new_tokens], the exit 1..G that emitted each token): each token leaves
+    at the first exit whose confidence (`measure`) reaches `threshold`."""
     tokens, lengths = self.pad(prompts)
     with self._ctx():
-      return _confident(self._graph, self.params, tokens, lengths, max_len=self.max_len,
-                        max_new_tokens=max_new_tokens, threshold=float(threshold),
-                        measure=measure)
+      out, depth = _confident(self._graph, self.params, tokens, lengths, max_len=self.max_len,
+                              max_new_tokens=max_new_tokens, threshold=float(threshold),
+                              measure=measure)
+    return out, depth + 1
 
-  def speculative(self, prompts, max_new_tokens: int, draft_exit: int = 0, k: int = 4):
-    self._check_exit(draft_exit, "draft_exit")
+  def speculative(self, prompts, max_new_tokens: int, draft_exit: int = 1, k: int = 4):
+    """(generated, accepted, proposed): exit `draft_exit` (1..G-1) drafts k tokens, the deepest
+    exit checks them; greedy output equals the deepest exit's own."""
+    index = self._index(draft_exit, "draft_exit", self.cfg.n_exits - 1)
     tokens, lengths = self.pad(prompts)
     with self._ctx():
       return _speculative(self._graph, self.params, tokens, lengths, max_len=self.max_len,
-                          max_new_tokens=max_new_tokens, draft_exit=draft_exit, k=k)
+                          max_new_tokens=max_new_tokens, draft_exit=index, k=k)
 
   def logits(self, tokens_BT):
     """Every exit's logits of full forward passes, [G, B, T, V] (no cache)."""

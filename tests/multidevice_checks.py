@@ -91,7 +91,7 @@ def main(workdir: Path):
   decoded = {}
   for name, mesh in (("one", one), ("mesh", meshes[(2, 1, 4)])):
     dec = decode.Decoder(train.create_model(cfg.model, 0, mesh), mesh=mesh)
-    state, logits = dec.prefill(prompts, 1)
+    state, logits = dec.prefill(prompts, 2)
     decoded[name] = {"tokens": np.asarray(dec.continue_(state, logits, 8)[1]).tolist(),
                      "logits": np.asarray(logits)}
   out["decode"] = {"one": decoded["one"]["tokens"], "mesh": decoded["mesh"]["tokens"],

@@ -41,12 +41,12 @@ def decoders():
 @pytest.mark.parametrize("kind", EVERY_KIND)
 def test_cached_logits_equal_a_full_forward_at_every_exit(decoders, kind):
   dec = decoders[kind]
-  for g in range(3):
+  for g in (1, 2, 3):  # exits count from 1; the logits' exit axis from 0
     state, next_logits = dec.prefill(PROMPTS, g)
     state, generated = dec.continue_(state, next_logits, 6)
     for b, prompt in enumerate(PROMPTS):
       sequence = prompt + [int(t) for t in generated[b]]
-      full = dec.logits(jnp.asarray([sequence]))[g, 0]
+      full = dec.logits(jnp.asarray([sequence]))[g - 1, 0]
       np.testing.assert_allclose(next_logits[b], full[len(prompt) - 1], atol=2e-5)
       assert [int(t) for t in jnp.argmax(full[len(prompt) - 1:-1], -1)] == sequence[len(prompt):]
     # the cache holds exactly what a full forward pass computes: one more step's logits
@@ -54,7 +54,7 @@ def test_cached_logits_equal_a_full_forward_at_every_exit(decoders, kind):
     rows = [[int(t) for t in row[:length]]
             for row, length in zip(state.tokens_BS, state.lengths_B)]
     _, step_logits = dec.prefill(rows, g)
-    full = dec.logits(state.tokens_BS[:, :n])[g]
+    full = dec.logits(state.tokens_BS[:, :n])[g - 1]
     np.testing.assert_allclose(step_logits, full[jnp.arange(3), state.lengths_B - 1], atol=2e-5)
 
 
@@ -62,14 +62,14 @@ def test_cached_logits_equal_a_full_forward_at_every_exit(decoders, kind):
 def test_relay_equals_running_the_deeper_exit_from_scratch(decoders, kind):
   """Tolerance 1e-5 absolute on logits of order 1: float32 sums in another order."""
   dec = decoders[kind]
-  shallow, _ = dec.generate(PROMPTS, 0, 5)
-  relayed, relay_logits = dec.relay(shallow, 2)
+  shallow, _ = dec.generate(PROMPTS, 1, 5)
+  relayed, relay_logits = dec.relay(shallow, 3)
   for b in range(3):
     sequence = shallow.tokens_BS[b, :int(shallow.lengths_B[b])]
     direct = dec.logits(sequence[None])[2, 0, -1]
     np.testing.assert_allclose(relay_logits[b], direct, atol=1e-5)
   restored = decode.from_bytes(decode.to_bytes(shallow))
-  again, again_logits = dec.relay(restored, 2)
+  again, again_logits = dec.relay(restored, 3)
   np.testing.assert_array_equal(again_logits, relay_logits)
   _, a = dec.continue_(relayed, relay_logits, 6)
   _, b = dec.continue_(again, again_logits, 6)
@@ -78,7 +78,7 @@ def test_relay_equals_running_the_deeper_exit_from_scratch(decoders, kind):
 
 def test_relay_state_size_per_token(decoders):
   dec = decoders[("block", "per_exit")]
-  state, _ = dec.generate([[1, 2, 3, 4, 5, 6, 7, 8]], 0, 8)
+  state, _ = dec.generate([[1, 2, 3, 4, 5, 6, 7, 8]], 1, 8)
   size = len(decode.to_bytes(state))
   cfg = dec.cfg
   per_token = (cfg.d_model + 2 * cfg.n_heads * cfg.head_dim * (cfg.exit_layers[0] + 1)) * 4 + 4
@@ -87,13 +87,13 @@ def test_relay_state_size_per_token(decoders):
 
 def test_confidence_extremes_are_single_exits(decoders):
   dec = decoders[("block", "tied")]
-  deepest = dec.generate(PROMPTS, 2, 8)[1]
-  first = dec.generate(PROMPTS, 0, 8)[1]
+  deepest = dec.generate(PROMPTS, 3, 8)[1]
+  first = dec.generate(PROMPTS, 1, 8)[1]
   above, depth_above = dec.confident(PROMPTS, 8, 1.01)
   zero, depth_zero = dec.confident(PROMPTS, 8, 0.0)
   np.testing.assert_array_equal(above, deepest)
   np.testing.assert_array_equal(zero, first)
-  assert np.all(np.asarray(depth_above) == 2) and np.all(np.asarray(depth_zero) == 0)
+  assert np.all(np.asarray(depth_above) == 3) and np.all(np.asarray(depth_zero) == 1)
   margin, _ = dec.confident(PROMPTS, 8, 1.01, measure="margin")
   np.testing.assert_array_equal(margin, deepest)
 
@@ -107,7 +107,7 @@ def test_a_token_that_exits_early_leaves_keys_for_the_layers_it_skipped():
   probs = jax.nn.softmax(logits[:, 0, -1], -1).max(-1)
   threshold = float(probs.mean())
   out, depth = dec.confident([PROMPTS[0]], 10, threshold)
-  assert out.shape == (1, 10) and set(np.unique(depth)) <= {0, 1, 2}
+  assert out.shape == (1, 10) and set(np.unique(depth)) <= {1, 2, 3}
 
 
 @pytest.fixture(scope="module")
@@ -127,24 +127,25 @@ def agreeing_family():
 
 def test_speculative_greedy_output_equals_plain_greedy(agreeing_family):
   dec = agreeing_family
-  plain = dec.generate(PROMPTS, 1, 20)[1]
+  plain = dec.generate(PROMPTS, 2, 20)[1]
   for k in (1, 3, 5):
-    out, accepted, proposed = dec.speculative(PROMPTS, 20, draft_exit=0, k=k)
+    out, accepted, proposed = dec.speculative(PROMPTS, 20, draft_exit=1, k=k)
     np.testing.assert_array_equal(out, plain)
     assert 0 < int(accepted) < int(proposed), k
 
 
 def test_bad_requests_are_clear_errors(decoders):
   dec = decoders[("norm", "tied")]
-  with pytest.raises(ValueError, match="exit must be in 0..2"):
-    dec.prefill(PROMPTS, 3)
-  state, _ = dec.prefill(PROMPTS, 1)
-  with pytest.raises(ValueError, match="relay goes to a deeper exit than 1"):
-    dec.relay(state, 1)
+  for exit_ in (0, 4):  # exits count from 1
+    with pytest.raises(ValueError, match="exit must be in 1..3"):
+      dec.prefill(PROMPTS, exit_)
+  state, _ = dec.prefill(PROMPTS, 2)
+  with pytest.raises(ValueError, match="relay goes to a deeper exit than 2"):
+    dec.relay(state, 2)
   with pytest.raises(ValueError, match="leaves no room in a cache of max_len=32"):
-    dec.prefill([list(range(40))], 0)
-  with pytest.raises(ValueError, match="draft_exit must be in 0..1"):
-    dec.speculative(PROMPTS, 4, draft_exit=2)
+    dec.prefill([list(range(40))], 1)
+  with pytest.raises(ValueError, match="draft_exit must be in 1..2"):
+    dec.speculative(PROMPTS, 4, draft_exit=3)
 
 
 def test_sampling_respects_top_k_and_top_p():
@@ -159,9 +160,9 @@ def test_sampling_respects_top_k_and_top_p():
 
 def test_stop_tokens_end_a_row(decoders):
   dec = decoders[("norm", "tied")]
-  _, free = dec.generate(PROMPTS, 2, 8)
+  _, free = dec.generate(PROMPTS, 3, 8)
   stop = int(free[0, 2])
-  _, stopped = dec.generate(PROMPTS, 2, 8, decode.Sampling(stop_tokens=(stop,)))
+  _, stopped = dec.generate(PROMPTS, 3, 8, decode.Sampling(stop_tokens=(stop,)))
   row = [int(t) for t in stopped[0]]
   assert row[:3] == [int(t) for t in free[0, :3]] and all(t == -1 for t in row[3:])
 

@@ -161,7 +161,7 @@ def fit(law: Law, data: Mapping, *, delta: float = DEFAULT_DELTA, grid: Mapping 
 
 class Resampling(NamedTuple):
   """Bootstrap refits for `estimate`: n resamples drawn with a PRNG key, of rows or of whole
-  groups (integer labels 0..G-1, one per row, concrete)."""
+  groups (integer labels 0..n_groups-1, one per row, concrete)."""
   n: int
   key: jax.Array
   groups: Sequence[int] | None = None

@@ -166,8 +166,8 @@ def refits(problem: Problem, x_BP, counts_BR, solver: Solver, engine: Engine,
 
 def resample_counts(key, n_rows: int, n: int, groups=None) -> jax.Array:
   """[n, R] row multiplicities of n bootstrap resamples: rows drawn with replacement, or whole
-  groups (integer labels 0..G-1, one per row, concrete) if given. Pure JAX: the one resampling
-  of `fit.estimate` and the host's bootstrap."""
+  groups (integer labels 0..n_groups-1, one per row, concrete) if given. Pure JAX: the one
+  resampling of `fit.estimate` and the host's bootstrap."""
   n_groups = n_rows if groups is None else int(np.max(groups)) + 1
   counts = _group_counts(key, n, n_groups)
   return counts if groups is None else counts[:, np.asarray(groups)]
