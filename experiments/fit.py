@@ -13,7 +13,7 @@ from absl import flags
 
 from experiments import cli
 from famjax.files import atomic_write_text
-from famjax.scaling import fit, io, laws, record
+from famjax.scaling import fit, fitted_law, io, laws
 
 MIN_BOOTSTRAP = 100
 
@@ -54,12 +54,12 @@ def main(argv):
   if _GROUP_BY.value:
     if _GROUP_BY.value not in frame.columns:
       raise ValueError(f"--group_by={_GROUP_BY.value!r} is not a column of {_DATA.value}")
-    grouping = record.Grouping(_GROUP_BY.value, frame[_GROUP_BY.value].to_numpy())
-  fitted = record.fit_law(law, data, n_bootstrap=_BOOTSTRAP.value, seed=_SEED.value,
+    grouping = fitted_law.Grouping(_GROUP_BY.value, frame[_GROUP_BY.value].to_numpy())
+  fitted = fitted_law.fit_law(law, data, n_bootstrap=_BOOTSTRAP.value, seed=_SEED.value,
                           grouping=grouping, delta=_DELTA.value,
                           grid=law.grid(_GRID_EVERY.value), progress=True)
-  print(record.table(fitted.record))
-  atomic_write_text(_OUT.value, json.dumps(fitted.record, indent=1))
+  print(fitted_law.table(fitted.summary))
+  atomic_write_text(_OUT.value, json.dumps(fitted.summary, indent=1))
   print(f"wrote {_OUT.value}")
 
 

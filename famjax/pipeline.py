@@ -120,7 +120,7 @@ def _quietly(live):
 
 def summary(result: dict, outdir: str | Path) -> str:
   """What `make run` prints: where the report is and the familial law with its intervals."""
-  from famjax.scaling import record
+  from famjax.scaling import fitted_law
   report_ = result["report"]
   if report_ is None:
     return (f"{len(result['missing'])} planned runs have not finished yet (other tasks, or "
@@ -128,7 +128,7 @@ def summary(result: dict, outdir: str | Path) -> str:
   lines = []
   familial = report_.laws.get("familial")
   if familial:
-    lines.append(record.table(familial))
+    lines.append(fitted_law.table(familial))
   else:
     lines.append(f"familial law not fitted: {report_.skipped_laws.get('familial')}")
   for e in report_.leverage_at_optimum or report_.measured_leverage:

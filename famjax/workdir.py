@@ -35,13 +35,13 @@ def read_metrics(path: Path) -> list[dict]:
     try:
       record = json.loads(line)
       if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        raise ValueError("not a record with an integer 'step'")
+        raise ValueError("not an object with an integer 'step'")
     except ValueError as e:
       if number == len(lines):
         logging.warning("%s:%d: dropping a malformed last line (a write cut short?): %s", path,
                         number, e)
         break
-      raise ValueError(f"{path}:{number}: malformed metrics record ({e}); fix or remove the "
+      raise ValueError(f"{path}:{number}: malformed metrics line ({e}); fix or remove the "
                        "line to resume") from None
     records.append(record)
   return records

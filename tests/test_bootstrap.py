@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax.scaling import bootstrap, fit, laws, leverage, record, stages
+from famjax.scaling import bootstrap, fit, fitted_law, laws, leverage, stages
 
 from conftest import PAPER, reference_data_dir, synthetic_family
 
@@ -45,7 +45,7 @@ def test_gamma_test_inverts_the_one_sided_percentile_and_basic_intervals():
   assert test["n_refits"] == 5
   assert test["p_percentile"] == pytest.approx(1 / 5)  # -0.01 <= 0
   assert test["p_basic"] == pytest.approx(2 / 5)  # 0.03 and 0.05 >= 2 * 0.015
-  assert record.gamma_test_line({**test, "p_percentile": 0.0}).count("p < 0.2") == 1
+  assert fitted_law.gamma_test_line({**test, "p_percentile": 0.0}).count("p < 0.2") == 1
 
 
 def isoflop_family(noise, seed):

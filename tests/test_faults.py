@@ -138,7 +138,7 @@ def test_a_malformed_middle_metrics_line_names_the_file_and_line(tiny_experiment
   path = tmp_path / "metrics.jsonl"
   lines = path.read_text().splitlines()
   path.write_text("\n".join(lines[:1] + ["not json"] + lines[1:]) + "\n")
-  with pytest.raises(ValueError, match=f"{path}:2: malformed metrics record"):
+  with pytest.raises(ValueError, match=f"{path}:2: malformed metrics line"):
     train.train(cfg, tmp_path)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax.scaling import bootstrap, fit, io, laws, leverage, record
+from famjax.scaling import bootstrap, fit, fitted_law, io, laws, leverage
 
 from conftest import PAPER, reference_data_dir, synthetic_family
 
@@ -421,11 +421,11 @@ def test_a_parameter_at_a_boundary_is_flagged_and_its_interval_unidentified():
   rng = np.random.default_rng(0)
   n, d = np.geomspace(1e7, 1e9, 24), rng.permutation(np.geomspace(1e9, 1e11, 24))
   loss = 400 / n ** 0.3 + 3000 / d ** 0.34
-  fitted = record.fit_law(laws.CHINCHILLA, {"N": n, "D": d, "loss": loss}, n_bootstrap=100,
+  fitted = fitted_law.fit_law(laws.CHINCHILLA, {"N": n, "D": d, "loss": loss}, n_bootstrap=100,
                           grid=laws.CHINCHILLA.grid(10))
-  assert "E" in fitted.record["boundary"]
-  assert fitted.record["bootstrap"]["ci95"]["E"] is None
-  assert fitted.record["bootstrap"]["se"]["E"] is None
-  assert fitted.record["bootstrap"]["ci95"]["alpha"] is not None
-  assert "unidentified (boundary)" in record.table(fitted.record)
+  assert "E" in fitted.summary["boundary"]
+  assert fitted.summary["bootstrap"]["ci95"]["E"] is None
+  assert fitted.summary["bootstrap"]["se"]["E"] is None
+  assert fitted.summary["bootstrap"]["ci95"]["alpha"] is not None
+  assert "unidentified (boundary)" in fitted_law.table(fitted.summary)
 

@@ -25,7 +25,7 @@ from famjax.analysis.report import (
 )
 from famjax.config import AnalysisConfig
 from famjax.scaling import fit as fitlib
-from famjax.scaling import io, laws, leverage, record
+from famjax.scaling import fitted_law, io, laws, leverage
 from famjax.study import results
 from famjax.study.isoflop import ISOFLOP, Plan
 
@@ -55,11 +55,11 @@ def _fit_laws(rows, config, progress) -> tuple[dict, dict]:
       skipped[name] = str(e)
       continue
     # a familial or Chinchilla row is a run; a branch run has a row per exit
-    grouping = record.Grouping("runs", rows[name]["run_id"].to_numpy() if name == "branch"
-                               else None)
-    fits[name] = record.fit_law(law, data, n_bootstrap=config.bootstrap, seed=config.bootstrap_seed,
-                                grouping=grouping, grid=law.grid(config.grid_every),
-                                progress=progress)
+    grouping = fitted_law.Grouping("runs", rows[name]["run_id"].to_numpy() if name == "branch"
+                                   else None)
+    fits[name] = fitted_law.fit_law(law, data, n_bootstrap=config.bootstrap,
+                                    seed=config.bootstrap_seed, grouping=grouping,
+                                    grid=law.grid(config.grid_every), progress=progress)
   return fits, skipped
 
 
@@ -74,7 +74,7 @@ def _by_param_count(frame: pd.DataFrame, fits: dict, config) -> dict[str, dict] 
     data = law_data(rows, laws.FAMILIAL, f"the study's familial rows with N = {other}")
   except ValueError:
     return None
-  refit = record.fit_law(laws.FAMILIAL, data, n_bootstrap=config.bootstrap,
+  refit = fitted_law.fit_law(laws.FAMILIAL, data, n_bootstrap=config.bootstrap,
                          seed=config.bootstrap_seed, grid=laws.FAMILIAL.grid(config.grid_every))
 
   def summary(law_record: dict) -> dict:
@@ -82,10 +82,10 @@ def _by_param_count(frame: pd.DataFrame, fits: dict, config) -> dict[str, dict] 
     return {k: {"estimate": law_record["params"][k], "ci95": ci.get(k)}
             for k in ("gamma", "alpha", "beta")}
 
-  return {config.param_count: summary(fits["familial"].record), other: summary(refit.record)}
+  return {config.param_count: summary(fits["familial"].summary), other: summary(refit.summary)}
 
 
-def _log_samples(fitted: record.FittedLaw) -> dict[str, np.ndarray] | None:
+def _log_samples(fitted: fitted_law.FittedLaw) -> dict[str, np.ndarray] | None:
   if fitted.boot is None:
     return None
   names = fitted.result.params
@@ -207,7 +207,7 @@ def analyze(frame: pd.DataFrame, config: AnalysisConfig = AnalysisConfig(),
       lambda fn: _with_interval(fn, familial.result.params, _log_samples(familial)))
   measured = measured_leverage.measured(frame, config, law_interval)
   report = Report(config=config, runs=_runs(frame, plan),
-                  laws={name: f.record for name, f in fits.items()}, skipped_laws=skipped,
+                  laws={name: f.summary for name, f in fits.items()}, skipped_laws=skipped,
                   edges=_edges(rows["familial"]),
                   measured_leverage=measured,
                   leverage_at_optimum=measured_leverage.at_optimum(

@@ -15,7 +15,7 @@ from famjax.analysis.gamma_grid import GammaGrid, Slope
 from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage
 from famjax.analysis.report import Analysis, Edge, Extrapolation, FromLaw, Regime, Report
 from famjax.files import atomic_write_text
-from famjax.scaling import record
+from famjax.scaling import fitted_law
 from famjax.study import results
 
 
@@ -66,7 +66,7 @@ def _law_lines(name: str, law: dict) -> list[str]:
   boot = law.get("bootstrap")
   lines = ["", f"## {name} law ({law['n_rows']} rows, objective {law['objective']:.4g})", "",
            "| parameter | estimate | SE | 95% interval |", "|---|---|---|---|"]
-  for key in record.ORDER:
+  for key in fitted_law.ORDER:
     value = {**law["params"], **law["derived"]}.get(key)
     if value is None:
       continue
@@ -80,7 +80,7 @@ def _law_lines(name: str, law: dict) -> list[str]:
     lines.append(f"\n{boot['n']} bootstrap refits (whole runs resampled), "
                  f"{boot['converged']:.1%} converged{failed}.")
   if "gamma_test" in law:
-    lines.append("\n" + record.gamma_test_line(law["gamma_test"]) + " (docs/statistics.md)")
+    lines.append("\n" + fitted_law.gamma_test_line(law["gamma_test"]) + " (docs/statistics.md)")
   return lines
 
 

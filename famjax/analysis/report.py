@@ -11,7 +11,7 @@ import pandas as pd
 from famjax.analysis.gamma_grid import GammaGrid
 from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage, optional
 from famjax.config import AnalysisConfig
-from famjax.scaling.record import FittedLaw
+from famjax.scaling.fitted_law import FittedLaw
 
 
 def _json(value):
@@ -107,7 +107,7 @@ class Report:
   """What a study found; `to_json()` is report.json."""
   options: AnalysisConfig
   runs: Runs
-  laws: dict[str, dict]  # each law's fit record, as fit.json (record.fit_law)
+  laws: dict[str, dict]  # each law's fit record, as fit.json (fitted_law.fit_law)
   skipped_laws: dict[str, str]  # law -> why it was not fitted
   edges: list[Edge]
   measured_leverage: list[MeasuredLeverage]

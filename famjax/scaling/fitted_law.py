@@ -1,5 +1,5 @@
-"""A law fitted to data with its bootstrap and tests, as the JSON record `experiments.fit` writes
-(and the IsoFLOP study's report holds per law), and the table it prints."""
+"""A law fitted to data with its bootstrap and tests: its JSON summary (what `experiments.fit`
+writes as fit.json and the IsoFLOP study's report holds per law), and the table it prints."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ ORDER = ("E", "A", "B", "alpha", "beta", "gamma", "alpha_b", "beta_b", "a_opt", 
 
 @dataclasses.dataclass(frozen=True)
 class FittedLaw:
-  record: dict  # JSON-ready: law, params, derived, objective, n_rows, starts, bootstrap, ...
+  summary: dict  # JSON-ready: law, params, derived, objective, n_rows, starts, bootstrap, ...
   result: fitlib.FitResult
   boot: bootlib.BootstrapResult | None
 
