@@ -30,11 +30,11 @@ run: venv
 # Two workers, one test file each at a time, so that a file's compiled fixtures are built once.
 # `make test`: every test but the statistical and end-to-end ones (marked slow), for each change.
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 # `make check`: the whole suite, notebooks and the second XLA code path included (CI runs it).
 check: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 lint: venv
 	$(PY) -m ruff check .

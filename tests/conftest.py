@@ -25,8 +25,10 @@ def reference_data_dir() -> Path:
 
 
 # The files of `make check` that take longest (measured 2026-12-03), started first: with
-# `--dist loadfile` the two workers take whole files in collection order, so a long file dealt
-# last would leave one worker running it alone at the end. Only the order changes, never what runs.
+# `--dist loadfile --no-loadscope-reorder` (the Makefile's) the two workers take whole files in
+# collection order, so a long file dealt last would leave one worker running it alone at the end
+# (xdist's default order, most tests first, started the second code path's 4-minute file last).
+# Only the order changes, never what runs.
 LONGEST_FIRST = ("test_portability.py", "test_bootstrap.py", "test_notebooks.py", "test_study.py",
                  "test_sharding.py", "test_memory.py", "test_decode.py", "test_scaling.py")
 

@@ -3,6 +3,7 @@ pieces on synthetic records."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,12 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert result["missing"] == [] and result["sweep"].failed == {}
   rep = json.loads((outdir / "report.json").read_text())
   assert rep["runs"]["finished"] == rep["runs"]["planned"] == len(plan.runs)
+  # report.json keeps the sections and option keys of the published reports
+  published = json.loads((Path(__file__).resolve().parents[1] / "results" / "medium" /
+                          "report.json").read_text())
+  assert set(published) <= set(rep) and set(rep["options"]) == set(published["options"])
+  assert rep["options"]["n_bootstrap"] == 100 and rep["options"]["loss"] == "val"
+  assert rep["options"]["law_flops"] == rep["from_law"]["flops_rule"]
   assert set(rep["laws"]) == {"familial", "branch", "chinchilla"}
   familial = rep["laws"]["familial"]
   assert familial["bootstrap"]["n"] == 100 and familial["bootstrap"]["resampled"] == "runs"

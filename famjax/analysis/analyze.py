@@ -206,7 +206,7 @@ def analyze(frame: pd.DataFrame, config: AnalysisConfig = AnalysisConfig(),
   law_interval = None if familial is None else (
       lambda fn: _with_interval(fn, familial.result.params, _log_samples(familial)))
   measured = measured_leverage.measured(frame, config, law_interval)
-  report = Report(config=config, runs=_runs(frame, plan),
+  report = Report(options=config, runs=_runs(frame, plan),
                   laws={name: f.summary for name, f in fits.items()}, skipped_laws=skipped,
                   edges=_edges(rows["familial"]),
                   measured_leverage=measured,

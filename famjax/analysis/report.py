@@ -123,7 +123,20 @@ class Report:
   leverage_at_optimum: list[LeverageAtOptimum] | None = optional()
 
   def to_json(self) -> dict:
-    return _json(self)
+    out = _json(self)
+    out["options"] = _options_json(self.options, self.from_law)
+    return out
+
+
+def _options_json(config: AnalysisConfig, from_law: FromLaw | None) -> dict:
+  """report.json's `options` under the keys it has always had (loss, n_bootstrap, seed, and
+  law_flops as the runs' rule, or None for 6N), so that readers of earlier reports read this one."""
+  rule = from_law.flops_rule if from_law is not None else None
+  return {"loss": config.fit_loss, "param_count": config.param_count,
+          "n_bootstrap": config.bootstrap, "grid_every": config.grid_every,
+          "seed": config.bootstrap_seed,
+          "leverage_granularities": list(config.leverage_granularities),
+          "law_flops": rule if config.law_flops == "runs" else None}
 
 
 @dataclasses.dataclass
