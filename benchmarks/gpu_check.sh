@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check (README, "On a GPU"): on a machine with one GPU and famjax installed with
+# One GPU check (README, "Before renting"): on a machine with one GPU and famjax installed with
 # `make venv EXTRAS=test,cuda`, runs each part under its own timeout (all within 8 minutes) and
 # prints one JSON line per part: {"part", "rc", "seconds", "result"} where result is the part's
 # own JSON line (null when it failed or timed out; rc 124 = timed out).
