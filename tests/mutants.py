@@ -124,6 +124,15 @@ MUTANTS = [
     ("dense models of a leverage point take the first seed", "famjax/study/isoflop.py",
      "budget / granularity, granularity, dense, seed=family.seed,",
      "budget / granularity, granularity, dense,", "tests/test_isoflop.py -k share_the_budget"),
+    ("an existing study refuses new --dry_run assumptions", "famjax/study/remember.py",
+     "for cls in (AnalysisConfig, EstimateConfig)", "for cls in (AnalysisConfig,)",
+     "tests/test_study.py -k remembers"),
+    ("Decoder exits counted from 0", "famjax/decode.py", "    return int(exit_) - 1\n",
+     "    return int(exit_)\n", "tests/test_decode.py -k cached_logits"),
+    ("plots switch matplotlib's backend", "famjax/analysis/plots.py",
+     "from matplotlib.figure import Figure\n",
+     "from matplotlib.figure import Figure\n\nmatplotlib.use('Agg')\n",
+     "tests/test_structure.py -k matplotlib"),
 ]
 
 

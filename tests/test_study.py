@@ -238,6 +238,9 @@ def test_a_study_remembers_its_config_and_takes_only_analysis_overrides(tmp_path
   assert recorded["history"] == [{"changed": {"study.bootstrap": [small["study"]["bootstrap"],
                                                                   3000]}}]
   assert remember.remembered(tmp_path, tiny, given=[])["study"]["bootstrap"] == 3000
+  smaller = {**small, "study": {**kept["study"], "device_memory_gb": 40.0}}  # --dry_run's node
+  assert remember.remembered(tmp_path, smaller, given=["study.device_memory_gb"])["study"][
+      "device_memory_gb"] == 40.0
   with pytest.raises(ValueError, match=r"study\.widths.*without --config"):
     remember.remembered(tmp_path, tiny)  # a whole other preset: widths, budgets, ...
   wider = {**small, "study": {**small["study"], "widths": [64, 128]}}
