@@ -64,18 +64,19 @@ def main():
   n_starts = len(grid["a"])
 
   start = time.perf_counter()
-  result = fit.fit(laws.CHINCHILLA, data, grid=grid, delta=args.delta, progress=True)
+  problem = fit.Problem.of(laws.CHINCHILLA, data, delta=args.delta)
+  result = fit.fit(problem, grid=grid, progress=True)
   grid_s = time.perf_counter() - start
-  boot = bootstrap.bootstrap(laws.CHINCHILLA, data, result, n=args.bootstrap, progress=True)
+  boot = bootstrap.bootstrap(result, fit.Resampling(args.bootstrap), progress=True)
   famjax_s = time.perf_counter() - start
 
   start = time.perf_counter()
-  warm = fit.fit(laws.CHINCHILLA, data, grid=grid, delta=args.delta)
-  bootstrap.bootstrap(laws.CHINCHILLA, data, warm, n=args.bootstrap)
+  warm = fit.fit(problem, grid=grid)
+  bootstrap.bootstrap(warm, fit.Resampling(args.bootstrap))
   warm_s = time.perf_counter() - start
   grown = {k: np.append(v, v[0] * (1.01 if k == "loss" else 1.0)) for k, v in data.items()}
   start = time.perf_counter()
-  fit.fit(laws.CHINCHILLA, grown, grid=grid, delta=args.delta)
+  fit.fit(fit.Problem.of(laws.CHINCHILLA, grown, delta=args.delta), grid=grid)
   one_more_row_s = time.perf_counter() - start
 
   with tempfile.TemporaryDirectory() as tmp:

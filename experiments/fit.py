@@ -58,8 +58,9 @@ def main(argv):
   fitted = fitted_law.fit_law(law, data, n_bootstrap=_BOOTSTRAP.value, seed=_SEED.value,
                           grouping=grouping, delta=_DELTA.value,
                           grid=law.grid(_GRID_EVERY.value), progress=True)
-  print(fitted_law.table(fitted.summary))
-  atomic_write_text(_OUT.value, json.dumps(fitted.summary, indent=1))
+  summary = fitted.summary()
+  print(fitted_law.table(summary))
+  atomic_write_text(_OUT.value, json.dumps(summary, indent=1))
   print(f"wrote {_OUT.value}")
 
 

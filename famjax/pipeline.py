@@ -128,7 +128,7 @@ def summary(result: dict, outdir: str | Path) -> str:
   lines = []
   familial = report_.laws.get("familial")
   if familial:
-    lines.append(fitted_law.table(familial))
+    lines.append(fitted_law.table(familial.summary()))
   else:
     lines.append(f"familial law not fitted: {report_.skipped_laws.get('familial')}")
   for e in report_.leverage_at_optimum or report_.measured_leverage:

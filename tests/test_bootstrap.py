@@ -13,20 +13,24 @@ from famjax.scaling import bootstrap, fit, fitted_law, laws, leverage, stages
 from conftest import PAPER, reference_data_dir, synthetic_family
 
 
+def resample_counts(n_rows: int, n: int, seed: int) -> np.ndarray:
+  with jax.enable_x64(True):
+    return np.asarray(fit.Resampling(n, seed).counts(n_rows))
+
+
 @pytest.mark.fp_path
 @pytest.mark.slow
 def test_bootstrap_spreads_and_gamma_test():
   """The SE of every parameter equals the SE of independent scipy refits of the same resamples
   (within 3%), and both tests find the true gamma > 0."""
   data = synthetic_family(noise=0.01, seed=1)
-  result = fit.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(450))
-  boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=200, seed=0,
-                             solver=fit.Solver(lanes=32))
-  assert boot.converged == 1.0 and set(boot.ci95) >= {"E", "A", "gamma", "a_opt"}
+  result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), grid=laws.FAMILIAL.grid(450))
+  boot = bootstrap.bootstrap(result, fit.Resampling(200, 0), fit.Solver(lanes=32))
+  assert boot.converged_share == 1.0 and set(boot.ci95) >= {"E", "A", "gamma", "a_opt"}
   names = laws.FAMILIAL.param_names
   logs = laws.to_log_params({laws.to_natural_name(k): boot.samples[laws.to_natural_name(k)]
                              for k in names})
-  counts = bootstrap.resample_counts(len(data["loss"]), 200, 0)
+  counts = resample_counts(len(data["loss"]), 200, 0)
   x0 = np.array([result.params[k] for k in names])
   reference, _ = _scipy_refits(laws.FAMILIAL, data, counts, np.stack([logs[k] for k in names], 1),
                                x0)
@@ -40,7 +44,8 @@ def test_bootstrap_spreads_and_gamma_test():
 
 def test_gamma_test_inverts_the_one_sided_percentile_and_basic_intervals():
   samples = {"gamma": np.array([-0.01, 0.01, 0.02, 0.03, 0.05, np.nan])}  # nan: a failed refit
-  boot = bootstrap.BootstrapResult(n=6, samples=samples, se={}, ci95={}, converged=5 / 6)
+  converged = np.isfinite(samples["gamma"])
+  boot = bootstrap.Bootstrap(samples, converged, np.zeros(6, bool), se={}, ci95={})
   test = bootstrap.gamma_test(boot, 0.015)
   assert test["n_refits"] == 5
   assert test["p_percentile"] == pytest.approx(1 / 5)  # -0.01 <= 0
@@ -80,8 +85,8 @@ def test_bootstrap_intervals_cover_the_truth():
   grid = {**laws.CHINCHILLA.grid(), "gamma": np.zeros(4500)}
   for seed in range(replicates):
     data = isoflop_family(noise=0.005, seed=seed)
-    result = fit.fit(laws.FAMILIAL, data, grid=grid)
-    boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=n_boot, seed=seed)
+    result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), grid=grid)
+    boot = bootstrap.bootstrap(result, fit.Resampling(n_boot, seed))
     estimate = laws.to_natural_params(result.params)
     for name, truth in laws.PAPER_FAMILIAL.items():
       lo, hi = boot.ci95[name]
@@ -120,13 +125,13 @@ def _scipy_refits(law, data, counts, starts_BP, x0):
 
 def _compare_with_scipy(data, n_boot):
   law = laws.CHINCHILLA
-  result = fit.fit(law, data)
-  boot = bootstrap.bootstrap(law, data, result, n=n_boot, seed=0)
+  result = fit.fit(fit.Problem.of(law, data))
+  boot = bootstrap.bootstrap(result, fit.Resampling(n_boot, 0))
   names = law.param_names
   logs = laws.to_log_params({laws.to_natural_name(k): boot.samples[laws.to_natural_name(k)]
                              for k in names})
   refits_BP = np.stack([logs[k] for k in names], 1)
-  counts = bootstrap.resample_counts(len(data["loss"]), n_boot, 0)
+  counts = resample_counts(len(data["loss"]), n_boot, 0)
   x0 = np.array([result.params[k] for k in names])
   reference, famjax = _scipy_refits(law, data, counts, refits_BP, x0)
   gap = famjax / np.array([r.fun for r in reference]) - 1
@@ -147,15 +152,13 @@ def _epoch_like_study(n_rows):
 def _lowest_ends_of_a_wider_search(law, data, counts_BR, k=32):
   """[B] the lowest converged end of each resample's k lowest grid points, each run to
   convergence: a search 4x wider than the bootstrap's screened starts."""
-  names = law.param_names
+  problem = fit.Problem.of(law, data)
   with jax.enable_x64(True):
-    arrays = fit.as_data(data)
-    grid_SP = np.unique(np.stack([law.grid()[name] for name in names], -1), axis=0)
-    problem = fit.problem(law, arrays, names)
-    top_BC = np.asarray(fit.lowest_grid_points(problem, grid_SP, counts_BR, k=k))
-    starts = {name: grid_SP[top_BC.ravel(), i] for i, name in enumerate(names)}
+    grid_SP = fit.grid_points(problem, distinct=True)
+    top_BC = np.asarray(stages.lowest_grid_points(problem, grid_SP, counts_BR, k=k))
     weights_SR = np.repeat(counts_BR, k, axis=0)
-    ends = fit.refine(problem, fit.solve_batch(problem, starts, weights_SR), weights_SR)
+    ends = stages.descend(problem, grid_SP[top_BC.ravel()], weights_SR, fit.Solver(), stages.HOST)
+    ends = stages.settle(problem, ends, weights_SR, fit.Solver(), stages.HOST)
   return np.where(ends.converged_S, ends.value_S, np.inf).reshape(len(counts_BR), k).min(axis=1)
 
 
@@ -169,11 +172,11 @@ def test_small_study_refits_are_as_low_as_a_wider_grid_search(monkeypatch):
   whatever the CPU, the screened starts lower some refits that the bootstrap without them leaves
   higher, and raise none."""
   law, data, n = laws.CHINCHILLA, _epoch_like_study(20), 500
-  full = fit.fit(law, data, grid=law.grid(5))
-  counts_BR = bootstrap.resample_counts(20, n, 0)
+  full = fit.fit(fit.Problem.of(law, data), grid=law.grid(5))
+  counts_BR = resample_counts(20, n, 0)
 
   def refit_objectives():
-    boot = bootstrap.bootstrap(law, data, full, n=n, seed=0)
+    boot = bootstrap.bootstrap(full, fit.Resampling(n, 0))
     refits = laws.to_log_params({name: boot.samples[name]
                                  for name in map(laws.to_natural_name, law.param_names)})
     with jax.enable_x64(True):
@@ -206,11 +209,12 @@ def test_estimate_refits_of_a_small_study_also_run_from_their_lowest_grid_points
 
   def refit_objectives():
     with jax.enable_x64(True):
-      arrays, key = fit.as_data(data), jax.random.key(0)
-      est = jax.jit(lambda d: fit.estimate(law, d, resampling=fit.Resampling(n, key)))(arrays)
-      counts_BR = stages.resample_counts(key, 20, n, None)
+      arrays, resampling = fit.as_data(data), fit.Resampling(n, jax.random.key(0))
+      boot = jax.jit(lambda p: bootstrap.bootstrap(fit.estimate(p), resampling,
+                                                   fit.Solver(lanes=64)))(fit.Problem.of(law, data))
+      refits = laws.to_log_params(jax.device_get(boot.samples))
       return np.asarray(jax.vmap(lambda x, w: fit.objective(
-          x, arrays, w, law=law, delta=fit.DEFAULT_DELTA))(est.bootstrap.samples, counts_BR))
+          x, arrays, w, law=law, delta=fit.DEFAULT_DELTA))(refits, resampling.counts(20)))
 
   screened = refit_objectives()
   monkeypatch.setattr(stages, "SCREENED_MAX_ROWS", 0)
@@ -293,8 +297,8 @@ def test_branch_law_intervals_cover_the_truth():
   grid = {**laws.CHINCHILLA.grid(), "alpha_b": np.zeros(4500), "beta_b": np.zeros(4500)}
   for seed in range(30):
     data, runs = branch_family(noise=0.005, seed=seed)
-    result = fit.fit(laws.BRANCH, data, grid=grid)
-    boot = bootstrap.bootstrap(laws.BRANCH, data, result, n=500, seed=seed, groups=runs)
+    result = fit.fit(fit.Problem.of(laws.BRANCH, data), grid=grid)
+    boot = bootstrap.bootstrap(result, fit.Resampling(500, seed, runs))
     for name in covered:
       lo, hi = boot.ci95[name]
       covered[name].append(lo <= BRANCH_TRUTH[name] <= hi)

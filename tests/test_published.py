@@ -19,7 +19,7 @@ def test_the_familial_law_refits_to_the_published_report():
   report = json.loads((MEDIUM / "report.json").read_text())
   published = report["laws"]["familial"]
   data = io.validate(pd.read_csv(MEDIUM / "data" / "familial.csv"), laws.FAMILIAL)
-  refit = fit.fit(laws.FAMILIAL, data)
+  refit = fit.fit(fit.Problem.of(laws.FAMILIAL, data))
   natural = laws.to_natural_params(refit.params)
   assert refit.objective == pytest.approx(published["objective"], rel=1e-6)
   for name in ("gamma", "alpha", "beta"):

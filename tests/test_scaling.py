@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax.scaling import bootstrap, fit, fitted_law, io, laws, leverage
+from famjax.scaling import bootstrap, fit, fitted_law, io, laws, leverage, stages
+from famjax.scaling.problem import Coordinates
 
 from conftest import PAPER, reference_data_dir, synthetic_family
 
@@ -100,8 +101,9 @@ def test_efficiency_leverage_of_the_published_law():
 @pytest.fixture(scope="module")
 def familial_fit():
   data = synthetic_family(noise=0.0005, seed=3)
-  return data, fit.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(450),
-                       solver=fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000)))
+  return data, fit.fit(fit.Problem.of(laws.FAMILIAL, data),
+                       fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000)),
+                       grid=laws.FAMILIAL.grid(450))
 
 
 @pytest.mark.fp_path
@@ -155,12 +157,32 @@ def test_the_default_fit_shrugs_off_an_outlier():
   data = synthetic_family(noise=0.0005, seed=5)
   data["loss"] = data["loss"].copy()
   data["loss"][17] *= 1.3
-  robust = laws.to_natural_params(fit.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(450)).params)
-  squared = laws.to_natural_params(fit.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(450),
-                                           delta=1.0).params)
+  fitted = lambda delta: laws.to_natural_params(fit.fit(
+      fit.Problem.of(laws.FAMILIAL, data, delta=delta), grid=laws.FAMILIAL.grid(450)).params)
+  robust, squared = fitted(fit.DEFAULT_DELTA), fitted(1.0)
   truth = laws.PAPER_FAMILIAL
   assert robust["gamma"] == pytest.approx(truth["gamma"], rel=0.05)
   assert abs(squared["gamma"] / truth["gamma"] - 1) > 3 * abs(robust["gamma"] / truth["gamma"] - 1)
+
+
+def whitened(problem: fit.Problem, params) -> Coordinates:
+  """Coordinates in which the problem's objective has the identity as Hessian at params."""
+  with jax.enable_x64(True):
+    at = stages.whiten(problem, np.array([[params[k] for k in problem.names]]),
+                       np.ones((1, problem.n_rows)), fit.Solver(), stages.HOST)
+  return Coordinates(at.origin[0], at.basis[0])
+
+
+def descend(problem: fit.Problem, starts, weights_SR, solver, coordinates=None):
+  """L-BFGS from every start ({name: [S]}) from the host."""
+  with jax.enable_x64(True):
+    return stages.descend(problem, fit.grid_points(problem, starts), weights_SR, solver,
+                          stages.HOST, coordinates)
+
+
+def resample_counts(n_rows: int, n: int, seed: int, groups=None) -> np.ndarray:
+  with jax.enable_x64(True):
+    return np.asarray(fit.Resampling(n, seed, groups).counts(n_rows))
 
 
 def test_whitened_coordinates_make_the_hessian_the_identity(familial_fit):
@@ -168,7 +190,7 @@ def test_whitened_coordinates_make_the_hessian_the_identity(familial_fit):
   smooth objective: a Huber delta beyond every residual)."""
   data, result = familial_fit
   names = tuple(result.params)
-  coordinates = fit.whitened(laws.FAMILIAL, result.params, data, delta=1.0)
+  coordinates = whitened(fit.Problem.of(laws.FAMILIAL, data, delta=1.0), result.params)
   with jax.enable_x64(True):
     arrays = fit.as_data(data)
     weights = jnp.ones_like(arrays["loss"])
@@ -185,15 +207,12 @@ def test_whitened_coordinates_make_the_hessian_the_identity(familial_fit):
 @pytest.mark.fp_path
 def test_whitened_refits_match_refits_in_the_laws_coordinates(familial_fit):
   data, result = familial_fit
-  counts = bootstrap.resample_counts(len(data["loss"]), 32, seed=1)
+  counts = resample_counts(len(data["loss"]), 32, seed=1)
   starts = {k: np.full(32, v) for k, v in result.params.items()}
-  with jax.enable_x64(True):
-    arrays = fit.as_data(data)
-    whitened = fit.whitened(laws.FAMILIAL, result.params, data)
-    problem = fit.problem(laws.FAMILIAL, arrays, starts)
-    solver = fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000), lanes=16)
-    plain, white = [fit.solve_batch(problem, starts, counts, solver, coordinates=coordinates)
-                    for coordinates in (None, whitened)]
+  problem = fit.Problem.of(laws.FAMILIAL, data)
+  solver = fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000), lanes=16)
+  plain, white = [descend(problem, starts, counts, solver, coordinates)
+                  for coordinates in (None, whitened(problem, result.params))]
   assert white.converged_S.all()
   np.testing.assert_array_less(white.value_S, plain.value_S * (1 + 1e-9))
   for name in ("alpha", "beta", "gamma"):
@@ -208,13 +227,11 @@ def test_restart_carries_starts_that_stalled_on_to_the_minimum(familial_fit):
   data, result = familial_fit
   starts = {k: v + np.linspace(-0.1, 0.1, 8) for k, v in result.params.items()}
   weights = np.ones((8, len(data["loss"])))
+  problem = fit.Problem.of(laws.FAMILIAL, data)
+  stalled = descend(problem, starts, weights, fit.Solver(fit.StopRules(ftol=1e-2), 8))
+  full = descend(problem, starts, weights, fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000), 8))
   with jax.enable_x64(True):
-    arrays = fit.as_data(data)
-    problem = fit.problem(laws.FAMILIAL, arrays, starts)
-    stalled = fit.solve_batch(problem, starts, weights, fit.Solver(fit.StopRules(ftol=1e-2), 8))
-    full = fit.solve_batch(problem, starts, weights,
-                           fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000), 8))
-    restarted = fit.restart(problem, stalled, weights, fit.Solver(lanes=8))
+    restarted = stages.restart(problem, stalled, weights, fit.Solver(lanes=8), stages.HOST)
   ran_to_the_end = full.converged_S  # (a plain run from the farthest starts can end unconverged)
   assert ran_to_the_end.sum() >= 4
   assert stalled.converged_S[ran_to_the_end].all()
@@ -228,19 +245,17 @@ def test_restart_carries_starts_that_stalled_on_to_the_minimum(familial_fit):
 def test_the_queue_evaluates_its_starts_when_maxiter_is_zero():
   data = synthetic_family(noise=0.01)
   starts = {k: np.full(3, v) + np.array([0.0, 0.1, -0.1]) for k, v in PAPER.items()}
-  with jax.enable_x64(True):
-    arrays = fit.as_data(data)
-    weights = np.ones((3, len(data["loss"])))
-    problem = fit.problem(laws.FAMILIAL, arrays, starts)
-    ends = fit.solve_batch(problem, starts, weights, fit.Solver(fit.StopRules(maxiter=0), 8))
-    params, value = ends.params(problem.names), ends.value_S
-    expected = []
-    for s in range(3):  # the Huber sum by hand, in numpy
-      nat = laws.to_natural_params({k: v[s] for k, v in starts.items()})
-      dense = nat["E"] + nat["A"] / data["N"] ** nat["alpha"] + nat["B"] / data["D"] ** nat["beta"]
-      pred = dense * data["G"] ** nat["gamma"]
-      r = np.abs(np.log(data["loss"]) - np.log(pred))
-      expected.append(np.sum(np.where(r <= 1e-3, 0.5 * r ** 2, 1e-3 * (r - 0.5e-3))))
+  weights = np.ones((3, len(data["loss"])))
+  problem = fit.Problem.of(laws.FAMILIAL, data)
+  ends = descend(problem, starts, weights, fit.Solver(fit.StopRules(maxiter=0), 8))
+  params, value = ends.params(problem.names), ends.value_S
+  expected = []
+  for s in range(3):  # the Huber sum by hand, in numpy
+    nat = laws.to_natural_params({k: v[s] for k, v in starts.items()})
+    dense = nat["E"] + nat["A"] / data["N"] ** nat["alpha"] + nat["B"] / data["D"] ** nat["beta"]
+    pred = dense * data["G"] ** nat["gamma"]
+    r = np.abs(np.log(data["loss"]) - np.log(pred))
+    expected.append(np.sum(np.where(r <= 1e-3, 0.5 * r ** 2, 1e-3 * (r - 0.5e-3))))
   np.testing.assert_allclose(value, expected, rtol=1e-12)
   for k in starts:
     np.testing.assert_array_equal(params[k], starts[k])
@@ -248,7 +263,7 @@ def test_the_queue_evaluates_its_starts_when_maxiter_is_zero():
 
 def test_group_resampling_draws_whole_groups_with_replacement():
   groups = np.repeat([0, 1, 2, 3], 5)
-  counts = bootstrap.resample_counts(20, 2000, seed=0, groups=groups)
+  counts = resample_counts(20, 2000, seed=0, groups=groups)
   assert counts.shape == (2000, 20) and np.all(counts.sum(axis=1) == 20)
   for row in counts[:50]:
     assert all(len(set(row[groups == k])) == 1 for k in range(4))
@@ -256,7 +271,7 @@ def test_group_resampling_draws_whole_groups_with_replacement():
   np.testing.assert_allclose(per_group.mean(axis=0), 1.0, atol=0.06)
   np.testing.assert_allclose(per_group.var(axis=0), 4 * 0.25 * 0.75, atol=0.08)
   assert (per_group == 0).any() and (per_group >= 2).any()
-  rows = bootstrap.resample_counts(10, 4000, seed=1)
+  rows = resample_counts(10, 4000, seed=1)
   np.testing.assert_allclose(rows.var(axis=0), 10 * 0.1 * 0.9, rtol=0.1)
 
 
@@ -333,12 +348,12 @@ def test_epoch_chinchilla_full_grid_and_bootstrap(epoch_data):
   (a heavy-tailed exp(b)) 1267-1458, a seed-to-seed spread of about 5%: B is held to 15%, three
   times that, the others to 10%."""
   data = epoch_data
-  result = fit.fit(laws.CHINCHILLA, data)
+  result = fit.fit(fit.Problem.of(laws.CHINCHILLA, data))
   assert result.objective <= 0.0010182741
   got = laws.to_natural_params(result.params)
   for name, value in {"A": 477.8, "B": 2143, "E": 1.8172, "alpha": 0.3473, "beta": 0.3672}.items():
     assert got[name] == pytest.approx(value, rel=0.005), name
-  boot = bootstrap.bootstrap(laws.CHINCHILLA, data, result, n=4000, seed=0)
+  boot = bootstrap.bootstrap(result, fit.Resampling(4000, 0))
   for name, se in {"A": 124.5, "B": 1293, "E": 0.0257, "alpha": 0.0154, "beta": 0.0206}.items():
     assert boot.se[name] == pytest.approx(se, rel=0.15 if name == "B" else 0.10), name
 
@@ -351,8 +366,8 @@ def test_estimate_gradients_match_finite_differences():
   that move the estimate most (rows beyond the Huber delta do not move it at all)."""
   with jax.enable_x64(True):
     data = fit.as_data(synthetic_family(noise=0.0005, seed=3))
-    gamma = lambda losses, w: fit.estimate(laws.FAMILIAL, dict(data, loss=losses), weights=w,
-                                           grid=GRID).params["gamma"]
+    gamma = lambda losses, w: fit.estimate(fit.Problem.of(laws.FAMILIAL, dict(data, loss=losses)),
+                                           weights=w, grid=GRID).params["gamma"]
     ones = jnp.ones(120)
     # one compiled program for both gradients, one for the estimate itself
     grad, by_weight = map(np.asarray, jax.jit(jax.grad(gamma, argnums=(0, 1)))(data["loss"], ones))
@@ -370,11 +385,12 @@ def test_estimate_vmaps_over_studies_and_compiles_once_per_shape():
   with jax.enable_x64(True):
     # four studies: a batch of several, each of which must match its own unbatched fit
     studies = [fit.as_data(synthetic_family(noise=0.002, seed=s)) for s in range(4)]
-    single = jax.jit(lambda d: fit.estimate(laws.FAMILIAL, d, grid=GRID))
+    single = jax.jit(lambda d: fit.estimate(fit.Problem.of(laws.FAMILIAL, d), grid=GRID))
     separate = [single(d) for d in studies]
     assert single._cache_size() == 1
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *studies)
-    batched = jax.jit(jax.vmap(lambda d: fit.estimate(laws.FAMILIAL, d, grid=GRID)))(stacked)
+    batched = jax.jit(jax.vmap(
+        lambda d: fit.estimate(fit.Problem.of(laws.FAMILIAL, d), grid=GRID)))(stacked)
   for name in PAPER:
     np.testing.assert_allclose(batched.params[name], [e.params[name] for e in separate],
                                rtol=1e-8, err_msg=name)
@@ -386,29 +402,32 @@ def test_estimate_vmaps_over_studies_and_compiles_once_per_shape():
 def test_estimate_bootstrap_gives_intervals_like_the_host_bootstrap():
   data = synthetic_family(noise=0.01, seed=1)
   with jax.enable_x64(True):
-    est = jax.jit(lambda d, k: fit.estimate(laws.FAMILIAL, d, grid=GRID,
-                                            resampling=fit.Resampling(400, k)))(
-        fit.as_data(data), jax.random.key(0))
-  host = bootstrap.bootstrap(laws.FAMILIAL, data, fit.fit(laws.FAMILIAL, data, grid=GRID), n=400)
-  assert float(est.bootstrap.converged.mean()) > 0.99
-  assert float(est.bootstrap.se["gamma"]) == pytest.approx(host.se["gamma"], rel=0.2)
-  lo, hi = (float(x) for x in est.bootstrap.ci95["gamma"])
+    def estimate_and_bootstrap(problem, key):
+      est = fit.estimate(problem, grid=GRID)
+      return est, bootstrap.bootstrap(est, fit.Resampling(400, key), fit.Solver(lanes=64))
+
+    est, boot = jax.jit(estimate_and_bootstrap)(fit.Problem.of(laws.FAMILIAL, data),
+                                                jax.random.key(0))
+  host = bootstrap.bootstrap(fit.fit(fit.Problem.of(laws.FAMILIAL, data), grid=GRID),
+                             fit.Resampling(400))
+  assert float(boot.converged_B.mean()) > 0.99
+  assert float(boot.se["gamma"]) == pytest.approx(host.se["gamma"], rel=0.2)
+  lo, hi = (float(x) for x in boot.ci95["gamma"])
   assert lo < float(est.params["gamma"]) < hi
 
 
 def test_estimate_refuses_a_silent_float32_fit():
   data = {k: np.asarray(v, np.float32) for k, v in synthetic_family().items()}
   with pytest.raises(TypeError, match="jax.enable_x64"):
-    fit.estimate(laws.FAMILIAL, data, grid=GRID)
+    fit.estimate(fit.Problem.of(laws.FAMILIAL, data), grid=GRID)
 
 
 @pytest.mark.fp_path
 def test_failed_refits_are_left_out_and_counted():
   data = synthetic_family(noise=0.01, seed=1)
-  result = fit.fit(laws.FAMILIAL, data, grid=GRID)
-  boot = bootstrap.bootstrap(laws.FAMILIAL, data, result, n=100,
-                              solver=fit.Solver(fit.StopRules(maxiter=1)))
-  assert boot.failed > 0 and boot.converged == pytest.approx(1 - boot.failed / 100)
+  result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), grid=GRID)
+  boot = bootstrap.bootstrap(result, fit.Resampling(100), fit.Solver(fit.StopRules(maxiter=1)))
+  assert boot.failed > 0 and boot.converged_share == pytest.approx(1 - boot.failed / 100)
   assert np.isnan(boot.samples["gamma"]).sum() == boot.failed
   ok = boot.samples["gamma"][np.isfinite(boot.samples["gamma"])]
   if ok.size >= 2:
@@ -423,9 +442,10 @@ def test_a_parameter_at_a_boundary_is_flagged_and_its_interval_unidentified():
   loss = 400 / n ** 0.3 + 3000 / d ** 0.34
   fitted = fitted_law.fit_law(laws.CHINCHILLA, {"N": n, "D": d, "loss": loss}, n_bootstrap=100,
                           grid=laws.CHINCHILLA.grid(10))
-  assert "E" in fitted.summary["boundary"]
-  assert fitted.summary["bootstrap"]["ci95"]["E"] is None
-  assert fitted.summary["bootstrap"]["se"]["E"] is None
-  assert fitted.summary["bootstrap"]["ci95"]["alpha"] is not None
-  assert "unidentified (boundary)" in fitted_law.table(fitted.summary)
+  summary = fitted.summary()
+  assert "E" in summary["boundary"]
+  assert summary["bootstrap"]["ci95"]["E"] is None
+  assert summary["bootstrap"]["se"]["E"] is None
+  assert summary["bootstrap"]["ci95"]["alpha"] is not None
+  assert "unidentified (boundary)" in fitted_law.table(summary)
 

@@ -140,7 +140,8 @@ def test_a_published_study_refits_to_its_report_without_its_runs(mini_study, tmp
   assert not any(n.startswith("runs/") or n.endswith(".parquet") for n in names)
   published = json.loads((dest / "report.json").read_text())["laws"]["familial"]
   data = io.validate(pd.read_csv(dest / "data" / "familial.csv"), laws.FAMILIAL)
-  refit = fit.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(study_cfg.grid_every))
+  refit = fit.fit(fit.Problem.of(laws.FAMILIAL, data),
+                  grid=laws.FAMILIAL.grid(study_cfg.grid_every))
   natural = laws.to_natural_params(refit.params)
   for name in ("gamma", "alpha", "beta"):
     assert natural[name] == pytest.approx(published["params"][name], rel=1e-6), name

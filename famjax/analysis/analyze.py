@@ -82,7 +82,8 @@ def _by_param_count(frame: pd.DataFrame, fits: dict, config) -> dict[str, dict] 
     return {k: {"estimate": law_record["params"][k], "ci95": ci.get(k)}
             for k in ("gamma", "alpha", "beta")}
 
-  return {config.param_count: summary(fits["familial"].summary), other: summary(refit.summary)}
+  return {config.param_count: summary(fits["familial"].summary()),
+          other: summary(refit.summary())}
 
 
 def _log_samples(fitted: fitted_law.FittedLaw) -> dict[str, np.ndarray] | None:
@@ -146,7 +147,8 @@ def _extrapolation(rows: pd.DataFrame, config) -> tuple[Extrapolation, pd.DataFr
     data = law_data(rows[~held_out], laws.FAMILIAL, "the rows below the largest budget")
   except ValueError as e:
     return Extrapolation(skipped=str(e)), None
-  result = fitlib.fit(laws.FAMILIAL, data, grid=laws.FAMILIAL.grid(config.grid_every))
+  result = fitlib.fit(fitlib.Problem.of(laws.FAMILIAL, data),
+                      grid=laws.FAMILIAL.grid(config.grid_every))
   test = rows[held_out]
   with jax.enable_x64(True):
     predicted = np.asarray(laws.loss(laws.FAMILIAL, result.params, fitlib.as_data(
@@ -207,7 +209,7 @@ def analyze(frame: pd.DataFrame, config: AnalysisConfig = AnalysisConfig(),
       lambda fn: _with_interval(fn, familial.result.params, _log_samples(familial)))
   measured = measured_leverage.measured(frame, config, law_interval)
   report = Report(options=config, runs=_runs(frame, plan),
-                  laws={name: f.summary for name, f in fits.items()}, skipped_laws=skipped,
+                  laws=dict(fits), skipped_laws=skipped,
                   edges=_edges(rows["familial"]),
                   measured_leverage=measured,
                   leverage_at_optimum=measured_leverage.at_optimum(

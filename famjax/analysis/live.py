@@ -48,7 +48,7 @@ class LiveFit:
     grid = self.grid
     if self.params is not None:
       grid = {k: np.append(v, self.params[k]) for k, v in grid.items()}
-    result = fitlib.fit(laws.FAMILIAL, data, grid=grid)
+    result = fitlib.fit(fitlib.Problem.of(laws.FAMILIAL, data), grid=grid)
     self.params = result.params
     natural = laws.to_natural_params(result.params)
     line = (f"live fit over {len(rows)} runs: gamma={natural['gamma']:.4f} "

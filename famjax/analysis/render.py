@@ -178,7 +178,8 @@ def _law_ci(law: dict | None, name: str) -> str:
   return f"{_fmt(law['params'][name])} {_ci(ci)}"
 
 
-def _gamma_grid_lines(grid: GammaGrid, laws_: dict) -> list[str]:
+def _gamma_grid_lines(grid: GammaGrid, fits: dict) -> list[str]:
+  familial = fits["familial"].summary() if "familial" in fits else None
   lines = ["", "## gamma without the law (gamma grid)", "",
            "Families of every G on one backbone, trained on the same tokens; gamma_direct = slope "
            "of log(mean exit loss) on log G, intercept per seed, 95% t interval.", "",
@@ -186,7 +187,7 @@ def _gamma_grid_lines(grid: GammaGrid, laws_: dict) -> list[str]:
   lines += [f"| {c.d_model} | {c.D:,} | {c.n_families} | {_fmt(c.gamma.estimate)} | "
             f"{_ci(c.gamma.ci95)} |" for c in grid.cells]
   lines += ["", f"One gamma for all cells: {_slope(grid.shared)}; the familial law's gamma: "
-                f"{_law_ci(laws_.get('familial'), 'gamma')}."]
+                f"{_law_ci(familial, 'gamma')}."]
   for t in grid.homogeneity:
     lines.append(f"- a gamma per {t.per.replace('d_model', 'width')} ({t.n_groups}) against one: "
                  f"F({t.df[0]}, {t.df[1]}) = {_fmt(t.f, 3)}, p = {_fmt(t.p, 3)}")
@@ -195,7 +196,7 @@ def _gamma_grid_lines(grid: GammaGrid, laws_: dict) -> list[str]:
     lines += ["", f"Branch exponents, {b.n_exits} exits over dense controls of their own shape "
                   "(same tokens, same seed), against the branch law fitted to the IsoFLOP runs:",
               "", "| exponent | with controls | branch law |", "|---|---|---|"]
-    branch = laws_.get("branch")
+    branch = fits["branch"].summary() if "branch" in fits else None
     lines += [f"| alpha_b (P above) | {_slope(b.alpha_b)} | {_law_ci(branch, 'alpha_b')} |",
               f"| beta_b (Q below) | {_slope(b.beta_b)} | {_law_ci(branch, 'beta_b')} |"]
   return lines
@@ -224,7 +225,7 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
   if report.regime:
     lines += _regime_lines(report.regime)
   for name, law in report.laws.items():
-    lines += _law_lines(name, law)
+    lines += _law_lines(name, law.summary())
   for name, why in report.skipped_laws.items():
     lines.append(f"\n{name} law not fitted: {why}")
   if report.param_counts:

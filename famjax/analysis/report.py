@@ -15,8 +15,10 @@ from famjax.scaling.fitted_law import FittedLaw
 
 
 def _json(value):
-  """A report value as JSON-ready data: dataclasses as dicts (optional fields left out when
-  None), tuples as lists."""
+  """A report value as JSON-ready data: a fitted law as its summary, dataclasses as dicts
+  (optional fields left out when None), tuples as lists."""
+  if isinstance(value, FittedLaw):
+    return value.summary()
   if dataclasses.is_dataclass(value):
     return {f.name: _json(getattr(value, f.name)) for f in dataclasses.fields(value)
             if not (f.metadata.get("optional") and getattr(value, f.name) is None)}
@@ -107,7 +109,7 @@ class Report:
   """What a study found; `to_json()` is report.json."""
   options: AnalysisConfig
   runs: Runs
-  laws: dict[str, dict]  # each law's fit record, as fit.json (fitted_law.fit_law)
+  laws: dict[str, FittedLaw]  # each law's fit (report.json: its summary(), as fit.json)
   skipped_laws: dict[str, str]  # law -> why it was not fitted
   edges: list[Edge]
   measured_leverage: list[MeasuredLeverage]

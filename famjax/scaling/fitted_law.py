@@ -1,5 +1,6 @@
-"""A law fitted to data with its bootstrap and tests: its JSON summary (what `experiments.fit`
-writes as fit.json and the IsoFLOP study's report holds per law), and the table it prints."""
+"""A law fitted to data with its bootstrap and tests (FittedLaw), its JSON summary (what
+`experiments.fit` writes as fit.json and the IsoFLOP study's report.json holds per law), and the
+table it prints."""
 
 from __future__ import annotations
 
@@ -15,13 +16,6 @@ from famjax.scaling import fit as fitlib
 from famjax.scaling import laws
 
 ORDER = ("E", "A", "B", "alpha", "beta", "gamma", "alpha_b", "beta_b", "a_opt", "b_opt")
-
-
-@dataclasses.dataclass(frozen=True)
-class FittedLaw:
-  summary: dict  # JSON-ready: law, params, derived, objective, n_rows, starts, bootstrap, ...
-  result: fitlib.FitResult
-  boot: bootlib.BootstrapResult | None
 
 
 TERM_FLOOR = 1e-4  # a term below this share of the loss at every row has run to zero
@@ -60,22 +54,47 @@ class Grouping(NamedTuple):
   labels: Sequence | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class FittedLaw:
+  """A law's fit, its bootstrap and what follows from them, typed; `summary()` is its JSON."""
+  result: fitlib.FitResult
+  boot: bootlib.Bootstrap | None
+  boundary: dict[str, str]  # parameter -> why it is unidentified (`boundaries`)
+  gamma_test: dict | None  # bootstrap.gamma_test, for the familial law with refits
+  resampled: str  # "rows", or the Grouping's name
+  seconds: float
+
+  def summary(self) -> dict:
+    """JSON-ready: law, params, derived, objective, n_rows, starts, bootstrap, ... (fit.json,
+    and each law's entry of an IsoFLOP study's report.json)."""
+    result, edge, boot = self.result, self.boundary, self.boot
+    natural = laws.to_natural_params(result.params)
+    out = {"law": result.law.name, "params": natural,
+           "derived": bootlib.derived(natural) if {"alpha", "beta"} <= set(natural) else {},
+           "objective": result.objective, "n_rows": result.n_rows,
+           "converged": result.converged, "boundary": edge,
+           "starts": {"n": int(result.start_objective.size),
+                      "converged": int(result.start_converged.sum())}}
+    if boot is not None:
+      out["bootstrap"] = {"n": boot.n,
+                          "se": {k: None if k in edge else v for k, v in boot.se.items()},
+                          "ci95": {k: None if k in edge else list(v) for k, v in boot.ci95.items()},
+                          "converged": boot.converged_share, "failed": boot.failed,
+                          "multimodal": boot.multimodal, "resampled": self.resampled}
+    if self.gamma_test is not None:
+      out["gamma_test"] = self.gamma_test
+    out["seconds"] = self.seconds
+    return out
+
+
 def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int = 0,
             grouping: Grouping | None = None, delta: float = fitlib.DEFAULT_DELTA,
             grid: Mapping | None = None, progress: bool = False) -> FittedLaw:
   """Grid fit, bootstrap refits (of rows, or of whole groups) and, for the familial law with
   refits, the one-sided tests of gamma > 0."""
   start = time.perf_counter()
-  grid = dict(grid or law.grid())
-  result = fitlib.fit(law, data, delta=delta, grid=grid, progress=progress)
-  natural = laws.to_natural_params(result.params)
-  derived = bootlib.derived(natural) if {"alpha", "beta"} <= set(natural) else {}
+  result = fitlib.fit(fitlib.Problem.of(law, data, delta=delta), grid=grid, progress=progress)
   edge = boundaries(law, result.params, data)
-  record = {"law": law.name, "params": natural, "derived": derived,
-            "objective": result.objective, "n_rows": result.n_rows, "converged": result.converged,
-            "boundary": edge,
-            "starts": {"n": int(result.start_objective.size),
-                       "converged": int(result.start_converged.sum())}}
   if not result.converged:
     warnings.warn(f"{law.name} law: no grid start converged; the estimates are the lowest "
                   "objective reached, not an optimum", stacklevel=2)
@@ -84,24 +103,17 @@ def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int 
                   "reported as unidentified", stacklevel=2)
   boot = None
   if n_bootstrap:
-    boot = bootlib.bootstrap(law, data, result, n=n_bootstrap, seed=seed,
-                             groups=None if grouping is None else grouping.labels,
-                             progress=progress)
-    interval = lambda k: None if k in edge else list(boot.ci95[k])
-    record["bootstrap"] = {"n": boot.n,
-                           "se": {k: None if k in edge else v for k, v in boot.se.items()},
-                           "ci95": {k: interval(k) for k in boot.ci95},
-                           "converged": boot.converged, "failed": boot.failed,
-                           "multimodal": boot.multimodal,
-                           "resampled": grouping.name if grouping else "rows"}
+    resampling = fitlib.Resampling(n_bootstrap, seed, None if grouping is None else grouping.labels)
+    boot = bootlib.bootstrap(result, resampling, progress=progress)
     if boot.failed:
       warnings.warn(f"{law.name} law: {boot.failed} of {boot.n} bootstrap refits did not "
                     "converge after every retry; they are left out of the SEs and intervals",
                     stacklevel=2)
+  test = None
   if law is laws.FAMILIAL and boot is not None and "gamma" in result.params:
-    record["gamma_test"] = bootlib.gamma_test(boot, result.params["gamma"])
-  record["seconds"] = time.perf_counter() - start
-  return FittedLaw(record, result, boot)
+    test = bootlib.gamma_test(boot, result.params["gamma"])
+  return FittedLaw(result, boot, edge, test, grouping.name if grouping else "rows",
+                   time.perf_counter() - start)
 
 
 def table(record: dict) -> str:

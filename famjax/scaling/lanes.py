@@ -54,9 +54,11 @@ class Outcome(NamedTuple):
   def take(self, index) -> "Outcome":
     return jax.tree.map(lambda a: a[index], self)
 
-  def put(self, index, part: "Outcome") -> "Outcome":
-    """A numpy copy with part's starts written at index (host side)."""
+  def put(self, index, part: "Outcome", xp=np) -> "Outcome":
+    """A copy with part's starts written at index (out-of-range indices dropped when traced)."""
     def written(a, b):
+      if xp is not np:
+        return a.at[index].set(b, mode="drop")
       a = np.array(a)
       a[index] = b
       return a

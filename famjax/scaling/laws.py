@@ -70,6 +70,11 @@ class Law:
     combos = np.array(list(itertools.product(*(axes[n] for n in names))), dtype=np.float64)
     return {n: combos[::every, i] for i, n in enumerate(names) if n in self.param_names}
 
+  @property
+  def grid_names(self) -> tuple[str, ...]:
+    """The parameters in the order of the grid's columns: the solver's order."""
+    return tuple(n for n in {**HOFFMANN_GRID, **self.extra_grid} if n in self.param_names)
+
 
 CHINCHILLA = Law("chinchilla", ("a", "b", "e", "alpha", "beta"), chinchilla_log_loss, ("N", "D"))
 FAMILIAL = Law("familial", ("a", "b", "e", "alpha", "beta", "gamma"), familial_log_loss,

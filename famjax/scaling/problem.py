@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,11 @@ def objective(params, data, weights_R, *, law: Law, delta: float, fixed: Mapping
   return jnp.sum(weights_R * row_losses(params, data, law=law, delta=delta, fixed=fixed))
 
 
+def _float64(value):
+  """numpy float64 for a concrete value; a traced one (inside jit, vmap, grad) as it is."""
+  return value if isinstance(value, jax.core.Tracer) else np.asarray(value, np.float64)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["data", "fixed"],
                    meta_fields=["law", "names", "delta"])
 @dataclasses.dataclass(frozen=True)
@@ -82,16 +87,49 @@ class Problem:
     return objective(self.params(x_P), self.data, weights_R, law=self.law, delta=self.delta,
                      fixed=self.fixed)
 
+  @classmethod
+  def of(cls, law: Law, data: Mapping, *, fixed: Mapping | None = None,
+         delta: float = DEFAULT_DELTA) -> "Problem":
+    """`law` fitted to `data` ({"N", "D", ..., "loss"}: [R] each) in its parameters other than
+    the `fixed` ones, in the order of its grid. Concrete data are kept as float64 numpy arrays
+    (host copies, whatever JAX's 64-bit mode); traced ones pass through, for a Problem built
+    inside jit, vmap or grad."""
+    fixed = {k: _float64(v) for k, v in (fixed or {}).items()}
+    names = tuple(k for k in law.grid_names if k not in fixed)
+    return cls(law, names, {k: _float64(v) for k, v in data.items()}, fixed, delta)
+
 
 def as_data(data: Mapping) -> dict[str, jnp.ndarray]:
   return {k: jnp.asarray(np.asarray(v, dtype=np.float64)) for k, v in data.items()}
 
 
-def problem(law: Law, data: Mapping, names, *, fixed: Mapping | None = None,
-            delta: float = DEFAULT_DELTA) -> Problem:
-  """A Problem over float64 copies of the data (host arrays) and fixed values."""
-  fixed = {k: jnp.float64(v) for k, v in (fixed or {}).items()}
-  return Problem(law, tuple(k for k in names if k not in fixed), as_data(data), fixed, delta)
+def grid_points(p: Problem, grid: Mapping | None = None, *, every: int = 1,
+                distinct: bool = False) -> np.ndarray:
+  """[S, P] points of a grid of starts ({name: [S]}; the law's own, thinned to every k-th
+  point, by default) in the free parameters, in the solver's order. `distinct`: each point once
+  (with a parameter fixed, the grid repeats the others once per grid value of the fixed one)."""
+  grid = p.law.grid(every) if grid is None else grid
+  missing = [k for k in p.names if k not in grid]
+  if missing:
+    raise ValueError(f"grid: no column for parameter(s) {missing}; it needs {list(p.names)}")
+  points_SP = np.stack([np.asarray(grid[k], np.float64) for k in p.names], -1)
+  return np.unique(points_SP, axis=0) if distinct else points_SP
+
+
+class Resampling(NamedTuple):
+  """Bootstrap resamples: n of them, drawn with a PRNG `key` (or an integer seed), of rows or,
+  given `groups` (one label of any kind per row, concrete), of whole groups."""
+  n: int
+  key: jax.Array | int = 0
+  groups: Sequence | None = None
+
+  def counts(self, n_rows: int) -> jax.Array:
+    """[n, n_rows] row multiplicities (float64; run inside jax.enable_x64)."""
+    key = jax.random.key(self.key) if isinstance(self.key, int) else self.key
+    groups = self.groups
+    if groups is not None:
+      groups = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+    return resample_counts(key, n_rows, self.n, groups)
 
 
 class Coordinates(NamedTuple):
@@ -123,3 +161,18 @@ def whitening(hessian_SPP, x_SP, xp=jnp) -> Coordinates:
   ok_S = finite_S & xp.all(curvature_SP > 0, axis=-1)[..., None, None]
   return Coordinates(x_SP, xp.where(ok_S, vectors_SPP / xp.sqrt(curvature_SP)[..., None, :],
                                     xp.eye(p)))
+
+
+def resample_counts(key, n_rows: int, n: int, groups=None) -> jax.Array:
+  """[n, R] row multiplicities of n bootstrap resamples: rows drawn with replacement, or whole
+  groups (integer labels 0..n_groups-1, one per row, concrete) if given. Pure JAX."""
+  n_groups = n_rows if groups is None else int(np.max(groups)) + 1
+  counts = _group_counts(key, n, n_groups)
+  return counts if groups is None else counts[:, np.asarray(groups)]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one program, not an eager op per step
+def _group_counts(key, n: int, n_groups: int) -> jax.Array:
+  """[n, n_groups] counts of n_groups draws with replacement, n times."""
+  draws = jax.random.randint(key, (n, n_groups), 0, n_groups)
+  return jnp.zeros((n, n_groups), jnp.float64).at[jnp.arange(n)[:, None], draws].add(1.0)

@@ -1,10 +1,11 @@
 """The fitter's stages, written once: descend, polish, refine, restart, screened starts, and the
 bootstrap's resampling and summary.
 
-An `Engine` says how a stage's starts run. `TRACED` runs them in one traced loop with exact
-Hessians, one refine and one restart round (`fit.estimate`: pure JAX). `host(desc)` drives the
-same compiled loop from the host in chunks, on the active starts only, with finite-difference
-Hessians from that loop and more rounds (`fit.fit`, `bootstrap.bootstrap`).
+An `Engine` says how a stage's starts run, never which stages run or how often: `TRACED` runs
+them in one traced loop with exact Hessians and rounds in a fori_loop (`fit.estimate` and
+`bootstrap.bootstrap` of an Estimate: pure JAX); `HOST` drives the same compiled loop from
+the host in chunks, on the active starts only, with finite-difference Hessians from that loop
+(`fit.fit`, `bootstrap.bootstrap` of a FitResult).
 
 Shape letters: S starts, P parameters, R data rows, B resamples, C screened starts per resample.
 """
@@ -25,8 +26,8 @@ from famjax.scaling.laws import to_natural_name
 from famjax.scaling.problem import Coordinates, Problem, Solver, StopRules, whitening
 
 FD_STEP = 1e-5  # central differences of the gradient, for the host's Hessians
-REFINE_ROUNDS = 3  # rounds of re-whitening an unconverged start at its own point (host)
-RESTART_ROUNDS = 4  # rounds of fresh-memory continuation of the starts that still move (host)
+REFINE_ROUNDS = 3  # rounds of re-whitening an unconverged start at its own point
+RESTART_ROUNDS = 4  # rounds of fresh-memory continuation of the starts that still move
 RESTART_RTOL = 1e-7  # a continuation "moves" when it lowers the objective by more than this of it
 # per bootstrap refit of a small study: the grid points lowest in the resample's objective, each
 # run to convergence. On a 20-row study 5 of 1000 resamples have a lower minimum than the refit
@@ -37,6 +38,7 @@ SCREENED_STARTS = 8
 # studies up to this size screen every refit; at 60 rows screening lowered none of 1000 refits,
 # and it would make a 90-row familial bootstrap 8x slower
 SCREENED_MAX_ROWS = 50
+N_POLISHED = 8  # a fit's lowest grid starts rerun in coordinates whitened at the lowest
 SCREEN_BATCH = 512  # resamples screened at a time ([batch, S] objectives in memory)
 
 Outcome = lanes.Outcome
@@ -45,10 +47,19 @@ Outcome = lanes.Outcome
 class Engine(NamedTuple):
   run: Callable  # (problem, queue, solver, active_S) -> Outcome
   hessians: Callable  # (problem, x_SP, weights_SR, solver, active_S) -> [S, P, P]
-  refine_rounds: int
-  restart_rounds: int
+  loop: Callable  # (n, body, carry) -> body(n - 1, ... body(0, carry)): rounds of a stage
   xp: ModuleType  # the array library of the stages' own arithmetic: numpy on the host (no
   #                 dispatch or compilation per operation and shape), jax.numpy when traced
+
+  def shown(self, desc: str | None) -> "Engine":
+    """This engine with a progress bar named `desc` over each run's starts (host only)."""
+    return self._replace(run=functools.partial(_host_run, desc=desc)) if self.xp is np else self
+
+
+def _host_loop(n: int, body: Callable, carry):
+  for i in range(n):
+    carry = body(i, carry)
+  return carry
 
 
 def _exact_hessians(problem: Problem, x_SP, weights_SR, solver: Solver, active_S=None):
@@ -84,13 +95,14 @@ def _host_run(problem: Problem, q: lanes.Queue, solver: Solver, active_S=None, *
     return lanes.run(problem, q, solver, active_S, progress=bar)
 
 
-TRACED = Engine(lanes.solve, _exact_hessians, refine_rounds=1, restart_rounds=1, xp=jnp)
+def _traced_loop(n: int, body: Callable, carry):
+  return jax.lax.fori_loop(0, n, body, carry)  # one compiled body, whatever the rounds
 
 
-def host(desc: str | None = None) -> Engine:
-  """The host engine; `desc` names a progress bar over each run's starts (none if None)."""
-  return Engine(functools.partial(_host_run, desc=desc), _fd_hessians, REFINE_ROUNDS,
-                RESTART_ROUNDS, np)
+TRACED = Engine(lanes.solve, _exact_hessians, _traced_loop, jnp)
+
+
+HOST = Engine(_host_run, _fd_hessians, _host_loop, np)
 
 
 def whiten(problem: Problem, x_SP, weights_SR, solver: Solver, engine: Engine,
@@ -122,32 +134,35 @@ def polish(problem: Problem, x_SP, around_P, weights_R, solver: Solver,
 def refine(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
            engine: Engine) -> Outcome:
   """Continues every unconverged start from where it stopped, in coordinates whitened at its own
-  point by its own objective, for engine.refine_rounds rounds; a continuation replaces a start
+  point by its own objective, for REFINE_ROUNDS rounds; a continuation replaces a start
   only where it lowers the objective."""
   xp = engine.xp
-  for _ in range(engine.refine_rounds):
+
+  def one_round(_, ends):
     todo_S = ~ends.converged_S & xp.isfinite(ends.value_S)
     coordinates = whiten(problem, ends.x_SP, weights_SR, solver, engine, todo_S)
     new = descend(problem, ends.x_SP, weights_SR, solver, engine, coordinates, todo_S)
     better_S = todo_S & (new.value_S <= ends.value_S)
-    ends = new.where(better_S, ends, xp)._replace(
+    return new.where(better_S, ends, xp)._replace(
         converged_S=xp.where(todo_S, better_S & new.converged_S, ends.converged_S))
-  return ends
+
+  return engine.loop(REFINE_ROUNDS, one_round, ends)
 
 
 def restart(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
             engine: Engine) -> Outcome:
   """Continues every start from where it stopped with a fresh L-BFGS memory, in the law's own
   coordinates, and again for those that moved (lowered the objective by > RESTART_RTOL of it),
-  for engine.restart_rounds rounds. An L-BFGS can stall short of a minimum on the Huber
+  for RESTART_ROUNDS rounds. An L-BFGS can stall short of a minimum on the Huber
   objective's kinks with a curvature memory that no longer fits (stop.ftol then ends it as
   converged); a fresh start from the same point goes on."""
-  todo_S = engine.xp.isfinite(ends.value_S)
-  for _ in range(engine.restart_rounds):
+  def one_round(_, carry):
+    ends, todo_S = carry
     new = descend(problem, ends.x_SP, weights_SR, solver, engine, None, todo_S)
     todo_S = todo_S & (new.value_S < ends.value_S * (1 - RESTART_RTOL))
-    ends = new.where(todo_S, ends, engine.xp)
-  return ends
+    return new.where(todo_S, ends, engine.xp), todo_S
+
+  return engine.loop(RESTART_ROUNDS, one_round, (ends, engine.xp.isfinite(ends.value_S)))[0]
 
 
 def settle(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
@@ -157,27 +172,31 @@ def settle(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
   return restart(problem, ends, weights_SR, solver, engine)
 
 
+def best_of_grid(problem: Problem, grid_SP, weights_R, solver: Solver, engine: Engine,
+                 progress: bool = False) -> tuple[Outcome, jax.Array]:
+  """The fit: L-BFGS from every grid point; the N_POLISHED lowest ends rerun from where they
+  stopped in coordinates whitened at the lowest (`polish`) and settled. Returns every start's
+  end and the best one's index: the lowest converged objective (the lowest finite one if none
+  converged)."""
+  xp = engine.xp
+  starts = descend(problem, grid_SP, weights_R[None], solver,
+                   engine.shown("fit" if progress else None))
+  finite_S = xp.where(xp.isfinite(starts.value_S), starts.value_S, xp.inf)
+  polished = xp.argsort(finite_S)[:min(N_POLISHED, len(grid_SP))]
+  top = polish(problem, starts.x_SP[polished], starts.x_SP[polished[0]], weights_R, solver,
+               engine.shown("polish" if progress else None))
+  top = settle(problem, top, weights_R[None], solver, engine)
+  ends = starts.put(polished, top, xp)
+  best = xp.argmin(xp.where(xp.where(ends.converged_S.any(), ends.converged_S,
+                                     xp.isfinite(ends.value_S)), ends.value_S, xp.inf))
+  return ends, best
+
+
 def refits(problem: Problem, x_BP, counts_BR, solver: Solver, engine: Engine,
            coordinates: Coordinates | None = None) -> Outcome:
   """Refits of resampled rows (counts_BR) from x_BP in the given coordinates, settled."""
   ends = descend(problem, x_BP, counts_BR, solver, engine, coordinates)
   return settle(problem, ends, counts_BR, solver, engine)
-
-
-def resample_counts(key, n_rows: int, n: int, groups=None) -> jax.Array:
-  """[n, R] row multiplicities of n bootstrap resamples: rows drawn with replacement, or whole
-  groups (integer labels 0..n_groups-1, one per row, concrete) if given. Pure JAX: the one
-  resampling of `fit.estimate` and the host's bootstrap."""
-  n_groups = n_rows if groups is None else int(np.max(groups)) + 1
-  counts = _group_counts(key, n, n_groups)
-  return counts if groups is None else counts[:, np.asarray(groups)]
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))  # one program, not an eager op per step
-def _group_counts(key, n: int, n_groups: int) -> jax.Array:
-  """[n, n_groups] counts of n_groups draws with replacement, n times."""
-  draws = jax.random.randint(key, (n, n_groups), 0, n_groups)
-  return jnp.zeros((n, n_groups), jnp.float64).at[jnp.arange(n)[:, None], draws].add(1.0)
 
 
 def lowest_grid_points(problem: Problem, grid_SP, weights_BR, k: int = SCREENED_STARTS):
