@@ -32,9 +32,10 @@ run: venv
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
-# `make check`: the whole suite, notebooks and the second XLA code path included (CI runs it).
+# `make check`: the whole suite, notebooks and the second XLA code path included (CI runs it),
+# with its 20 slowest tests listed.
 check: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 lint: venv
 	$(PY) -m ruff check .
