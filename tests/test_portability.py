@@ -27,7 +27,9 @@ PORTABLE = ("tests/test_scaling.py", "tests/test_bootstrap.py", "tests/test_line
                     reason="--xla_cpu_max_isa=AVX names an x86-64 instruction set")
 def test_fitter_tests_pass_under_a_second_xla_code_path():
   flags = f"{os.environ.get('XLA_FLAGS', '')} {SECOND_PATH}".strip()
-  env = dict(os.environ, XLA_FLAGS=flags)
+  # not an xdist worker: its own pytest run keeps its compilation cache in its own basetemp
+  env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+  env["XLA_FLAGS"] = flags
   out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "fp_path", "-p",
                         "no:cacheprovider", *PORTABLE],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
