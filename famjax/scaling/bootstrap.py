@@ -13,7 +13,7 @@ several minima (see `refit_resamples`); the rest are failed, excluded from the S
 and counted.
 
 Shape letters: B resamples (refits), R data rows, S starts, P parameters, C screened starts per
-refit, K refits restarted together, G grid points of a restart.
+refit, K refits restarted from the grid, G grid points of a restart.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ def derived(natural: Mapping) -> dict:
 
 
 RETRY_GRID_EVERY = 10  # thinning of the law's grid that arbitrates between refits' paths
-RESTART_BLOCK = 32  # traced: refits restarted from the grid at a time ([K * G] starts queued)
 PILOT_EVERY = 10  # every k-th refit also takes the second path; all do if one pilot disagrees
 BOTH_PATHS_MAX_ROWS = 100  # studies this small: every refit takes both paths (they are cheap,
 #                            and one resample in a hundred can have a second minimum)
@@ -125,46 +124,32 @@ def _lowest_grid_points(p: Problem, grid_SP, counts_BR, xp):
 
 
 def _restart_from_grid(p: Problem, ends: Outcome, counts_BR, solver: Solver,
-                       engine: stages.Engine, index_K, valid_K=None) -> Outcome:
-  """Refits index_K (those where valid_K) from a thinned grid plus where they stopped; the best
-  start of each is settled, and kept where it converged lower (or the refit had not)."""
-  xp = engine.xp
-  grid_GP = xp.asarray(grid_points(p, every=RETRY_GRID_EVERY, distinct=True))
+                       engine: stages.Engine, index_K) -> Outcome:
+  """Refits index_K from a thinned grid plus where they stopped; the best start of each is
+  settled, and kept where it converged lower (or the refit had not)."""
+  grid_GP = grid_points(p, every=RETRY_GRID_EVERY, distinct=True)
   n_grid, k = len(grid_GP) + 1, len(index_K)
-  x_KGP = xp.concatenate([xp.broadcast_to(grid_GP, (k,) + grid_GP.shape),
+  x_KGP = np.concatenate([np.broadcast_to(grid_GP, (k,) + grid_GP.shape),
                           ends.x_SP[index_K][:, None]], axis=1)
   counts_KR = counts_BR[index_K]
-  active = None if valid_K is None else xp.repeat(valid_K, n_grid)
-  found = stages.descend(p, x_KGP.reshape(k * n_grid, -1), xp.repeat(counts_KR, n_grid, axis=0),
-                         solver, engine, None, active)
-  value_KG = xp.where(found.converged_S, found.value_S, xp.inf).reshape(k, n_grid)
-  found = found.take(xp.arange(k) * n_grid + xp.argmin(value_KG, axis=1))
+  found = stages.descend(p, x_KGP.reshape(k * n_grid, -1), np.repeat(counts_KR, n_grid, axis=0),
+                         solver, engine)
+  value_KG = np.where(found.converged_S, found.value_S, np.inf).reshape(k, n_grid)
+  found = found.take(np.arange(k) * n_grid + np.argmin(value_KG, axis=1))
   found = stages.settle(p, found, counts_KR, solver, engine)
-  kept = stages.lower_converged(ends.take(index_K), found, xp)
-  if valid_K is not None:
-    index_K = xp.where(valid_K, index_K, counts_BR.shape[0])  # out of range: dropped
-  return ends.put(index_K, kept, xp)
+  return ends.put(index_K, stages.lower_converged(ends.take(index_K), found, np))
 
 
 def _restart_unsettled(p: Problem, ends: Outcome, counts_BR, unsettled_B, solver: Solver,
                        engine: stages.Engine) -> Outcome:
-  """`_restart_from_grid` for every unsettled refit: all at once from the host; traced, in
-  blocks of RESTART_BLOCK until none is left (a loop that runs no block when none is)."""
-  if engine.xp is np:
-    index = np.flatnonzero(unsettled_B)
-    return _restart_from_grid(p, ends, counts_BR, solver, engine, index) if index.size else ends
-  n = counts_BR.shape[0]
-  k = min(RESTART_BLOCK, n)
-
-  def block(carry):
-    ends, todo_B = carry
-    index_K = jnp.nonzero(todo_B, size=k, fill_value=n)[0]
-    valid_K = index_K < n
-    ends = _restart_from_grid(p, ends, counts_BR, solver, engine, jnp.minimum(index_K, n - 1),
-                              valid_K)
-    return ends, todo_B.at[index_K].set(False, mode="drop")
-
-  return jax.lax.while_loop(lambda c: c[1].any(), block, (ends, unsettled_B))[0]
+  """`_restart_from_grid` for every unsettled refit, from the host only. Traced, this stage is
+  left out: its program (a masked queue of 32 refits times the thinned grid) stopped making
+  progress in XLA:CPU under --xla_cpu_max_isa=AVX, every thread waiting (docs/fitter.md), so a
+  traced refit whose two paths disagree keeps the lower end, flagged multimodal."""
+  if engine.xp is not np:
+    return ends
+  index = np.flatnonzero(unsettled_B)
+  return _restart_from_grid(p, ends, counts_BR, solver, engine, index) if index.size else ends
 
 
 def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.Engine,

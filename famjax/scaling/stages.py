@@ -2,7 +2,7 @@
 bootstrap's resampling and summary.
 
 An `Engine` says how a stage's starts run, never which stages run or how often: `TRACED` runs
-them in one traced loop with exact Hessians and rounds in a fori_loop (`fit.estimate` and
+them in one traced loop with exact Hessians (`fit.estimate` and
 `bootstrap.bootstrap` of an Estimate: pure JAX); `HOST` drives the same compiled loop from
 the host in chunks, on the active starts only, with finite-difference Hessians from that loop
 (`fit.fit`, `bootstrap.bootstrap` of a FitResult).
@@ -56,7 +56,7 @@ class Engine(NamedTuple):
     return self._replace(run=functools.partial(_host_run, desc=desc)) if self.xp is np else self
 
 
-def _host_loop(n: int, body: Callable, carry):
+def _unrolled(n: int, body: Callable, carry):
   for i in range(n):
     carry = body(i, carry)
   return carry
@@ -95,14 +95,13 @@ def _host_run(problem: Problem, q: lanes.Queue, solver: Solver, active_S=None, *
     return lanes.run(problem, q, solver, active_S, progress=bar)
 
 
-def _traced_loop(n: int, body: Callable, carry):
-  return jax.lax.fori_loop(0, n, body, carry)  # one compiled body, whatever the rounds
+# Traced rounds are unrolled too: with the rounds in a fori_loop around the lanes' while_loop the
+# bootstrap's program stopped making progress in XLA:CPU under --xla_cpu_max_isa=AVX, every thread
+# waiting (docs/fitter.md)
+TRACED = Engine(lanes.solve, _exact_hessians, _unrolled, jnp)
 
 
-TRACED = Engine(lanes.solve, _exact_hessians, _traced_loop, jnp)
-
-
-HOST = Engine(_host_run, _fd_hessians, _host_loop, np)
+HOST = Engine(_host_run, _fd_hessians, _unrolled, np)
 
 
 def whiten(problem: Problem, x_SP, weights_SR, solver: Solver, engine: Engine,
