@@ -73,7 +73,7 @@ MUTANTS = [
      "return tuple(ordered[task_index:])", "tests/test_isoflop.py -k exactly_once"),
     ("bootstrap without screened starts", "famjax/scaling/bootstrap.py",
      "  if p.n_rows <= stages.SCREENED_MAX_ROWS:\n", "  if False:\n",
-     "tests/test_bootstrap.py -k 'wider_grid_search or host_procedure'"),
+     "tests/test_bootstrap.py -k 'wider_grid_search or lowest_grid_points'"),
     ("a screened end replaces a lower refit", "famjax/scaling/stages.py",
      "  return found.where(lower_B, current, xp)",
      "  return found",

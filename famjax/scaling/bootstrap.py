@@ -4,8 +4,9 @@ gamma > 0.
 
 One procedure (`refit_resamples`), run by either engine of stages.py: `bootstrap` of a host
 FitResult drives it from the host with a progress bar; of an `fit.Estimate` it is traced (jit,
-vmap; its results carry no gradient). Every refit converges or is accounted for: refits start
-from the full-data optimum in coordinates whitened by the full-data Hessian there
+vmap; its results carry no gradient), without the second path and the grid restarts, whose
+traced programs stalled XLA:CPU (docs/fitter.md). Every refit converges or is accounted for:
+refits start from the full-data optimum in coordinates whitened by the full-data Hessian there
 (stages.whiten); those that stop unconverged are continued, whitened at their own point by their
 own objective, and every refit is then restarted with a fresh L-BFGS memory until none moves
 (stages.settle); a second path, screened grid starts and grid restarts settle resamples with
@@ -98,9 +99,8 @@ def _two_paths(p: Problem, ends: Outcome, x_P, counts_BR, solver: Solver,
   if not pilot_B.all():
     # the second path reached a lower minimum than the first: the first may have missed it
     # (the reverse is common without several minima: plain L-BFGS stalls above the optimum)
-    several_minima = (_lower(ends, raw) & pilot_B).any()
-    if xp is not np or several_minima:  # traced, this runs no start unless several minima
-      raw = raw.where(pilot_B, raw_path(~pilot_B & several_minima), xp)
+    if (_lower(ends, raw) & pilot_B).any():  # several minima: every refit takes both paths
+      raw = raw.where(pilot_B, raw_path(~pilot_B), xp)
   return _lower_of(ends, raw, xp), _lower(ends, raw)
 
 
@@ -142,12 +142,7 @@ def _restart_from_grid(p: Problem, ends: Outcome, counts_BR, solver: Solver,
 
 def _restart_unsettled(p: Problem, ends: Outcome, counts_BR, unsettled_B, solver: Solver,
                        engine: stages.Engine) -> Outcome:
-  """`_restart_from_grid` for every unsettled refit, from the host only. Traced, this stage is
-  left out: its program (a masked queue of 32 refits times the thinned grid) stopped making
-  progress in XLA:CPU under --xla_cpu_max_isa=AVX, every thread waiting (docs/fitter.md), so a
-  traced refit whose two paths disagree keeps the lower end, flagged multimodal."""
-  if engine.xp is not np:
-    return ends
+  """`_restart_from_grid` for every unsettled refit."""
   index = np.flatnonzero(unsettled_B)
   return _restart_from_grid(p, ends, counts_BR, solver, engine, index) if index.size else ends
 
@@ -159,10 +154,11 @@ def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.E
 
   Small studies can have resamples whose objective has several local minima, where refits from
   the same start reach different ones by different paths, or none reaches the lowest. So refits
-  also take a second path (`_two_paths`), and every refit of a study of up to
+  also take a second path (`_two_paths`, host only), and every refit of a study of up to
   stages.SCREENED_MAX_ROWS rows also runs from the stages.SCREENED_STARTS grid points lowest in
   its own objective (`_screened`). Each refit whose second path found a lower objective (or that
-  did not converge) is settled by a thinned grid of restarts. Refits that still have not
+  did not converge) is settled by a thinned grid of restarts (host only). Refits that still have
+  not
   converged are failed.
   """
   xp, n = engine.xp, counts_BR.shape[0]
@@ -171,12 +167,15 @@ def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.E
                         engine.shown("bootstrap" if progress else None),
                         Coordinates(at.origin[0], at.basis[0]))
   ends = stages.settle(p, ends, counts_BR, solver, engine)
-  ends, paths_differ_B = _two_paths(p, ends, x_P, counts_BR, solver, engine)
+  paths_differ_B = xp.zeros(n, bool)
+  if xp is np:  # host only (docs/fitter.md: traced, these retries stalled XLA:CPU)
+    ends, paths_differ_B = _two_paths(p, ends, x_P, counts_BR, solver, engine)
   screened_lower_B = xp.zeros(n, bool)
   if p.n_rows <= stages.SCREENED_MAX_ROWS:
     ends, screened_lower_B = _screened(p, ends, counts_BR, solver, engine)
   unsettled_B = paths_differ_B | ~ends.converged_S
-  ends = _restart_unsettled(p, ends, counts_BR, unsettled_B, solver, engine)
+  if xp is np:
+    ends = _restart_unsettled(p, ends, counts_BR, unsettled_B, solver, engine)
   return ends, unsettled_B | screened_lower_B
 
 

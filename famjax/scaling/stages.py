@@ -50,6 +50,7 @@ class Engine(NamedTuple):
   loop: Callable  # (n, body, carry) -> body(n - 1, ... body(0, carry)): rounds of a stage
   xp: ModuleType  # the array library of the stages' own arithmetic: numpy on the host (no
   #                 dispatch or compilation per operation and shape), jax.numpy when traced
+  rounds: tuple[int, int] = (REFINE_ROUNDS, RESTART_ROUNDS)  # of `refine` and of `restart`
 
   def shown(self, desc: str | None) -> "Engine":
     """This engine with a progress bar named `desc` over each run's starts (host only)."""
@@ -95,10 +96,7 @@ def _host_run(problem: Problem, q: lanes.Queue, solver: Solver, active_S=None, *
     return lanes.run(problem, q, solver, active_S, progress=bar)
 
 
-# Traced rounds are unrolled too: with the rounds in a fori_loop around the lanes' while_loop the
-# bootstrap's program stopped making progress in XLA:CPU under --xla_cpu_max_isa=AVX, every thread
-# waiting (docs/fitter.md)
-TRACED = Engine(lanes.solve, _exact_hessians, _unrolled, jnp)
+TRACED = Engine(lanes.solve, _exact_hessians, _unrolled, jnp, rounds=(1, 1))
 
 
 HOST = Engine(_host_run, _fd_hessians, _unrolled, np)
@@ -133,7 +131,7 @@ def polish(problem: Problem, x_SP, around_P, weights_R, solver: Solver,
 def refine(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
            engine: Engine) -> Outcome:
   """Continues every unconverged start from where it stopped, in coordinates whitened at its own
-  point by its own objective, for REFINE_ROUNDS rounds; a continuation replaces a start
+  point by its own objective, for the engine's refine rounds; a continuation replaces a start
   only where it lowers the objective."""
   xp = engine.xp
 
@@ -145,14 +143,14 @@ def refine(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
     return new.where(better_S, ends, xp)._replace(
         converged_S=xp.where(todo_S, better_S & new.converged_S, ends.converged_S))
 
-  return engine.loop(REFINE_ROUNDS, one_round, ends)
+  return engine.loop(engine.rounds[0], one_round, ends)
 
 
 def restart(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
             engine: Engine) -> Outcome:
   """Continues every start from where it stopped with a fresh L-BFGS memory, in the law's own
   coordinates, and again for those that moved (lowered the objective by > RESTART_RTOL of it),
-  for RESTART_ROUNDS rounds. An L-BFGS can stall short of a minimum on the Huber
+  for the engine's restart rounds. An L-BFGS can stall short of a minimum on the Huber
   objective's kinks with a curvature memory that no longer fits (stop.ftol then ends it as
   converged); a fresh start from the same point goes on."""
   def one_round(_, carry):
@@ -161,7 +159,7 @@ def restart(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
     todo_S = todo_S & (new.value_S < ends.value_S * (1 - RESTART_RTOL))
     return new.where(todo_S, ends, engine.xp), todo_S
 
-  return engine.loop(RESTART_ROUNDS, one_round, (ends, engine.xp.isfinite(ends.value_S)))[0]
+  return engine.loop(engine.rounds[1], one_round, (ends, engine.xp.isfinite(ends.value_S)))[0]
 
 
 def settle(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
