@@ -1,11 +1,11 @@
 """The fitter's stages, written once: descend, polish, refine, restart, screened starts, and the
 bootstrap's resampling and summary.
 
-An `Engine` says how a stage's starts run, never which stages run or how often: `TRACED` runs
-them in one traced loop with exact Hessians (`fit.estimate` and
-`bootstrap.bootstrap` of an Estimate: pure JAX); `HOST` drives the same compiled loop from
-the host in chunks, on the active starts only, with finite-difference Hessians from that loop
-(`fit.fit`, `bootstrap.bootstrap` of a FitResult).
+An `Engine` says how a stage's starts run: `TRACED` runs them in one traced loop with exact
+Hessians and one refine and one restart round (`fit.estimate` and `bootstrap.bootstrap` of an
+Estimate: pure JAX); `HOST` drives the same compiled loop from the host in chunks, on the active
+starts only, with finite-difference Hessians from that loop and more rounds (`fit.fit`,
+`bootstrap.bootstrap` of a FitResult).
 
 Shape letters: S starts, P parameters, R data rows, B resamples, C screened starts per resample.
 """
@@ -47,7 +47,6 @@ Outcome = lanes.Outcome
 class Engine(NamedTuple):
   run: Callable  # (problem, queue, solver, active_S) -> Outcome
   hessians: Callable  # (problem, x_SP, weights_SR, solver, active_S) -> [S, P, P]
-  loop: Callable  # (n, body, carry) -> body(n - 1, ... body(0, carry)): rounds of a stage
   xp: ModuleType  # the array library of the stages' own arithmetic: numpy on the host (no
   #                 dispatch or compilation per operation and shape), jax.numpy when traced
   rounds: tuple[int, int] = (REFINE_ROUNDS, RESTART_ROUNDS)  # of `refine` and of `restart`
@@ -55,12 +54,6 @@ class Engine(NamedTuple):
   def shown(self, desc: str | None) -> "Engine":
     """This engine with a progress bar named `desc` over each run's starts (host only)."""
     return self._replace(run=functools.partial(_host_run, desc=desc)) if self.xp is np else self
-
-
-def _unrolled(n: int, body: Callable, carry):
-  for i in range(n):
-    carry = body(i, carry)
-  return carry
 
 
 def _exact_hessians(problem: Problem, x_SP, weights_SR, solver: Solver, active_S=None):
@@ -96,10 +89,10 @@ def _host_run(problem: Problem, q: lanes.Queue, solver: Solver, active_S=None, *
     return lanes.run(problem, q, solver, active_S, progress=bar)
 
 
-TRACED = Engine(lanes.solve, _exact_hessians, _unrolled, jnp, rounds=(1, 1))
+TRACED = Engine(lanes.solve, _exact_hessians, jnp, rounds=(1, 1))
 
 
-HOST = Engine(_host_run, _fd_hessians, _unrolled, np)
+HOST = Engine(_host_run, _fd_hessians, np)
 
 
 def whiten(problem: Problem, x_SP, weights_SR, solver: Solver, engine: Engine,
@@ -134,16 +127,14 @@ def refine(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
   point by its own objective, for the engine's refine rounds; a continuation replaces a start
   only where it lowers the objective."""
   xp = engine.xp
-
-  def one_round(_, ends):
+  for _ in range(engine.rounds[0]):
     todo_S = ~ends.converged_S & xp.isfinite(ends.value_S)
     coordinates = whiten(problem, ends.x_SP, weights_SR, solver, engine, todo_S)
     new = descend(problem, ends.x_SP, weights_SR, solver, engine, coordinates, todo_S)
     better_S = todo_S & (new.value_S <= ends.value_S)
-    return new.where(better_S, ends, xp)._replace(
+    ends = new.where(better_S, ends, xp)._replace(
         converged_S=xp.where(todo_S, better_S & new.converged_S, ends.converged_S))
-
-  return engine.loop(engine.rounds[0], one_round, ends)
+  return ends
 
 
 def restart(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
@@ -153,13 +144,12 @@ def restart(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
   for the engine's restart rounds. An L-BFGS can stall short of a minimum on the Huber
   objective's kinks with a curvature memory that no longer fits (stop.ftol then ends it as
   converged); a fresh start from the same point goes on."""
-  def one_round(_, carry):
-    ends, todo_S = carry
+  todo_S = engine.xp.isfinite(ends.value_S)
+  for _ in range(engine.rounds[1]):
     new = descend(problem, ends.x_SP, weights_SR, solver, engine, None, todo_S)
     todo_S = todo_S & (new.value_S < ends.value_S * (1 - RESTART_RTOL))
-    return new.where(todo_S, ends, engine.xp), todo_S
-
-  return engine.loop(engine.rounds[1], one_round, (ends, engine.xp.isfinite(ends.value_S)))[0]
+    ends = new.where(todo_S, ends, engine.xp)
+  return ends
 
 
 def settle(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
