@@ -1,11 +1,12 @@
-"""famjax's grid fit + bootstrap vs a scipy L-BFGS-B loop over the same starts, on Epoch's
+"""famjax's fit from every start + bootstrap vs a scipy L-BFGS-B loop over the same starts, on
+Epoch's
 Chinchilla data, in one process. Prints wall times (famjax including compilation), both optima and
 the speed ratio; then a warm refit in the same process, the cost of adding one row to the fitted
 study, and the whole `experiments.fit` process (a fresh interpreter, compilation included).
 Ends with one JSON line.
 
 Usage: python benchmarks/fit_speed.py [--every 1] [--bootstrap 4000]
-(--every k keeps every k-th grid start, for a quick look; the target is stated for k = 1.)
+(--every k keeps every k-th start, for a quick look; the target is stated for k = 1.)
 """
 
 import argparse
@@ -26,7 +27,7 @@ from famjax.scaling import bootstrap, fit, io, laws
 PARAMS = ("a", "b", "e", "alpha", "beta")
 
 
-def scipy_grid(data, grid, delta):
+def scipy_starts(data, starts, delta):
   """What a researcher would write (after Epoch AI's replication): L-BFGS-B from every start,
   with a lean numpy objective (np.logaddexp; scipy.special.logsumexp over a list is ~7x slower
   per call here, which would flatter famjax) and scipy's finite-difference gradients."""
@@ -38,8 +39,8 @@ def scipy_grid(data, grid, delta):
     return np.sum(huber(delta, pred - log_l))
 
   best = None
-  for s in range(len(grid["a"])):
-    result = minimize(objective, [grid[k][s] for k in PARAMS], method="L-BFGS-B")
+  for s in range(len(starts["a"])):
+    result = minimize(objective, [starts[k][s] for k in PARAMS], method="L-BFGS-B")
     if best is None or result.fun < best.fun:
       best = result
   return best
@@ -60,23 +61,23 @@ def main():
              "epoch-research/analyzing-chinchilla: pass --data=PATH to it, or set "
              "FAMJAX_REFERENCE_DATA to a folder holding chinchilla-epoch/svg_extracted_data.csv")
   data = io.epoch_chinchilla(args.data)
-  grid = laws.CHINCHILLA.grid(args.every)
-  n_starts = len(grid["a"])
+  starts = laws.CHINCHILLA.starts(args.every)
+  n_starts = len(starts["a"])
 
   start = time.perf_counter()
   problem = fit.Problem.of(laws.CHINCHILLA, data, delta=args.delta)
-  result = fit.fit(problem, grid=grid, progress=True)
-  grid_s = time.perf_counter() - start
+  result = fit.fit(problem, starts=starts, progress=True)
+  fit_s = time.perf_counter() - start
   boot = bootstrap.bootstrap(result, fit.Resampling(args.bootstrap), progress=True)
   famjax_s = time.perf_counter() - start
 
   start = time.perf_counter()
-  warm = fit.fit(problem, grid=grid)
+  warm = fit.fit(problem, starts=starts)
   bootstrap.bootstrap(warm, fit.Resampling(args.bootstrap))
   warm_s = time.perf_counter() - start
   grown = {k: np.append(v, v[0] * (1.01 if k == "loss" else 1.0)) for k, v in data.items()}
   start = time.perf_counter()
-  fit.fit(fit.Problem.of(laws.CHINCHILLA, grown, delta=args.delta), grid=grid)
+  fit.fit(fit.Problem.of(laws.CHINCHILLA, grown, delta=args.delta), starts=starts)
   one_more_row_s = time.perf_counter() - start
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -94,25 +95,25 @@ def main():
       cli_s.append(time.perf_counter() - start)
 
   start = time.perf_counter()
-  reference = scipy_grid(data, grid, args.delta)
+  reference = scipy_starts(data, starts, args.delta)
   scipy_s = time.perf_counter() - start
 
   speedup = scipy_s / famjax_s
   print(f"{n_starts} starts on {len(data['loss'])} rows")
-  print(f"famjax: grid {grid_s:.1f} s + {args.bootstrap} bootstrap refits "
-        f"{famjax_s - grid_s:.1f} s = {famjax_s:.1f} s (compilation included); "
+  print(f"famjax: fit {fit_s:.1f} s + {args.bootstrap} bootstrap refits "
+        f"{famjax_s - fit_s:.1f} s = {famjax_s:.1f} s (compilation included); "
         f"objective {result.objective:.10f}, {result.start_converged.mean():.1%} of starts "
         "converged")
-  print(f"scipy L-BFGS-B grid: {scipy_s:.1f} s; objective {reference.fun:.10f}")
-  print(f"speedup (scipy grid / famjax grid + bootstrap): {speedup:.2f}x")
-  print(f"warm (same process): grid + bootstrap {warm_s:.2f} s; refit after adding one row "
+  print(f"scipy L-BFGS-B from every start: {scipy_s:.1f} s; objective {reference.fun:.10f}")
+  print(f"speedup (scipy fit / famjax fit + bootstrap): {speedup:.2f}x")
+  print(f"warm (same process): fit + bootstrap {warm_s:.2f} s; refit after adding one row "
         f"{one_more_row_s:.2f} s")
   print(f"whole experiments.fit process: {cli_s[0]:.1f} s (speedup {scipy_s / cli_s[0]:.2f}x); "
         f"a second one, compilation cache warm: {cli_s[1]:.1f} s ({scipy_s / cli_s[1]:.2f}x)")
   print("famjax estimates:",
         {k: round(v, 5) for k, v in laws.to_natural_params(result.params).items()})
   print(json.dumps({"n_starts": n_starts, "n_bootstrap": args.bootstrap, "famjax_s": famjax_s,
-                    "famjax_grid_s": grid_s, "scipy_s": scipy_s, "speedup": speedup,
+                    "famjax_grid_s": fit_s, "scipy_s": scipy_s, "speedup": speedup,
                     "warm_s": warm_s, "one_more_row_s": one_more_row_s, "cli_s": cli_s[0],
                     "cli_speedup": scipy_s / cli_s[0], "cli_cached_s": cli_s[1],
                     "bootstrap_failed": boot.failed,

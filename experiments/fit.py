@@ -1,7 +1,9 @@
-"""Fits a scaling law to run records:
+"""Fits a scaling law to run records, or compares laws on them:
 python -m experiments.fit --data=FILE --law=familial --out=fit.json
+python -m experiments.fit --data=FILE --compare=paper,gamma_d,submodel --out=compare.json
 
-FILE is CSV, JSONL or parquet with columns N, D, loss (and G, exit as the law needs).
+FILE is CSV, JSONL or parquet with columns N, D, loss (and G, exit as the law needs; C, a run's
+budget, for leave-one-budget-out in a comparison).
 Logic lives in famjax.scaling; this file only parses flags and prints.
 """
 
@@ -13,12 +15,18 @@ from absl import flags
 
 from experiments import cli
 from famjax.files import atomic_write_text
-from famjax.scaling import fit, fitted_law, io, laws
+from famjax.scaling import compare, fit, fitted_law, io, laws
 
 MIN_BOOTSTRAP = 100
 
 _DATA = flags.DEFINE_string("data", None, "CSV, JSONL or parquet file of runs.", required=True)
-_LAW = flags.DEFINE_enum("law", "familial", sorted(laws.LAWS), "Law to fit.")
+_NAMED = {**laws.LAWS, **laws.CANDIDATES}
+_LAW = flags.DEFINE_enum("law", "familial", sorted(_NAMED), "Law to fit (paper = familial).")
+_COMPARE = flags.DEFINE_list("compare", None, "Laws to compare on the same rows instead of fitting "
+                             f"one, ranked by held-out error; from {sorted(laws.CANDIDATES)}.")
+flags.register_validator("compare", lambda names: names is None or (
+    len(names) >= 2 and set(names) <= set(laws.CANDIDATES)),
+    f"--compare takes two or more of {sorted(laws.CANDIDATES)}, comma-separated")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 4000, "Bootstrap resamples: 0 (none) or at least "
                                   f"{MIN_BOOTSTRAP} (fewer give no usable 95% interval).",
                                   lower_bound=0)
@@ -29,8 +37,8 @@ _GROUP_BY = flags.DEFINE_string("group_by", None, "Resample whole groups of rows
 _DELTA = flags.DEFINE_float("huber_delta", fit.DEFAULT_DELTA, "Huber delta on log residuals.",
                             lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
-_GRID_EVERY = flags.DEFINE_integer("grid_every", 1, "Keep every k-th grid start (1: the whole "
-                                   "grid; larger for a quick look).", lower_bound=1)
+_GRID_EVERY = flags.DEFINE_integer("grid_every", 1, "Keep every k-th of the law's fit starts (1: "
+                                   "all; larger for a quick look).", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "fit.json", "Where the JSON result goes (written atomically).")
 
 
@@ -47,8 +55,31 @@ def main(argv):
   del argv
   _check_writable(Path(_OUT.value))
   cli.use_compilation_cache()
-  law = laws.LAWS[_LAW.value]
   frame = io.read_table(_DATA.value)
+  if _COMPARE.value:
+    summary = _compare(frame)
+    print(compare.table(summary))
+  else:
+    summary = _fit(frame)
+    print(fitted_law.table(summary))
+  atomic_write_text(_OUT.value, json.dumps(summary, indent=1))
+  print(f"wrote {_OUT.value}")
+
+
+def _compare(frame) -> dict:
+  candidates = {name: laws.CANDIDATES[name] for name in _COMPARE.value}
+  columns = {}
+  for law in candidates.values():
+    columns.update(io.validate(frame, law, source=_DATA.value))
+  if "C" in frame.columns:
+    columns["C"] = frame["C"].to_numpy(float)
+  return compare.compare(candidates, columns, n_bootstrap=_BOOTSTRAP.value, seed=_SEED.value,
+                         starts_every=_GRID_EVERY.value, delta=_DELTA.value,
+                         progress=True).summary()
+
+
+def _fit(frame) -> dict:
+  law = _NAMED[_LAW.value]
   data = io.validate(frame, law, source=_DATA.value)
   grouping = None
   if _GROUP_BY.value:
@@ -57,11 +88,8 @@ def main(argv):
     grouping = fitted_law.Grouping(_GROUP_BY.value, frame[_GROUP_BY.value].to_numpy())
   fitted = fitted_law.fit_law(law, data, n_bootstrap=_BOOTSTRAP.value, seed=_SEED.value,
                           grouping=grouping, delta=_DELTA.value,
-                          grid=law.grid(_GRID_EVERY.value), progress=True)
-  summary = fitted.summary()
-  print(fitted_law.table(summary))
-  atomic_write_text(_OUT.value, json.dumps(summary, indent=1))
-  print(f"wrote {_OUT.value}")
+                          starts=law.starts(_GRID_EVERY.value), progress=True)
+  return fitted.summary()
 
 
 if __name__ == "__main__":

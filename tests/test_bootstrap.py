@@ -24,7 +24,7 @@ def test_bootstrap_spreads_and_gamma_test():
   """The SE of every parameter equals the SE of independent scipy refits of the same resamples
   (within 3%), and both tests find the true gamma > 0."""
   data = synthetic_family(noise=0.01, seed=1)
-  result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), grid=laws.FAMILIAL.grid(450))
+  result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), starts=laws.FAMILIAL.starts(450))
   boot = bootstrap.bootstrap(result, fit.Resampling(200, 0), fit.Solver(lanes=32))
   assert boot.converged_share == 1.0 and set(boot.ci95) >= {"E", "A", "gamma", "a_opt"}
   names = laws.FAMILIAL.param_names
@@ -75,17 +75,17 @@ def isoflop_family(noise, seed):
 def test_bootstrap_intervals_cover_the_truth():
   """Over 50 replicate IsoFLOP data sets the 95% bootstrap intervals cover each true parameter
   at least 90% of the time, and the fits land near the truth. Starts: Hoffmann's 4500, gamma 0
-  (gamma enters linearly in log G; on these 50 replicates the default 13500-start grid lands on
-  the same optima, in twice the time). Smaller grids miss the optimum on some replicates: a law
+  (gamma enters linearly in log G; on these 50 replicates the default 13500 starts land on
+  the same optima, in twice the time). Fewer starts miss the optimum on some replicates: a law
   term that starts below ~1e-8 of E has no gradient. 1000 refits: percentile intervals from 200
   under-cover."""
   replicates, n_boot = 50, 1000
   covered = {name: [] for name in laws.PAPER_FAMILIAL}
   errors = {name: [] for name in laws.PAPER_FAMILIAL}
-  grid = {**laws.CHINCHILLA.grid(), "gamma": np.zeros(4500)}
+  starts = {**laws.CHINCHILLA.starts(), "gamma": np.zeros(4500)}
   for seed in range(replicates):
     data = isoflop_family(noise=0.005, seed=seed)
-    result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), grid=grid)
+    result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), starts=starts)
     boot = bootstrap.bootstrap(result, fit.Resampling(n_boot, seed))
     estimate = laws.to_natural_params(result.params)
     for name, truth in laws.PAPER_FAMILIAL.items():
@@ -150,29 +150,29 @@ def _epoch_like_study(n_rows):
 
 
 def _lowest_ends_of_a_wider_search(law, data, counts_BR, k=32):
-  """[B] the lowest converged end of each resample's k lowest grid points, each run to
+  """[B] the lowest converged end of each resample's k lowest starts, each run to
   convergence: a search 4x wider than the bootstrap's screened starts."""
   problem = fit.Problem.of(law, data)
   with jax.enable_x64(True):
-    grid_SP = fit.grid_points(problem, distinct=True)
-    top_BC = np.asarray(stages.lowest_grid_points(problem, grid_SP, counts_BR, k=k))
+    starts_SP = fit.start_points(problem, distinct=True)
+    top_BC = np.asarray(stages.lowest_start_points(problem, starts_SP, counts_BR, k=k))
     weights_SR = np.repeat(counts_BR, k, axis=0)
-    ends = stages.descend(problem, grid_SP[top_BC.ravel()], weights_SR, fit.Solver(), stages.HOST)
+    ends = stages.descend(problem, starts_SP[top_BC.ravel()], weights_SR, fit.Solver(), stages.HOST)
     ends = stages.settle(problem, ends, weights_SR, fit.Solver(), stages.HOST)
   return np.where(ends.converged_S, ends.value_S, np.inf).reshape(len(counts_BR), k).min(axis=1)
 
 
 @pytest.mark.fp_path
 @pytest.mark.slow
-def test_small_study_refits_are_as_low_as_a_wider_grid_search(monkeypatch):
-  """Resamples of a 20-row study can have several local minima, and which grid starts reach the
+def test_small_study_refits_are_as_low_as_a_wider_start_search(monkeypatch):
+  """Resamples of a 20-row study can have several local minima, and which starts reach the
   lowest one depends on the CPU's floating-point code path. Against a wider search (each
-  resample's 32 lowest grid points, run to convergence) at most 4 of 500 refits end higher by
+  resample's 32 lowest starts, run to convergence) at most 4 of 500 refits end higher by
   more than 1e-6 (measured 1-2 under three XLA code paths; 9 without the screened starts). And,
   whatever the CPU, the screened starts lower some refits that the bootstrap without them leaves
   higher, and raise none."""
   law, data, n = laws.CHINCHILLA, _epoch_like_study(20), 500
-  full = fit.fit(fit.Problem.of(law, data), grid=law.grid(5))
+  full = fit.fit(fit.Problem.of(law, data), starts=law.starts(5))
   counts_BR = resample_counts(20, n, 0)
 
   def refit_objectives():
@@ -197,11 +197,10 @@ def test_small_study_refits_are_as_low_as_a_wider_grid_search(monkeypatch):
   assert lowered.sum() >= 1 and higher.sum() == 0, (lowered.sum(), np.flatnonzero(higher))
 
 
-# not rerun under the second code path: there its traced program can stall XLA:CPU for good
-# (docs/fitter.md); the host's bootstrap tests are
+@pytest.mark.fp_path
 @pytest.mark.slow
-def test_a_traced_bootstrap_also_runs_from_the_lowest_grid_points(monkeypatch):
-  """The bootstrap of an Estimate (traced), as the host's: each resample's screened grid starts
+def test_a_traced_bootstrap_also_runs_from_the_lowest_start_points(monkeypatch):
+  """The bootstrap of an Estimate (traced), as the host's: each resample's screened starts
   lower refits of a 20-row study that the refit from the optimum leaves at a higher minimum, or
   converge where it did not (11-12 of 400 under three XLA code paths), and never end higher (a
   screened end replaces a refit only where it is lower; the margin of 1 allows for the two
@@ -296,10 +295,10 @@ def test_branch_law_intervals_cover_the_truth():
   resample whole runs cover them at about the nominal rate."""
   covered = {"alpha_b": [], "beta_b": []}
   errors = {"alpha_b": [], "beta_b": []}
-  grid = {**laws.CHINCHILLA.grid(), "alpha_b": np.zeros(4500), "beta_b": np.zeros(4500)}
+  starts = {**laws.CHINCHILLA.starts(), "alpha_b": np.zeros(4500), "beta_b": np.zeros(4500)}
   for seed in range(30):
     data, runs = branch_family(noise=0.005, seed=seed)
-    result = fit.fit(fit.Problem.of(laws.BRANCH, data), grid=grid)
+    result = fit.fit(fit.Problem.of(laws.BRANCH, data), starts=starts)
     boot = bootstrap.bootstrap(result, fit.Resampling(500, seed, runs))
     for name in covered:
       lo, hi = boot.ci95[name]

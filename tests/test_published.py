@@ -10,7 +10,7 @@ import pytest
 
 from famjax.analysis import gamma_grid, measured_leverage
 from famjax.config import AnalysisConfig
-from famjax.scaling import fit, io, laws
+from famjax.scaling import compare, fit, io, laws
 
 MEDIUM = Path(__file__).resolve().parents[1] / "results" / "medium"
 
@@ -51,3 +51,23 @@ def test_measured_leverage_at_the_optimum_comes_from_both_seeds_of_the_records()
     assert entry["ci95"] == pytest.approx(again.ci95, rel=1e-9)
     lo, hi = entry["ci95"]
     assert 1 < lo < entry["mean"] < hi
+
+
+@pytest.mark.slow
+def test_the_law_ranking_recomputes_from_the_published_records():
+  """results/medium/compare.json (`experiments.fit --data=results/medium/data/familial.csv
+  --compare=paper,gamma_d,submodel,a_penalty,size_only --bootstrap=1000`): the ranking, every
+  law's held-out errors and objective, and the ranking's confidence (which needs no refits)."""
+  published = json.loads((MEDIUM / "compare.json").read_text())
+  frame = pd.read_csv(MEDIUM / "data" / "familial.csv")
+  columns = {**io.validate(frame, laws.FAMILIAL), "C": frame["C"].to_numpy(float)}
+  again = compare.compare({name: laws.CANDIDATES[name] for name in published["laws"]}, columns,
+                          n_bootstrap=0).summary()
+  assert list(again["laws"]) == list(published["laws"]) and again["best"] == "gamma_d"
+  for name, law in published["laws"].items():
+    assert again["laws"][name]["objective"] == pytest.approx(law["objective"], rel=1e-6), name
+    for scheme, held in law["held_out"].items():
+      got = again["laws"][name]["held_out"][scheme]
+      assert got["mean_abs"] == pytest.approx(held["mean_abs"], rel=1e-4), (name, scheme)
+  assert again["confidence"]["best_share"] == pytest.approx(
+      published["confidence"]["best_share"], abs=0.01)

@@ -161,7 +161,7 @@ def test_the_live_fit_adds_the_records_the_sweep_passes(plan, tmp_path):
   for spec in on_disk:
     results.write_records(tmp_path / "runs" / spec.run_id, results.run_records(
         spec, fake_summary(spec, rng), fingerprint=FINGERPRINT, wall_seconds=1.0))
-  live = LiveFit(tmp_path, AnalysisConfig(), FINGERPRINT, grid_every=500)
+  live = LiveFit(tmp_path, AnalysisConfig(), FINGERPRINT, starts_every=500)
   assert f"over {len(on_disk)} runs" in live(on_disk[-1], None)
   for k, spec in enumerate(handed, start=1):
     records = results.run_records(spec, fake_summary(spec, rng), fingerprint=FINGERPRINT,

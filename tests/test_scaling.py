@@ -28,21 +28,21 @@ def test_laws_match_their_closed_forms():
     np.testing.assert_allclose(laws.loss(laws.BRANCH, branch, data), expected, rtol=1e-12)
 
 
-def test_grids():
-  """Hoffmann's grid (alpha, beta in 0..2 by 0.5; e in -1..1 by 0.5; a, b in 0..25 by 5), every
+def test_the_laws_starts():
+  """Hoffmann's starts (alpha, beta in 0..2 by 0.5; e in -1..1 by 0.5; a, b in 0..25 by 5), every
   combination once, times each law's own axes."""
   import itertools
-  grid = laws.CHINCHILLA.grid()
-  combos = set(zip(*(grid[k] for k in ("alpha", "beta", "e", "a", "b"))))
+  starts = laws.CHINCHILLA.starts()
+  combos = set(zip(*(starts[k] for k in ("alpha", "beta", "e", "a", "b"))))
   expected = set(itertools.product(np.arange(0, 2.01, 0.5), np.arange(0, 2.01, 0.5),
                                    np.arange(-1, 1.01, 0.5), np.arange(0, 25.1, 5),
                                    np.arange(0, 25.1, 5)))
-  assert len(grid["a"]) == 4500 and combos == expected
-  familial = laws.FAMILIAL.grid()
+  assert len(starts["a"]) == 4500 and combos == expected
+  familial = laws.FAMILIAL.starts()
   assert len(familial["gamma"]) == 13500 and set(familial["gamma"]) == {-0.05, 0.0, 0.05}
-  assert set(laws.BRANCH.grid()) == set(laws.BRANCH.param_names)
-  thinned = laws.CHINCHILLA.grid(450)
-  assert len(thinned["a"]) == 10 and thinned["a"][1] == grid["a"][450]
+  assert set(laws.BRANCH.starts()) == set(laws.BRANCH.param_names)
+  thinned = laws.CHINCHILLA.starts(450)
+  assert len(thinned["a"]) == 10 and thinned["a"][1] == starts["a"][450]
 
 
 def test_compute_optimal_matches_the_closed_form():
@@ -103,7 +103,7 @@ def familial_fit():
   data = synthetic_family(noise=0.0005, seed=3)
   return data, fit.fit(fit.Problem.of(laws.FAMILIAL, data),
                        fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000)),
-                       grid=laws.FAMILIAL.grid(450))
+                       starts=laws.FAMILIAL.starts(450))
 
 
 @pytest.mark.fp_path
@@ -158,7 +158,7 @@ def test_the_default_fit_shrugs_off_an_outlier():
   data["loss"] = data["loss"].copy()
   data["loss"][17] *= 1.3
   fitted = lambda delta: laws.to_natural_params(fit.fit(
-      fit.Problem.of(laws.FAMILIAL, data, delta=delta), grid=laws.FAMILIAL.grid(450)).params)
+      fit.Problem.of(laws.FAMILIAL, data, delta=delta), starts=laws.FAMILIAL.starts(450)).params)
   robust, squared = fitted(fit.DEFAULT_DELTA), fitted(1.0)
   truth = laws.PAPER_FAMILIAL
   assert robust["gamma"] == pytest.approx(truth["gamma"], rel=0.05)
@@ -176,7 +176,7 @@ def whitened(problem: fit.Problem, params) -> Coordinates:
 def descend(problem: fit.Problem, starts, weights_SR, solver, coordinates=None):
   """L-BFGS from every start ({name: [S]}) from the host."""
   with jax.enable_x64(True):
-    return stages.descend(problem, fit.grid_points(problem, starts), weights_SR, solver,
+    return stages.descend(problem, fit.start_points(problem, starts), weights_SR, solver,
                           stages.HOST, coordinates)
 
 
@@ -341,8 +341,8 @@ def test_fit_command_line_rejects_bad_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_epoch_chinchilla_full_grid_and_bootstrap(epoch_data):
-  """Epoch AI's best grid fit and bootstrap standard errors (arXiv 2404.10102), 4500 starts.
+def test_epoch_chinchilla_from_every_start_and_bootstrap(epoch_data):
+  """Epoch AI's best fit from 4500 starts and bootstrap standard errors (arXiv 2404.10102).
   A 4000-refit SE is itself a Monte-Carlo estimate: over seeds 0-5 famjax gave A 119.7-123.0,
   E 0.0249-0.0258, alpha 0.0149-0.0153, beta 0.0198-0.0208, all within 5% of Epoch's, but B
   (a heavy-tailed exp(b)) 1267-1458, a seed-to-seed spread of about 5%: B is held to 15%, three
@@ -358,7 +358,7 @@ def test_epoch_chinchilla_full_grid_and_bootstrap(epoch_data):
     assert boot.se[name] == pytest.approx(se, rel=0.15 if name == "B" else 0.10), name
 
 
-GRID = laws.FAMILIAL.grid(450)
+STARTS = laws.FAMILIAL.starts(450)
 
 
 def test_estimate_gradients_match_finite_differences():
@@ -367,7 +367,7 @@ def test_estimate_gradients_match_finite_differences():
   with jax.enable_x64(True):
     data = fit.as_data(synthetic_family(noise=0.0005, seed=3))
     gamma = lambda losses, w: fit.estimate(fit.Problem.of(laws.FAMILIAL, dict(data, loss=losses)),
-                                           weights=w, grid=GRID).params["gamma"]
+                                           weights=w, starts=STARTS).params["gamma"]
     ones = jnp.ones(120)
     # one compiled program for both gradients, one for the estimate itself
     grad, by_weight = map(np.asarray, jax.jit(jax.grad(gamma, argnums=(0, 1)))(data["loss"], ones))
@@ -385,31 +385,30 @@ def test_estimate_vmaps_over_studies_and_compiles_once_per_shape():
   with jax.enable_x64(True):
     # four studies: a batch of several, each of which must match its own unbatched fit
     studies = [fit.as_data(synthetic_family(noise=0.002, seed=s)) for s in range(4)]
-    single = jax.jit(lambda d: fit.estimate(fit.Problem.of(laws.FAMILIAL, d), grid=GRID))
+    single = jax.jit(lambda d: fit.estimate(fit.Problem.of(laws.FAMILIAL, d), starts=STARTS))
     separate = [single(d) for d in studies]
     assert single._cache_size() == 1
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *studies)
     batched = jax.jit(jax.vmap(
-        lambda d: fit.estimate(fit.Problem.of(laws.FAMILIAL, d), grid=GRID)))(stacked)
+        lambda d: fit.estimate(fit.Problem.of(laws.FAMILIAL, d), starts=STARTS)))(stacked)
   for name in PAPER:
     np.testing.assert_allclose(batched.params[name], [e.params[name] for e in separate],
                                rtol=1e-8, err_msg=name)
   assert bool(np.all(batched.converged))
 
 
-# not rerun under the second code path: there a traced bootstrap can stall XLA:CPU for good
-# (docs/fitter.md)
+@pytest.mark.fp_path
 @pytest.mark.slow
 def test_estimate_bootstrap_gives_intervals_like_the_host_bootstrap():
   data = synthetic_family(noise=0.01, seed=1)
   with jax.enable_x64(True):
     def estimate_and_bootstrap(problem, key):
-      est = fit.estimate(problem, grid=GRID)
+      est = fit.estimate(problem, starts=STARTS)
       return est, bootstrap.bootstrap(est, fit.Resampling(400, key), fit.Solver(lanes=64))
 
     est, boot = jax.jit(estimate_and_bootstrap)(fit.Problem.of(laws.FAMILIAL, data),
                                                 jax.random.key(0))
-  host = bootstrap.bootstrap(fit.fit(fit.Problem.of(laws.FAMILIAL, data), grid=GRID),
+  host = bootstrap.bootstrap(fit.fit(fit.Problem.of(laws.FAMILIAL, data), starts=STARTS),
                              fit.Resampling(400))
   assert float(boot.converged_B.mean()) > 0.99
   assert float(boot.se["gamma"]) == pytest.approx(host.se["gamma"], rel=0.2)
@@ -420,13 +419,13 @@ def test_estimate_bootstrap_gives_intervals_like_the_host_bootstrap():
 def test_estimate_refuses_a_silent_float32_fit():
   data = {k: np.asarray(v, np.float32) for k, v in synthetic_family().items()}
   with pytest.raises(TypeError, match="jax.enable_x64"):
-    fit.estimate(fit.Problem.of(laws.FAMILIAL, data), grid=GRID)
+    fit.estimate(fit.Problem.of(laws.FAMILIAL, data), starts=STARTS)
 
 
 @pytest.mark.fp_path
 def test_failed_refits_are_left_out_and_counted():
   data = synthetic_family(noise=0.01, seed=1)
-  result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), grid=GRID)
+  result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), starts=STARTS)
   boot = bootstrap.bootstrap(result, fit.Resampling(100), fit.Solver(fit.StopRules(maxiter=1)))
   assert boot.failed > 0 and boot.converged_share == pytest.approx(1 - boot.failed / 100)
   assert np.isnan(boot.samples["gamma"]).sum() == boot.failed
@@ -442,7 +441,7 @@ def test_a_parameter_at_a_boundary_is_flagged_and_its_interval_unidentified():
   n, d = np.geomspace(1e7, 1e9, 24), rng.permutation(np.geomspace(1e9, 1e11, 24))
   loss = 400 / n ** 0.3 + 3000 / d ** 0.34
   fitted = fitted_law.fit_law(laws.CHINCHILLA, {"N": n, "D": d, "loss": loss}, n_bootstrap=100,
-                          grid=laws.CHINCHILLA.grid(10))
+                          starts=laws.CHINCHILLA.starts(10))
   summary = fitted.summary()
   assert "E" in summary["boundary"]
   assert summary["bootstrap"]["ci95"]["E"] is None

@@ -27,7 +27,9 @@ def mini(corpus_dir, **study_overrides):
   values = dict(budgets=(2e7, 4e7, 8e7), granularities=(1, 2), widths=(8, 12), head_dim=4,
                 min_layers=2, layer_multiple=2, sizes_per_budget=2, min_steps=5,
                 tokens_per_param=20.0, leverage="4e7:2", leverage_granularities=(2, 3),
-                grid_widths=(8,), grid_tokens=(320, 640), bootstrap=100, grid_every=50)
+                grid_widths=(8,), grid_tokens=(320, 640), bootstrap=100, grid_every=50,
+                # two laws compared: the report section and its JSON, at a third of five's cost
+                compare_laws=("paper", "size_only"))
   values.update(study_overrides)
   base = ExperimentConfig(model=ModelConfig(vocab_size=264, max_seq_len=16),
                           data=DataConfig(corpus=str(corpus_dir), val_fraction=0.1),
@@ -95,6 +97,10 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
     assert (outdir / "plots" / f"{name}.png").stat().st_size > 5000, name
   text = (outdir / "report.md").read_text()
   assert "## familial law" in text and "plots/isoflop.png" in text
+  comparison = rep["law_comparison"]  # 3 budgets: ranked by leaving one out
+  assert comparison["ranked_by"] == "budget" and set(comparison["laws"]) == {"paper", "size_only"}
+  assert comparison["laws"]["paper"]["held_out"]["budget"]["n_folds"] == 3
+  assert "## Which familial law? Held-out error" in text and f"**{comparison['best']}**" in text
   for law in ("familial", "branch", "chinchilla"):
     io.validate(io.read_table(outdir / "data" / f"{law}.csv"), laws.LAWS[law])
   # the study and each run keep the tokenizer, so nothing downstream needs the corpus
@@ -141,7 +147,7 @@ def test_a_published_study_refits_to_its_report_without_its_runs(mini_study, tmp
   published = json.loads((dest / "report.json").read_text())["laws"]["familial"]
   data = io.validate(pd.read_csv(dest / "data" / "familial.csv"), laws.FAMILIAL)
   refit = fit.fit(fit.Problem.of(laws.FAMILIAL, data),
-                  grid=laws.FAMILIAL.grid(study_cfg.grid_every))
+                  starts=laws.FAMILIAL.starts(study_cfg.grid_every))
   natural = laws.to_natural_params(refit.params)
   for name in ("gamma", "alpha", "beta"):
     assert natural[name] == pytest.approx(published["params"][name], rel=1e-6), name

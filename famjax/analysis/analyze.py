@@ -1,5 +1,6 @@
 """The IsoFLOP study's analysis: the unified familial law, the branch law and a dense-only
-Chinchilla law, each with bootstrap 95% intervals (whole runs resampled); the tests of gamma > 0;
+Chinchilla law, each with bootstrap 95% intervals (whole runs resampled); the familial laws
+compared by held-out error; the tests of gamma > 0;
 Efficiency Leverage from the fitted law and measured; compute-optimal N*(C) per G; an
 extrapolation check. Records in, a typed Report out (famjax.analysis.report).
 """
@@ -24,8 +25,8 @@ from famjax.analysis.report import (
   Runs,
 )
 from famjax.config import AnalysisConfig
+from famjax.scaling import compare, fitted_law, io, laws, leverage
 from famjax.scaling import fit as fitlib
-from famjax.scaling import fitted_law, io, laws, leverage
 from famjax.study import results
 from famjax.study.isoflop import ISOFLOP, Plan
 
@@ -59,8 +60,25 @@ def _fit_laws(rows, config, progress) -> tuple[dict, dict]:
                                    else None)
     fits[name] = fitted_law.fit_law(law, data, n_bootstrap=config.bootstrap,
                                     seed=config.bootstrap_seed, grouping=grouping,
-                                    grid=law.grid(config.grid_every), progress=progress)
+                                    starts=law.starts(config.grid_every), progress=progress)
   return fits, skipped
+
+
+def _comparison(rows: pd.DataFrame, config: AnalysisConfig,
+                progress: bool) -> compare.Comparison | None:
+  """config.compare_laws ranked on the familial rows (None when there are none to rank, or the
+  rows cannot identify one of them)."""
+  if not config.compare_laws:
+    return None
+  candidates = {name: laws.CANDIDATES[name] for name in config.compare_laws}
+  try:
+    columns = {k: v for law in candidates.values()
+               for k, v in law_data(rows, law, "the study's familial rows").items()}
+  except ValueError:
+    return None
+  return compare.compare(candidates, {**columns, "C": rows["C"].to_numpy(float)},
+                         n_bootstrap=config.bootstrap, seed=config.bootstrap_seed,
+                         starts_every=config.grid_every, progress=progress)
 
 
 def _by_param_count(frame: pd.DataFrame, fits: dict, config) -> dict[str, dict] | None:
@@ -75,7 +93,7 @@ def _by_param_count(frame: pd.DataFrame, fits: dict, config) -> dict[str, dict] 
   except ValueError:
     return None
   refit = fitted_law.fit_law(laws.FAMILIAL, data, n_bootstrap=config.bootstrap,
-                         seed=config.bootstrap_seed, grid=laws.FAMILIAL.grid(config.grid_every))
+                         seed=config.bootstrap_seed, starts=laws.FAMILIAL.starts(config.grid_every))
 
   def summary(law_record: dict) -> dict:
     ci = (law_record.get("bootstrap") or {}).get("ci95", {})
@@ -148,7 +166,7 @@ def _extrapolation(rows: pd.DataFrame, config) -> tuple[Extrapolation, pd.DataFr
   except ValueError as e:
     return Extrapolation(skipped=str(e)), None
   result = fitlib.fit(fitlib.Problem.of(laws.FAMILIAL, data),
-                      grid=laws.FAMILIAL.grid(config.grid_every))
+                      starts=laws.FAMILIAL.starts(config.grid_every))
   test = rows[held_out]
   with jax.enable_x64(True):
     predicted = np.asarray(laws.loss(laws.FAMILIAL, result.params, fitlib.as_data(
@@ -217,5 +235,6 @@ def analyze(frame: pd.DataFrame, config: AnalysisConfig = AnalysisConfig(),
                   extrapolation=extrapolation, from_law=from_law,
                   plan={**plan.describe(), **(context or {})} if plan else None,
                   regime=_regime(plan), param_counts=param_counts,
-                  gamma_grid=gamma_grid.analyze(frame, config.fit_loss))
+                  gamma_grid=gamma_grid.analyze(frame, config.fit_loss),
+                  law_comparison=_comparison(rows["familial"], config, progress))
   return Analysis(report, rows, fits, frame, extrapolation_rows)

@@ -15,15 +15,15 @@ from famjax.study.isoflop import ISOFLOP
 
 
 class LiveFit:
-  """Refits the familial law each time a run finishes, from the previous estimate and a thin
-  grid (rows are padded to size buckets, so a growing study compiles a few programs, not one per
+  """Refits the familial law each time a run finishes, from the previous estimate and thinned
+  starts (rows are padded to size buckets, so a growing study compiles a few programs, not one per
   run), and prints the current estimates. The first call reads the study's records from disk
   (runs finished before this sweep); later calls add the records the sweep passes."""
 
   def __init__(self, study_dir, config: AnalysisConfig, fingerprint: str | None = None,
-               grid_every: int = 50):
+               starts_every: int = 50):
     self.study_dir, self.config, self.fingerprint = study_dir, config, fingerprint
-    self.grid = laws.FAMILIAL.grid(grid_every)
+    self.starts = laws.FAMILIAL.starts(starts_every)
     self.params: dict | None = None
     self.records: list[dict] | None = None
 
@@ -45,10 +45,10 @@ class LiveFit:
       data = law_data(rows, laws.FAMILIAL, "the runs so far")
     except ValueError:
       return None  # not identifiable yet
-    grid = self.grid
+    starts = self.starts
     if self.params is not None:
-      grid = {k: np.append(v, self.params[k]) for k, v in grid.items()}
-    result = fitlib.fit(fitlib.Problem.of(laws.FAMILIAL, data), grid=grid)
+      starts = {k: np.append(v, self.params[k]) for k, v in starts.items()}
+    result = fitlib.fit(fitlib.Problem.of(laws.FAMILIAL, data), starts=starts)
     self.params = result.params
     natural = laws.to_natural_params(result.params)
     line = (f"live fit over {len(rows)} runs: gamma={natural['gamma']:.4f} "

@@ -15,7 +15,7 @@ from famjax.analysis.gamma_grid import GammaGrid, Slope
 from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage
 from famjax.analysis.report import Analysis, Edge, Extrapolation, FromLaw, Regime, Report
 from famjax.files import atomic_write_text
-from famjax.scaling import fitted_law
+from famjax.scaling import compare, fitted_law
 from famjax.study import results
 
 
@@ -81,6 +81,33 @@ def _law_lines(name: str, law: dict) -> list[str]:
                  f"{boot['converged']:.1%} converged{failed}.")
   if "gamma_test" in law:
     lines.append("\n" + fitted_law.gamma_test_line(law["gamma_test"]) + " (docs/statistics.md)")
+  return lines
+
+
+def _comparison_lines(summary: dict) -> list[str]:
+  """The familial laws ranked by held-out error, with their parameters' intervals."""
+  schemes = list(next(iter(summary["laws"].values()))["held_out"])
+  by = summary["ranked_by"]
+  lines = ["", "## Which familial law? Held-out error", "",
+           "Each law refitted without one fold and predicting it; error = predicted / observed - 1,"
+           " in %. Ranked by leave-one-" + by + "-out mean |error|; AIC is the Laplace AIC of the "
+           "Huber fit, 2 n log(H / (n delta)) + 2 k (docs/statistics.md).", "",
+           "| law | k | " + " | ".join(f"leave-one-{s}-out mean / max" for s in schemes)
+           + f" | bias by G ({by} folds) | AIC | parameters (95% interval) |",
+           "|---" * (len(schemes) + 5) + "|"]
+  for name, law in summary["laws"].items():
+    held = " | ".join(f"{100 * h['mean_abs']:.2f} / {100 * h['max_abs']:.2f}"
+                      for h in law["held_out"].values())
+    fit = law["fit"]
+    ci = (fit.get("bootstrap") or {}).get("ci95", {})
+    params = "; ".join(f"{k} {_fmt(fit['params'][k])} {_ci(ci.get(k))}".strip()
+                       for k in fitted_law.ORDER if k in fit["params"])
+    lines.append(f"| {name} | {law['n_params']} | {held} | {compare.bias_text(law, by)} | "
+                 f"{law['aic']:.1f} | {params} |")
+  sentence = compare.confidence_text(summary)
+  if sentence:
+    best = f"Best at predicting held-out runs: **{summary['best']}**"
+    lines.append("\n" + sentence.replace(f"best: {summary['best']}", best) + ".")
   return lines
 
 
@@ -236,6 +263,8 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
     lines += _measured_leverage_lines(report.measured_leverage)
   if report.leverage_at_optimum:
     lines += _optimum_lines(report.leverage_at_optimum)
+  if report.law_comparison is not None:
+    lines += _comparison_lines(report.law_comparison.summary())
   if report.gamma_grid is not None:
     lines += _gamma_grid_lines(report.gamma_grid, report.laws)
   lines += _checks_lines(report.extrapolation, report.edges)

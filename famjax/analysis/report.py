@@ -11,13 +11,14 @@ import pandas as pd
 from famjax.analysis.gamma_grid import GammaGrid
 from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage, optional
 from famjax.config import AnalysisConfig
+from famjax.scaling.compare import Comparison
 from famjax.scaling.fitted_law import FittedLaw
 
 
 def _json(value):
   """A report value as JSON-ready data: a fitted law as its summary, dataclasses as dicts
   (optional fields left out when None), tuples as lists."""
-  if isinstance(value, FittedLaw):
+  if isinstance(value, (FittedLaw, Comparison)):
     return value.summary()
   if dataclasses.is_dataclass(value):
     return {f.name: _json(getattr(value, f.name)) for f in dataclasses.fields(value)
@@ -123,6 +124,8 @@ class Report:
   gamma_grid: GammaGrid | None = optional()  # gamma without the law (its runs)
   # measured EL per leverage point of the family nearest the fitted N*(C), over seeds
   leverage_at_optimum: list[LeverageAtOptimum] | None = optional()
+  # the familial laws (study.compare_laws) ranked by held-out error on the familial rows
+  law_comparison: Comparison | None = optional()
 
   def to_json(self) -> dict:
     out = _json(self)

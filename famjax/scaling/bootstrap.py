@@ -3,18 +3,18 @@ percentile intervals (also of derived quantities) and, for the familial law, one
 gamma > 0.
 
 One procedure (`refit_resamples`), run by either engine of stages.py: `bootstrap` of a host
-FitResult drives it from the host with a progress bar; of an `fit.Estimate` it is traced (jit,
-vmap; its results carry no gradient), without the second path and the grid restarts, whose
-traced programs stalled XLA:CPU (docs/fitter.md). Every refit converges or is accounted for:
-refits start from the full-data optimum in coordinates whitened by the full-data Hessian there
-(stages.whiten); those that stop unconverged are continued, whitened at their own point by their
-own objective, and every refit is then restarted with a fresh L-BFGS memory until none moves
-(stages.settle); a second path, screened grid starts and grid restarts settle resamples with
-several minima (see `refit_resamples`); the rest are failed, excluded from the SEs and intervals,
-and counted.
+FitResult drives it from the host with a progress bar; of an `fit.Estimate` it is traced (jit, vmap;
+its results carry no gradient), without the second path and the restarts from thinned starts, whose
+traced programs stalled XLA:CPU (docs/fitter.md). Every refit converges or is accounted for: refits
+start from the full-data optimum in coordinates whitened by the full-data Hessian there
+(stages.whiten); those that stop unconverged are continued, whitened at their own point by their own
+objective, and every refit is then restarted with a fresh L-BFGS memory until none moves
+(stages.settle); a second path, screened starts and restarts from thinned starts settle resamples
+with several minima (see `refit_resamples`); the rest are failed, excluded from the SEs and
+intervals, and counted.
 
 Shape letters: B resamples (refits), R data rows, S starts, P parameters, C screened starts per
-refit, K refits restarted from the grid, G grid points of a restart.
+refit, K refits restarted from thinned starts, T starts of a restart.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from famjax.scaling import stages
 from famjax.scaling.fit import Estimate, FitResult
 from famjax.scaling.lanes import Outcome
-from famjax.scaling.problem import Coordinates, Problem, Resampling, Solver, grid_points
+from famjax.scaling.problem import Coordinates, Problem, Resampling, Solver, start_points
 
 
 class Bootstrap(NamedTuple):
@@ -38,8 +38,8 @@ class Bootstrap(NamedTuple):
   converged ones. numpy and floats from the host; arrays when traced."""
   samples: dict
   converged_B: jax.Array | np.ndarray  # [B] bool
-  multimodal_B: jax.Array | np.ndarray  # [B] bool: a second path or a screened grid start
-  #                                       ended lower, or grid restarts were needed
+  multimodal_B: jax.Array | np.ndarray  # [B] bool: a second path or a screened start
+  #                                       ended lower, or restarts were needed
   se: dict
   ci95: dict  # name -> (low, high)
 
@@ -67,7 +67,7 @@ def derived(natural: Mapping) -> dict:
   return {"a_opt": natural["beta"] / total, "b_opt": natural["alpha"] / total}
 
 
-RETRY_GRID_EVERY = 10  # thinning of the law's grid that arbitrates between refits' paths
+RETRY_STARTS_EVERY = 10  # thinning of the law's starts that arbitrates between refits' paths
 PILOT_EVERY = 10  # every k-th refit also takes the second path; all do if one pilot disagrees
 BOTH_PATHS_MAX_ROWS = 100  # studies this small: every refit takes both paths (they are cheap,
 #                            and one resample in a hundred can have a second minimum)
@@ -105,46 +105,46 @@ def _two_paths(p: Problem, ends: Outcome, x_P, counts_BR, solver: Solver,
 
 
 def _screened(p: Problem, ends: Outcome, counts_BR, solver: Solver, engine: stages.Engine):
-  """Each refit also from the stages.SCREENED_STARTS points of the law's grid lowest in its own
+  """Each refit also from the stages.SCREENED_STARTS of the law's starts lowest in its own
   objective, the lowest converged end kept; and which refits a screened start lowered."""
-  grid_SP = grid_points(p, distinct=True)
-  top_BC = _lowest_grid_points(p, grid_SP, counts_BR, engine.xp)
-  found = stages.screened(p, grid_SP, counts_BR, top_BC, solver, engine)
+  starts_SP = start_points(p, distinct=True)
+  top_BC = _lowest_start_points(p, starts_SP, counts_BR, engine.xp)
+  found = stages.screened(p, starts_SP, counts_BR, top_BC, solver, engine)
   lowered_B = ends.converged_S & found.converged_S & _lower(ends, found)
   return stages.lower_converged(ends, found, engine.xp), lowered_B
 
 
-_jit_lowest_grid_points = jax.jit(stages.lowest_grid_points, static_argnames=("k",))
+_jit_lowest_start_points = jax.jit(stages.lowest_start_points, static_argnames=("k",))
 
 
-def _lowest_grid_points(p: Problem, grid_SP, counts_BR, xp):
+def _lowest_start_points(p: Problem, starts_SP, counts_BR, xp):
   if xp is np:  # one compiled program, not an eager op per step
-    return np.asarray(_jit_lowest_grid_points(p, grid_SP, counts_BR))
-  return stages.lowest_grid_points(p, grid_SP, counts_BR)
+    return np.asarray(_jit_lowest_start_points(p, starts_SP, counts_BR))
+  return stages.lowest_start_points(p, starts_SP, counts_BR)
 
 
-def _restart_from_grid(p: Problem, ends: Outcome, counts_BR, solver: Solver,
-                       engine: stages.Engine, index_K) -> Outcome:
-  """Refits index_K from a thinned grid plus where they stopped; the best start of each is
+def _restart_from_starts(p: Problem, ends: Outcome, counts_BR, solver: Solver,
+                         engine: stages.Engine, index_K) -> Outcome:
+  """Refits index_K from thinned starts plus where they stopped; the best start of each is
   settled, and kept where it converged lower (or the refit had not)."""
-  grid_GP = grid_points(p, every=RETRY_GRID_EVERY, distinct=True)
-  n_grid, k = len(grid_GP) + 1, len(index_K)
-  x_KGP = np.concatenate([np.broadcast_to(grid_GP, (k,) + grid_GP.shape),
+  starts_TP = start_points(p, every=RETRY_STARTS_EVERY, distinct=True)
+  n_tries, k = len(starts_TP) + 1, len(index_K)
+  x_KTP = np.concatenate([np.broadcast_to(starts_TP, (k,) + starts_TP.shape),
                           ends.x_SP[index_K][:, None]], axis=1)
   counts_KR = counts_BR[index_K]
-  found = stages.descend(p, x_KGP.reshape(k * n_grid, -1), np.repeat(counts_KR, n_grid, axis=0),
+  found = stages.descend(p, x_KTP.reshape(k * n_tries, -1), np.repeat(counts_KR, n_tries, axis=0),
                          solver, engine)
-  value_KG = np.where(found.converged_S, found.value_S, np.inf).reshape(k, n_grid)
-  found = found.take(np.arange(k) * n_grid + np.argmin(value_KG, axis=1))
+  value_KT = np.where(found.converged_S, found.value_S, np.inf).reshape(k, n_tries)
+  found = found.take(np.arange(k) * n_tries + np.argmin(value_KT, axis=1))
   found = stages.settle(p, found, counts_KR, solver, engine)
   return ends.put(index_K, stages.lower_converged(ends.take(index_K), found, np))
 
 
 def _restart_unsettled(p: Problem, ends: Outcome, counts_BR, unsettled_B, solver: Solver,
                        engine: stages.Engine) -> Outcome:
-  """`_restart_from_grid` for every unsettled refit."""
+  """`_restart_from_starts` for every unsettled refit."""
   index = np.flatnonzero(unsettled_B)
-  return _restart_from_grid(p, ends, counts_BR, solver, engine, index) if index.size else ends
+  return _restart_from_starts(p, ends, counts_BR, solver, engine, index) if index.size else ends
 
 
 def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.Engine,
@@ -155,9 +155,9 @@ def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.E
   Small studies can have resamples whose objective has several local minima, where refits from
   the same start reach different ones by different paths, or none reaches the lowest. So refits
   also take a second path (`_two_paths`, host only), and every refit of a study of up to
-  stages.SCREENED_MAX_ROWS rows also runs from the stages.SCREENED_STARTS grid points lowest in
+  stages.SCREENED_MAX_ROWS rows also runs from the stages.SCREENED_STARTS starts lowest in
   its own objective (`_screened`). Each refit whose second path found a lower objective (or that
-  did not converge) is settled by a thinned grid of restarts (host only). Refits that still have
+  did not converge) is settled by restarts from thinned starts (host only). Refits that still have
   not
   converged are failed.
   """
@@ -168,7 +168,7 @@ def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.E
                         Coordinates(at.origin[0], at.basis[0]))
   ends = stages.settle(p, ends, counts_BR, solver, engine)
   paths_differ_B = xp.zeros(n, bool)
-  if xp is np:  # host only (docs/fitter.md: traced, these retries stalled XLA:CPU)
+  if xp is np:  # host only (docs/fitter.md)
     ends, paths_differ_B = _two_paths(p, ends, x_P, counts_BR, solver, engine)
   screened_lower_B = xp.zeros(n, bool)
   if p.n_rows <= stages.SCREENED_MAX_ROWS:

@@ -1,7 +1,7 @@
 """Fitting a scaling law: the public API.
 
 objective(params) = sum_i w_i * Huber_delta(log loss_i - law.log_loss(params, data)_i)
-(Hoffmann et al. 2022; Epoch AI 2024), minimised by L-BFGS from a grid of starts in the lane
+(Hoffmann et al. 2022; Epoch AI 2024), minimised by L-BFGS from a lattice of starts in the lane
 engine (lanes.py), through the stages of stages.py. Rows carry weights w_i, which is how
 bootstrap resamples (counts per row) reuse the same compiled solver.
 
@@ -38,9 +38,9 @@ from famjax.scaling.problem import (  # noqa: F401 (public)
   Solver,
   StopRules,
   as_data,
-  grid_points,
   objective,
   row_losses,
+  start_points,
 )
 
 
@@ -86,13 +86,15 @@ class FitResult:
     return self.problem.n_rows
 
 
-def fit(problem: Problem, solver: Solver = Solver(), *, grid: Mapping | None = None,
-        progress: bool = False) -> FitResult:
-  """Fits the problem from every grid start (the law's own grid by default) and keeps the best
-  (stages.best_of_grid: every start, the lowest polished and settled)."""
+def fit(problem: Problem, solver: Solver = Solver(), *, starts: Mapping | None = None,
+        weights=None, progress: bool = False) -> FitResult:
+  """Fits the problem from every start (the law's own starts by default) and keeps the best
+  (stages.best_of_starts: every start, the lowest polished and settled). `weights` ([R], default
+  ones) scale each row's term: 0 leaves a row out without a new compiled program."""
+  weights_R = np.ones(problem.n_rows) if weights is None else np.asarray(weights, np.float64)
   with jax.enable_x64(True):
-    ends, best = stages.best_of_grid(problem, grid_points(problem, grid), np.ones(problem.n_rows),
-                                     solver, stages.HOST, progress)
+    ends, best = stages.best_of_starts(problem, start_points(problem, starts), weights_R,
+                                       solver, stages.HOST, progress)
   best = int(best)
   return FitResult(problem=problem, params=dict(zip(problem.names, map(float, ends.x_SP[best]))),
                    objective=float(ends.value_S[best]), starts=ends.params(problem.names),
@@ -121,8 +123,8 @@ def _check_float64(data: Mapping) -> None:
 
 
 def estimate(problem: Problem, solver: Solver = Solver(lanes=64), *, weights=None,
-             grid: Mapping | None = None) -> Estimate:
-  """Fits the problem as a JAX function: the stages of `fit` (stages.best_of_grid, from `grid`,
+             starts: Mapping | None = None) -> Estimate:
+  """Fits the problem as a JAX function: the stages of `fit` (stages.best_of_starts, from `starts`,
   the law's own by default; concrete), then one jaxopt.LBFGS run from the best start whose
   result is differentiable, by implicit differentiation, in the losses and the row `weights`.
   Works inside jax.jit (one compilation per data shape), jax.vmap (over studies of the same
@@ -137,7 +139,7 @@ def estimate(problem: Problem, solver: Solver = Solver(lanes=64), *, weights=Non
   frozen = dataclasses.replace(problem, data={k: const(v) for k, v in data.items()},
                                fixed={k: jnp.asarray(v) for k, v in problem.fixed.items()})
   weights = jnp.ones(frozen.n_rows) if weights is None else jnp.asarray(weights)
-  ends, best = stages.best_of_grid(frozen, grid_points(problem, grid), const(weights), solver,
+  ends, best = stages.best_of_starts(frozen, start_points(problem, starts), const(weights), solver,
                                    stages.TRACED)
   params, state = solve(problem.law, frozen.params(ends.x_SP[best]), data, weights,
                         delta=problem.delta, fixed=frozen.fixed, stop=solver.stop)

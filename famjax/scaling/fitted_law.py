@@ -15,7 +15,8 @@ from famjax.scaling import bootstrap as bootlib
 from famjax.scaling import fit as fitlib
 from famjax.scaling import laws
 
-ORDER = ("E", "A", "B", "alpha", "beta", "gamma", "alpha_b", "beta_b", "a_opt", "b_opt")
+ORDER = ("E", "A", "B", "alpha", "beta", "gamma", "gamma_slope", "alpha_b", "beta_b", "a_opt",
+         "b_opt")
 
 
 TERM_FLOOR = 1e-4  # a term below this share of the loss at every row has run to zero
@@ -89,14 +90,14 @@ class FittedLaw:
 
 def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int = 0,
             grouping: Grouping | None = None, delta: float = fitlib.DEFAULT_DELTA,
-            grid: Mapping | None = None, progress: bool = False) -> FittedLaw:
+            starts: Mapping | None = None, progress: bool = False) -> FittedLaw:
   """Grid fit, bootstrap refits (of rows, or of whole groups) and, for the familial law with
   refits, the one-sided tests of gamma > 0."""
   start = time.perf_counter()
-  result = fitlib.fit(fitlib.Problem.of(law, data, delta=delta), grid=grid, progress=progress)
+  result = fitlib.fit(fitlib.Problem.of(law, data, delta=delta), starts=starts, progress=progress)
   edge = boundaries(law, result.params, data)
   if not result.converged:
-    warnings.warn(f"{law.name} law: no grid start converged; the estimates are the lowest "
+    warnings.warn(f"{law.name} law: no start converged; the estimates are the lowest "
                   "objective reached, not an optimum", stacklevel=2)
   for name, why in edge.items():
     warnings.warn(f"{law.name} law: {name} is at a boundary ({why}); its interval is "
@@ -139,7 +140,7 @@ def table(record: dict) -> str:
     lines.append(f"warning: {boot['failed']} of {boot['n']} bootstrap refits failed to converge "
                  "and are left out of the SEs and intervals")
   if not record.get("converged", True):
-    lines.append("warning: no grid start converged; the estimates are not an optimum")
+    lines.append("warning: no start converged; the estimates are not an optimum")
   if "gamma_test" in record:
     lines.append(gamma_test_line(record["gamma_test"]))
   return "\n".join(lines)

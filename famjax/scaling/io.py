@@ -57,6 +57,11 @@ def validate(frame: pd.DataFrame, law: Law, *, source: str = "the data") -> dict
   if len(frame) < len(law.param_names) + 1:
     raise ValueError(f"the {law.name} law has {len(law.param_names)} parameters; {len(frame)} "
                      f"rows are too few to fit it (need at least {len(law.param_names) + 1})")
+  if law.max_G is not None:
+    bad = np.flatnonzero(columns["G"] > law.max_G)
+    if bad.size:
+      raise ValueError(f"the {law.name} law sums over at most {law.max_G} exits: column 'G' must "
+                       f"be in 1..{law.max_G}; rows {bad[:10].tolist()} are not")
   if "exit" in law.columns:
     bad = np.flatnonzero(columns["exit"] > columns["G"])
     if bad.size:

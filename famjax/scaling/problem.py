@@ -91,11 +91,11 @@ class Problem:
   def of(cls, law: Law, data: Mapping, *, fixed: Mapping | None = None,
          delta: float = DEFAULT_DELTA) -> "Problem":
     """`law` fitted to `data` ({"N", "D", ..., "loss"}: [R] each) in its parameters other than
-    the `fixed` ones, in the order of its grid. Concrete data are kept as float64 numpy arrays
+    the `fixed` ones, in the order of its starts. Concrete data are kept as float64 numpy arrays
     (host copies, whatever JAX's 64-bit mode); traced ones pass through, for a Problem built
     inside jit, vmap or grad."""
     fixed = {k: _float64(v) for k, v in (fixed or {}).items()}
-    names = tuple(k for k in law.grid_names if k not in fixed)
+    names = tuple(k for k in law.start_names if k not in fixed)
     return cls(law, names, {k: _float64(v) for k, v in data.items()}, fixed, delta)
 
 
@@ -103,16 +103,16 @@ def as_data(data: Mapping) -> dict[str, jnp.ndarray]:
   return {k: jnp.asarray(np.asarray(v, dtype=np.float64)) for k, v in data.items()}
 
 
-def grid_points(p: Problem, grid: Mapping | None = None, *, every: int = 1,
+def start_points(p: Problem, starts: Mapping | None = None, *, every: int = 1,
                 distinct: bool = False) -> np.ndarray:
-  """[S, P] points of a grid of starts ({name: [S]}; the law's own, thinned to every k-th
+  """[S, P] fit starts ({name: [S]}; the law's own, thinned to every k-th
   point, by default) in the free parameters, in the solver's order. `distinct`: each point once
-  (with a parameter fixed, the grid repeats the others once per grid value of the fixed one)."""
-  grid = p.law.grid(every) if grid is None else grid
-  missing = [k for k in p.names if k not in grid]
+  (with a parameter fixed, the starts repeat the others once per value of the fixed one)."""
+  starts = p.law.starts(every) if starts is None else starts
+  missing = [k for k in p.names if k not in starts]
   if missing:
-    raise ValueError(f"grid: no column for parameter(s) {missing}; it needs {list(p.names)}")
-  points_SP = np.stack([np.asarray(grid[k], np.float64) for k in p.names], -1)
+    raise ValueError(f"starts: no column for parameter(s) {missing}; it needs {list(p.names)}")
+  points_SP = np.stack([np.asarray(starts[k], np.float64) for k in p.names], -1)
   return np.unique(points_SP, axis=0) if distinct else points_SP
 
 

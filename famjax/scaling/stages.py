@@ -29,16 +29,16 @@ FD_STEP = 1e-5  # central differences of the gradient, for the host's Hessians
 REFINE_ROUNDS = 3  # rounds of re-whitening an unconverged start at its own point
 RESTART_ROUNDS = 4  # rounds of fresh-memory continuation of the starts that still move
 RESTART_RTOL = 1e-7  # a continuation "moves" when it lowers the objective by more than this of it
-# per bootstrap refit of a small study: the grid points lowest in the resample's objective, each
+# per bootstrap refit of a small study: the starts lowest in the resample's objective, each
 # run to convergence. On a 20-row study 5 of 1000 resamples have a lower minimum than the refit
-# from the optimum reaches, and which of the few lowest grid points reach it depends on the CPU's
+# from the optimum reaches, and which of the few lowest starts reach it depends on the CPU's
 # floating-point code path (2 starts missed 5 of them on one CPU, a different 5 under AVX2); with
 # 6 or more, the same 2 of 1000 stay missed on both (docs/fitter.md)
 SCREENED_STARTS = 8
 # studies up to this size screen every refit; at 60 rows screening lowered none of 1000 refits,
 # and it would make a 90-row familial bootstrap 8x slower
 SCREENED_MAX_ROWS = 50
-N_POLISHED = 8  # a fit's lowest grid starts rerun in coordinates whitened at the lowest
+N_POLISHED = 8  # a fit's lowest starts rerun in coordinates whitened at the lowest
 SCREEN_BATCH = 512  # resamples screened at a time ([batch, S] objectives in memory)
 
 Outcome = lanes.Outcome
@@ -159,17 +159,17 @@ def settle(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
   return restart(problem, ends, weights_SR, solver, engine)
 
 
-def best_of_grid(problem: Problem, grid_SP, weights_R, solver: Solver, engine: Engine,
+def best_of_starts(problem: Problem, starts_SP, weights_R, solver: Solver, engine: Engine,
                  progress: bool = False) -> tuple[Outcome, jax.Array]:
-  """The fit: L-BFGS from every grid point; the N_POLISHED lowest ends rerun from where they
+  """The fit: L-BFGS from every start; the N_POLISHED lowest ends rerun from where they
   stopped in coordinates whitened at the lowest (`polish`) and settled. Returns every start's
   end and the best one's index: the lowest converged objective (the lowest finite one if none
   converged)."""
   xp = engine.xp
-  starts = descend(problem, grid_SP, weights_R[None], solver,
+  starts = descend(problem, starts_SP, weights_R[None], solver,
                    engine.shown("fit" if progress else None))
   finite_S = xp.where(xp.isfinite(starts.value_S), starts.value_S, xp.inf)
-  polished = xp.argsort(finite_S)[:min(N_POLISHED, len(grid_SP))]
+  polished = xp.argsort(finite_S)[:min(N_POLISHED, len(starts_SP))]
   top = polish(problem, starts.x_SP[polished], starts.x_SP[polished[0]], weights_R, solver,
                engine.shown("polish" if progress else None))
   top = settle(problem, top, weights_R[None], solver, engine)
@@ -186,22 +186,22 @@ def refits(problem: Problem, x_BP, counts_BR, solver: Solver, engine: Engine,
   return settle(problem, ends, counts_BR, solver, engine)
 
 
-def lowest_grid_points(problem: Problem, grid_SP, weights_BR, k: int = SCREENED_STARTS):
-  """[B, C] indices of the k points of grid_SP with the lowest objective for each row weighting:
+def lowest_start_points(problem: Problem, starts_SP, weights_BR, k: int = SCREENED_STARTS):
+  """[B, C] indices of the k points of starts_SP with the lowest objective for each row weighting:
   one [B, R] x [R, S] product, since the objective is linear in the row weights. Pure JAX."""
-  losses_SR = jax.vmap(problem.row_losses)(jnp.asarray(grid_SP))
+  losses_SR = jax.vmap(problem.row_losses)(jnp.asarray(starts_SP))
   finite_S = jnp.all(jnp.isfinite(losses_SR), axis=1)
   losses_SR = jnp.where(finite_S[:, None], losses_SR, 0.0)
   lowest = lambda weights_R: jax.lax.top_k(
-      jnp.where(finite_S, -(losses_SR @ weights_R), -jnp.inf), min(k, len(grid_SP)))[1]
+      jnp.where(finite_S, -(losses_SR @ weights_R), -jnp.inf), min(k, len(starts_SP)))[1]
   return jax.lax.map(lowest, jnp.asarray(weights_BR), batch_size=SCREEN_BATCH)
 
 
-def screened(problem: Problem, grid_SP, counts_BR, top_BC, solver: Solver,
+def screened(problem: Problem, starts_SP, counts_BR, top_BC, solver: Solver,
              engine: Engine) -> Outcome:
-  """[B] refits from each resample's screened grid points top_BC: the lowest converged end."""
+  """[B] refits from each resample's screened starts top_BC: the lowest converged end."""
   xp, (n, c) = engine.xp, top_BC.shape
-  found = refits(problem, xp.asarray(grid_SP)[xp.asarray(top_BC).reshape(-1)],
+  found = refits(problem, xp.asarray(starts_SP)[xp.asarray(top_BC).reshape(-1)],
                  xp.repeat(xp.asarray(counts_BR), c, axis=0), solver, engine)
   value_BC = xp.where(found.converged_S, found.value_S, xp.inf).reshape(n, c)
   return found.take(xp.arange(n) * c + xp.argmin(value_BC, axis=1))
