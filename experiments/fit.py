@@ -68,11 +68,7 @@ def main(argv):
 
 def _compare(frame) -> dict:
   candidates = {name: laws.CANDIDATES[name] for name in _COMPARE.value}
-  columns = {}
-  for law in candidates.values():
-    columns.update(io.validate(frame, law, source=_DATA.value))
-  if "C" in frame.columns:
-    columns["C"] = frame["C"].to_numpy(float)
+  columns = compare.columns_of(frame, candidates, _DATA.value)
   return compare.compare(candidates, columns, n_bootstrap=_BOOTSTRAP.value, seed=_SEED.value,
                          starts_every=_GRID_EVERY.value, delta=_DELTA.value,
                          progress=True).summary()

@@ -72,11 +72,10 @@ def _comparison(rows: pd.DataFrame, config: AnalysisConfig,
     return None
   candidates = {name: laws.CANDIDATES[name] for name in config.compare_laws}
   try:
-    columns = {k: v for law in candidates.values()
-               for k, v in law_data(rows, law, "the study's familial rows").items()}
+    columns = compare.columns_of(rows, candidates, "the study's familial rows")
   except ValueError:
     return None
-  return compare.compare(candidates, {**columns, "C": rows["C"].to_numpy(float)},
+  return compare.compare(candidates, columns,
                          n_bootstrap=config.bootstrap, seed=config.bootstrap_seed,
                          starts_every=config.grid_every, progress=progress)
 

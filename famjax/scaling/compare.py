@@ -23,7 +23,7 @@ import numpy as np
 
 from famjax.scaling import bootstrap as bootlib
 from famjax.scaling import fit as fitlib
-from famjax.scaling import fitted_law, laws, stages
+from famjax.scaling import fitted_law, io, laws, stages
 
 SCHEMES = ("budget", "configuration")
 N_RESAMPLES = 2000  # resamples of configurations behind the ranking's confidence
@@ -56,6 +56,17 @@ def laplace_aic(objective: float, n_rows: int, n_params: int, delta: float) -> f
   maximum likelihood and this is its AIC up to a constant shared by every law: an estimate of
   out-of-sample fit that charges 2 per parameter. It treats rows as independent."""
   return float(2 * n_rows * np.log(objective / (n_rows * delta)) + 2 * n_params)
+
+
+def columns_of(frame, candidates: Mapping[str, laws.Law], source: str) -> dict[str, np.ndarray]:
+  """The columns every candidate reads, validated (io.validate: errors name the rows), and C, a
+  run's budget, where the table has it."""
+  columns = {}
+  for law in candidates.values():
+    columns.update(io.validate(frame, law, source=source))
+  if "C" in frame.columns:
+    columns["C"] = frame["C"].to_numpy(float)
+  return columns
 
 
 def _fold_labels(columns: Mapping[str, np.ndarray], scheme: str) -> np.ndarray:
