@@ -2,18 +2,21 @@
 
   .venv/bin/python tests/mutants.py            # every mutant below
   .venv/bin/python tests/mutants.py rotary     # those whose name contains "rotary"
+  .venv/bin/python tests/mutants.py -j 2       # two mutants at a time (one per core)
 
 Each mutant is one text replacement in one file. The tree is copied to a temporary directory,
 mutated there, and the listed tests run with that copy first on PYTHONPATH (the checkout itself is
 never touched). A mutant is killed when its tests fail. See docs/testing.md.
 """
 
+import argparse
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +76,10 @@ MUTANTS = [
      "return tuple(ordered[task_index:])", "tests/test_isoflop.py -k exactly_once"),
     ("bootstrap without screened starts", "famjax/scaling/bootstrap.py",
      "  if p.n_rows <= stages.SCREENED_MAX_ROWS:\n", "  if False:\n",
-     "tests/test_bootstrap.py -k 'wider_start_search or lowest_start_points'"),
+     "tests/test_bootstrap.py -k 'wider_start_search or host_procedure'"),
+    ("traced bootstrap without restarts from thinned starts", "famjax/scaling/bootstrap.py",
+     "  return jax.lax.while_loop(lambda c: c[1].any(), block, (ends, unsettled_B))[0]",
+     "  return ends", "tests/test_bootstrap.py -k host_procedure"),
     ("a screened end replaces a lower refit", "famjax/scaling/stages.py",
      "  return found.where(lower_B, current, xp)",
      "  return found",
@@ -155,17 +161,21 @@ def run(mutant) -> bool:
   return out.returncode == 1
 
 
-def main(pattern: str = ""):
+def main(pattern: str = "", jobs: int = 1):
   chosen = [m for m in MUTANTS if pattern in m[0]]
   survivors = []
-  for mutant in chosen:
-    killed = run(mutant)
-    print(f"{'killed  ' if killed else 'SURVIVED'} {mutant[0]}  ({mutant[4]})", flush=True)
-    if not killed:
-      survivors.append(mutant[0])
+  with ThreadPoolExecutor(jobs) as pool:  # each mutant is its own pytest process
+    for mutant, killed in zip(chosen, pool.map(run, chosen)):
+      print(f"{'killed  ' if killed else 'SURVIVED'} {mutant[0]}  ({mutant[4]})", flush=True)
+      if not killed:
+        survivors.append(mutant[0])
   print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutants killed")
   return 1 if survivors else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main(*sys.argv[1:2]))
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("pattern", nargs="?", default="", help="run the mutants whose name has it")
+  parser.add_argument("-j", "--jobs", type=int, default=1, help="mutants run at a time")
+  args = parser.parse_args()
+  sys.exit(main(args.pattern, args.jobs))

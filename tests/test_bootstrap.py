@@ -199,34 +199,37 @@ def test_small_study_refits_are_as_low_as_a_wider_start_search(monkeypatch):
 
 @pytest.mark.fp_path
 @pytest.mark.slow
-def test_a_traced_bootstrap_also_runs_from_the_lowest_start_points(monkeypatch):
-  """The bootstrap of an Estimate (traced), as the host's: each resample's screened starts
-  lower refits of a 20-row study that the refit from the optimum leaves at a higher minimum, or
-  converge where it did not (11-12 of 400 under three XLA code paths), and never end higher (a
-  screened end replaces a refit only where it is lower; the margin of 1 allows for the two
-  compiled programs taking different floating-point paths from the optimum)."""
+def test_a_traced_bootstrap_runs_the_host_procedure(monkeypatch):
+  """The bootstrap of an Estimate (traced) runs the host's procedure: on a 20-row study whose
+  resamples have several minima, its refits end where the host's do (a margin of 2 of 400: the
+  two compiled programs take different floating-point paths, from optima that differ in their
+  last digits), and its screened starts lower some refits that it leaves higher without them,
+  and raise none (a margin of 1, as above)."""
   law, data, n = laws.CHINCHILLA, _epoch_like_study(20), 400
   problem, resampling = fit.Problem.of(law, data), fit.Resampling(n, 0)
 
-  def refit_objectives():
+  def objectives(boot):
     with jax.enable_x64(True):
-      boot = jax.jit(lambda p: bootstrap.bootstrap(fit.estimate(p), resampling,
-                                                   fit.Solver(lanes=64)))(problem)
       refits = laws.to_log_params(jax.device_get(boot.samples))
       objective = lambda x, w: fit.objective(x, fit.as_data(data), w, law=law,
                                              delta=fit.DEFAULT_DELTA)
       return np.asarray(jax.vmap(objective)(refits, resampling.counts(20)))
 
-  screened = refit_objectives()
+  def traced():
+    with jax.enable_x64(True):
+      return objectives(jax.jit(lambda p: bootstrap.bootstrap(
+          fit.estimate(p), resampling, fit.Solver(lanes=64)))(problem))
+
+  host = objectives(bootstrap.bootstrap(fit.fit(problem), resampling))
+  screened = traced()
+  same = np.isfinite(host) & np.isfinite(screened) & (np.abs(screened / host - 1) <= 1e-6)
+  assert (~same).sum() <= 2, (np.flatnonzero(~same), host[~same], screened[~same])
   monkeypatch.setattr(stages, "SCREENED_MAX_ROWS", 0)
-  plain = refit_objectives()
-  rescued = np.isfinite(screened) & ~np.isfinite(plain)
-  lost = ~np.isfinite(screened) & np.isfinite(plain)
-  both = np.isfinite(screened) & np.isfinite(plain)
-  lowered = screened[both] < plain[both] * (1 - 1e-7)
-  higher = screened[both] > plain[both] * (1 + 1e-6)
-  assert lost.sum() + higher.sum() <= 1
-  assert rescued.sum() + lowered.sum() >= 6, (rescued.sum(), lowered.sum())
+  plain = traced()
+  plain = np.where(np.isfinite(plain), plain, np.inf)  # a failed refit of the plain procedure
+  lowered = screened < plain * (1 - 1e-7)
+  higher = screened > plain * (1 + 1e-6)
+  assert lowered.sum() >= 1 and higher.sum() <= 1, (lowered.sum(), np.flatnonzero(higher))
 
 
 # Resamples per scipy comparison: scipy's refits (two starts each, ftol 1e-15) are most of these

@@ -397,7 +397,8 @@ def test_estimate_vmaps_over_studies_and_compiles_once_per_shape():
   assert bool(np.all(batched.converged))
 
 
-@pytest.mark.fp_path
+# not in the second-code-path rerun: a standard error within 20% does not follow which minimum a
+# start falls into (test_bootstrap.py's traced test compares the refits one by one there)
 @pytest.mark.slow
 def test_estimate_bootstrap_gives_intervals_like_the_host_bootstrap():
   data = synthetic_family(noise=0.01, seed=1)

@@ -3,15 +3,14 @@ percentile intervals (also of derived quantities) and, for the familial law, one
 gamma > 0.
 
 One procedure (`refit_resamples`), run by either engine of stages.py: `bootstrap` of a host
-FitResult drives it from the host with a progress bar; of an `fit.Estimate` it is traced (jit, vmap;
-its results carry no gradient), without the second path and the restarts from thinned starts, whose
-traced programs stalled XLA:CPU (docs/fitter.md). Every refit converges or is accounted for: refits
-start from the full-data optimum in coordinates whitened by the full-data Hessian there
-(stages.whiten); those that stop unconverged are continued, whitened at their own point by their own
-objective, and every refit is then restarted with a fresh L-BFGS memory until none moves
-(stages.settle); a second path, screened starts and restarts from thinned starts settle resamples
-with several minima (see `refit_resamples`); the rest are failed, excluded from the SEs and
-intervals, and counted.
+FitResult drives it from the host with a progress bar; of an `fit.Estimate` it is traced (jit,
+vmap; its results carry no gradient), masked queues standing in for the host's index sets. Every
+refit converges or is accounted for: refits start from the full-data optimum in coordinates
+whitened by the full-data Hessian there (stages.whiten); those that stop unconverged are
+continued, whitened at their own point by their own objective, and every refit is then restarted
+with a fresh L-BFGS memory until none moves (stages.settle); a second path, screened starts and
+restarts from thinned starts settle resamples with several minima (see `refit_resamples`); the
+rest are failed, excluded from the SEs and intervals, and counted.
 
 Shape letters: B resamples (refits), R data rows, S starts, P parameters, C screened starts per
 refit, K refits restarted from thinned starts, T starts of a restart.
@@ -68,6 +67,7 @@ def derived(natural: Mapping) -> dict:
 
 
 RETRY_STARTS_EVERY = 10  # thinning of the law's starts that arbitrates between refits' paths
+RESTART_BLOCK = 32  # traced: refits restarted from thinned starts at a time ([K * T] queued)
 PILOT_EVERY = 10  # every k-th refit also takes the second path; all do if one pilot disagrees
 BOTH_PATHS_MAX_ROWS = 100  # studies this small: every refit takes both paths (they are cheap,
 #                            and one resample in a hundred can have a second minimum)
@@ -99,8 +99,9 @@ def _two_paths(p: Problem, ends: Outcome, x_P, counts_BR, solver: Solver,
   if not pilot_B.all():
     # the second path reached a lower minimum than the first: the first may have missed it
     # (the reverse is common without several minima: plain L-BFGS stalls above the optimum)
-    if (_lower(ends, raw) & pilot_B).any():  # several minima: every refit takes both paths
-      raw = raw.where(pilot_B, raw_path(~pilot_B), xp)
+    several_minima = (_lower(ends, raw) & pilot_B).any()  # then every refit takes both paths
+    if xp is not np or several_minima:  # traced, this runs no start unless several minima
+      raw = raw.where(pilot_B, raw_path(~pilot_B & several_minima), xp)
   return _lower_of(ends, raw, xp), _lower(ends, raw)
 
 
@@ -124,27 +125,46 @@ def _lowest_start_points(p: Problem, starts_SP, counts_BR, xp):
 
 
 def _restart_from_starts(p: Problem, ends: Outcome, counts_BR, solver: Solver,
-                         engine: stages.Engine, index_K) -> Outcome:
-  """Refits index_K from thinned starts plus where they stopped; the best start of each is
-  settled, and kept where it converged lower (or the refit had not)."""
-  starts_TP = start_points(p, every=RETRY_STARTS_EVERY, distinct=True)
+                         engine: stages.Engine, index_K, valid_K=None) -> Outcome:
+  """Refits index_K (those where valid_K) from thinned starts plus where they stopped; the best
+  start of each is settled, and kept where it converged lower (or the refit had not)."""
+  xp = engine.xp
+  starts_TP = xp.asarray(start_points(p, every=RETRY_STARTS_EVERY, distinct=True))
   n_tries, k = len(starts_TP) + 1, len(index_K)
-  x_KTP = np.concatenate([np.broadcast_to(starts_TP, (k,) + starts_TP.shape),
+  x_KTP = xp.concatenate([xp.broadcast_to(starts_TP, (k,) + starts_TP.shape),
                           ends.x_SP[index_K][:, None]], axis=1)
   counts_KR = counts_BR[index_K]
-  found = stages.descend(p, x_KTP.reshape(k * n_tries, -1), np.repeat(counts_KR, n_tries, axis=0),
-                         solver, engine)
-  value_KT = np.where(found.converged_S, found.value_S, np.inf).reshape(k, n_tries)
-  found = found.take(np.arange(k) * n_tries + np.argmin(value_KT, axis=1))
+  active = None if valid_K is None else xp.repeat(valid_K, n_tries)
+  found = stages.descend(p, x_KTP.reshape(k * n_tries, -1), xp.repeat(counts_KR, n_tries, axis=0),
+                         solver, engine, None, active)
+  value_KT = xp.where(found.converged_S, found.value_S, xp.inf).reshape(k, n_tries)
+  found = found.take(xp.arange(k) * n_tries + xp.argmin(value_KT, axis=1))
   found = stages.settle(p, found, counts_KR, solver, engine)
-  return ends.put(index_K, stages.lower_converged(ends.take(index_K), found, np))
+  kept = stages.lower_converged(ends.take(index_K), found, xp)
+  if valid_K is not None:
+    index_K = xp.where(valid_K, index_K, counts_BR.shape[0])  # out of range: dropped
+  return ends.put(index_K, kept, xp)
 
 
 def _restart_unsettled(p: Problem, ends: Outcome, counts_BR, unsettled_B, solver: Solver,
                        engine: stages.Engine) -> Outcome:
-  """`_restart_from_starts` for every unsettled refit."""
-  index = np.flatnonzero(unsettled_B)
-  return _restart_from_starts(p, ends, counts_BR, solver, engine, index) if index.size else ends
+  """`_restart_from_starts` for every unsettled refit: all at once from the host; traced, in
+  blocks of RESTART_BLOCK until none is left (a loop that runs no block when none is)."""
+  if engine.xp is np:
+    index = np.flatnonzero(unsettled_B)
+    return _restart_from_starts(p, ends, counts_BR, solver, engine, index) if index.size else ends
+  n = counts_BR.shape[0]
+  k = min(RESTART_BLOCK, n)
+
+  def block(carry):
+    ends, todo_B = carry
+    index_K = jnp.nonzero(todo_B, size=k, fill_value=n)[0]
+    valid_K = index_K < n
+    ends = _restart_from_starts(p, ends, counts_BR, solver, engine, jnp.minimum(index_K, n - 1),
+                                valid_K)
+    return ends, todo_B.at[index_K].set(False, mode="drop")
+
+  return jax.lax.while_loop(lambda c: c[1].any(), block, (ends, unsettled_B))[0]
 
 
 def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.Engine,
@@ -154,11 +174,10 @@ def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.E
 
   Small studies can have resamples whose objective has several local minima, where refits from
   the same start reach different ones by different paths, or none reaches the lowest. So refits
-  also take a second path (`_two_paths`, host only), and every refit of a study of up to
+  also take a second path (`_two_paths`), and every refit of a study of up to
   stages.SCREENED_MAX_ROWS rows also runs from the stages.SCREENED_STARTS starts lowest in
   its own objective (`_screened`). Each refit whose second path found a lower objective (or that
-  did not converge) is settled by restarts from thinned starts (host only). Refits that still have
-  not
+  did not converge) is settled by restarts from thinned starts. Refits that still have not
   converged are failed.
   """
   xp, n = engine.xp, counts_BR.shape[0]
@@ -167,15 +186,12 @@ def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.E
                         engine.shown("bootstrap" if progress else None),
                         Coordinates(at.origin[0], at.basis[0]))
   ends = stages.settle(p, ends, counts_BR, solver, engine)
-  paths_differ_B = xp.zeros(n, bool)
-  if xp is np:  # host only (docs/fitter.md)
-    ends, paths_differ_B = _two_paths(p, ends, x_P, counts_BR, solver, engine)
+  ends, paths_differ_B = _two_paths(p, ends, x_P, counts_BR, solver, engine)
   screened_lower_B = xp.zeros(n, bool)
   if p.n_rows <= stages.SCREENED_MAX_ROWS:
     ends, screened_lower_B = _screened(p, ends, counts_BR, solver, engine)
   unsettled_B = paths_differ_B | ~ends.converged_S
-  if xp is np:
-    ends = _restart_unsettled(p, ends, counts_BR, unsettled_B, solver, engine)
+  ends = _restart_unsettled(p, ends, counts_BR, unsettled_B, solver, engine)
   return ends, unsettled_B | screened_lower_B
 
 

@@ -2,10 +2,10 @@
 bootstrap's resampling and summary.
 
 An `Engine` says how a stage's starts run: `TRACED` runs them in one traced loop with exact
-Hessians and one refine and one restart round (`fit.estimate` and `bootstrap.bootstrap` of an
+Hessians, rounds of a stage in a fori_loop (`fit.estimate` and `bootstrap.bootstrap` of an
 Estimate: pure JAX); `HOST` drives the same compiled loop from the host in chunks, on the active
-starts only, with finite-difference Hessians from that loop and more rounds (`fit.fit`,
-`bootstrap.bootstrap` of a FitResult).
+starts only, with finite-difference Hessians from that loop (`fit.fit`, `bootstrap.bootstrap` of
+a FitResult). Both run the same rounds.
 
 Shape letters: S starts, P parameters, R data rows, B resamples, C screened starts per resample.
 """
@@ -49,7 +49,6 @@ class Engine(NamedTuple):
   hessians: Callable  # (problem, x_SP, weights_SR, solver, active_S) -> [S, P, P]
   xp: ModuleType  # the array library of the stages' own arithmetic: numpy on the host (no
   #                 dispatch or compilation per operation and shape), jax.numpy when traced
-  rounds: tuple[int, int] = (REFINE_ROUNDS, RESTART_ROUNDS)  # of `refine` and of `restart`
 
   def shown(self, desc: str | None) -> "Engine":
     """This engine with a progress bar named `desc` over each run's starts (host only)."""
@@ -89,7 +88,7 @@ def _host_run(problem: Problem, q: lanes.Queue, solver: Solver, active_S=None, *
     return lanes.run(problem, q, solver, active_S, progress=bar)
 
 
-TRACED = Engine(lanes.solve, _exact_hessians, jnp, rounds=(1, 1))
+TRACED = Engine(lanes.solve, _exact_hessians, jnp)
 
 
 HOST = Engine(_host_run, _fd_hessians, np)
@@ -121,35 +120,48 @@ def polish(problem: Problem, x_SP, around_P, weights_R, solver: Solver,
                  Coordinates(at.origin[0], at.basis[0]))
 
 
+def _repeat(engine: Engine, n: int, body: Callable, carry):
+  """body(carry) n times: a Python loop on the host, a fori_loop when traced (one compiled round,
+  not n unrolled: the program's compile time stays that of one)."""
+  if engine.xp is np:
+    for _ in range(n):
+      carry = body(carry)
+    return carry
+  return jax.lax.fori_loop(0, n, lambda _, c: body(c), carry)
+
+
 def refine(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
            engine: Engine) -> Outcome:
   """Continues every unconverged start from where it stopped, in coordinates whitened at its own
-  point by its own objective, for the engine's refine rounds; a continuation replaces a start
-  only where it lowers the objective."""
+  point by its own objective, for REFINE_ROUNDS rounds; a continuation replaces a start only
+  where it lowers the objective."""
   xp = engine.xp
-  for _ in range(engine.rounds[0]):
+
+  def one_round(ends):
     todo_S = ~ends.converged_S & xp.isfinite(ends.value_S)
     coordinates = whiten(problem, ends.x_SP, weights_SR, solver, engine, todo_S)
     new = descend(problem, ends.x_SP, weights_SR, solver, engine, coordinates, todo_S)
     better_S = todo_S & (new.value_S <= ends.value_S)
-    ends = new.where(better_S, ends, xp)._replace(
+    return new.where(better_S, ends, xp)._replace(
         converged_S=xp.where(todo_S, better_S & new.converged_S, ends.converged_S))
-  return ends
+
+  return _repeat(engine, REFINE_ROUNDS, one_round, ends)
 
 
 def restart(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
             engine: Engine) -> Outcome:
   """Continues every start from where it stopped with a fresh L-BFGS memory, in the law's own
   coordinates, and again for those that moved (lowered the objective by > RESTART_RTOL of it),
-  for the engine's restart rounds. An L-BFGS can stall short of a minimum on the Huber
+  for RESTART_ROUNDS rounds. An L-BFGS can stall short of a minimum on the Huber
   objective's kinks with a curvature memory that no longer fits (stop.ftol then ends it as
   converged); a fresh start from the same point goes on."""
-  todo_S = engine.xp.isfinite(ends.value_S)
-  for _ in range(engine.rounds[1]):
+  def one_round(carry):
+    ends, todo_S = carry
     new = descend(problem, ends.x_SP, weights_SR, solver, engine, None, todo_S)
     todo_S = todo_S & (new.value_S < ends.value_S * (1 - RESTART_RTOL))
-    ends = new.where(todo_S, ends, engine.xp)
-  return ends
+    return new.where(todo_S, ends, engine.xp), todo_S
+
+  return _repeat(engine, RESTART_ROUNDS, one_round, (ends, engine.xp.isfinite(ends.value_S)))[0]
 
 
 def settle(problem: Problem, ends: Outcome, weights_SR, solver: Solver,
