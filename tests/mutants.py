@@ -27,7 +27,7 @@ MUTANTS = [
      "DEFAULT_DELTA = 1.0", "tests/test_scaling.py::test_the_default_fit_shrugs_off_an_outlier"),
     ("rotary returns its input", "famjax/model.py", "  half = x_BTQH.shape[-1] // 2\n",
      "  return x_BTQH\n  half = x_BTQH.shape[-1] // 2\n", "tests/test_model.py -k rotary"),
-    ("bootstrap groups without replacement", "famjax/scaling/stages.py",
+    ("bootstrap groups without replacement", "famjax/scaling/problem.py",
      "  draws = jax.random.randint(key, (n, n_groups), 0, n_groups)",
      "  draws = jnp.broadcast_to(jnp.arange(n_groups), (n, n_groups))",
      "tests/test_scaling.py -k group_resampling"),
