@@ -377,15 +377,25 @@ class StudyConfig(AnalysisConfig, EstimateConfig):
   # () = none
   grid_widths: tuple[int, ...] = ()
   grid_tokens: tuple[int, ...] = ()
+  # exits decoupled from G (famjax.study.isoflop): families of one backbone (width
+  # placement_width, its depth by the shape rule) trained on placement_tokens with each of these
+  # exit placements, "1,4;2,4;3,4;1,2,4", and dense controls of every exit depth; "" = none
+  placements: str = ""
+  placement_width: int = 0
+  placement_tokens: int = 0
+  placement_seeds: tuple[int, ...] = ()  # () = study.seeds
 
   def __post_init__(self):
     object.__setattr__(self, "budgets", tuple(float(c) for c in self.budgets))
     AnalysisConfig.__post_init__(self)
     EstimateConfig.__post_init__(self)
-    for name in ("granularities", "widths", "seeds", "grid_widths", "grid_tokens"):
+    for name in ("granularities", "widths", "seeds", "grid_widths", "grid_tokens",
+                 "placement_seeds"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
-    _require(len(self.budgets) >= 1 and all(0 < c < math.inf for c in self.budgets),
-             "study.budgets", "a non-empty tuple of finite FLOP counts > 0", self.budgets)
+    _require((len(self.budgets) >= 1 or self.grid_widths or self.placements)
+             and all(0 < c < math.inf for c in self.budgets), "study.budgets",
+             "finite FLOP counts > 0, at least one unless the study has a gamma grid or "
+             "placements", self.budgets)
     _require(list(self.budgets) == sorted(set(self.budgets)), "study.budgets",
              "strictly increasing", self.budgets)
     _require(len(self.granularities) >= 1
@@ -436,6 +446,7 @@ class StudyConfig(AnalysisConfig, EstimateConfig):
              and (not self.grid_widths or len(self.granularities) >= 2), "study.grid_widths",
              "given with study.grid_tokens (both or neither) and at least two granularities",
              self.grid_widths)
+    self._check_placements()
     for g, layers in self.explicit_exits.items():
       _require(g in self.granularities and len(layers) == g, "study.exit_layers",
                f"entries 'G:l1,...,lG' with G in {self.granularities} and G layers",
@@ -444,6 +455,33 @@ class StudyConfig(AnalysisConfig, EstimateConfig):
       _require(c in self.budgets and g in self.granularities and g >= 2, "study.leverage",
                f"'C:G' pairs with C in study.budgets {self.budgets} and G >= 2 in "
                f"study.granularities {self.granularities}", self.leverage)
+
+  def _check_placements(self):
+    layers = self.placement_layers
+    _require(all(len(p) >= 2 and list(p) == sorted(set(p)) and p[0] >= 1 for p in layers),
+             "study.placements", "exit layer sets like '1,4;2,4;1,2,4': each strictly "
+             "increasing, at least two exits, layers from 1", self.placements)
+    if layers:
+      _require(self.placement_width > 0 and self.placement_width % self.head_dim == 0,
+               "study.placement_width", f"a positive multiple of study.head_dim={self.head_dim} "
+               "(given study.placements)", self.placement_width)
+      _require(isinstance(self.placement_tokens, int) and self.placement_tokens > 0,
+               "study.placement_tokens", "training tokens > 0 (given study.placements)",
+               self.placement_tokens)
+    _require(all(isinstance(s, int) and s >= 0 for s in self.placement_seeds)
+             and len(set(self.placement_seeds)) == len(self.placement_seeds),
+             "study.placement_seeds", "() or distinct non-negative integers",
+             self.placement_seeds)
+
+  @property
+  def placement_layers(self) -> tuple[tuple[int, ...], ...]:
+    """The exit layer sets parsed from placements."""
+    try:
+      return tuple(tuple(int(l) for l in part.split(","))
+                   for part in filter(None, (p.strip() for p in self.placements.split(";"))))
+    except ValueError:
+      raise ValueError(f"study.placements must look like '1,4;2,4;1,2,4'; got "
+                       f"{self.placements!r}") from None
 
   @property
   def explicit_exits(self) -> dict[int, tuple[int, ...]]:

@@ -214,10 +214,14 @@ class Trainer:
 
   def evaluate(self, batches: list[np.ndarray]) -> np.ndarray:
     """Mean per-exit loss over fixed batches, shape [G]."""
+    return self.evaluate_batches(batches).mean(axis=0)
+
+  def evaluate_batches(self, batches: list[np.ndarray]) -> np.ndarray:
+    """Per-exit loss of each of the fixed batches, shape [batches, G]."""
     with jax.set_mesh(self.mesh):
       losses = [self.progs.evaluate(self.params, sharding.put_batch(b, self.mesh))
                 for b in batches]
-    return np.mean(np.stack(jax.device_get(losses)), axis=0)
+    return np.stack(jax.device_get(losses))
 
   @property
   def state(self) -> dict:
@@ -296,13 +300,19 @@ def _resume(cfg, workdir, mngr, trainer, batches) -> tuple[int, float]:
   return start, elapsed
 
 
-def _summary(cfg, trainer, train_loss, val_loss, seconds: float, fingerprint: str) -> dict:
-  """What a finished run reports (summary.json): losses per exit, size and cost."""
+def _summary(cfg, trainer, train_loss, val_loss_VG, seconds: float, fingerprint: str) -> dict:
+  """What a finished run reports (summary.json): losses per exit (validation: also over each
+  half of the validation batches, whose gap measures the validation set's noise), size and
+  cost."""
   acc = accounting.account(cfg.model, cfg.train.seq_len)
+  half = len(val_loss_VG) // 2
+  halves = [val_loss_VG[:half].mean(0).tolist(), val_loss_VG[half:].mean(0).tolist()] \
+      if half else None
   return {
       "exit_layers": list(cfg.model.exit_layers),
       "train_loss": train_loss,
-      "val_loss": val_loss.tolist(),
+      "val_loss": val_loss_VG.mean(0).tolist(),
+      "val_loss_halves": halves,
       "step": trainer.step_count,
       "tokens": trainer.step_count * cfg.train.batch_size * cfg.train.seq_len,
       "params_per_exit": list(acc.params_per_exit),
@@ -378,13 +388,13 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
 def _finish(cfg, workdir, trainer, val_batches, window, seconds: float, fingerprint: str) -> dict:
   """Writes and returns the run's summary: the final validation loss per exit and the mean of
   the last log window's train losses."""
-  val_loss = trainer.evaluate(val_batches)
+  val_loss_VG = trainer.evaluate_batches(val_batches)
   if not window:  # resumed a finished run: report the last logged train loss
     last = workdir_files.last_train_loss(workdir)
     window = [] if last is None else [last]
   log_every = cfg.train.log_every
   train_loss = np.mean(window[-log_every:], axis=0).tolist() if window else None
-  summary = _summary(cfg, trainer, train_loss, val_loss, seconds, fingerprint)
+  summary = _summary(cfg, trainer, train_loss, val_loss_VG, seconds, fingerprint)
   workdir_files.write_summary(workdir, summary)
   return summary
 

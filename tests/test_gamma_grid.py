@@ -76,3 +76,72 @@ def test_branch_exponents_over_controls_are_the_ratio_regression():
 def test_a_study_without_a_grid_has_no_gamma_grid():
   frame = _families(lambda w: 0.03).assign(kind="isoflop")
   assert gamma_grid.analyze(frame) is None
+
+
+def _grid_with_controls(sharing_of_tokens, noise=0.002, rng_seed=0):
+  """A gamma grid with exit-shaped controls: a dense model of depth l (of 4) loses
+  base(cell) * (l / 4)^-0.3 (times a seed effect), and every exit of a G-exit family loses its
+  control's loss times G^sharing(D), so that the size part of gamma is the controls' slope and
+  the sharing part is sharing(D) exactly (up to the runs' noise)."""
+  rng = np.random.default_rng(rng_seed)
+  rows = []
+  noisy = lambda x: x * np.exp(noise * rng.standard_normal())
+  for width, tokens, seed in itertools.product((32, 64), (10**6, 2 * 10**6, 4 * 10**6, 8 * 10**6),
+                                               (0, 1)):
+    base = 3.0 * (width / 32) ** -0.1 * (tokens / 1e6) ** -0.05 * np.exp(0.05 * seed)
+    control = lambda depth: base * (depth / 4) ** -0.3
+    cell = {"d_model": width, "D": tokens, "seed": seed, "status": "ok"}
+    for g_total in (1, 2, 4):
+      for g in range(1, g_total + 1):
+        depth = g * 4 // g_total
+        rows.append(cell | {"run_id": f"d{width}_D{tokens}_G{g_total}_s{seed}", "kind": GRID,
+                            "G": g_total, "exit": g, "P": g - 1, "Q": g_total - g,
+                            "N_exit_non_embedding": 1000 * depth, "exit_weight": 1 / g_total,
+                            "val_loss": noisy(control(depth) * g_total
+                                              ** sharing_of_tokens(tokens))})
+    for depth in (1, 2, 3):
+      rows.append(cell | {"run_id": f"d{width}_D{tokens}_c{depth}_s{seed}", "kind": EXIT_CONTROL,
+                          "G": 1, "exit": 1, "P": 0, "Q": 0, "exit_weight": 1.0,
+                          "N_exit_non_embedding": 1000 * depth, "val_loss": noisy(control(depth))})
+  return pd.DataFrame(rows)
+
+
+def _log_tokens(tokens):
+  return np.log(tokens / np.exp(np.mean(np.log([1e6, 2e6, 4e6, 8e6]))))
+
+
+def test_gamma_splits_into_size_and_sharing_parts():
+  grid = gamma_grid.analyze(_grid_with_controls(lambda d: 0.02 + 0.01 * _log_tokens(d)))
+  assert len(grid.cells) == 8
+  for cell in grid.cells:
+    # one design for the three responses: the parts add up to gamma_direct
+    assert cell.size.estimate + cell.sharing.estimate == pytest.approx(cell.gamma.estimate,
+                                                                       abs=1e-12)
+    truth = 0.02 + 0.01 * _log_tokens(cell.D)
+    assert cell.sharing.ci95[0] < truth < cell.sharing.ci95[1]
+    assert cell.size.estimate > 0.03  # shallower exits: the size part is the controls' slope
+
+
+def test_gamma_against_tokens_rising_and_levelling_off():
+  rising = gamma_grid.analyze(_grid_with_controls(lambda d: 0.02 + 0.01 * _log_tokens(d)))
+  trend = {t.part: t for t in rising.trends}
+  assert set(trend) == {"gamma", "size", "sharing"}
+  assert trend["sharing"].slope.ci95[0] < 0.01 < trend["sharing"].slope.ci95[1]
+  assert trend["sharing"].curvature.ci95[0] < 0 < trend["sharing"].curvature.ci95[1]
+  assert trend["size"].slope.ci95[0] < 0 < trend["size"].slope.ci95[1]
+  assert trend["gamma"].d_reference == pytest.approx(np.sqrt(8) * 1e6)
+  levelling = gamma_grid.analyze(_grid_with_controls(
+      lambda d: 0.02 + 0.01 * _log_tokens(d) - 0.01 * _log_tokens(d) ** 2))
+  curvature = {t.part: t.curvature for t in levelling.trends}["sharing"]
+  assert curvature.ci95[1] < 0 and curvature.ci95[0] < -0.01 < curvature.ci95[1]
+
+
+def test_the_deepest_exit_tax_is_paired_by_seed():
+  """The deepest exit of a G-exit family loses G^sharing(D) times its dense backbone's loss."""
+  grid = gamma_grid.analyze(_grid_with_controls(lambda d: 0.03))
+  assert {(t.G, t.n_seeds) for t in grid.tax} == {(2, 2), (4, 2)}
+  assert len(grid.tax) == 2 * 4 * 2  # widths x tokens x G
+  for tax in grid.tax:
+    truth = tax.G ** 0.03 - 1
+    assert tax.ci95[0] < truth < tax.ci95[1]
+    assert tax.ratio == pytest.approx(truth, abs=0.006)

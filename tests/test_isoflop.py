@@ -214,7 +214,35 @@ def test_gamma_grid_trains_every_g_on_one_backbone_and_the_same_tokens():
   assert {r.experiment.train.seed for r in families} == {0, 1}
 
 
+PLACEMENTS = "1,4;2,4;3,4;1,2,4;2,3,4;1,2,3,4"
+
+
+def test_placements_vary_exits_apart_from_g_on_one_backbone_and_the_same_tokens():
+  study = dataclasses.replace(STUDY, budgets=(), leverage="", placements=PLACEMENTS,
+                              placement_width=16, placement_tokens=102_400,
+                              placement_seeds=(0, 1, 2))
+  runs = isoflop.plan(study, BASE).runs
+  assert {r.kind for r in runs} == {isoflop.PLACEMENT, isoflop.PLACEMENT_CONTROL}
+  families = [r for r in runs if r.kind == isoflop.PLACEMENT]
+  assert sorted(";".join(",".join(map(str, r.experiment.model.exit_layers))
+                         for r in families if r.seed == 0).split(";")) == sorted(
+      PLACEMENTS.split(";"))
+  assert all(r.granularity == len(r.experiment.model.exit_layers) for r in families)
+  assert {(r.experiment.model.d_model, r.experiment.model.n_layers) for r in families} == {(16, 4)}
+  controls = [r for r in runs if r.kind == isoflop.PLACEMENT_CONTROL]
+  assert sorted(r.experiment.model.n_layers for r in controls if r.seed == 2) == [1, 2, 3, 4]
+  assert {r.tokens for r in runs} == {102_400} and len(runs) == 3 * (6 + 4)
+  assert {r.experiment.train.seed for r in runs} == {0, 1, 2}
+  with pytest.raises(ValueError, match="must end at the final layer of the 4-layer backbone"):
+    isoflop.plan(dataclasses.replace(study, placements="1,3"), BASE)
+
+
 @pytest.mark.parametrize("field, value, message", [
+    ("placements", "2,1", "study.placements must be exit layer sets"),
+    ("placements", "4", "study.placements must be exit layer sets"),
+    ("placements", "1;x", "study.placements must look like"),
+    ("placements", "1,4", "study.placement_width must be a positive multiple"),
+    ("budgets", (), "study.budgets must be finite FLOP counts > 0, at least one unless"),
     ("grid_widths", (6,), "study.grid_widths must be strictly increasing multiples"),
     ("grid_tokens", (0,), "study.grid_tokens must be strictly increasing integers > 0"),
     ("grid_widths", (8,), "study.grid_widths must be given with study.grid_tokens"),

@@ -29,7 +29,10 @@ def mini(corpus_dir, **study_overrides):
                 tokens_per_param=20.0, leverage="4e7:2", leverage_granularities=(2, 3),
                 grid_widths=(8,), grid_tokens=(320, 640), bootstrap=100, grid_every=50,
                 # two laws compared: the report section and its JSON, at a third of five's cost
-                compare_laws=("paper", "size_only"))
+                compare_laws=("paper", "size_only"),
+                # the one placement a 2-layer backbone has: the grid's G = 2 shape, compiled once
+                placements="1,2", placement_width=8, placement_tokens=320,
+                placement_seeds=(0, 1))
   values.update(study_overrides)
   base = ExperimentConfig(model=ModelConfig(vocab_size=264, max_seq_len=16),
                           data=DataConfig(corpus=str(corpus_dir), val_fraction=0.1),
@@ -73,6 +76,13 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert [(c["d_model"], c["D"], c["n_families"]) for c in grid["cells"]] == [(8, 320, 2),
                                                                                (8, 640, 2)]
   assert grid["shared"]["df"] == 1 and grid["branch"]["n_exits"] == 4
+  assert all(c["size"]["estimate"] + c["sharing"]["estimate"]
+             == pytest.approx(c["gamma"]["estimate"]) for c in grid["cells"])
+  assert [(t["D"], t["G"], t["n_seeds"]) for t in grid["tax"]] == [(320, 2, 1), (640, 2, 1)]
+  assert (rep["placements"]["n_families"], rep["placements"]["n_exits"]) == (2, 4)
+  # every run's two validation batches, one per half
+  assert rep["validation_noise"]["n_exits"] == sum(len(r.experiment.model.exit_layers)
+                                                   for r in plan.runs)
   regime = {r["G"]: r for r in rep["regime"]}
   assert set(regime) == {1, 2} and regime[1]["flops_over_dense"] == [1.0, 1.0]
   assert 0 < regime[1]["outside_backbone_share"][0] < regime[2]["outside_backbone_share"][1] < 1
@@ -93,10 +103,12 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert "held_out_budget" in rep["extrapolation"]
   assert rep["extrapolation"]["held_out_budget"] == 8e7
   for name in ("isoflop", "loss_vs_G", "branch", "leverage", "bootstrap",
-               "predicted_vs_observed", "gamma_grid"):
+               "predicted_vs_observed", "gamma_grid", "gamma_vs_D", "residuals_vs_D",
+               "placements"):
     assert (outdir / "plots" / f"{name}.png").stat().st_size > 5000, name
   text = (outdir / "report.md").read_text()
   assert "## familial law" in text and "plots/isoflop.png" in text
+  assert "## Exits decoupled from G" in text and "Validation noise:" in text
   comparison = rep["law_comparison"]  # 3 budgets: ranked by leaving one out
   assert comparison["ranked_by"] == "budget" and set(comparison["laws"]) == {"paper", "size_only"}
   assert comparison["laws"]["paper"]["held_out"]["budget"]["n_folds"] == 3

@@ -1,7 +1,8 @@
 """Presets for experiments/isoflop.py: `--config=experiments/configs/isoflop.py:tiny` (or `small`,
-`paper`). Sections: `study` (famjax.config.StudyConfig: budgets, granularities, the size ladder,
-fitting), and `model`, `data`, `train`, `mesh` as for experiments/train.py, which every run starts
-from (the planner sets each run's shape, exits, steps, warmup and seed). Override any field, e.g.
+`medium`, `laws`, `paper`). Sections: `study` (famjax.config.StudyConfig: budgets, granularities,
+the size ladder, the gamma grid, exit placements, fitting), and `model`, `data`, `train`, `mesh`
+as for experiments/train.py, which every run starts from (the planner sets each run's shape,
+exits, steps, warmup and seed). Override any field, e.g.
 `--config.study.budgets="(1e11,3e11)" --config.study.seeds="(0,1)"`.
 """
 
@@ -55,6 +56,22 @@ PRESETS = {
                           grid_widths=(32, 48), grid_tokens=(256_000, 512_000),
                           bootstrap=1000),
         model=dataclasses.replace(_CPU_MODEL, unembed="tied"), train=_CPU_TRAIN),
+    # Which familial law (docs/laws.md), beside the medium study's IsoFLOP curves: no budgets;
+    # the medium shapes' gamma grid at widths 32 and 48 on four token counts spanning 16x
+    # (256k-4.1M), two seeds, with exit-shaped controls; exit placements decoupled from G at
+    # width 32 on 1M tokens, three seeds, own-shape controls; 1M validation tokens per run
+    # (data.val_fraction 0.04 of the stdlib corpus, 1024 batches), halves recorded.
+    "laws": dict(
+        study=StudyConfig(budgets=(), granularities=(1, 2, 4), widths=(32, 48), head_dim=16,
+                          aspect_ratio=16.0, min_layers=4, layer_multiple=2, sizes_per_budget=2,
+                          min_steps=50, seeds=(0, 1), grid_widths=(32, 48),
+                          grid_tokens=(256_000, 645_120, 1_628_160, 4_096_000),
+                          placements="1,4;2,4;3,4;1,2,4;2,3,4;1,2,3,4", placement_width=32,
+                          placement_tokens=1_024_000, placement_seeds=(0, 1, 2),
+                          bootstrap=1000),
+        model=dataclasses.replace(_CPU_MODEL, unembed="tied"),
+        data=DataConfig(val_fraction=0.04),
+        train=dataclasses.replace(_CPU_TRAIN, eval_batches=1024)),
     # The paper's (arXiv 2512.23407): budgets 1e19..1e21 FLOPs, G up to 4 for the law, EL for
     # G = 3..6, the training loss fitted. famjax's choices, for an accelerator cluster (here:
     # --dry_run only): a ladder centred on ~20 tokens/parameter (0.2B-7B families; the paper's

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from famjax.analysis import gamma_grid, measured_leverage
+from famjax.analysis import gamma_grid, measured_leverage, placements
 from famjax.analysis.report import (
   Analysis,
   ComputeOptimal,
@@ -23,6 +23,7 @@ from famjax.analysis.report import (
   Regime,
   Report,
   Runs,
+  ValidationNoise,
 )
 from famjax.config import AnalysisConfig
 from famjax.scaling import compare, fitted_law, io, laws, leverage
@@ -195,6 +196,19 @@ def _edges(rows: pd.DataFrame) -> list[Edge]:
   return out
 
 
+def _validation_noise(frame: pd.DataFrame) -> ValidationNoise | None:
+  if "val_loss_first_half" not in frame:
+    return None
+  ok = frame[frame["status"] == results.OK]
+  halves = ok[["val_loss_first_half", "val_loss_second_half", "val_loss"]].apply(
+      pd.to_numeric).dropna()
+  if halves.empty:
+    return None
+  gap = (halves["val_loss_first_half"] - halves["val_loss_second_half"]) / halves["val_loss"]
+  return ValidationNoise(len(gap), float(np.sqrt(np.mean(gap ** 2)) / 2),
+                         float(np.abs(gap).max()))
+
+
 def _runs(frame: pd.DataFrame, plan: Plan | None) -> Runs:
   by_run = frame.groupby("run_id").agg(status=("status", "first"), error=("error", "first"))
   planned = [r.run_id for r in plan.runs] if plan else list(by_run.index)
@@ -235,5 +249,9 @@ def analyze(frame: pd.DataFrame, config: AnalysisConfig = AnalysisConfig(),
                   plan={**plan.describe(), **(context or {})} if plan else None,
                   regime=_regime(plan), param_counts=param_counts,
                   gamma_grid=gamma_grid.analyze(frame, config.fit_loss),
-                  law_comparison=_comparison(rows["familial"], config, progress))
+                  law_comparison=_comparison(rows["familial"], config, progress),
+                  placements=placements.analyze(frame, config.fit_loss,
+                                                max(config.bootstrap, 1000),
+                                                config.bootstrap_seed),
+                  validation_noise=_validation_noise(frame))
   return Analysis(report, rows, fits, frame, extrapolation_rows)

@@ -1,6 +1,7 @@
 """Figures of an IsoFLOP study (matplotlib, written as PNG): IsoFLOP curves with the fitted law,
-loss against G, the branch law's factors, Efficiency Leverage, bootstrap spreads and predicted
-against observed loss."""
+loss against G, the branch law's factors, Efficiency Leverage, bootstrap spreads, the gamma grid
+(loss against G per cell; gamma against D with its size and sharing parts), the law's residuals
+against D and predicted against observed loss."""
 
 from __future__ import annotations
 
@@ -56,7 +57,19 @@ def _save(fig, path: Path) -> Path:
   return path
 
 
-def isoflop_curves(rows: pd.DataFrame, params: dict | None, path: Path) -> Path:
+N_LABELS = {"non_embedding": "N (family's non-embedding parameters)",
+            "total": "N (family's parameters, embeddings included)"}
+
+
+def _short(n: float) -> str:
+  """n to two significant figures with a k or M suffix: 53,536 -> 54k."""
+  n = float(f"{n:.2g}")
+  return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" if n >= 1e3 else f"{n:g}"
+
+
+def isoflop_curves(rows: pd.DataFrame, params: dict | None, path: Path,
+                   param_count: str = "non_embedding") -> Path:
+  """Loss against N per budget, one panel each, with the fitted familial law's curves."""
   budgets = sorted(rows["C"].unique())
   colours = _colours(rows["G"].unique())
   tokens = _tokens_along_curve(rows)
@@ -70,9 +83,12 @@ def isoflop_curves(rows: pd.DataFrame, params: dict | None, path: Path) -> Path:
         d = tokens(c, n, g)
         ax.plot(n, _law_loss(laws.FAMILIAL, params, {"N": n, "D": d, "G": np.full_like(n, g)}),
                 color=colours[g], lw=1)
-    ax.set(xscale="log", title=f"C = {c:.3g} FLOPs", xlabel="N (parameters)")
+    ax.set(xscale="log", title=f"C = {c:.3g} FLOPs", xlabel=N_LABELS[param_count])
+    # ticks at the smallest G's sizes (the other G's N differ by their exit heads only)
+    n_values = sorted(curve.loc[curve["G"] == curve["G"].min(), "N"].unique())
+    ax.set_xticks(n_values, [_short(n) for n in n_values])
+    ax.legend(fontsize=8)
   axes[0][0].set_ylabel("loss")
-  axes[0][-1].legend(fontsize=8)
   fig.suptitle("IsoFLOP curves: points measured, lines the fitted familial law")
   return _save(fig, path)
 
@@ -98,9 +114,11 @@ def loss_against_granularity(rows: pd.DataFrame, params: dict | None, path: Path
   return _save(fig, path)
 
 
-def branch_factors(rows: pd.DataFrame, params: dict, path: Path) -> Path:
+def branch_factors(rows: pd.DataFrame, params: dict, path: Path, controls=None) -> Path:
   """Each exit's loss over the dense part of the branch law, against P (divided by the fitted Q
-  factor) and against Q (divided by the fitted P factor), with the fitted factors."""
+  factor) and against Q (divided by the fitted P factor), with the fitted factors and, given
+  the gamma grid's `controls` (gamma_grid.BranchControls), the exponents measured over dense
+  models of each exit's own shape."""
   p = rows["exit"] - 1
   q = rows["G"] - rows["exit"]
   dense = _law_loss(laws.CHINCHILLA, params, {"N": rows["N"].to_numpy(float),
@@ -117,7 +135,11 @@ def branch_factors(rows: pd.DataFrame, params: dict, path: Path) -> Path:
       ax.scatter(x[mask], y[mask], color=colours[g], s=14, label=f"G={g:g}")
     grid = np.linspace(0, max(1, x.max()), 50)
     ax.plot(grid, (1 + grid) ** exponent, "k-", lw=1,
-            label=f"(1+{label})^{exponent:.3g}")
+            label=f"branch law: (1+{label})^{exponent:.3g}")
+    if controls is not None:
+      measured = (controls.alpha_b if label == "P" else controls.beta_b).estimate
+      ax.plot(grid, (1 + grid) ** measured, "k--", lw=1,
+              label=f"over own-shape controls: (1+{label})^{measured:.3g}")
     ax.set(xlabel=f"{label} ({'upstream' if label == 'P' else 'downstream'} exits)",
            ylabel="loss / dense law")
     ax.legend(fontsize=8)
@@ -153,9 +175,19 @@ def leverage_plot(report, path: Path) -> Path:
       low, high = max(0.0, e.law - e.law_ci95[0]), max(0.0, e.law_ci95[1] - e.law)
       ax.errorbar(e.C * 1.04, e.law, yerr=[[low], [high]], fmt="s", color=colours[e.G], ms=4,
                   capsize=3)
+    if e.law_ci95:
+      ax.annotate(f"law {e.law:.3f}", (e.C * 1.04, e.law), xytext=(4, 0),
+                  textcoords="offset points", fontsize=6, va="center")
+  for e in optimum:
+    ax.annotate(f"G={e.G}: {e.mean:.3f}", (e.C, e.mean), xytext=(-4, 0),
+                textcoords="offset points", fontsize=6, ha="right", va="center")
   ax.axhline(1.0, color="grey", lw=0.8, ls=":")
   ax.set(xscale="log", xlabel="C (FLOPs)", ylabel="Efficiency Leverage",
-         title="EL: law (bands: 95%), measured (diamonds)")
+         title="EL: law (bands: 95%), measured (diamonds), law at them (squares)")
+  ax.title.set_fontsize(9)
+  fig.text(0.01, -0.04, "EL(C, G) = loss of the G dense models of C/G FLOPs each (mean) / "
+           "loss of the family's exits (mean): > 1, the family is the better use of C",
+           fontsize=7, ha="left")
   ax.legend(fontsize=7)
   return _save(fig, path)
 
@@ -220,6 +252,81 @@ def gamma_grid_plot(families: pd.DataFrame, grid, law_gamma: float | None, path:
   return _save(fig, path)
 
 
+PART_MARKERS = {"gamma": ("o", "gamma_direct"), "size": ("^", "size (exit-shaped controls)"),
+                "sharing": ("s", "sharing = gamma - size")}
+
+
+def gamma_against_tokens(grid, law_gamma: float | None, path: Path) -> Path:
+  """Each grid cell's gamma_direct and its size and sharing parts against D, one colour per
+  width, with 95% t intervals."""
+  fig, ax = _subplots(figsize=(6.4, 4.2))
+  widths = sorted({c.d_model for c in grid.cells})
+  colours = _colours(widths)
+  for k, (part, (marker, label)) in enumerate(PART_MARKERS.items()):
+    for j, width in enumerate(widths):
+      cells = [c for c in grid.cells if c.d_model == width and getattr(c, part) is not None]
+      if not cells:
+        continue
+      slopes = [getattr(c, part) for c in cells]
+      d = np.array([c.D for c in cells], float) * 1.04 ** (k - 1 + 0.3 * j)  # side by side
+      y = np.array([s.estimate for s in slopes])
+      err = np.abs(np.array([s.ci95 for s in slopes]).T - y)
+      ax.errorbar(d, y, yerr=err, fmt=marker + {"gamma": "-", "size": "--"}.get(part, ":"),
+                  color=colours[width], ms=5, lw=1, capsize=2,
+                  label=f"{label}, width {width}")
+  if law_gamma is not None:
+    ax.axhline(law_gamma, color="grey", ls=":", lw=1, label=f"familial law's gamma {law_gamma:.3f}")
+  ax.axhline(0, color="black", lw=0.5)
+  ax.set(xscale="log", xlabel="D (training tokens)", ylabel="slope of log loss on log G",
+         title="gamma against tokens, split into exit size and sharing")
+  tokens = sorted({c.D for c in grid.cells})
+  ax.set_xticks(tokens, [f"{d / 1e6:.3g}M" for d in tokens])
+  ax.legend(fontsize=6.5, ncol=2)
+  return _save(fig, path)
+
+
+def residuals_against_tokens(rows: pd.DataFrame, params: dict, path: Path) -> Path:
+  """The familial law's residuals (observed / predicted - 1) against D, coloured by G: a law
+  that describes the data leaves no pattern in D or G."""
+  predicted = _law_loss(laws.FAMILIAL, params, {k: rows[k].to_numpy(float) for k in "NDG"})
+  residual = rows["loss"].to_numpy(float) / predicted - 1
+  fig, ax = _subplots(figsize=(5.6, 3.8))
+  colours = _colours(rows["G"].unique())
+  for g in sorted(rows["G"].unique()):
+    mask = (rows["G"] == g).to_numpy()
+    ax.scatter(rows["D"][mask], 100 * residual[mask], color=colours[g], s=16, label=f"G={g:g}")
+  ax.axhline(0, color="black", lw=0.8)
+  ax.set(xscale="log", xlabel="D (training tokens)", ylabel="observed / familial law - 1 (%)",
+         title="Residuals of the familial law against D")
+  ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda d, _: f"{d / 1e6:g}M"))
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def placements_plot(found, path: Path) -> Path:
+  """Each placement's exits: loss over the dense control of the exit's own shape, against the
+  exit's layer, one line per placement."""
+  fig, ax = _subplots(figsize=(5.6, 3.8))
+  by_placement: dict[str, list] = {}
+  for e in found.exits:
+    by_placement.setdefault(e.placement, []).append(e)
+  colours = _colours(list(by_placement))
+  for k, (where, exits) in enumerate(by_placement.items()):
+    layers = np.array([e.exit_layer for e in exits], float) + 0.04 * (k - len(by_placement) / 2)
+    ax.plot(layers, [100 * e.excess for e in exits], "o-", color=colours[where], ms=5, lw=1,
+            label=f"exits at {{{where}}}")
+  ax.axhline(0, color="black", lw=0.8)
+  a, b = found.alpha_b, found.beta_b
+  ax.set(xlabel="exit layer", ylabel="loss / own-shape dense control - 1 (%)",
+         title=f"Exit placements: alpha_b {a.estimate:.3f} [{a.ci95[0]:.3f}, {a.ci95[1]:.3f}], "
+               f"beta_b {b.estimate:.3f}")
+  ax.title.set_fontsize(9)
+  ax.set_xticks(sorted({e.exit_layer for e in found.exits}))
+  ax.legend(fontsize=7, ncol=2)
+  return _save(fig, path)
+
+
 def draw_all(outdir: Path, analysis) -> dict[str, Path]:
   """Every figure the analysis has data for, as {name: path}."""
   outdir = Path(outdir)
@@ -228,12 +335,14 @@ def draw_all(outdir: Path, analysis) -> dict[str, Path]:
   params = familial.result.params if familial else None
   figures = {}
   if len(rows["familial"]):
-    figures["isoflop"] = isoflop_curves(rows["familial"], params, outdir / "isoflop.png")
+    figures["isoflop"] = isoflop_curves(rows["familial"], params, outdir / "isoflop.png",
+                                        report.options.param_count)
     figures["loss_vs_G"] = loss_against_granularity(rows["familial"], params,
                                                     outdir / "loss_vs_G.png")
   if "branch" in fits:
-    figures["branch"] = branch_factors(rows["branch"], fits["branch"].result.params,
-                                       outdir / "branch.png")
+    figures["branch"] = branch_factors(
+        rows["branch"], fits["branch"].result.params, outdir / "branch.png",
+        report.gamma_grid.branch if report.gamma_grid is not None else None)
   if (report.from_law and report.from_law.leverage) or report.measured_leverage:
     figures["leverage"] = leverage_plot(report, outdir / "leverage.png")
   if familial and familial.boot:
@@ -244,7 +353,15 @@ def draw_all(outdir: Path, analysis) -> dict[str, Path]:
     figures["gamma_grid"] = gamma_grid_plot(
         gamma_grid.family_rows(analysis.frame, report.options.fit_loss), report.gamma_grid,
         laws.to_natural_params(params)["gamma"] if params else None, outdir / "gamma_grid.png")
+  if report.gamma_grid is not None and report.gamma_grid.cells:
+    figures["gamma_vs_D"] = gamma_against_tokens(
+        report.gamma_grid, laws.to_natural_params(params)["gamma"] if params else None,
+        outdir / "gamma_vs_D.png")
+  if report.placements is not None:
+    figures["placements"] = placements_plot(report.placements, outdir / "placements.png")
   if familial:
+    figures["residuals_vs_D"] = residuals_against_tokens(rows["familial"], params,
+                                                         outdir / "residuals_vs_D.png")
     figures["predicted_vs_observed"] = predicted_vs_observed(
         rows["familial"], params, analysis.extrapolation_rows,
         outdir / "predicted_vs_observed.png")

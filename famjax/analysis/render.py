@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from famjax.analysis import plots
-from famjax.analysis.gamma_grid import GammaGrid, Slope
+from famjax.analysis.gamma_grid import GammaGrid, Slope, Tax, Trend
 from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage
+from famjax.analysis.placements import Placements
 from famjax.analysis.report import Analysis, Edge, Extrapolation, FromLaw, Regime, Report
 from famjax.files import atomic_write_text
 from famjax.scaling import compare, fitted_law
@@ -205,19 +206,69 @@ def _law_ci(law: dict | None, name: str) -> str:
   return f"{_fmt(law['params'][name])} {_ci(ci)}"
 
 
+def trend_verdict(trend: Trend) -> str:
+  """Whether gamma's part rises with D, levels off, or neither can be told (95% intervals)."""
+  lo, hi = trend.slope.ci95
+  direction = "rises" if lo > 0 else "falls" if hi < 0 else None
+  bend = trend.curvature and (trend.curvature.ci95[1] < 0 or trend.curvature.ci95[0] > 0)
+  if direction is None and not bend:
+    return "neither a rise nor a fall with D can be told at this precision"
+  if trend.curvature is None:
+    return f"{direction} with D (two D values: whether it levels off cannot be told)"
+  if not bend:
+    return f"{direction} with D at a rate the grid cannot tell from constant in ln D"
+  shape = "levels off" if (trend.curvature.estimate < 0) == (trend.slope.estimate > 0) else \
+      "steepens"
+  return f"{direction or 'changes'} with D and {shape} (curvature's interval excludes 0)"
+
+
+def _trend_lines(trends: list[Trend]) -> list[str]:
+  if not trends:
+    return []
+  lines = ["", f"gamma against D: gamma = one per width + slope * ln(D / "
+               f"{trends[0].d_reference:,.0f}) + curvature * ln(D / ...)^2 (pooled, 95% t "
+               "intervals):", "", "| part | slope per ln D | curvature | reading |",
+           "|---|---|---|---|"]
+  lines += [f"| {t.part} | {_slope(t.slope)} | "
+            f"{_slope(t.curvature) if t.curvature else 'n/a (two D values)'} | "
+            f"{trend_verdict(t)} |" for t in trends]
+  return lines
+
+
+def _tax_lines(taxes: list[Tax]) -> list[str]:
+  if not taxes:
+    return []
+  lines = ["", "The deepest exit's tax: its loss over the dense backbone's (G = 1, same width, "
+               "tokens and seed), minus 1; 95% t interval pooled over every cell and G:", "",
+           "| width | D | G | seeds | tax | 95% interval |", "|---|---|---|---|---|---|"]
+  interval = lambda t: (f"[{t.ci95[0]:+.2%}, {t.ci95[1]:+.2%}]"
+                        if all(map(math.isfinite, t.ci95)) else "n/a (one seed)")
+  lines += [f"| {t.d_model} | {t.D:,} | {t.G} | {t.n_seeds} | {t.ratio:+.2%} | {interval(t)} |"
+            for t in taxes]
+  return lines
+
+
 def _gamma_grid_lines(grid: GammaGrid, fits: dict) -> list[str]:
   familial = fits["familial"].summary() if "familial" in fits else None
   lines = ["", "## gamma without the law (gamma grid)", "",
            "Families of every G on one backbone, trained on the same tokens; gamma_direct = slope "
            "of log(mean exit loss) on log G, intercept per seed, 95% t interval.", "",
-           "| width | D | families | gamma_direct | 95% interval |", "|---|---|---|---|---|"]
-  lines += [f"| {c.d_model} | {c.D:,} | {c.n_families} | {_fmt(c.gamma.estimate)} | "
-            f"{_ci(c.gamma.ci95)} |" for c in grid.cells]
+           "size: the same slope of the mean loss of dense controls shaped like each exit (what "
+           "exit size explains); sharing = gamma_direct - size (what one shared backbone costs).",
+           "", "| width | D | families | gamma_direct [95%] | size [95%] | sharing [95%] |",
+           "|---|---|---|---|---|---|"]
+  lines += [f"| {c.d_model} | {c.D:,} | {c.n_families} | {_slope(c.gamma)} | "
+            f"{_slope(c.size) if c.size else 'no controls'} | "
+            f"{_slope(c.sharing) if c.sharing else 'no controls'} |" for c in grid.cells]
+  lines += _trend_lines(grid.trends)
   lines += ["", f"One gamma for all cells: {_slope(grid.shared)}; the familial law's gamma: "
-                f"{_law_ci(familial, 'gamma')}."]
+                f"{_law_ci(familial, 'gamma')}. One gamma for all cells on each loss: "
+                + "; ".join(f"{loss} {_slope(s)}" for loss, s in grid.shared_by_loss.items())
+                + "."]
   for t in grid.homogeneity:
     lines.append(f"- a gamma per {t.per.replace('d_model', 'width')} ({t.n_groups}) against one: "
                  f"F({t.df[0]}, {t.df[1]}) = {_fmt(t.f, 3)}, p = {_fmt(t.p, 3)}")
+  lines += _tax_lines(grid.tax)
   if grid.branch:
     b = grid.branch
     lines += ["", f"Branch exponents, {b.n_exits} exits over dense controls of their own shape "
@@ -226,6 +277,29 @@ def _gamma_grid_lines(grid: GammaGrid, fits: dict) -> list[str]:
     branch = fits["branch"].summary() if "branch" in fits else None
     lines += [f"| alpha_b (P above) | {_slope(b.alpha_b)} | {_law_ci(branch, 'alpha_b')} |",
               f"| beta_b (Q below) | {_slope(b.beta_b)} | {_law_ci(branch, 'beta_b')} |"]
+  return lines
+
+
+def _placement_lines(found: Placements) -> list[str]:
+  upstream = found.alpha_b.ci95
+  verdict = ("exits above an exit raise its loss" if upstream[0] > 0 else
+             "exits above an exit lower its loss" if upstream[1] < 0 else
+             "no cost of the exits above an exit can be told")
+  lines = ["", "## Exits decoupled from G (exit placements)", "",
+           f"{found.n_families} families, {found.n_exits} exits, each over the dense control of "
+           "its own shape (same width, tokens and seed); no intercept; 95% percentile intervals "
+           f"from {found.n_bootstrap} resamples of whole families:", "",
+           "| model | coefficient | estimate [95%] | residual sum of squares |",
+           "|---|---|---|---|",
+           f"| branch terms | alpha_b on log(1+P), P exits above | {_slope(found.alpha_b)} | "
+           f"{_fmt(found.rss_two)} |",
+           f"| | beta_b on log(1+Q), Q exits below | {_slope(found.beta_b)} | |",
+           f"| one exponent | on log G | {_slope(found.one_exponent)} | {_fmt(found.rss_one)} |",
+           "", f"Upstream exits: {verdict} (alpha_b's interval).", "",
+           "| exits at layers | exit | P | Q | seeds | loss over its own shape - 1 |",
+           "|---|---|---|---|---|---|"]
+  lines += [f"| {e.placement} | {e.exit_layer} | {e.P} | {e.Q} | {e.n_seeds} | "
+            f"{e.excess:+.2%} |" for e in found.exits]
   return lines
 
 
@@ -249,6 +323,12 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
            f"N = {options.param_count.replace('_', '-')} parameters.", ""]
   for run_id, error in runs.failed.items():
     lines.append(f"- failed: `{run_id}`: {error.splitlines()[0][:200]}")
+  if report.validation_noise is not None:
+    noise = report.validation_noise
+    lines += [f"Validation noise: one run's validation loss has a relative standard error of "
+              f"{noise.relative_se:.3%} (from the gap between the two halves of its validation "
+              f"batches, {noise.n_exits} run exits; the largest gap "
+              f"{noise.largest_relative_gap:.2%} of the loss).", ""]
   if report.regime:
     lines += _regime_lines(report.regime)
   for name, law in report.laws.items():
@@ -267,6 +347,8 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
     lines += _comparison_lines(report.law_comparison.summary())
   if report.gamma_grid is not None:
     lines += _gamma_grid_lines(report.gamma_grid, report.laws)
+  if report.placements is not None:
+    lines += _placement_lines(report.placements)
   lines += _checks_lines(report.extrapolation, report.edges)
   if figures:
     lines += ["", "## Plots", ""]

@@ -10,6 +10,7 @@ import pandas as pd
 
 from famjax.analysis.gamma_grid import GammaGrid
 from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage, optional
+from famjax.analysis.placements import Placements
 from famjax.config import AnalysisConfig
 from famjax.scaling.compare import Comparison
 from famjax.scaling.fitted_law import FittedLaw
@@ -106,6 +107,16 @@ class Extrapolation:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidationNoise:
+  """How precisely one run's validation loss is measured: from the gap between the mean losses
+  of the two halves of its validation batches (a, b), se(loss) = rms(a - b) / 2 if the halves'
+  errors are independent."""
+  n_exits: int  # run exits with both halves recorded
+  relative_se: float  # rms((a - b) / loss) / 2
+  largest_relative_gap: float  # max |a - b| / loss
+
+
+@dataclasses.dataclass(frozen=True)
 class Report:
   """What a study found; `to_json()` is report.json."""
   options: AnalysisConfig
@@ -126,6 +137,8 @@ class Report:
   leverage_at_optimum: list[LeverageAtOptimum] | None = optional()
   # the familial laws (study.compare_laws) ranked by held-out error on the familial rows
   law_comparison: Comparison | None = optional()
+  placements: Placements | None = optional()  # exits decoupled from G (study.placements)
+  validation_noise: ValidationNoise | None = optional()  # None: records without halves
 
   def to_json(self) -> dict:
     out = _json(self)

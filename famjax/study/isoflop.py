@@ -30,7 +30,10 @@ from famjax.config import ExperimentConfig, ModelConfig, StudyConfig, TrainConfi
 
 ISOFLOP, DENSE_MATCH = "isoflop", "dense_match"
 GRID, EXIT_CONTROL = "gamma_grid", "exit_control"  # the gamma grid's families and dense controls
-DENSE_KINDS = (DENSE_MATCH, EXIT_CONTROL)  # runs whose records have G = 1 whatever they match
+# families with the exit placements of study.placements, and their dense controls (every depth)
+PLACEMENT, PLACEMENT_CONTROL = "placement", "placement_control"
+# runs whose records have G = 1 whatever they match
+DENSE_KINDS = (DENSE_MATCH, EXIT_CONTROL, PLACEMENT_CONTROL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +296,35 @@ class _Planner:
                                        steps, seed=seed))
     return [r for r in runs if r is not None]
 
+  def placements(self) -> list:
+    """Per seed, a family of one backbone for every exit placement of study.placements and a
+    dense control for every exit depth (the backbone's own included), all on the same tokens:
+    exits whose P and Q vary apart from G."""
+    study, per_step = self.study, self.base.train.batch_size * self.base.train.seq_len
+    if not study.placement_layers:
+      return []
+    backbone = model_shape(study, self.base.model, study.placement_width, 1)
+    steps = max(1, round(study.placement_tokens / per_step))
+    tag = f"place_d{study.placement_width}_D{steps * per_step}"
+    families, depths = [], set()
+    for layers in study.placement_layers:
+      if layers[-1] != backbone.n_layers:
+        raise ValueError(f"study.placements: exits {layers} must end at the final layer of the "
+                         f"{backbone.n_layers}-layer backbone of width {study.placement_width}")
+      family = dataclasses.replace(backbone, exit_layers=layers)
+      depths |= {layer + p for layer, p in zip(layers, accounting.private_blocks(family))}
+      families.append(family)
+    runs = []
+    for seed in study.placement_seeds or study.seeds:
+      runs += [self._fixed_tokens(f"{tag}_L{'-'.join(map(str, f.exit_layers))}_s{seed}",
+                                  PLACEMENT, len(f.exit_layers), f, steps, seed=seed)
+               for f in families]
+      runs += [self._fixed_tokens(f"{tag}_control{depth}_s{seed}", PLACEMENT_CONTROL, 1,
+                                  model_shape(study, self.base.model, study.placement_width, 1,
+                                              n_layers=depth), steps, seed=seed)
+               for depth in sorted(depths)]
+    return [r for r in runs if r is not None]
+
   def _fixed_tokens(self, run_id, kind, granularity, model, steps, **extra) -> RunSpec | None:
     """A run of exactly `steps` optimizer steps (its budget C is what they cost)."""
     per_step = self.base.train.batch_size * self.base.train.seq_len
@@ -323,6 +355,7 @@ def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None =
   for budget, granularity in study.leverage_points:
     runs.extend(planner.dense_matches(budget, granularity, runs))
   runs.extend(planner.grid())
+  runs.extend(planner.placements())
   return Plan(tuple(runs), tuple(planner.dropped), tuple(notes))
 
 

@@ -41,6 +41,8 @@ def run_records(spec: RunSpec, summary: dict | None, *, fingerprint: str, wall_s
   records = []
   for g, layer in enumerate(cfg.model.exit_layers, start=1):
     loss = lambda key: None if summary is None or summary.get(key) is None else summary[key][g - 1]
+    half = lambda i: (None if summary is None or not summary.get("val_loss_halves")
+                      else summary["val_loss_halves"][i][g - 1])
     records.append({
         "run_id": spec.run_id, "kind": spec.kind, "status": FAILED if summary is None else OK,
         "error": error, "C": spec.budget,
@@ -51,6 +53,8 @@ def run_records(spec: RunSpec, summary: dict | None, *, fingerprint: str, wall_s
         "N_family": acc.params_total, "N_family_non_embedding": acc.params_non_embedding,
         "D": spec.tokens if summary is None else summary["tokens"], "steps": spec.steps,
         "train_loss": loss("train_loss"), "val_loss": loss("val_loss"),
+        # over each half of the validation batches (absent from records made before 2026-12-03)
+        "val_loss_first_half": half(0), "val_loss_second_half": half(1),
         "exit_weight": weights[g - 1] / sum(weights), "flops_per_token": spec.flops_per_token,
         "seed": spec.seed, "corpus_fingerprint": fingerprint,
         "config_hash": config_hash(cfg), "wall_seconds": wall_seconds,
