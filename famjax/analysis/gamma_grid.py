@@ -126,10 +126,12 @@ def _ok(frame: pd.DataFrame) -> pd.DataFrame:
   return frame[frame["status"] == results.OK]
 
 
-def _controls(frame: pd.DataFrame, loss: str) -> pd.DataFrame:
-  """Dense runs of the grid (G = 1 families and exit controls) by CONTROL_KEY."""
+def dense_controls(frame: pd.DataFrame, loss: str,
+                   kinds: tuple[str, ...] = (GRID, EXIT_CONTROL)) -> pd.DataFrame:
+  """Finished dense runs of these kinds (the grid's: G = 1 families and exit controls) by
+  CONTROL_KEY, their loss as control_loss."""
   ok = _ok(frame)
-  dense = ok[ok["kind"].isin([GRID, EXIT_CONTROL]) & (ok["G"] == 1)]
+  dense = ok[ok["kind"].isin(kinds) & (ok["G"] == 1)]
   return dense[CONTROL_KEY + [f"{loss}_loss"]].rename(columns={f"{loss}_loss": "control_loss"})
 
 
@@ -141,7 +143,7 @@ def family_rows(frame: pd.DataFrame, loss: str = "val") -> pd.DataFrame:
   size_loss (the same mean over the exits' dense controls; NaN where one is missing)."""
   done = _ok(frame)
   done = done[done["kind"] == GRID]
-  done = done.merge(_controls(frame, loss), on=CONTROL_KEY, how="left")
+  done = done.merge(dense_controls(frame, loss), on=CONTROL_KEY, how="left")
   weighted = done.assign(weighted=pd.to_numeric(done[f"{loss}_loss"]) * done["exit_weight"],
                          size=pd.to_numeric(done["control_loss"]) * done["exit_weight"])
   return weighted.groupby("run_id").agg(
@@ -179,7 +181,7 @@ def branch_controls(frame: pd.DataFrame, loss: str = "val") -> BranchControls | 
   """alpha_b, beta_b from exits over their dense controls (module docstring)."""
   ok = _ok(frame)
   exits = ok[(ok["kind"] == GRID) & (ok["G"] >= 2)]
-  paired = exits.merge(_controls(frame, loss), on=CONTROL_KEY)
+  paired = exits.merge(dense_controls(frame, loss), on=CONTROL_KEY)
   if len(paired) < 3:
     return None
   y = np.log(pd.to_numeric(paired[f"{loss}_loss"]).to_numpy(float)
@@ -203,7 +205,8 @@ def _cell_slope(cell: pd.DataFrame, part: str) -> Slope | None:
 
 def trend(rows: pd.DataFrame, part: str) -> Trend | None:
   """gamma's `part` against ln D (module docstring), or None with fewer than two D values."""
-  rows = rows[np.isfinite(PARTS[part](rows))]
+  y = PARTS[part](rows)
+  rows, y = rows[np.isfinite(y)], y[np.isfinite(y)].to_numpy(float)
   tokens = np.log(rows["D"].to_numpy(float))
   n_tokens = rows["D"].nunique()
   if n_tokens < 2:
@@ -213,7 +216,7 @@ def trend(rows: pd.DataFrame, part: str) -> Trend | None:
   log_g = np.log(rows["G"].to_numpy(float))
   terms = [log_g * x] + ([log_g * x ** 2] if n_tokens >= 3 else [])
   design = np.hstack([np.stack(terms, axis=1), _design(rows, "d_model")])
-  coef, _, df, cov = _least_squares(design, PARTS[part](rows).to_numpy(float))
+  coef, _, df, cov = _least_squares(design, y)
   if df <= 0:
     return None
   curvature = _slope(coef, cov, df, 1) if n_tokens >= 3 else None

@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from famjax.analysis.gamma_grid import CONTROL_KEY
+from famjax.analysis.gamma_grid import CONTROL_KEY, dense_controls
 from famjax.study import results
 from famjax.study.isoflop import PLACEMENT, PLACEMENT_CONTROL
 
@@ -59,20 +59,21 @@ class Placements:
 
 def paired_exits(frame: pd.DataFrame, loss: str = "val") -> pd.DataFrame:
   """Every finished placement exit beside its control's loss (column control_loss)."""
-  ok = frame[frame["status"] == results.OK]
-  exits = ok[ok["kind"] == PLACEMENT]
-  controls = ok[ok["kind"] == PLACEMENT_CONTROL][CONTROL_KEY + [f"{loss}_loss"]]
-  controls = controls.rename(columns={f"{loss}_loss": "control_loss"})
+  exits = frame[(frame["status"] == results.OK) & (frame["kind"] == PLACEMENT)]
+  controls = dense_controls(frame, loss, (PLACEMENT_CONTROL,))
   paired = exits.merge(controls, on=CONTROL_KEY)
   return paired.assign(y=np.log(pd.to_numeric(paired[f"{loss}_loss"]).to_numpy(float)
                                 / pd.to_numeric(paired["control_loss"]).to_numpy(float)))
 
 
 def _weighted_fits(x_EK: np.ndarray, y_E: np.ndarray, weights_BE: np.ndarray) -> np.ndarray:
-  """[B, K] least-squares coefficients, one fit per row of exit weights."""
+  """[B, K] least-squares coefficients, one fit per row of exit weights (NaN for a resample
+  whose exits do not determine them)."""
   xtx_BKK = np.einsum("be,ek,el->bkl", weights_BE, x_EK, x_EK)
   xty_BK = np.einsum("be,ek,e->bk", weights_BE, x_EK, y_E)
-  return np.linalg.solve(xtx_BKK, xty_BK[..., None])[..., 0]
+  coef_BK = np.einsum("bkl,bl->bk", np.linalg.pinv(xtx_BKK), xty_BK)
+  full_rank_B = np.linalg.matrix_rank(xtx_BKK) == x_EK.shape[1]
+  return np.where(full_rank_B[:, None], coef_BK, np.nan)
 
 
 def _coefficients(x_EK, y_E, weights_BE, widen: float) -> tuple[list[Coefficient], float]:
