@@ -97,4 +97,6 @@ def test_a_study_of_grid_and_placements_alone_reports_and_plots(tmp_path):
   written = render.write(tmp_path, result)
   text = written["report.md"].read_text()
   assert "## Exits decoupled from G" in text and "The deepest exit's tax" in text
+  assert "no law is fitted" in text and "law not fitted" not in text
+  assert "## IsoFLOP minima" not in text and "## Extrapolation check" not in text
   assert {"gamma_grid", "gamma_vs_D", "placements"} <= set(written)

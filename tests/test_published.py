@@ -71,3 +71,53 @@ def test_the_law_ranking_recomputes_from_the_published_records():
       assert got["mean_abs"] == pytest.approx(held["mean_abs"], rel=1e-4), (name, scheme)
   assert again["confidence"]["best_share"] == pytest.approx(
       published["confidence"]["best_share"], abs=0.01)
+
+
+LAWS = MEDIUM.parent / "laws"
+
+
+def _laws_study():
+  return (json.loads((LAWS / "report.json").read_text()),
+          pd.read_csv(LAWS / "data" / "records.csv"))
+
+
+def test_the_laws_grid_spans_16x_in_tokens_and_its_tax_and_trends_recompute():
+  """results/laws (`experiments.isoflop --config=experiments/configs/isoflop.py:laws`): the gamma
+  grid's four token counts and two widths, and every cell's parts, trend and tax from records."""
+  report, frame = _laws_study()
+  grid = gamma_grid.analyze(frame)
+  tokens = sorted({cell.D for cell in grid.cells})
+  assert len(tokens) >= 4 and tokens[-1] / tokens[0] >= 16
+  assert {cell.d_model for cell in grid.cells} == {32, 48}
+  published = report["gamma_grid"]
+  for cell, again in zip(published["cells"], grid.cells, strict=True):
+    for part in ("gamma", "size", "sharing"):
+      assert again.__dict__[part].estimate == pytest.approx(cell[part]["estimate"], rel=1e-9)
+  assert [t.part for t in grid.trends] == [t["part"] for t in published["trends"]]
+  for trend, again in zip(published["trends"], grid.trends, strict=True):
+    assert again.slope.ci95 == pytest.approx(trend["slope"]["ci95"], rel=1e-9)
+    assert again.curvature.ci95 == pytest.approx(trend["curvature"]["ci95"], rel=1e-9)
+  assert len(grid.tax) == len(published["tax"]) == 2 * len(tokens) * 2
+  for tax, again in zip(published["tax"], grid.tax, strict=True):
+    assert (again.d_model, again.D, again.G) == (tax["d_model"], tax["D"], tax["G"])
+    assert again.ratio == pytest.approx(tax["ratio"], rel=1e-9)
+    assert again.ci95 == pytest.approx(tax["ci95"], rel=1e-9)
+
+
+def test_the_laws_placements_and_validation_noise_recompute():
+  """Six exit placements over three seeds: the branch terms and the one-exponent model with the
+  same two-stage bootstrap (its seed and size from the report), and the validation noise."""
+  from famjax.analysis import placements
+  report, frame = _laws_study()
+  published = report["placements"]
+  again = placements.analyze(frame, "val", published["n_bootstrap"],
+                             report["options"]["seed"])
+  assert again.n_families == published["n_families"] == 6 * 3
+  for name in ("alpha_b", "beta_b", "one_exponent"):
+    assert getattr(again, name).estimate == pytest.approx(published[name]["estimate"], rel=1e-9)
+    assert getattr(again, name).ci95 == pytest.approx(published[name]["ci95"], rel=1e-9)
+  noise = report["validation_noise"]
+  assert noise["n_exits"] == len(frame[frame["status"] == "ok"])
+  ok = frame[frame["status"] == "ok"]
+  gap = (ok["val_loss_first_half"] - ok["val_loss_second_half"]) / ok["val_loss"]
+  assert noise["relative_se"] == pytest.approx(float((gap ** 2).mean() ** 0.5 / 2), rel=1e-9)

@@ -123,7 +123,9 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
 @pytest.mark.slow
 def test_rerunning_a_finished_study_trains_nothing(mini_study):
   outdir, _, study_cfg, base = mini_study
-  again = pipeline.run(study_cfg, base, outdir, live_fit=False, progress=False)
+  # no intervals and no comparison (analysis fields, allowed to change): the test is the sweep's
+  quick = dataclasses.replace(study_cfg, bootstrap=0, compare_laws=())
+  again = pipeline.run(quick, base, outdir, live_fit=False, progress=False)
   assert again["sweep"].trained == [] and len(again["sweep"].skipped) > 0
   assert again["report"] is not None
 
@@ -136,7 +138,8 @@ def test_fit_only_reports_from_the_records_present(mini_study, tmp_path):
   shutil.copytree(outdir, partial)
   gone = sorted(partial.glob("runs/*"))[0]
   shutil.rmtree(gone)
-  six_n = dataclasses.replace(study_cfg, law_flops="6N")  # an analysis field: allowed
+  # analysis fields, allowed to change; no intervals or comparison: the test is the missing run's
+  six_n = dataclasses.replace(study_cfg, law_flops="6N", bootstrap=0, compare_laws=())
   result = pipeline.run(six_n, base, partial, fit_only=True, progress=False)
   assert result["missing"] == [gone.name]
   assert result["report"].runs.missing == [gone.name]

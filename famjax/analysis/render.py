@@ -333,7 +333,10 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
     lines += _regime_lines(report.regime)
   for name, law in report.laws.items():
     lines += _law_lines(name, law.summary())
-  for name, why in report.skipped_laws.items():
+  isoflop = bool(report.laws or report.edges)  # False: a grid or placement study alone
+  if not isoflop:
+    lines.append("No IsoFLOP runs (study.budgets = ()): no law is fitted.")
+  for name, why in report.skipped_laws.items() if isoflop else ():
     lines.append(f"\n{name} law not fitted: {why}")
   if report.param_counts:
     lines += _param_count_lines(report.param_counts)
@@ -349,7 +352,8 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
     lines += _gamma_grid_lines(report.gamma_grid, report.laws)
   if report.placements is not None:
     lines += _placement_lines(report.placements)
-  lines += _checks_lines(report.extrapolation, report.edges)
+  if isoflop:
+    lines += _checks_lines(report.extrapolation, report.edges)
   if figures:
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({path.relative_to(study_dir)})" for name, path in figures.items()]
