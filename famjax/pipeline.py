@@ -129,6 +129,8 @@ def summary(result: dict, outdir: str | Path) -> str:
   familial = report_.laws.get("familial")
   if familial:
     lines.append(fitted_law.table(familial.summary()))
+  elif not report_.edges:
+    lines.append("no IsoFLOP runs (study.budgets = ()): no law is fitted")
   else:
     lines.append(f"familial law not fitted: {report_.skipped_laws.get('familial')}")
   for e in report_.leverage_at_optimum or report_.measured_leverage:

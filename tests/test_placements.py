@@ -99,4 +99,7 @@ def test_a_study_of_grid_and_placements_alone_reports_and_plots(tmp_path):
   assert "## Exits decoupled from G" in text and "The deepest exit's tax" in text
   assert "no law is fitted" in text and "law not fitted" not in text
   assert "## IsoFLOP minima" not in text and "## Extrapolation check" not in text
+  from famjax import pipeline
+  summary = pipeline.summary({"report": report, "missing": []}, tmp_path)
+  assert "no law is fitted" in summary and "not fitted" not in summary
   assert {"gamma_grid", "gamma_vs_D", "placements"} <= set(written)
