@@ -129,7 +129,7 @@ def summary(result: dict, outdir: str | Path) -> str:
   familial = report_.laws.get("familial")
   if familial:
     lines.append(fitted_law.table(familial.summary()))
-  elif not report_.edges:
+  elif not report_.has_isoflop_runs:
     lines.append("no IsoFLOP runs (study.budgets = ()): no law is fitted")
   else:
     lines.append(f"familial law not fitted: {report_.skipped_laws.get('familial')}")

@@ -92,7 +92,7 @@ def test_the_laws_grid_spans_16x_in_tokens_and_its_tax_and_trends_recompute():
   published = report["gamma_grid"]
   for cell, again in zip(published["cells"], grid.cells, strict=True):
     for part in ("gamma", "size", "sharing"):
-      assert again.__dict__[part].estimate == pytest.approx(cell[part]["estimate"], rel=1e-9)
+      assert getattr(again, part).estimate == pytest.approx(cell[part]["estimate"], rel=1e-9)
   assert [t.part for t in grid.trends] == [t["part"] for t in published["trends"]]
   for trend, again in zip(published["trends"], grid.trends, strict=True):
     assert again.slope.ci95 == pytest.approx(trend["slope"]["ci95"], rel=1e-9)

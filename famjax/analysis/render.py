@@ -333,10 +333,9 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
     lines += _regime_lines(report.regime)
   for name, law in report.laws.items():
     lines += _law_lines(name, law.summary())
-  isoflop = bool(report.laws or report.edges)  # False: a grid or placement study alone
-  if not isoflop:
+  if not report.has_isoflop_runs:
     lines.append("No IsoFLOP runs (study.budgets = ()): no law is fitted.")
-  for name, why in report.skipped_laws.items() if isoflop else ():
+  for name, why in report.skipped_laws.items() if report.has_isoflop_runs else ():
     lines.append(f"\n{name} law not fitted: {why}")
   if report.param_counts:
     lines += _param_count_lines(report.param_counts)
@@ -352,7 +351,7 @@ def markdown(report: Report, figures: dict, study_dir: Path) -> str:
     lines += _gamma_grid_lines(report.gamma_grid, report.laws)
   if report.placements is not None:
     lines += _placement_lines(report.placements)
-  if isoflop:
+  if report.has_isoflop_runs:
     lines += _checks_lines(report.extrapolation, report.edges)
   if figures:
     lines += ["", "## Plots", ""]

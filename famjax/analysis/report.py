@@ -140,6 +140,11 @@ class Report:
   placements: Placements | None = optional()  # exits decoupled from G (study.placements)
   validation_noise: ValidationNoise | None = optional()  # None: records without halves
 
+  @property
+  def has_isoflop_runs(self) -> bool:
+    """False for a study of grid or placements alone (study.budgets = ()): no law to fit."""
+    return bool(self.edges)
+
   def to_json(self) -> dict:
     out = _json(self)
     out["options"] = _options_json(self.options, self.from_law)
