@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 STUDY ?= runs/isoflop-tiny
 CACHE := $(or $(FAMJAX_CACHE),$(HOME)/.cache/famjax)
 
-.PHONY: run test check bench lint venv clean clean-cache
+.PHONY: run test check test-hf bench lint venv clean clean-cache
 
 venv:
 	@$(PY) -c "import famjax" 2>/dev/null || rm -rf $(VENV)
@@ -30,12 +30,20 @@ run: venv
 # Two workers, one test file each at a time, so that a file's compiled fixtures are built once.
 # `make test`: every test but the statistical and end-to-end ones (marked slow), for each change.
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" \
+	  --ignore=tests/test_hf_live.py tests
 
 # `make check`: the whole suite, notebooks and the second XLA code path included (CI runs it),
 # with its 20 slowest tests listed.
 check: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 \
+	  --ignore=tests/test_hf_live.py tests
+
+# `make test-hf`: exports and fixtures against transformers itself (installs the hf extra:
+# transformers and the CPU torch wheel)
+test-hf:
+	$(MAKE) --no-print-directory venv EXTRAS=test,hf
+	$(PY) -m pytest -q -s tests/test_hf_live.py
 
 lint: venv
 	$(PY) -m ruff check .

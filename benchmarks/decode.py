@@ -3,7 +3,8 @@ sequence each step; (b) relaying a 256-token context from exit 1 to the deepest 
 prefilling it there from scratch, next to the share of a full prefill's FLOPs the relay's layers
 have (famjax.accounting); (c) mean exit and validation loss of confidence exits at a few
 thresholds; (d) self-speculative decoding (drafts from exit 1) against plain greedy decoding at
-the deepest exit. Ends with one JSON line.
+the deepest exit; (e) the KV cache's bytes per token with fewer key/value heads (grouped-query
+attention) than query heads. Ends with one JSON line.
 
 The family is the `tiny` preset (G = 3, exits after layers 2, 3, 4), trained for --steps on the
 embedded corpus in --workdir (reused when present).
@@ -23,6 +24,7 @@ from flax import nnx
 
 from experiments.configs import train as presets
 from famjax import accounting, checkpoint, config, data, decode, sharding, train
+from famjax.model import FamilialTransformer
 
 
 def best_of(fn, repeats=3):
@@ -36,17 +38,17 @@ def best_of(fn, repeats=3):
   return min(times)
 
 
-def best_of_interleaved(fn_a, fn_b, repeats=50):
-  """best_of for two functions timed in alternation, so both see the same machine load."""
-  jax.block_until_ready((fn_a(), fn_b()))
+def best_of_interleaved(*fns, repeats=50):
+  """best_of for several functions timed in turn, so that all see the same machine load."""
+  jax.block_until_ready([fn() for fn in fns])
   times = []
   for _ in range(repeats):
-    pair = []
-    for fn in (fn_a, fn_b):
+    row = []
+    for fn in fns:
       start = time.perf_counter()
       jax.block_until_ready(fn())
-      pair.append(time.perf_counter() - start)
-    times.append(pair)
+      row.append(time.perf_counter() - start)
+    times.append(row)
   return tuple(np.min(times, axis=0))
 
 
@@ -61,6 +63,30 @@ def recompute_decode(graphdef, params, tokens_BS, start, *, n_new):
     return tokens_BS.at[:, start + i].set(nxt)
 
   return jax.lax.fori_loop(0, n_new, step, tokens_BS)
+
+
+def expected_speedup(acceptance: float, k: int, draft_cost: float) -> float:
+  """Speculative decoding's expected speedup over plain decoding (Leviathan et al. 2023, eq. 1
+  with independent acceptances): each round emits 1 + the accepted prefix of k drafts,
+  (1 - a^(k+1)) / (1 - a) tokens on average, for k draft steps (each draft_cost of a plain step)
+  and one verification pass costed as one plain step."""
+  tokens = k + 1 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
+  return tokens / (k * draft_cost + 1)
+
+
+def cache_bytes_per_token(model_cfg, max_len: int) -> dict[int, float]:
+  """Bytes per cached token of the deepest exit's decoding state (every segment's K and V),
+  read from the arrays a Decoder allocates, for each divisor of n_heads as n_kv_heads."""
+  out = {}
+  for heads in sorted({h for h in range(1, model_cfg.n_heads + 1) if model_cfg.n_heads % h == 0},
+                      reverse=True):
+    cfg = dataclasses.replace(model_cfg, n_kv_heads=heads)
+    with nnx.use_eager_sharding(False):
+      model = FamilialTransformer(cfg, rngs=nnx.Rngs(0))
+    state = decode.empty_state(model, 1, max_len, cfg.n_exits - 1)
+    caches = list(state.segments) + ([state.head] if state.head is not None else [])
+    out[heads] = sum(a.nbytes for kv in caches for a in kv) / max_len
+  return out
 
 
 def main():
@@ -137,18 +163,31 @@ def main():
     print(f"(c) threshold {threshold:4.2f}: mean exit {levels[threshold]['mean_exit']:.2f}, "
           f"val loss {loss:.4f}")
 
-  # (d) self-speculative decoding, drafts from exit 1
-  plain_s = best_of(lambda: dec.generate(prompt, last, 128)[1])
-  spec_s = best_of(lambda: dec.speculative(prompt, 128, draft_exit=1, k=4)[0])
-  out, accepted, proposed = dec.speculative(prompt, 128, draft_exit=1, k=4)
+  # (d) self-speculative decoding, drafts from exit 1, against plain greedy decoding at the
+  # deepest exit; the expected speedup from the acceptance rate and the draft's measured cost
+  k = 4
+  plain_s, spec_s, draft_s = best_of_interleaved(
+      lambda: dec.generate(prompt, last, 128)[1], lambda: dec.speculative(prompt, 128, 1, k)[0],
+      lambda: dec.generate(prompt, 1, 128)[1], repeats=10)
+  out, accepted, proposed = dec.speculative(prompt, 128, draft_exit=1, k=k)
   same = bool(jnp.all(out == dec.generate(prompt, last, 128)[1]))
   acceptance = int(accepted) / int(proposed)
-  print(f"(d) speculative (k=4): acceptance {acceptance:.2f}, {128 / spec_s:,.0f} tok/s vs "
-        f"plain {128 / plain_s:,.0f}: {plain_s / spec_s:.2f}x; same output: {same}")
-  print(json.dumps({"cache_speedup": cache_speedup, "relay_over_predicted": measured / predicted,
+  expected = expected_speedup(acceptance, k, draft_s / plain_s)
+  print(f"(d) speculative (k={k}): acceptance {acceptance:.2f}, {128 / spec_s:,.0f} tok/s vs "
+        f"plain {128 / plain_s:,.0f}: {plain_s / spec_s:.2f}x, expected {expected:.2f}x from the "
+        f"acceptance and the draft exit's cost ({draft_s / plain_s:.2f} of a deep step): "
+        f"{plain_s / spec_s / expected:.0%} of it; same output: {same}")
+  # (e) the KV cache's bytes per token with grouped-query attention against multi-head
+  cache_bytes = cache_bytes_per_token(cfg.model, max_len)
+  for heads, size in cache_bytes.items():
+    print(f"(e) KV cache with {heads} key/value heads of {cfg.model.n_heads}: {size:,.0f} bytes "
+          f"per token ({size / cache_bytes[cfg.model.n_heads]:.2f} of multi-head)")
+  print(json.dumps({"cache_speedup": cache_speedup, "cache_bytes_per_token": cache_bytes,
+                    "relay_over_predicted": measured / predicted,
                     "relay_measured_share": measured, "relay_predicted_share": predicted,
                     "relay_max_abs_logit_diff": max_diff, "speculative_speedup": plain_s / spec_s,
                     "speculative_acceptance": acceptance, "speculative_equal": same,
+                    "speculative_expected": expected, "draft_cost": draft_s / plain_s,
                     "confidence": {str(k): v for k, v in levels.items()}}))
 
 

@@ -1,6 +1,10 @@
 """Trains one familial model: python -m experiments.train --config=experiments/configs/train.py:tiny
 --workdir=DIR [--config.train.steps=500 ...].
 
+With --config.train.init_from=HF_DIR (a local Llama, Mistral or Qwen2 directory) the model's
+architecture fields and, unless data.tokenizer names one, the tokenizer come from that
+checkpoint; --config.model.exit_layers places the exits on its layers.
+
 Logic lives in famjax (importable from Colab); this file only parses flags.
 """
 
@@ -9,7 +13,7 @@ from ml_collections import config_flags
 
 from experiments import cli
 from famjax import config as famjax_config
-from famjax import train
+from famjax import hf, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           cli.config_help("train.py", "tiny", "small"))
@@ -24,7 +28,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   cli.use_compilation_cache()
   cli.initialize_distributed()
-  cfg = famjax_config.experiment_from_dict(_CONFIG.value.to_dict())
+  cfg = famjax_config.experiment_from_dict(hf.with_checkpoint(_CONFIG.value.to_dict()))
+  if cfg.train.init_from:
+    print(f"init_from {cfg.train.init_from}: {cfg.model.n_layers} layers, d_model "
+          f"{cfg.model.d_model}, exits after layers {list(cfg.model.exit_layers)}, tokenizer "
+          f"{cfg.data.tokenizer}, trainable {cfg.train.trainable!r}")
   summary = train.train(cfg, _WORKDIR.value)
   print(f"trained {summary['step']} steps, {summary['tokens']:,} tokens; corpus "
         f"{summary['corpus_fingerprint'][:12]}")

@@ -1,10 +1,10 @@
 """Parameter and FLOP counts of a family and of each exit's deployable sub-model, from ModelConfig.
 
 Conventions (Chinchilla, Hoffmann et al. 2022, appendix F): a matmul with a weight of P entries
-costs 2P FLOPs per token forward and 4P backward; attention costs 2*T*D for the scores and 2*T*D
-for the weighted values per token and layer forward (full T x T product, as the kernels compute
-it). Training = forward + backward = 3 x forward. Norms, softmax and the embedding gather are not
-counted.
+costs 2P FLOPs per token forward and 4P backward; attention costs 2*T*Q*H (query heads x head
+width: D unless model.head_dim says otherwise) for the scores and as much for the weighted values
+per token and layer forward (full T x T product, as the kernels compute it). Training = forward
++ backward = 3 x forward. Norms, softmax and the embedding gather are not counted.
 "Non-embedding" excludes the input embedding and every unembedding matrix (Kaplan et al. 2020).
 """
 
@@ -16,12 +16,16 @@ from famjax.config import ModelConfig
 
 
 def block_params(cfg: ModelConfig) -> int:
-  """One decoder block: q, k, v, o projections, SwiGLU (three matrices) and two RMSNorm scales."""
-  return 4 * cfg.d_model * cfg.d_model + 3 * cfg.d_model * cfg.d_ff + 2 * cfg.d_model
+  """One decoder block: q, k, v, o projections (and q, k, v biases), SwiGLU (three matrices) and
+  two RMSNorm scales."""
+  qkv_bias = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_size if cfg.attention_bias else 0
+  return block_matmul_params(cfg) + qkv_bias + 2 * cfg.d_model
 
 
 def block_matmul_params(cfg: ModelConfig) -> int:
-  return 4 * cfg.d_model * cfg.d_model + 3 * cfg.d_model * cfg.d_ff
+  """q and o project d_model to and from n_heads heads, k and v to n_kv_heads heads."""
+  attention = 2 * (cfg.n_heads + cfg.kv_heads) * cfg.head_size * cfg.d_model
+  return attention + 3 * cfg.d_model * cfg.d_ff
 
 
 def private_blocks(cfg: ModelConfig) -> tuple[int, ...]:
@@ -50,7 +54,9 @@ class Accounting:
 
 
 def _attention_flops(cfg: ModelConfig, seq_len: int) -> int:
-  return 4 * seq_len * cfg.d_model
+  """Scores and weighted values over every query head (grouped keys and values are shared, not
+  fewer products)."""
+  return 4 * seq_len * cfg.n_heads * cfg.head_size
 
 
 def block_forward_flops(cfg: ModelConfig, seq_len: int) -> int:

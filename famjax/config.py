@@ -14,6 +14,7 @@ UNEMBED_MODES = ("tied", "shared", "per_exit")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 TOKENIZERS = ("byte", "bpe")
+INIT_EXITS = ("copy", "fresh")
 REMAT = ("none", "block", "dots")
 
 
@@ -33,7 +34,10 @@ class ModelConfig:
   vocab_size: int = 259  # tokens, specials included (byte tokenizer: 256 bytes + 3 specials)
   d_model: int = 128  # residual stream width
   n_layers: int = 4  # backbone decoder blocks
-  n_heads: int = 4  # attention heads; head dim = d_model // n_heads
+  n_heads: int = 4  # query heads
+  n_kv_heads: int = 0  # key/value heads (grouped-query attention; 1: multi-query); 0: n_heads
+  head_dim: int = 0  # width of each head; 0: d_model // n_heads
+  attention_bias: bool = False  # biases on the query, key and value projections (as Qwen2)
   d_ff: int = 384  # SwiGLU hidden width
   max_seq_len: int = 256  # longest sequence the rotary tables cover
   exit_layers: tuple[int, ...] = (2, 3, 4)  # exit g after layer exit_layers[g]; last: n_layers
@@ -50,10 +54,17 @@ class ModelConfig:
     object.__setattr__(self, "exit_layers", tuple(self.exit_layers))
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
       _positive_int(f"model.{name}", getattr(self, name))
-    _require(self.d_model % self.n_heads == 0, "model.d_model",
-             f"divisible by model.n_heads={self.n_heads}", self.d_model)
-    _require((self.d_model // self.n_heads) % 2 == 0, "model.d_model // model.n_heads",
-             "even (rotary embeddings rotate pairs)", self.d_model // self.n_heads)
+    for name in ("n_kv_heads", "head_dim"):
+      _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+               f"model.{name}", "0 (the default) or a positive integer", getattr(self, name))
+    _require(self.head_dim or self.d_model % self.n_heads == 0, "model.d_model",
+             f"divisible by model.n_heads={self.n_heads} (or set model.head_dim)", self.d_model)
+    _require(self.head_size % 2 == 0, "model.head_dim (0: d_model // n_heads)",
+             "even (rotary embeddings rotate pairs)", self.head_size)
+    _require(self.n_heads % self.kv_heads == 0, "model.n_kv_heads",
+             f"a divisor of model.n_heads={self.n_heads} (0: n_heads)", self.n_kv_heads)
+    _require(isinstance(self.attention_bias, bool), "model.attention_bias", "True or False",
+             self.attention_bias)
     layers = self.exit_layers
     _require(len(layers) >= 1 and all(isinstance(l, int) for l in layers), "model.exit_layers",
              "a non-empty tuple of integers", layers)
@@ -78,8 +89,14 @@ class ModelConfig:
     return len(self.exit_layers)
 
   @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+  def head_size(self) -> int:
+    """Each attention head's width: head_dim, or d_model // n_heads when that is 0."""
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads: n_kv_heads, or n_heads when that is 0."""
+    return self.n_kv_heads or self.n_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +174,16 @@ class TrainConfig:
   b2: float = 0.95  # Adam beta2
   grad_clip: float = 1.0  # global-norm clipping threshold
   exit_weights: tuple[float, ...] = ()  # loss weight per exit; () = 1/G each
+  # early exits' loss weights rise linearly from 0 to exit_weights over this many steps (the
+  # deepest exit's is constant); 0 = no warm-up
+  exit_warmup_steps: int = 0
+  # warm start: a local Hugging Face directory (Llama, Mistral, Qwen2) whose weights a fresh run
+  # starts from (famjax.hf); the model's architecture fields must match its config.json
+  init_from: str = ""
+  init_exits: str = "copy"  # heads of added exits: "copy" the final norm and unembedding, "fresh"
+  # what trains: "all", "exits" (every exit head's parameters) or "exits+last_K" (and the last K
+  # backbone layers, K ending where an exit's segment ends); the rest stays frozen
+  trainable: str = "all"
   log_every: int = 10  # steps between train-loss logs
   eval_every: int = 50  # steps between validation evaluations
   eval_batches: int = 4  # fixed validation batches per evaluation
@@ -203,6 +230,14 @@ class TrainConfig:
              "finite and non-negative", self.exit_weights)
     _require(not self.exit_weights or sum(self.exit_weights) > 0, "train.exit_weights",
              "not all zero", self.exit_weights)
+    _require(isinstance(self.exit_warmup_steps, int)
+             and 0 <= self.exit_warmup_steps <= self.total_steps, "train.exit_warmup_steps",
+             f"an integer in 0..{self.total_steps} (the run's steps)", self.exit_warmup_steps)
+    _require(self.init_exits in INIT_EXITS, "train.init_exits", f"one of {INIT_EXITS}",
+             self.init_exits)
+    _require(isinstance(self.init_from, str), "train.init_from", "a directory path or ''",
+             self.init_from)
+    _ = self.trainable_last_layers  # validates train.trainable
     steps = self.profile_steps
     _require(steps == () or (len(steps) == 2 and all(isinstance(s, int) for s in steps)
                              and 1 <= steps[0] <= steps[1] <= self.total_steps),
@@ -214,6 +249,20 @@ class TrainConfig:
     if self.tokens > 0:
       return self.tokens // (self.batch_size * self.seq_len)
     return self.steps
+
+  @property
+  def trainable_last_layers(self) -> int | None:
+    """None when everything trains ("all"); else the backbone layers that train beside the exit
+    heads (0 for "exits", K for "exits+last_K")."""
+    if self.trainable == "all":
+      return None
+    if self.trainable == "exits":
+      return 0
+    prefix = "exits+last_"
+    tail = self.trainable[len(prefix):] if self.trainable.startswith(prefix) else ""
+    _require(tail.isdigit() and int(tail) > 0, "train.trainable",
+             '"all", "exits" or "exits+last_K" with K > 0 backbone layers', self.trainable)
+    return int(tail)
 
   def weights_for(self, n_exits: int) -> tuple[float, ...]:
     """Loss weight of each exit: the configured ones, or 1/G each."""
@@ -237,15 +286,35 @@ class ExperimentConfig:
     self.train.weights_for(self.model.n_exits)
     _require(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
              f"<= model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+    last = self.train.trainable_last_layers
+    ends = [self.model.n_layers - l for l in self.model.exit_layers[:-1]]
+    _require(not last or last in ends, "train.trainable",
+             f"'exits+last_K' with K in {ends} (layers after an exit: whole segments train, "
+             "model.exit_layers)" if ends else "'all' or 'exits' (a dense model has one segment)",
+             self.train.trainable)
 
 
 # train fields that change what a run reports, not what it trains
 REPORTING_FIELDS = ("profile_steps", "wandb_project", "wandb_group")
+# Fields added after runs were recorded, with their defaults: left out of fingerprints and run
+# identities while at the default, so that every run recorded before them keeps its hash.
+ADDED_FIELDS = {
+    "model": {"n_kv_heads": 0, "head_dim": 0, "attention_bias": False},
+    "train": {"exit_warmup_steps": 0, "init_from": "", "init_exits": "copy", "trainable": "all"},
+}
+
+
+def without_added_defaults(section: str, values: dict) -> dict:
+  """A section's fields (dataclasses.asdict) without the ADDED_FIELDS that hold their default."""
+  added = ADDED_FIELDS.get(section, {})
+  return {k: v for k, v in values.items() if k not in added or v != added[k]}
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
-  """A short fingerprint of every field of a run's config but REPORTING_FIELDS."""
-  values = dataclasses.asdict(cfg)
+  """A short fingerprint of every field of a run's config but REPORTING_FIELDS (and ADDED_FIELDS
+  at their defaults)."""
+  values = {name: without_added_defaults(name, section)
+            for name, section in dataclasses.asdict(cfg).items()}
   values["train"] = {k: v for k, v in values["train"].items() if k not in REPORTING_FIELDS}
   text = json.dumps(values, sort_keys=True, default=list)
   return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -16,8 +16,8 @@ speculative) is one method, running a jitted function of the split model (`_on_s
 around a model-level function (`_prefill_model`, ...).
 
 Shape suffixes as in model.py: B batch, S cache length (max_len), T new tokens, M d_model,
-V vocabulary, L layers of a segment, Q attention heads, H head dim, K drafted tokens, O tokens
-generated.
+V vocabulary, L layers of a segment, Q attention heads, J key/value heads, H head dim, K drafted
+tokens, O tokens generated.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from flax import nnx, serialization
 from famjax.model import KV, FamilialTransformer, run_segments
 from famjax.sharding import constrain
 
-CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "kv")
 
 
 class RelayState(NamedTuple):
@@ -41,8 +41,8 @@ class RelayState(NamedTuple):
   tokens_BS: jax.Array  # int32, tokens so far (prompt and generated), padded
   lengths_B: jax.Array  # int32, tokens so far per row
   hidden_BSM: jax.Array  # the hidden state leaving layer l_g, at every position
-  segments: tuple  # KV of segments 1..g, [L, B, S, Q, H] each
-  head: KV | None  # KV of exit g's private block, [B, S, Q, H] each, if it has one
+  segments: tuple  # KV of segments 1..g, [L, B, S, J, H] each
+  head: KV | None  # KV of exit g's private block, [B, S, J, H] each, if it has one
 
   @property
   def exit(self) -> int:
@@ -51,7 +51,7 @@ class RelayState(NamedTuple):
 
 
 def _zeros_kv(cfg, layers: int | None, batch: int, max_len: int) -> KV:
-  shape = (batch, max_len, cfg.n_heads, cfg.head_dim)
+  shape = (batch, max_len, cfg.kv_heads, cfg.head_size)
   shape = shape if layers is None else (layers,) + shape
   axes = CACHE_AXES if layers is not None else CACHE_AXES[1:]
   zeros = lambda: constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), axes)
@@ -88,9 +88,9 @@ def _at(x_BT, index_B):
   return jnp.take_along_axis(x_BT, index_B.reshape((-1,) + (1,) * (x_BT.ndim - 1)), axis=1)[:, 0]
 
 
-def _write_rows(cache_BSQH, new_BTQH, positions_BT):
+def _write_rows(cache_BSJH, new_BTJH, positions_BT):
   put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p[0], 0, 0))
-  return jax.vmap(put)(cache_BSQH, new_BTQH, positions_BT)
+  return jax.vmap(put)(cache_BSJH, new_BTJH, positions_BT)
 
 
 def _put(x_BS, value_BT, positions_BT):

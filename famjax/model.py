@@ -6,12 +6,13 @@ deep the model is. Exit g reads the hidden state leaving segment g. Training com
 cross-entropy where the exit is, in token chunks whose logits are recomputed in the backward
 pass, so no [G, B, T, V] (or even [B, T, V]) float32 array is ever live; `__call__` still returns
 the stacked logits for scoring. Decoding passes a KV cache through the same segments
-(famjax.decode): the cache of segment g is a stack [L_g, B, S, Q, H] that scans with its blocks.
+(famjax.decode): the cache of segment g is a stack [L_g, B, S, J, H] that scans with its blocks.
 
 Shape suffixes: B batch, T sequence (new tokens), S cache length, M d_model, Q attention heads,
-H head dim, F MLP hidden, V vocabulary, G exits, L layers of a segment, C tokens of a loss chunk,
-K loss chunks, R rows (B x T flattened). M and Q, not the usual D and N: those are the scaling
-law's tokens and parameters. Every parameter carries logical axis names (famjax.sharding.RULES).
+J key/value heads (Q / J query heads share each), H head dim, F MLP hidden, V vocabulary, G exits,
+L layers of a segment, C tokens of a loss chunk, K loss chunks, R rows (B x T flattened). M and
+Q, not the usual D and N: those are the scaling law's tokens and parameters. Every parameter
+carries logical axis names (famjax.sharding.RULES).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.checkpoint_dots
 
 
 class KV(NamedTuple):
-  """Keys and values of the cached positions: [..., B, S, Q, H] each."""
+  """Keys and values of the cached positions: [..., B, S, J, H] each."""
   k: jax.Array
   v: jax.Array
 
@@ -46,10 +47,17 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
                      rngs=rngs)
 
 
-def _linear(d_in, d_out, axes, cfg: ModelConfig, rngs: nnx.Rngs, in_axis=-1) -> nnx.LinearGeneral:
-  return nnx.LinearGeneral(d_in, d_out, axis=in_axis, use_bias=False, dtype=_dtype(cfg),
+def _linear(d_in, d_out, axes, cfg: ModelConfig, rngs: nnx.Rngs, in_axis=-1,
+            bias: bool = False) -> nnx.LinearGeneral:
+  """A projection; with `bias`, a zero-initialised bias over the output axes."""
+  return nnx.LinearGeneral(d_in, d_out, axis=in_axis, use_bias=bias, dtype=_dtype(cfg),
                            param_dtype=jnp.float32,
-                           kernel_init=nnx.with_partitioning(KERNEL_INIT, axes), rngs=rngs)
+                           kernel_init=nnx.with_partitioning(KERNEL_INIT, axes),
+                           bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(),
+                                                           axes[-len(d_out):]
+                                                           if isinstance(d_out, tuple)
+                                                           else axes[-1:]),
+                           rngs=rngs)
 
 
 def rotary(x_BTQH: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -64,21 +72,24 @@ def rotary(x_BTQH: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x_BTQH.dtype)
 
 
-def _write(cache_BSQH: jax.Array, new_BTQH: jax.Array, positions_BT: jax.Array) -> jax.Array:
+def _write(cache_BSJH: jax.Array, new_BTJH: jax.Array, positions_BT: jax.Array) -> jax.Array:
   """Writes each row's new entries at its own (contiguous) positions."""
   put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p[0], 0, 0))
-  return jax.vmap(put)(cache_BSQH, new_BTQH, positions_BT)
+  return jax.vmap(put)(cache_BSJH, new_BTJH, positions_BT)
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with rotary embeddings, through jax.nn.dot_product_attention
-  (which picks a fused kernel on accelerators)."""
+  """Causal self-attention with rotary embeddings, through jax.nn.dot_product_attention (which
+  picks a fused kernel on accelerators). Grouped-query: the Q query heads share the J = n_kv_heads
+  key/value heads in groups of Q / J (J = Q: multi-head, J = 1: multi-query)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    shape_QH = (cfg.n_heads, cfg.head_dim)
-    self.query = _linear(cfg.d_model, shape_QH, ("embed", "heads", "kv"), cfg, rngs)
-    self.key = _linear(cfg.d_model, shape_QH, ("embed", "heads", "kv"), cfg, rngs)
-    self.value = _linear(cfg.d_model, shape_QH, ("embed", "heads", "kv"), cfg, rngs)
+    shape_QH, shape_JH = (cfg.n_heads, cfg.head_size), (cfg.kv_heads, cfg.head_size)
+    bias = cfg.attention_bias
+    self.query = _linear(cfg.d_model, shape_QH, ("embed", "heads", "kv"), cfg, rngs, bias=bias)
+    self.key = _linear(cfg.d_model, shape_JH, ("embed", "kv_heads", "kv"), cfg, rngs, bias=bias)
+    self.value = _linear(cfg.d_model, shape_JH, ("embed", "kv_heads", "kv"), cfg, rngs,
+                         bias=bias)
     self.out = _linear(shape_QH, cfg.d_model, ("heads", "kv", "embed"), cfg, rngs,
                        in_axis=(-2, -1))
     self.rope_theta = cfg.rope_theta
@@ -87,9 +98,9 @@ class Attention(nnx.Module):
     return KV(rotary(self.key(x_BTM), positions, self.rope_theta), self.value(x_BTM))
 
   def __call__(self, x_BTM: jax.Array, positions: jax.Array, cache: KV | None = None):
-    """Without a cache: causal attention over the T positions (positions [T]). With one: the new
-    entries are written at positions [B, T] and every query attends to the cached positions up
-    to its own. Returns (output, updated cache or None)."""
+    """Without a cache: causal attention over the T positions (positions [T]). With one ([B, S,
+    J, H] each): the new entries are written at positions [B, T] and every query attends to the
+    cached positions up to its own. Returns (output, updated cache or None)."""
     q_BTQH = rotary(self.query(x_BTM), positions, self.rope_theta)
     new = self.keys_values(x_BTM, positions)
     if cache is None:
@@ -153,7 +164,7 @@ class Segment(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BTM: jax.Array, positions: jax.Array, cache: KV | None = None):
-    """x through every block; with a cache ([L, B, S, Q, H] each), the updated cache too."""
+    """x through every block; with a cache ([L, B, S, J, H] each), the updated cache too."""
     graphdef, state = nnx.split(self.blocks)
 
     def body(x, layer):

@@ -17,7 +17,8 @@ from famjax.config import MeshConfig, ModelConfig
 MESH_AXES = ("data", "fsdp", "model")
 
 # Logical axis -> mesh axis: the one table. Parameters: the embedding and every exit's unembedding
-# are split along the vocabulary ("sharded exits"), heads and the MLP hidden dimension along
+# are split along the vocabulary ("sharded exits"), query and key/value heads (and the KV cache's
+# heads) and the MLP hidden dimension along
 # `model`, and the d_model dimension of every matrix along `fsdp` (fully-sharded data parallel:
 # each device keeps 1/fsdp of the parameters and optimizer state and gathers a layer's weights
 # when it runs it). Activations: the batch over `data` and `fsdp`; their d_model dimension
@@ -26,6 +27,7 @@ RULES = (
     ("batch", ("data", "fsdp")),
     ("vocab", "model"),
     ("heads", "model"),
+    ("kv_heads", "model"),
     ("mlp", "model"),
     ("embed", "fsdp"),
     ("act_embed", None),
@@ -80,7 +82,9 @@ def check_fits_mesh(cfg: ModelConfig, batch_size: int, mesh: jax.sharding.Mesh,
   """Every sharded dimension must split evenly over its mesh axis; errors name field and size.
   `batch_size` is the batch one pass runs (a microbatch under gradient accumulation)."""
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-  needs = {"model.n_heads": (cfg.n_heads, ("model",)), "model.d_ff": (cfg.d_ff, ("model",)),
+  needs = {"model.n_heads": (cfg.n_heads, ("model",)),
+           "model.n_kv_heads (0: n_heads)": (cfg.kv_heads, ("model",)),
+           "model.d_ff": (cfg.d_ff, ("model",)),
            "model.vocab_size": (cfg.vocab_size, ("model",)),
            "model.d_model": (cfg.d_model, ("fsdp",)),
            batch_field: (batch_size, ("data", "fsdp"))}

@@ -26,11 +26,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from famjax import accounting, checkpoint, data, sharding, tracking
+from famjax import accounting, checkpoint, data, hf, sharding, tracking, trainable
 from famjax import workdir as workdir_files
 from famjax.config import ExperimentConfig, MeshConfig, ModelConfig, TrainConfig
 from famjax.files import WorkdirLock
 from famjax.model import FamilialTransformer
+from famjax.trainable import merge as merge_trainable
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -72,6 +73,15 @@ def with_hyperparameters(opt_state, hparams: dict):
   return (set_(clip, ("max_norm",)), set_(adamw, ("learning_rate", "b1", "b2", "weight_decay")))
 
 
+def exit_weights(tc: TrainConfig, n_exits: int, step: int) -> np.ndarray:
+  """The exits' loss weights at `step` (0-based): train.exit_weights, the early exits' scaled by
+  step / train.exit_warmup_steps until the warm-up ends (as EE-Tuning and LayerSkip ramp them)."""
+  weights_G = np.asarray(tc.weights_for(n_exits), np.float32)
+  if step < tc.exit_warmup_steps:
+    weights_G[:-1] *= step / tc.exit_warmup_steps
+  return weights_G
+
+
 def exit_losses(graphdef: nnx.GraphDef, params: dict, tokens_BT: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy of every exit, ce_G (float32)."""
   return nnx.merge(graphdef, params).exit_losses(tokens_BT[:, :-1], tokens_BT[:, 1:])
@@ -93,20 +103,37 @@ def _accumulated(value_and_grad, params, tokens_BT, microbatches: int):
   return jax.tree.map(lambda x: x / microbatches, total)
 
 
-def train_step(params, opt_state, tokens_BT, hparams, weights_G, *, graphdef, optimizer,
-               microbatches: int = 1):
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """What a train step is besides its inputs: the model's graph, the optimizer, gradient
+  accumulation over `microbatches`, and `split` (params -> (trainable, frozen), see
+  famjax.trainable; None: everything trains)."""
+
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  microbatches: int = 1
+  split: Any = None
+
+
+def train_step(params, opt_state, tokens_BT, hparams, weights_G, *, plan: StepPlan):
+  """One optimizer step. Gradients and updates cover the trainable part of params; frozen
+  parameters pass through unchanged."""
+  split, graphdef = plan.split, plan.graphdef
+  part, frozen = split(params) if split else (params, {})
+
   def loss_fn(p, batch_BT):
-    ce_G = exit_losses(graphdef, p, batch_BT)
+    ce_G = exit_losses(graphdef, merge_trainable(p, frozen) if split else p, batch_BT)
     return jnp.dot(weights_G, ce_G), ce_G
 
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-  if microbatches == 1:
-    (loss, ce_G), grads = value_and_grad(params, tokens_BT)
+  if plan.microbatches == 1:
+    (loss, ce_G), grads = value_and_grad(part, tokens_BT)
   else:
-    (loss, ce_G), grads = _accumulated(value_and_grad, params, tokens_BT, microbatches)
+    (loss, ce_G), grads = _accumulated(value_and_grad, part, tokens_BT, plan.microbatches)
   opt_state = with_hyperparameters(opt_state, hparams)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
+  updates, opt_state = plan.optimizer.update(grads, opt_state, part)
+  part = optax.apply_updates(part, updates)
+  params = merge_trainable(part, frozen) if split else part
   return params, opt_state, {"loss": loss, "exit_loss": ce_G, "grad_norm": optax.global_norm(grads)}
 
 
@@ -123,19 +150,26 @@ class Programs:
 
 
 @functools.lru_cache(maxsize=32)
-def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, microbatches: int = 1) -> Programs:
+def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, microbatches: int = 1,
+             trainable_last_layers: int | None = None) -> Programs:
   """Parameters and optimizer state are plain nested dicts of arrays (nnx.to_pure_dict), which
   jit flattens several times faster than nnx.State: on tiny models that is a tenth of a step.
-  `microbatches` > 1 accumulates each step's gradients over that many parts of its batch."""
+  `microbatches` > 1 accumulates each step's gradients over that many parts of its batch.
+  `trainable_last_layers` (TrainConfig.trainable_last_layers) freezes all but the exit heads and
+  the last layers: the optimizer state covers only what trains."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
     abstract = nnx.eval_shape(lambda: FamilialTransformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh))
   abstract_params = nnx.to_pure_dict(abstract_state)
   optimizer = make_optimizer()
+  split = None if trainable_last_layers is None else functools.partial(
+      trainable.split, cfg=cfg, last_layers=trainable_last_layers)
+  trained = (lambda params: split(params)[0]) if split else (lambda params: params)
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, abstract_params), param_shardings,
+      optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, trained(abstract_params)),
+      trained(param_shardings),
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   batch = sharding.batch_sharding(mesh)
@@ -151,10 +185,10 @@ def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, microbatches: int = 1) -
       # model shape on CPU); it runs once per run, in milliseconds either way.
       init_params=jax.jit(init_params, out_shardings=param_shardings,
                           compiler_options={"xla_backend_optimization_level": 0}),
-      init_opt=jax.jit(optimizer.init, in_shardings=(param_shardings,),
-                       out_shardings=opt_shardings),
-      step=jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
-                                     microbatches=microbatches),
+      init_opt=jax.jit(lambda params: optimizer.init(trained(params)),
+                       in_shardings=(param_shardings,), out_shardings=opt_shardings),
+      step=jax.jit(functools.partial(train_step, plan=StepPlan(graphdef, optimizer,
+                                                               microbatches, split)),
                    in_shardings=(param_shardings, opt_shardings, batch, replicated, replicated),
                    out_shardings=(param_shardings, opt_shardings, replicated),
                    donate_argnums=(0, 1)),
@@ -192,19 +226,30 @@ class Trainer:
     sharding.check_fits_mesh(cfg.model, tc.batch_size // tc.microbatches, mesh,
                              batch_field="train.batch_size / train.microbatches"
                              if tc.microbatches > 1 else "train.batch_size")
-    progs = programs(cfg.model, mesh, tc.microbatches)
+    progs = programs(cfg.model, mesh, tc.microbatches, tc.trainable_last_layers)
     with jax.set_mesh(mesh):
       params = progs.init_params(cfg.train.seed)
       opt_state = progs.init_opt(params)
     learning_rates = np.asarray(learning_rate_schedule(tc)(np.arange(tc.total_steps)), np.float32)
     hparams = {k: np.float32(v) for k, v in hyperparameters(tc, 0.0).items()}
-    weights_G = np.asarray(tc.weights_for(cfg.model.n_exits), np.float32)
+    weights_G = exit_weights(tc, cfg.model.n_exits, tc.exit_warmup_steps)
     constants = jax.device_put((hparams, weights_G), NamedSharding(mesh, PartitionSpec()))
     return cls(cfg, mesh, progs, params, opt_state, learning_rates, constants)
+
+  def warm_start(self) -> None:
+    """Replaces the fresh parameters with the train.init_from checkpoint's (famjax.hf)."""
+    tc, model = self.cfg.train, self.cfg.model
+    dense_cfg, dense = hf.load(tc.init_from)
+    hf.check_architecture(model, dense_cfg, tc.init_from)
+    params = hf.family_params(model, self.params, dense_cfg, dense, tc.init_exits)
+    self.params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), params,
+                               self.params)
 
   def step(self, tokens_BT: np.ndarray) -> dict:
     batch = sharding.put_batch(tokens_BT, self.mesh)
     hparams, weights_G = self.constants
+    if self.step_count < self.cfg.train.exit_warmup_steps:
+      weights_G = exit_weights(self.cfg.train, self.cfg.model.n_exits, self.step_count)
     lr = self.learning_rates[min(self.step_count, len(self.learning_rates) - 1)]
     with jax.set_mesh(self.mesh):
       self.params, self.opt_state, metrics = self.progs.step(
@@ -325,12 +370,23 @@ def _summary(cfg, trainer, train_loss, val_loss_VG, seconds: float, fingerprint:
   }
 
 
+def _start(cfg, workdir, trainer, start: int, tokenizer) -> None:
+  """A fresh run with train.init_from takes the checkpoint's weights (before anything is written,
+  so a bad checkpoint leaves the workdir untouched); then the workdir is claimed."""
+  fresh_import = start == 0 and bool(cfg.train.init_from)
+  if fresh_import:
+    trainer.warm_start()
+  if jax.process_index() == 0:
+    workdir_files.claim(workdir, cfg, start, tokenizer)
+    if fresh_import:
+      hf.record_source(cfg.train.init_from, workdir)
+
+
 def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_after) -> dict:
   tc = cfg.train
   mngr = checkpoint.manager(workdir, tc.keep_checkpoints)
   (start, elapsed), total = _resume(cfg, workdir, mngr, trainer, batches), tc.total_steps
-  if jax.process_index() == 0:
-    workdir_files.claim(workdir, cfg, start, tokens.tokenizer)
+  _start(cfg, workdir, trainer, start, tokens.tokenizer)
   log = workdir_files.MetricsLog(workdir, start, tracking.open_wandb(cfg, workdir))
   profile = tracking.ProfileWindow(tc.profile_steps, workdir / "tensorboard")
   last = total if stop_after is None else max(start, min(total, stop_after))

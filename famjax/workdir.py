@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 
 from famjax import data
-from famjax.config import ExperimentConfig, experiment_from_dict
+from famjax.config import ExperimentConfig, experiment_from_dict, without_added_defaults
 from famjax.files import atomic_write_text
 
 CONFIG = "config.json"
@@ -109,8 +109,11 @@ def _run_identity(cfg: ExperimentConfig) -> dict:
   tc = cfg.train
   data = {k: v for k, v in dataclasses.asdict(cfg.data).items()
           if k not in ("num_workers", "cache_dir")}  # where and how fast, not what
-  return _jsonable({"model": dataclasses.asdict(cfg.model), "data": data,
-                    "seed": tc.seed, "batch_size": tc.batch_size, "seq_len": tc.seq_len})
+  # trainable fixes the optimizer state's layout; recorded only when set (older runs lack it)
+  frozen = {} if tc.trainable == "all" else {"trainable": tc.trainable}
+  return _jsonable({"model": without_added_defaults("model", dataclasses.asdict(cfg.model)),
+                    "data": data, "seed": tc.seed, "batch_size": tc.batch_size,
+                    "seq_len": tc.seq_len, **frozen})
 
 
 def _recorded_config(workdir: Path) -> dict | None:

@@ -97,7 +97,28 @@ def main(workdir: Path):
   out["decode"] = {"one": decoded["one"]["tokens"], "mesh": decoded["mesh"]["tokens"],
                    "max_logit_diff": float(np.abs(decoded["one"]["logits"]
                                                   - decoded["mesh"]["logits"]).max())}
+  out["gqa"] = _grouped_query_on_a_mesh(one, meshes[(2, 1, 4)], prompts)
   print("RESULT " + json.dumps(out))
+
+
+def _grouped_query_on_a_mesh(one, mesh, prompts) -> dict:
+  """8 query and 4 key/value heads with q/k/v biases on (data 2, model 4): the key/value heads
+  (kernels, biases, the KV cache) split over `model`, and decoding equals one device's."""
+  model_cfg = tiny_model(d_model=32, n_heads=8, n_kv_heads=4, attention_bias=True,
+                         vocab_size=264)
+  decoded = {}
+  for name, on in (("one", one), ("mesh", mesh)):
+    model = train.create_model(model_cfg, 0, on)
+    dec = decode.Decoder(model, mesh=on)
+    state, logits = dec.prefill(prompts, 2)
+    decoded[name] = (np.asarray(dec.continue_(state, logits, 8)[1]).tolist(), np.asarray(logits))
+  attn = model.segments[0].blocks.attn
+  return {"key_kernel": str(attn.key.kernel.value.sharding.spec),
+          "key_bias": str(attn.key.bias.value.sharding.spec),
+          "cache": str(state.segments[0].k.sharding.spec),
+          "cache_heads": state.segments[0].k.shape[-2],
+          "same_tokens": decoded["one"][0] == decoded["mesh"][0],
+          "max_logit_diff": float(np.abs(decoded["one"][1] - decoded["mesh"][1]).max())}
 
 
 if __name__ == "__main__":

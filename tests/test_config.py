@@ -6,6 +6,7 @@ from famjax.config import (
   MeshConfig,
   ModelConfig,
   TrainConfig,
+  config_hash,
   experiment_from_dict,
 )
 
@@ -23,6 +24,10 @@ from famjax.config import (
     (dict(unembed="both"), "model.unembed"),
     (dict(dtype="float16"), "model.dtype"),
     (dict(vocab_size=-3), "model.vocab_size"),
+    (dict(n_heads=4, n_kv_heads=3), "model.n_kv_heads"),        # not a divisor of n_heads
+    (dict(n_kv_heads=-1), "model.n_kv_heads"),
+    (dict(head_dim=7), "model.head_dim"),                       # odd: rotary pairs
+    (dict(attention_bias="yes"), "model.attention_bias"),
 ])
 def test_invalid_model_config_names_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -38,6 +43,10 @@ def test_invalid_model_config_names_field(overrides, field):
     (dict(exit_weights=(0.0, 0.0)), "train.exit_weights"),
     (dict(steps=0, tokens=0), "train.steps"),
     (dict(tokens=100, batch_size=16, seq_len=128), "train.steps / train.tokens"),
+    (dict(trainable="heads"), "train.trainable"),
+    (dict(trainable="exits+last_0"), "train.trainable"),
+    (dict(init_exits="random"), "train.init_exits"),
+    (dict(exit_warmup_steps=300, steps=200), "train.exit_warmup_steps"),
 ])
 def test_invalid_train_config_names_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -75,3 +84,31 @@ def test_from_dict_rejects_unknown_fields():
   cfg = experiment_from_dict({"model": {"exit_layers": [1, 2, 4]}, "train": {"steps": 5,
                                                                             "warmup_steps": 1}})
   assert cfg.model.exit_layers == (1, 2, 4) and cfg.train.steps == 5
+
+
+def test_head_dim_need_not_divide_d_model():
+  cfg = ModelConfig(d_model=130, n_heads=4, head_dim=64, n_kv_heads=1)
+  assert (cfg.head_size, cfg.kv_heads) == (64, 1)
+  assert (ModelConfig().head_size, ModelConfig().kv_heads) == (32, 4)
+
+
+def test_trainable_layers_must_end_where_an_exit_segment_ends():
+  model = ModelConfig(exit_layers=(1, 2, 4))
+  assert ExperimentConfig(model=model, train=TrainConfig(trainable="exits+last_2"))
+  with pytest.raises(ValueError, match=r"train\.trainable.*K in \[3, 2\]"):
+    ExperimentConfig(model=model, train=TrainConfig(trainable="exits+last_1"))
+  with pytest.raises(ValueError, match=r"train\.trainable.*a dense model"):
+    ExperimentConfig(model=ModelConfig(exit_layers=(4,)),
+                     train=TrainConfig(trainable="exits+last_2"))
+
+
+def test_fields_added_later_keep_every_recorded_runs_hash():
+  """Hashes of two configs taken before model.n_kv_heads, head_dim, attention_bias and the warm
+  start's train fields existed: the new fields at their defaults change no fingerprint."""
+  assert config_hash(ExperimentConfig()) == "d8c9c2adfc1738d8"
+  old = ExperimentConfig(model=ModelConfig(d_model=64, n_heads=8),
+                         train=TrainConfig(exit_weights=(0.2, 0.3, 0.5)))
+  assert config_hash(old) == "af3badc049925e69"
+  gqa = ExperimentConfig(model=ModelConfig(d_model=64, n_heads=8, n_kv_heads=2),
+                         train=TrainConfig(exit_weights=(0.2, 0.3, 0.5)))
+  assert config_hash(gqa) != config_hash(old)

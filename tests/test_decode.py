@@ -81,8 +81,29 @@ def test_relay_state_size_per_token(decoders):
   state, _ = dec.generate([[1, 2, 3, 4, 5, 6, 7, 8]], 1, 8)
   size = len(decode.to_bytes(state))
   cfg = dec.cfg
-  per_token = (cfg.d_model + 2 * cfg.n_heads * cfg.head_dim * (cfg.exit_layers[0] + 1)) * 4 + 4
+  per_token = (cfg.d_model + 2 * cfg.kv_heads * cfg.head_size * (cfg.exit_layers[0] + 1)) * 4 + 4
   assert size == pytest.approx(16 * per_token, rel=0.1)  # hidden + K, V of layer 1 and the block
+
+
+def test_grouped_query_caches_hold_fewer_heads_and_every_decoding_path_agrees():
+  """One key/value head for four query heads (with q/k/v biases): the cache holds 1 head, and
+  cached, relayed, confidence and speculative decoding equal their slow paths as with MHA."""
+  cfg = tiny_model(n_heads=4, n_kv_heads=1, attention_bias=True, exit_head="block",
+                   unembed="shared", max_seq_len=32)
+  dec = decode.Decoder(build(cfg, seed=2))
+  state, generated = dec.generate(PROMPTS, 1, 6)
+  assert state.segments[0].k.shape[-2:] == (1, cfg.head_size) and state.head.v.shape[-2] == 1
+  sequence = PROMPTS[0] + [int(t) for t in generated[0]]
+  full = dec.logits(jnp.asarray([sequence]))[0, 0]
+  assert [int(t) for t in jnp.argmax(full[len(PROMPTS[0]) - 1:-1], -1)] == sequence[7:]
+  _, relay_logits = dec.relay(state, 3)
+  rows = [[int(t) for t in row[:n]] for row, n in zip(state.tokens_BS, state.lengths_B)]
+  for b, row in enumerate(rows):
+    np.testing.assert_allclose(relay_logits[b], dec.logits(jnp.asarray([row]))[2, 0, -1],
+                               atol=1e-5)
+  deepest = dec.generate(PROMPTS, 3, 8)[1]
+  np.testing.assert_array_equal(dec.confident(PROMPTS, 8, 1.01)[0], deepest)
+  np.testing.assert_array_equal(dec.speculative(PROMPTS, 8, draft_exit=1, k=3)[0], deepest)
 
 
 def test_confidence_extremes_are_single_exits(decoders):

@@ -88,7 +88,7 @@ def reference_logits(params, cfg, tokens_BT, exit_index):
   p = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
   x = p["embed"]["embedding"][np.asarray(tokens_BT)]
   t = x.shape[1]
-  half = cfg.head_dim // 2
+  half = cfg.head_size // 2
   angle = np.arange(t)[:, None] * cfg.rope_theta ** (-np.arange(half) / half)[None]
   cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
 
@@ -102,8 +102,10 @@ def reference_logits(params, cfg, tokens_BT, exit_index):
   def block(v, w):
     h = norm(v, w["attn_norm"]["scale"])
     q, k, val = (np.einsum("btd,dnh->btnh", h, w["attn"][n]["kernel"])
-                 for n in ("query", "key", "value"))
-    scores = np.einsum("btnh,bsnh->bnts", rope(q), rope(k)) / np.sqrt(cfg.head_dim)
+                 + w["attn"][n].get("bias", 0.0) for n in ("query", "key", "value"))
+    group = cfg.n_heads // cfg.kv_heads  # query heads per key/value head
+    k, val = np.repeat(k, group, axis=2), np.repeat(val, group, axis=2)
+    scores = np.einsum("btnh,bsnh->bnts", rope(q), rope(k)) / np.sqrt(cfg.head_size)
     scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -143,6 +145,31 @@ def test_the_dense_model_equals_the_reference():
   x = tokens(seed=3)
   np.testing.assert_allclose(forward(dense, x)[0], reference_logits(nnx.state(dense), dense.cfg,
                                                                    x, 0), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", [dict(n_heads=4, n_kv_heads=2), dict(n_heads=4, n_kv_heads=1),
+                                       dict(n_heads=2, head_dim=8, attention_bias=True)])
+def test_grouped_query_attention_and_biases_equal_the_reference(attention):
+  """GQA (2 query heads per key/value head), MQA, and q/k/v biases with a head width that is not
+  d_model / n_heads, against the independent forward pass (biases randomised, not zero)."""
+  family = build(tiny_model(unembed="shared", **attention))
+  params = nnx.state(family, nnx.Param)
+  bias_paths = [p for p, _ in nnx.to_flat_state(params) if p[-1] == "bias"]
+  assert len(bias_paths) == (9 if attention.get("attention_bias") else 0)  # 3 layers x q, k, v
+  keys = iter(jax.random.split(jax.random.key(1), len(bias_paths) or 1))
+  for path in bias_paths:
+    variable = family
+    for name in path[:-1]:
+      variable = variable[name] if isinstance(name, int) else getattr(variable, name)
+    variable.bias.value = jax.random.normal(next(keys), variable.bias.value.shape)
+  cfg = family.cfg
+  layer = family.segments[0].blocks.attn
+  assert layer.key.kernel.value.shape[-2:] == (cfg.kv_heads, cfg.head_size)
+  x = tokens()
+  logits_GBTV = forward(family, x)
+  for g in range(cfg.n_exits):
+    np.testing.assert_allclose(logits_GBTV[g], reference_logits(nnx.state(family), cfg, x, g),
+                               rtol=2e-4, atol=2e-4)
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_close_logits():

@@ -1,17 +1,23 @@
 """Sharded training on fake CPU devices; each check runs in a subprocess so XLA_FLAGS can give it
 8 (or 2) devices before JAX starts, while the rest of the suite keeps one."""
 
+import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from famjax import sharding
 from famjax.config import MeshConfig
 from famjax.sharding import RULES, mesh_shape
+
+from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,6 +119,23 @@ def test_checkpoint_moves_between_meshes(checks):
 def test_decoding_on_a_mesh_equals_one_device(checks):
   decoded = checks["decode"]
   assert decoded["mesh"] == decoded["one"] and decoded["max_logit_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_grouped_query_heads_split_over_the_model_axis(checks):
+  gqa = checks["gqa"]
+  assert "'model'" in gqa["key_kernel"] and "'model'" in gqa["key_bias"]
+  assert "'model'" in gqa["cache"] and gqa["cache_heads"] == 4
+  assert gqa["same_tokens"] and gqa["max_logit_diff"] < 1e-4
+
+
+def test_key_value_heads_must_split_evenly_over_the_model_axis():
+  mesh = types.SimpleNamespace(axis_names=("data", "fsdp", "model"), devices=np.empty((1, 1, 4)))
+  cfg = tiny_model(d_model=32, n_heads=8, n_kv_heads=2, vocab_size=264)
+  with pytest.raises(ValueError, match=r"model.n_kv_heads \(0: n_heads\)=2 must be divisible "
+                     r"by mesh.model=4"):
+    sharding.check_fits_mesh(cfg, 8, mesh)
+  sharding.check_fits_mesh(dataclasses.replace(cfg, n_kv_heads=4), 8, mesh)
 
 
 @pytest.mark.slow

@@ -1,0 +1,253 @@
+"""Hugging Face interop from local directories: import a Llama, Mistral or Qwen2 checkpoint as a
+dense famjax model, start a family from it (exits added), and export any exit as a Llama or
+Qwen2 directory that transformers loads. Files are read and written with `safetensors`;
+transformers is not needed here. Exits are numbered 1..G, as on the command line.
+
+An exit with a "norm" head is a Llama of l_g layers (its norm is the final norm, its unembedding
+the lm_head); a "block" head adds its private block as layer l_g + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from famjax.config import ModelConfig
+from famjax.files import atomic_write_text
+from famjax.hf import configs, weights
+from famjax.hf.configs import UnsupportedConfig
+from famjax.hf.weights import BadCheckpoint
+
+__all__ = ["load", "dense_config", "with_checkpoint", "family_config", "check_architecture",
+           "family_params", "export_exit", "record_source", "UnsupportedConfig", "BadCheckpoint",
+           "TOKENIZER_FILES"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+EXPORT_MARKER = "famjax_export.json"
+INIT_RECORD = "init_from"  # a run's copy of its source's config and tokenizer side files
+
+
+def _directory(path) -> Path:
+  directory = Path(path).expanduser()
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory} is not a directory (a local Hugging Face model: "
+                            "config.json and safetensors weights; nothing is downloaded)")
+  return directory
+
+
+def tokenizer_file(directory: Path) -> Path | None:
+  """The directory's tokenizer (tokenizer.json preferred), or None."""
+  return next((directory / n for n in TOKENIZER_FILES if (directory / n).is_file()), None)
+
+
+def _check_tokenizer(directory: Path, cfg: ModelConfig) -> None:
+  path = directory / "tokenizer.json"
+  if not path.is_file():
+    return
+  from tokenizers import Tokenizer
+  size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+  if size > cfg.vocab_size:
+    raise BadCheckpoint(f"{path}: its {size}-token vocabulary is larger than vocab_size="
+                        f"{cfg.vocab_size} in {directory / configs.CONFIG}")
+
+
+def load(path) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, params) of the dense model in a local HF directory: params in the layout of
+  nnx.to_pure_dict(FamilialTransformer(cfg)), float32 numpy."""
+  directory = _directory(path)
+  cfg = configs.model_config(configs.read(directory), directory / configs.CONFIG)
+  _check_tokenizer(directory, cfg)
+  return cfg, weights.to_params(directory, cfg)
+
+
+def dense_config(path) -> ModelConfig:
+  """The dense ModelConfig of a local HF directory's config.json (weights not read)."""
+  directory = _directory(path)
+  return configs.model_config(configs.read(directory), directory / configs.CONFIG)
+
+
+def with_checkpoint(values: dict) -> dict:
+  """An experiment's nested config values (as experiments/train.py's flags give them) with the
+  architecture of train.init_from's checkpoint, and its tokenizer when data.tokenizer is left at
+  "byte". Other fields (exit_layers, exit_head, unembed, ...) stay the user's."""
+  path = values.get("train", {}).get("init_from")
+  if not path:
+    return values
+  directory = _directory(path)
+  fixed = configs.architecture_fields(dense_config(directory))
+  out = {**values, "model": {**values.get("model", {}), **fixed}}
+  tokenizer = tokenizer_file(directory)
+  if tokenizer is not None and values.get("data", {}).get("tokenizer", "byte") == "byte":
+    out["data"] = {**values.get("data", {}), "tokenizer": str(tokenizer)}
+  return out
+
+
+def family_config(path, **choices) -> ModelConfig:
+  """The ModelConfig of a family on the checkpoint's backbone: its architecture, and famjax's
+  choices (exit_layers, exit_head, unembed, dtype, remat, ...) from `choices`."""
+  directory = _directory(path)
+  dense = dense_config(directory)
+  fixed = configs.architecture_fields(dense)
+  clash = sorted(set(choices) & set(fixed))
+  if clash:
+    raise ValueError(f"model.{clash[0]} comes from {directory / configs.CONFIG}; leave it out")
+  values = {"exit_layers": (dense.n_layers,), "unembed": dense.unembed,
+            "max_seq_len": dense.max_seq_len, **fixed, **choices}
+  return ModelConfig(**values)
+
+
+def check_architecture(cfg: ModelConfig, dense: ModelConfig, path) -> None:
+  """The run's model must be the checkpoint's backbone: errors name the field and both values."""
+  ours, theirs = configs.architecture_fields(cfg), configs.architecture_fields(dense)
+  for name in ours:
+    if ours[name] != theirs[name]:
+      raise ValueError(f"model.{name}={ours[name]!r} differs from {theirs[name]!r} in "
+                       f"{Path(path) / configs.CONFIG} (train.init_from): the architecture "
+                       "comes from the checkpoint")
+  if cfg.unembed == "tied" and dense.unembed != "tied":
+    raise ValueError(f"model.unembed='tied' cannot hold the separate lm_head of {path}: use "
+                     "'shared' or 'per_exit'")
+
+
+def _unembedding(cfg: ModelConfig, params: dict) -> np.ndarray:
+  """The dense model's [M, V] unembedding."""
+  if cfg.unembed == "tied":
+    return params["embed"]["embedding"].T
+  return params["exits"][0]["unembed"]["kernel"]
+
+
+def family_params(cfg: ModelConfig, fresh: dict, dense_cfg: ModelConfig, dense: dict,
+                  init_exits: str = "copy") -> dict:
+  """A family's parameters on the dense model's backbone. Segments take their layers; the deepest
+  exit takes the final norm and unembedding, so its logits equal the dense model's. Added exits
+  ("copy") start from the final norm and unembedding, and a private block from the layer after
+  the exit (as EE-Tuning); with "fresh" they keep `fresh`'s initialisation (the family's own
+  parameters, nnx.to_pure_dict layout). Returns float32 numpy arrays."""
+  out = jax.tree.map(np.asarray, jax.device_get(fresh))
+  layers = dense["segments"][0]["blocks"]
+  bounds = (0,) + cfg.exit_layers
+  out["embed"] = dense["embed"]
+  for g in range(cfg.n_exits):
+    out["segments"][g]["blocks"] = jax.tree.map(lambda a, g=g: a[bounds[g]:bounds[g + 1]], layers)
+  final_norm, unembed_MV = dense["exits"][0]["norm"], _unembedding(dense_cfg, dense)
+  last = cfg.n_exits - 1
+  for g, head in out["exits"].items():
+    if g != last and init_exits == "fresh":
+      continue
+    head["norm"] = final_norm
+    if "block" in head:  # a private block (never the last exit's) starts as layer l_g + 1
+      head["block"] = jax.tree.map(lambda a, g=g: a[cfg.exit_layers[g]], layers)
+    if cfg.unembed == "per_exit":
+      head["unembed"] = {"kernel": unembed_MV}
+  if cfg.unembed == "shared":
+    out["exits"][0]["unembed"] = {"kernel": unembed_MV}
+  return jax.tree.map(lambda a: np.asarray(a, np.float32), out)
+
+
+def _exit_layers(cfg: ModelConfig, params: dict, g: int) -> list[dict]:
+  """Exit g's (0-based) layers in order, one Block parameter dict each."""
+  layers = []
+  for s in range(g + 1):
+    stacked = params["segments"][s]["blocks"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    layers += [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+  if "block" in params["exits"][g]:
+    layers.append(params["exits"][g]["block"])
+  return layers
+
+
+def _special_ids(tokenizer) -> dict:
+  ids = {"eos_token_id": getattr(tokenizer, "eos_id", None),
+         "bos_token_id": getattr(tokenizer, "bos_id", None)}
+  return {k: int(v) for k, v in ids.items() if v is not None}
+
+
+def _write_tokenizer(out: Path, tokenizer_dir: Path | None, tokenizer, side_dir: Path | None,
+                     max_len: int) -> list[str]:
+  """Copies the run's tokenizer file (and, from side_dir, an imported model's tokenizer_config
+  and special tokens); writes a tokenizer_config.json when none came. Returns the files."""
+  if tokenizer is None or tokenizer_dir is None:
+    return []
+  source = tokenizer_dir / tokenizer.file_name
+  shutil.copyfile(source, out / tokenizer.file_name)
+  written = [tokenizer.file_name]
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    if side_dir is not None and (side_dir / name).is_file():
+      shutil.copyfile(side_dir / name, out / name)
+      written.append(name)
+  if "tokenizer_config.json" not in written and tokenizer.file_name in TOKENIZER_FILES:
+    token = lambda i: None if i is None else _token_text(tokenizer, i)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast" if tokenizer.file_name ==
+              "tokenizer.json" else "LlamaTokenizer", "model_max_length": max_len,
+              "eos_token": token(tokenizer.eos_id),
+              "bos_token": token(getattr(tokenizer, "bos_id", None))}
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=1))
+    written.append("tokenizer_config.json")
+  return written
+
+
+def _token_text(tokenizer, token_id: int) -> str | None:
+  inner = getattr(tokenizer, "_tok", None)
+  if inner is not None:
+    return inner.id_to_token(token_id)
+  sp = getattr(tokenizer, "_sp", None)
+  return sp.id_to_piece(token_id) if sp is not None else None
+
+
+def export_exit(cfg: ModelConfig, params: dict, exit_: int, out, tokenizer=None,
+                tokenizer_dir: Path | None = None, side_dir: Path | None = None) -> dict:
+  """Writes exit `exit_` (1..G) as a HF directory `out` (replaced whole; nothing is left half
+  written). Returns what was written: exit, layers, architecture, files."""
+  if not 1 <= exit_ <= cfg.n_exits:
+    raise ValueError(f"--exit must be in 1..{cfg.n_exits} (the family's exits) or 'all'; "
+                     f"got {exit_}")
+  g = exit_ - 1
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  layers = _exit_layers(cfg, params, g)
+  unembed = None if cfg.unembed == "tied" else (
+      params["exits"][g if cfg.unembed == "per_exit" else 0]["unembed"]["kernel"])
+  tensors = weights.from_layers(cfg, params["embed"]["embedding"], layers,
+                                params["exits"][g]["norm"]["scale"], unembed)
+  special = _special_ids(tokenizer) if tokenizer is not None else {}
+  hf = configs.hf_config(cfg, len(layers), unembed is None, special)
+  out = Path(out)
+  tmp = out.with_name(f".{out.name}.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  weights.write(tensors, tmp)
+  atomic_write_text(tmp / configs.CONFIG, json.dumps(hf, indent=1))
+  generation = {"_from_model_config": True, **special}
+  atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=1))
+  files = [weights.SINGLE, configs.CONFIG, "generation_config.json"]
+  files += _write_tokenizer(tmp, tokenizer_dir, tokenizer, side_dir, cfg.max_seq_len)
+  record = {"exit": exit_, "exit_layer": cfg.exit_layers[g], "num_hidden_layers": len(layers),
+            "architecture": hf["architectures"][0], "files": files}
+  atomic_write_text(tmp / EXPORT_MARKER, json.dumps(record, indent=1))
+  _replace(tmp, out)
+  return record
+
+
+def _replace(tmp: Path, out: Path) -> None:
+  """Moves tmp to out; an existing out is replaced only if famjax exported it."""
+  if out.exists():
+    if not (out / EXPORT_MARKER).is_file():
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise FileExistsError(f"{out} exists and is not a famjax export; choose another --out")
+    shutil.rmtree(out)
+  tmp.rename(out)
+
+
+def record_source(directory, workdir: Path) -> None:
+  """Copies the source checkpoint's config.json and tokenizer side files (no weights) into
+  workdir/init_from/, so that exports carry its tokenizer_config and special tokens."""
+  directory, dest = Path(directory), Path(workdir) / INIT_RECORD
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in (configs.CONFIG,) + SIDE_FILES:
+    if (directory / name).is_file():
+      shutil.copyfile(directory / name, dest / name)
+  atomic_write_text(dest / "source.txt", str(directory.resolve()) + "\n")
