@@ -389,6 +389,14 @@ def _speculative_model(model: FamilialTransformer, prompts_BT, lengths_B, max_le
   return carry[4], carry[5], carry[6]
 
 
+def _scores_model(model: FamilialTransformer, inputs_BT, targets_BT, exit_: int):
+  """Each target's log-probability at exit `exit_` and whether it is that exit's argmax."""
+  logits_BTV = model(inputs_BT, n_exits=exit_ + 1)[exit_]
+  log_probs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  target_BT = jnp.take_along_axis(log_probs_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return target_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+
+
 # --- Entry points: one compilation per (exit, shapes), on a split model ------------------------
 
 
@@ -421,6 +429,7 @@ _confident = _on_split_model(_confident_model, "max_len", "max_new_tokens", "thr
                              "measure")
 _speculative = _on_split_model(_speculative_model, "max_len", "max_new_tokens", "draft_exit", "k")
 _full_logits = _on_split_model(lambda model, tokens_BT: model(tokens_BT))
+_scores = _on_split_model(_scores_model, "exit_")
 
 
 class Decoder:
@@ -517,6 +526,14 @@ class Decoder:
     with self._ctx():
       return _speculative(self._graph, self.params, tokens, lengths, max_len=self.max_len,
                           max_new_tokens=max_new_tokens, draft_exit=index, k=k)
+
+  def scores(self, inputs_BT, targets_BT, exit_: int):
+    """(log-probability of each target [B, T], whether it is the argmax [B, T]) at exit `exit_`
+    (1..G), from full forward passes (no cache)."""
+    index = self._index(exit_)
+    with self._ctx():
+      return _scores(self._graph, self.params, jnp.asarray(inputs_BT), jnp.asarray(targets_BT),
+                     exit_=index)
 
   def logits(self, tokens_BT):
     """Every exit's logits of full forward passes, [G, B, T, V] (no cache)."""
