@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
-from famjax.model import KV, FamilialTransformer, run_segments
+from famjax.model import KV, FamilialTransformer, run_segments, write_rows
 from famjax.sharding import constrain
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "kv")
@@ -86,11 +86,6 @@ def _head_logits(model, g, x_BTM, positions_BT, head_cache, at_B=None):
 def _at(x_BT, index_B):
   """x[b, index[b]] for every row."""
   return jnp.take_along_axis(x_BT, index_B.reshape((-1,) + (1,) * (x_BT.ndim - 1)), axis=1)[:, 0]
-
-
-def _write_rows(cache_BSJH, new_BTJH, positions_BT):
-  put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p[0], 0, 0))
-  return jax.vmap(put)(cache_BSJH, new_BTJH, positions_BT)
 
 
 def _put(x_BS, value_BT, positions_BT):
@@ -258,7 +253,7 @@ def _propagated(block, cache: KV, h_B1D, positions_B1, stacked: bool) -> KV:
   """`cache` with this position's entries computed from the propagated hidden state h_B1D
   (`stacked`: a segment's caches, one per layer)."""
   kv = block.keys_values(h_B1D, positions_B1)
-  write = jax.vmap(_write_rows, in_axes=(0, 0, None)) if stacked else _write_rows
+  write = jax.vmap(write_rows, in_axes=(0, 0, None)) if stacked else write_rows
   return KV(write(cache.k, kv.k, positions_B1), write(cache.v, kv.v, positions_B1))
 
 

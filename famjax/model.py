@@ -72,7 +72,7 @@ def rotary(x_BTQH: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x_BTQH.dtype)
 
 
-def _write(cache_BSJH: jax.Array, new_BTJH: jax.Array, positions_BT: jax.Array) -> jax.Array:
+def write_rows(cache_BSJH: jax.Array, new_BTJH: jax.Array, positions_BT: jax.Array) -> jax.Array:
   """Writes each row's new entries at its own (contiguous) positions."""
   put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p[0], 0, 0))
   return jax.vmap(put)(cache_BSJH, new_BTJH, positions_BT)
@@ -106,7 +106,7 @@ class Attention(nnx.Module):
     if cache is None:
       attended = jax.nn.dot_product_attention(q_BTQH, new.k, new.v, is_causal=True)
       return self.out(attended), None
-    cache = KV(_write(cache.k, new.k, positions), _write(cache.v, new.v, positions))
+    cache = KV(write_rows(cache.k, new.k, positions), write_rows(cache.v, new.v, positions))
     key_positions_S = jnp.arange(cache.k.shape[1])
     mask_B1TS = key_positions_S[None, None, None, :] <= positions[:, None, :, None]
     attended = jax.nn.dot_product_attention(q_BTQH, cache.k.astype(q_BTQH.dtype),

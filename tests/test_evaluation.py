@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.special import log_softmax
 
 from famjax import train
 from famjax.config import DataConfig, ExperimentConfig, TrainConfig
@@ -52,8 +53,7 @@ def requests(kind, args_list):
 def own_log_probs(lm, tokens: list[int], exit_: int) -> np.ndarray:
   """log p(tokens[t + 1] | tokens[:t + 1]) for every t, from model(...) at exit `exit_`."""
   logits_TV = np.asarray(lm.decoder.logits(np.asarray([tokens[:-1]]))[exit_ - 1, 0], np.float64)
-  log_probs_TV = logits_TV - np.log(np.exp(logits_TV - logits_TV.max(-1, keepdims=True)).sum(
-      -1, keepdims=True)) - logits_TV.max(-1, keepdims=True)
+  log_probs_TV = log_softmax(logits_TV, axis=-1)
   return log_probs_TV[np.arange(len(tokens) - 1), tokens[1:]]
 
 

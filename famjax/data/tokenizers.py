@@ -86,6 +86,9 @@ class HFTokenizer:
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids])
 
+  def token_text(self, token_id: int) -> str | None:
+    return self._tok.id_to_token(int(token_id))
+
   def serialized(self) -> bytes:
     return self._tok.to_str().encode("utf-8")
 
@@ -124,6 +127,9 @@ class SentencePieceTokenizer:
 
   def decode(self, ids) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  def token_text(self, token_id: int) -> str | None:
+    return self._sp.id_to_piece(int(token_id))
 
   def serialized(self) -> bytes:
     return self._raw

@@ -128,7 +128,7 @@ def family_params(cfg: ModelConfig, fresh: dict, dense_cfg: ModelConfig, dense: 
   ("copy") start from the final norm and unembedding, and a private block from the layer after
   the exit (as EE-Tuning); with "fresh" they keep `fresh`'s initialisation (the family's own
   parameters, nnx.to_pure_dict layout). Returns float32 numpy arrays."""
-  out = jax.tree.map(np.asarray, jax.device_get(fresh))
+  out = host_params(fresh)
   layers = dense["segments"][0]["blocks"]
   bounds = (0,) + cfg.exit_layers
   out["embed"] = dense["embed"]
@@ -147,6 +147,11 @@ def family_params(cfg: ModelConfig, fresh: dict, dense_cfg: ModelConfig, dense: 
   if cfg.unembed == "shared":
     out["exits"][0]["unembed"] = {"kernel": unembed_MV}
   return jax.tree.map(lambda a: np.asarray(a, np.float32), out)
+
+
+def host_params(params: dict) -> dict:
+  """Parameters as numpy arrays on the host (a no-op for numpy ones)."""
+  return jax.tree.map(np.asarray, jax.device_get(params))
 
 
 def _exit_layers(cfg: ModelConfig, params: dict, g: int) -> list[dict]:
@@ -181,7 +186,7 @@ def _write_tokenizer(out: Path, tokenizer_dir: Path | None, tokenizer, side_dir:
       shutil.copyfile(side_dir / name, out / name)
       written.append(name)
   if "tokenizer_config.json" not in written and tokenizer.file_name in TOKENIZER_FILES:
-    token = lambda i: None if i is None else _token_text(tokenizer, i)
+    token = lambda i: None if i is None else tokenizer.token_text(i)
     config = {"tokenizer_class": "PreTrainedTokenizerFast" if tokenizer.file_name ==
               "tokenizer.json" else "LlamaTokenizer", "model_max_length": max_len,
               "eos_token": token(tokenizer.eos_id),
@@ -189,14 +194,6 @@ def _write_tokenizer(out: Path, tokenizer_dir: Path | None, tokenizer, side_dir:
     atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=1))
     written.append("tokenizer_config.json")
   return written
-
-
-def _token_text(tokenizer, token_id: int) -> str | None:
-  inner = getattr(tokenizer, "_tok", None)
-  if inner is not None:
-    return inner.id_to_token(token_id)
-  sp = getattr(tokenizer, "_sp", None)
-  return sp.id_to_piece(token_id) if sp is not None else None
 
 
 def export_exit(cfg: ModelConfig, params: dict, exit_: int, out, tokenizer=None,
@@ -207,7 +204,7 @@ def export_exit(cfg: ModelConfig, params: dict, exit_: int, out, tokenizer=None,
     raise ValueError(f"--exit must be in 1..{cfg.n_exits} (the family's exits) or 'all'; "
                      f"got {exit_}")
   g = exit_ - 1
-  params = jax.tree.map(np.asarray, jax.device_get(params))
+  params = host_params(params)
   layers = _exit_layers(cfg, params, g)
   unembed = None if cfg.unembed == "tied" else (
       params["exits"][g if cfg.unembed == "per_exit" else 0]["unembed"]["kernel"])

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from famjax import data, train
 from famjax.files import atomic_write_text
-from famjax.hf import INIT_RECORD, export_exit
+from famjax.hf import INIT_RECORD, export_exit, host_params
 
 
 def export(workdir, exit_: int | str, out, progress: bool = True) -> list[dict]:
@@ -19,7 +19,7 @@ def export(workdir, exit_: int | str, out, progress: bool = True) -> list[dict]:
   out/index.json saying which exit each directory holds)."""
   workdir = Path(workdir)
   cfg, model = train.load_model(workdir)
-  params = nnx.to_pure_dict(nnx.state(model))
+  params = host_params(nnx.to_pure_dict(nnx.state(model)))  # once for every exit
   tokenizer = data.load_tokenizer(workdir) if (workdir / "tokenizer").is_dir() else None
   side = workdir / INIT_RECORD
   kwargs = dict(tokenizer=tokenizer, tokenizer_dir=workdir / "tokenizer",
