@@ -20,7 +20,7 @@ from famjax.files import atomic_write_text
 EVAL_DIR = "eval"
 
 
-def _metrics(task_results: dict) -> dict[str, tuple[float, float | None]]:
+def metrics(task_results: dict) -> dict[str, tuple[float, float | None]]:
   """{metric: (value, stderr)} of one task's harness results ("acc,none", "acc_stderr,none")."""
   out = {}
   for key, value in task_results.items():
@@ -41,11 +41,11 @@ def table(results: dict[str, dict]) -> str:
            "|---|---|" + "---|" * len(names)]
   tasks = sorted({t for r in results.values() for t in r})
   for task in tasks:
-    metrics = sorted({m for r in results.values() for m in _metrics(r.get(task, {}))})
-    for metric in metrics:
+    reported = sorted({m for r in results.values() for m in metrics(r.get(task, {}))})
+    for metric in reported:
       cells = []
       for name in names:
-        value, stderr = _metrics(results[name].get(task, {})).get(metric, (None, None))
+        value, stderr = metrics(results[name].get(task, {})).get(metric, (None, None))
         cells.append("" if value is None else f"{value:.4f}" + (
             f" ± {stderr:.4f}" if stderr is not None else ""))
       lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
@@ -62,7 +62,7 @@ def plot(results: dict[str, dict], cfg, path: Path) -> None:
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
   for task in sorted({t for name in results for t in results[name]}):
-    points = [(layer, _metrics(results[f"exit{g}"].get(task, {}))) for g, layer in
+    points = [(layer, metrics(results[f"exit{g}"].get(task, {}))) for g, layer in
               zip(exits, layers)]
     metric = next((next(iter(m)) for _, m in points if m), None)
     if metric is None:
