@@ -31,13 +31,19 @@ run: venv
 # `make test`: every test but the statistical and end-to-end ones (marked slow), for each change.
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" \
-	  --ignore=tests/test_hf_live.py tests
+	  --ignore=tests/test_hf_live.py --ignore=tests/test_tpu.py tests
 
 # `make check`: the whole suite, notebooks and the second XLA code path included (CI runs it),
-# with its 20 slowest tests listed.
+# with its 20 slowest tests listed; then the TPU compiler's tests in .venv-tpu (the tpu extra:
+# libtpu, Linux x86-64 only; kept out of .venv, where it would make every JAX start probe for a
+# TPU)
 check: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 \
-	  --ignore=tests/test_hf_live.py tests
+	  --ignore=tests/test_hf_live.py --ignore=tests/test_tpu.py tests
+	@if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
+	  $(MAKE) --no-print-directory venv VENV=.venv-tpu EXTRAS=test,tpu && \
+	  JAX_PLATFORMS=cpu .venv-tpu/bin/python -m pytest -q -rs tests/test_tpu.py; \
+	else echo "tests/test_tpu.py not run: libtpu is built for Linux x86-64 only"; fi
 
 # `make test-hf`: exports and fixtures against transformers itself (installs the hf extra:
 # transformers and the CPU torch wheel)
@@ -55,7 +61,7 @@ bench: venv
 # Removes the environment and build files only: runs/ (checkpoints, studies) is never touched,
 # nor famjax's cache of token files and compiled programs (`make clean-cache`).
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-tpu .pytest_cache build *.egg-info
 
 # Removes famjax's cache: token files and XLA's compiled programs ($FAMJAX_CACHE, else
 # ~/.cache/famjax); both are rebuilt on the next run.

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One GPU check (README, "Before renting"): on a machine with one GPU and famjax installed with
-# `make venv EXTRAS=test,cuda`, runs each part under its own timeout (all within 8 minutes) and
+# `make venv EXTRAS=test,cuda`, runs each part under its own timeout (all within 10 minutes) and
 # prints one JSON line per part: {"part", "rc", "seconds", "result"} where result is the part's
 # own JSON line (null when it failed or timed out; rc 124 = timed out).
 #   mfu:          benchmarks/mfu.py, `small` preset, bfloat16, remat none, dots and block
 #   step_memory:  benchmarks/step_memory.py (XLA's temp bytes per remat policy, compile time)
 #   decode:       benchmarks/decode.py (cached, relay, confidence and speculative decoding)
 #   paper_train:  benchmarks/paper_smallest.py, 200 steps of the paper preset's smallest shape
+#   plan_on_gpu:  benchmarks/plan_on_gpu.py, the memory plan's choice for that shape (one GPU's
+#                 share of its batch) and one step at it: the compiler's and the device's peak
 # Usage: bash benchmarks/gpu_check.sh   (GPU_CHECK_SMOKE=1: tiny sizes, to check it on a CPU)
 set -u
 cd "$(dirname "$0")/.."
@@ -18,11 +20,13 @@ if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then
   MEMORY_ARGS="--remat none --depths 4,8"
   DECODE_ARGS="--steps 20 --context 64"
   TRAIN_ARGS="--steps 3 --batch 2 --seq 128 --microbatches 1"
+  PLAN_ARGS="--smoke"
 else
   MFU_ARGS="--preset small --remat none,dots,block"
   MEMORY_ARGS=""
   DECODE_ARGS="--steps 300"
   TRAIN_ARGS="--steps 200 --batch 32 --seq 2048"
+  PLAN_ARGS=""
 fi
 
 part() {  # name, timeout in seconds, command...
@@ -42,3 +46,4 @@ part mfu 150 $PY benchmarks/mfu.py $MFU_ARGS
 part step_memory 90 $PY benchmarks/step_memory.py $MEMORY_ARGS
 part decode 110 $PY benchmarks/decode.py --workdir "$WORK/decode" $DECODE_ARGS
 part paper_train 120 $PY benchmarks/paper_smallest.py $TRAIN_ARGS
+part plan_on_gpu 120 $PY benchmarks/plan_on_gpu.py $PLAN_ARGS

@@ -22,9 +22,10 @@ _OUTDIR = flags.DEFINE_string("outdir", "runs/isoflop", "Study directory (shared
 _DRY_RUN = flags.DEFINE_boolean("dry_run", False, "Print the plan, its FLOPs and "
                                 "accelerator-hours; train nothing.")
 _MEMORY = flags.DEFINE_boolean("memory", False, "With --dry_run: compile every model shape's train "
-                              "step for study.memory_devices simulated devices and print the "
-                              "cheapest setting (FSDP, remat, microbatches) that fits "
-                              "study.device_memory_gb, and the bytes per device.")
+                              "step for study.memory_devices simulated devices (or, with "
+                              "study.memory_target=tpu:GEN:TOPOLOGY, by the TPU compiler for that "
+                              "slice) and print the cheapest setting (FSDP, remat, microbatches) "
+                              "that fits, the bytes per device and, for TPU, the step's cost.")
 _FIT_ONLY = flags.DEFINE_boolean("fit_only", False, "Train nothing: refit and rewrite the report "
                                  "from the records present (other tasks may still be training).")
 _TASK_INDEX = flags.DEFINE_integer("task_index", 0, "This task's share of the plan (0-based), e.g. "

@@ -397,6 +397,10 @@ class EstimateConfig:
   # devices, and the memory (GB = 1e9 bytes) its train step may use on each device
   memory_devices: int = 8
   device_memory_gb: float = 80.0
+  # what the memory plan compiles for: "cpu" (the simulated node above) or a TPU slice that is not
+  # attached, "tpu:v5p:2x2x2" (compiled by libtpu, the tpu extra; famjax.study.tpu)
+  memory_target: str = "cpu"
+  memory_runs: str = "all"  # which runs it plans: "all", or "largest" (each budget's largest)
 
   def __post_init__(self):
     _require(0 < self.mfu <= 1, "study.mfu", "in (0, 1]", self.mfu)
@@ -405,6 +409,11 @@ class EstimateConfig:
     _positive_int("study.memory_devices", self.memory_devices)
     _require(0 < self.device_memory_gb < math.inf, "study.device_memory_gb", "finite and > 0",
              self.device_memory_gb)
+    _require(self.memory_runs in ("all", "largest"), "study.memory_runs", "'all' or 'largest'",
+             self.memory_runs)
+    if self.memory_target != "cpu":
+      from famjax.study import tpu
+      tpu.parse(self.memory_target)
 
 
 @dataclasses.dataclass(frozen=True)

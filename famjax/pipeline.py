@@ -21,7 +21,7 @@ from famjax.analysis.analyze import analyze
 from famjax.analysis.live import LiveFit
 from famjax.config import ExperimentConfig, StudyConfig
 from famjax.files import default_cache_dir
-from famjax.study import isoflop, memory, results, sweep
+from famjax.study import cost, isoflop, memory, results, sweep, tpu
 
 
 def flops_rule(study: StudyConfig, base: ExperimentConfig) -> dict | None:
@@ -45,9 +45,13 @@ def dry_run(study: StudyConfig, base: ExperimentConfig, with_memory: bool = Fals
     lines = [isoflop.table(plan), ""]
   else:
     started = time.perf_counter()
-    shapes = memory.plan_memory(plan.runs, base.train.batch_size, base.train.seq_len, target)
-    lines = [isoflop.table(plan, memory.run_cells(shapes)), "", memory.table(shapes, target),
-             f"memory pass: {time.perf_counter() - started:.0f} s", ""]
+    runs = plan.runs if study.memory_runs == "all" else memory.largest_per_budget(plan.runs)
+    shape = (base.train.batch_size, base.train.seq_len)
+    shapes = memory.plan_memory(runs, *shape, target)
+    lines = [isoflop.table(plan, memory.run_cells(shapes)), "", memory.table(shapes, target)]
+    if target.slice is not None:
+      lines += ["", cost.table(shapes, runs, shape, target)]
+    lines += [f"memory pass: {time.perf_counter() - started:.0f} s", ""]
     lines += memory.refusals(shapes, target)
   lines += [f"dropped {run_id}: {why}" for run_id, why in plan.dropped]
   lines += [f"note: {note}" for note in plan.notes]
@@ -58,12 +62,21 @@ def dry_run(study: StudyConfig, base: ExperimentConfig, with_memory: bool = Fals
 
 
 def memory_target(study: StudyConfig, base: ExperimentConfig) -> memory.Target:
-  """The simulated node of study.memory_devices fake CPU devices; call before JAX starts."""
+  """The simulated node of study.memory_devices fake CPU devices (call before JAX starts), or
+  the TPU slice of study.memory_target with the HBM its compiler allows."""
+  cache = default_cache_dir() / "memory"
+  if study.memory_target != "cpu":
+    devices = tpu.devices(tpu.parse(study.memory_target))
+    if len(devices) % base.mesh.model:
+      raise ValueError(f"mesh.model={base.mesh.model} must divide the {len(devices)} devices of "
+                       f"study.memory_target={study.memory_target}")
+    return memory.Target(devices, base.mesh.model, tpu.available_hbm(devices[0]), cache,
+                         study.memory_target)
   if study.memory_devices % base.mesh.model:
     raise ValueError(f"mesh.model={base.mesh.model} must divide study.memory_devices="
                      f"{study.memory_devices}")
   return memory.Target(memory.simulated_devices(study.memory_devices), base.mesh.model,
-                       study.device_memory_gb * 1e9, default_cache_dir() / "memory")
+                       study.device_memory_gb * 1e9, cache)
 
 
 class Task(NamedTuple):

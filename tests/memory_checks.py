@@ -37,6 +37,9 @@ def main(cache: Path):
       "impossible": [impossible.setting, str(impossible.measured_at),
                      memory.refusals([impossible], memory.Target(devices, 1, 1000.0))],
       "floor": str(floor.setting),
+      "bounds": {name: memory.lower_bound(model, shape, memory.Setting(
+          int(name.split(",")[0].split()[1]), name.split()[3].rstrip(","),
+          int(name.split()[-1])), target) for name in measured},
       "state_difference": {f: memory.choose(model, shape, memory.Target(
           devices, 1, 1e12, cache), floor=memory.Setting(f, "none", 1)).state_difference
           for f in (1, 2)}}))

@@ -1,15 +1,20 @@
 """The memory plan: XLA's bytes per device of the real train step on a simulated node, the
 cheapest setting that fits, refusals, and the --dry_run --memory command line."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from famjax.study import memory
+from famjax.config import StudyConfig
+from famjax.study import cost, memory, tpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +55,7 @@ def test_parameters_and_optimizer_state_match_the_formula(checks):
 @pytest.mark.slow
 def test_a_shape_that_fits_nothing_is_refused_with_its_need(checks):
   setting, most_frugal, (line, *_) = checks["impossible"]
-  assert setting is None and most_frugal == "fsdp 2, remat block, micro 1"
+  assert setting is None and most_frugal == "fsdp 2, remat block, micro 4"
   assert line.startswith("refused r: d64L4 exits 2,4 fits no setting within 0.0 GB per device")
   assert "study.device_memory_gb" in line and "temporaries" in line
 
@@ -58,6 +63,70 @@ def test_a_shape_that_fits_nothing_is_refused_with_its_need(checks):
 @pytest.mark.slow
 def test_a_siblings_setting_is_tried_first_and_kept_when_it_fits(checks):
   assert checks["floor"] == "fsdp 2, remat dots, micro 2"
+
+
+@pytest.mark.slow
+def test_the_lower_bound_is_below_every_measured_peak(checks):
+  for name, (_, fp) in checks["measured"].items():
+    assert 0 < checks["bounds"][name] <= fp["peak"], name
+
+
+def test_tpu_targets_are_parsed_and_bad_ones_named():
+  slice_ = tpu.parse("tpu:v5p:2x2x2")
+  assert slice_.topology == "v5p:2x2x2" and slice_.chips == 8 and slice_.chip.peak_flops == 459e12
+  assert tpu.parse("tpu:v5e:4x4").chips == 16
+  for bad in ("gpu", "tpu:v9:2x2", "tpu:v5p", "tpu:v5p:2x2x2x2", "v5p:2x2x2"):
+    with pytest.raises(ValueError, match="study.memory_target must be 'cpu' or 'tpu:GEN"):
+      tpu.parse(bad)
+  with pytest.raises(ValueError, match="study.memory_runs"):
+    StudyConfig(memory_runs="smallest")
+  with pytest.raises(ValueError, match="study.memory_target"):
+    StudyConfig(memory_target="tpu:v7x:2x2")
+
+
+def test_the_compilers_refusal_is_read_in_binary_units():
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+             "temporaries (678.71G) exceeds available HBM (95.74G).")
+  required, available = tpu.refusal(message)
+  assert required == pytest.approx(678.71 * 2**30) and available == pytest.approx(95.74 * 2**30)
+  assert tpu.refusal("INVALID_ARGUMENT: something else") is None
+
+
+def test_matmul_flops_count_every_scan_iteration_and_remats_recomputation():
+  n, layers = 16, 5
+  step = lambda x, w: jnp.tanh(x @ w)
+  forward = lambda x, ws: jax.lax.scan(lambda c, w: (step(c, w), None), x, ws)[0].sum()
+  x, ws = jnp.ones((n, n)), jnp.ones((layers, n, n))
+  one = 2.0 * n**3
+  assert cost.matmul_flops(jax.make_jaxpr(forward)(x, ws)) == layers * one
+  plain = cost.matmul_flops(jax.make_jaxpr(jax.grad(forward, argnums=1))(x, ws))
+  remat = lambda x, ws: jax.lax.scan(lambda c, w: (jax.checkpoint(step)(c, w), None), x, ws)[0]
+  recomputed = cost.matmul_flops(jax.make_jaxpr(jax.grad(lambda x, ws: remat(x, ws).sum(),
+                                                         argnums=1))(x, ws))
+  assert plain == 3 * layers * one and recomputed == 4 * layers * one
+
+
+def test_the_roofline_takes_the_slower_of_compute_and_memory():
+  step = cost.StepCost(model_flops=3e12, program_flops=4e12, compiler_flops=1e12,
+                       compiler_bytes=1e9, min_bytes=3e9, peak_flops=1e14, bandwidth=1e11)
+  assert step.compute_seconds == pytest.approx(0.04) and step.memory_seconds == pytest.approx(0.03)
+  assert step.bound == "compute" and step.mfu_bound == pytest.approx(0.75)
+  slow = dataclasses.replace(step, bandwidth=1e10)
+  assert slow.bound == "memory" and slow.mfu_bound == pytest.approx(3e12 / (0.3 * 1e14))
+
+
+def test_the_traffic_floor_counts_the_optimizer_once_and_weights_per_microbatch():
+  model = SimpleNamespace(dtype="bfloat16")
+  setting = memory.Setting(fsdp=4, remat="block", microbatches=8)
+  floor = cost.min_traffic(model, setting, params=1000, model_axis=2, fsdp=4)
+  assert floor == 32 * 1000 / 8 + 3 * 2 * 1000 / 2 * 8
+
+
+def test_largest_per_budget_keeps_each_budgets_largest_family():
+  run = lambda budget, params, g: SimpleNamespace(
+      budget=budget, granularity=g, accounting=SimpleNamespace(params_total=params))
+  runs = [run(1e19, 10, 1), run(1e19, 30, 1), run(1e19, 30, 4), run(1e20, 50, 2), run(1e20, 5, 4)]
+  assert memory.largest_per_budget(runs) == [runs[2], runs[3]]
 
 
 def test_ranks_order_remat_then_microbatches_then_fsdp():
@@ -78,7 +147,7 @@ def test_dry_run_memory_prints_a_setting_for_every_run_and_refuses_what_cannot_f
   assert ok.returncode == 0, ok.stderr[-3000:]
   rows = [l for l in ok.stdout.splitlines() if l.startswith("C3e10_")]
   assert len(rows) == 2 and all(l.endswith("fsdp 1, remat none, micro 1") for l in rows)
-  assert "2 shapes, " in ok.stdout and "2 simulated devices" in ok.stdout
+  assert "2 shapes, " in ok.stdout and "2 simulated CPU devices" in ok.stdout
   refused = subprocess.run(common + ["--config.study.device_memory_gb=1e-6"], capture_output=True,
                            text=True, cwd=ROOT, env=env, timeout=600)
   assert refused.returncode == 0, refused.stderr[-3000:]

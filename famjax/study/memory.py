@@ -1,6 +1,8 @@
 """Device memory of every run of a plan, read from XLA: the real train step, lowered and compiled
-for a simulated node of fake CPU devices with abstract inputs (nothing is allocated), and the
-cheapest setting (FSDP degree, remat policy, microbatches) whose step fits a stated memory.
+with abstract inputs (nothing is allocated) for a simulated node of fake CPU devices, or by the
+TPU compiler for a TPU slice that is not attached (famjax.study.tpu), and the cheapest setting
+(FSDP degree, remat policy, microbatches) whose step fits: a stated memory per device, or the
+HBM the TPU compiler allows (a step it refuses for HBM does not fit).
 
 Cheapest first (docs/memory.md): remat "none", then "dots", then "block" (recomputation costs
 FLOPs); for one policy, fewer microbatches (the same FLOPs in smaller matmuls, and one weight
@@ -26,12 +28,14 @@ from tqdm.auto import tqdm
 from famjax import accounting, sharding, train
 from famjax.config import MeshConfig, ModelConfig, TrainConfig
 from famjax.files import atomic_write_text
+from famjax.study import cost, tpu
 
 REMAT_ORDER = ("none", "dots", "block")
 STATE_BYTES_PER_PARAM = 12  # float32 parameter, AdamW's float32 mu and nu
-# the backend's code generation does not change buffer assignment: compiling at level 0 gives the
-# same memory analysis in about half the time
-_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+# the CPU backend's code generation does not change buffer assignment: compiling at level 0 gives
+# the same memory analysis in about half the time (TPU programs compile with the defaults)
+_CPU_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+STATE_MARGIN = 0.99  # the lower bound's share of the formula's state (XLA's is within 0.03%)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +57,25 @@ class Footprint:
   temporaries: int  # activations, gradients, gathered weights, workspace
   peak: int  # arguments + outputs - donated + temporaries
   compile_seconds: float  # lowering and compiling (0 when read from the cache)
+  refused: bool = False  # the TPU compiler refused it for HBM (temporaries: what it required)
+  flops: float = 0.0  # the compiler's cost analysis, per device (loop bodies counted once)
+  bytes_accessed: float = 0.0
+  program_flops: float = 0.0  # matmul FLOPs of the traced step, all devices (study.cost)
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """The simulated cluster node and the memory a run may use on each of its devices."""
+  """The devices a run is compiled for and the memory it may use on each of them."""
 
-  devices: tuple  # fake CPU devices of one node
+  devices: tuple  # fake CPU devices of one node, or a TPU slice's compile-only devices
   model_axis: int  # mesh.model; data x fsdp take the rest
   capacity_bytes: float
   cache_dir: Path | None = None  # one JSON per measured (shape, batch, setting); None: no cache
+  name: str = "cpu"  # study.memory_target ("cpu" or "tpu:GEN:TOPOLOGY"), or an attached platform
+
+  @property
+  def slice(self) -> tpu.Slice | None:
+    return tpu.parse(self.name) if self.name.startswith("tpu:") else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +90,7 @@ class ShapePlan:
   analytic_state: float  # parameters + AdamW state per device at that FSDP degree, by formula
   compiles: int  # programs compiled (not read from the cache)
   seconds: float  # spent lowering and compiling this shape
+  skipped: int = 0  # settings the lower bound ruled out without compiling
 
   @property
   def state_difference(self) -> float:
@@ -103,6 +117,20 @@ def analytic_state_bytes(model: ModelConfig, seq_len: int, shards: int) -> float
   return accounting.account(model, seq_len).params_total * STATE_BYTES_PER_PARAM / shards
 
 
+def lower_bound(model: ModelConfig, shape: tuple[int, int], setting: Setting,
+                target: Target) -> float:
+  """Bytes per device below which no compiler can place the step, for skipping settings before
+  compiling them: the parameters and AdamW state (by formula, less a margin), and every layer's
+  input kept for the backward pass at the compute dtype (what remat "block" keeps; the other
+  policies keep more). Logits are chunked (model.chunked_cross_entropy), so none are counted."""
+  batch, seq_len = shape
+  rows = batch / (len(target.devices) // target.model_axis) / setting.microbatches
+  state = analytic_state_bytes(model, seq_len, setting.fsdp * target.model_axis)
+  inputs = model.n_layers * rows * seq_len * model.d_model * np.dtype(
+      jax.numpy.dtype(model.dtype)).itemsize
+  return STATE_MARGIN * state + inputs
+
+
 def _shard_bytes(tree) -> int:
   """Bytes one device holds of `tree`, abstract arrays that carry their sharding."""
   return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
@@ -123,24 +151,42 @@ def _compile(model: ModelConfig, shape: tuple[int, int], setting: Setting,
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32)
     hparams = {k: np.float32(v) for k, v in train.hyperparameters(TrainConfig(), 0.0).items()}
     weights = np.full(model.n_exits, 1.0 / model.n_exits, np.float32)
-    compiled = progs.step.lower(params, opt_state, tokens, hparams, weights).compile(
-        compiler_options=_COMPILE_OPTIONS)
+    traced = progs.step.trace(params, opt_state, tokens, hparams, weights)
+    lowered = traced.lower()
+    state = {"params": _shard_bytes(params), "optimizer": _shard_bytes(opt_state),
+             "program_flops": cost.matmul_flops(traced.jaxpr)}
+    try:
+      compiled = lowered.compile(compiler_options=_CPU_COMPILE_OPTIONS if
+                                 target.devices[0].platform == "cpu" else None)
+    except Exception as e:  # noqa: BLE001 (the TPU compiler's refusal is a JaxRuntimeError)
+      refused = tpu.refusal(str(e))
+      if refused is None:
+        raise
+      required = refused[0]
+      return Footprint(**state, temporaries=required,
+                       peak=state["params"] + state["optimizer"] + required,
+                       compile_seconds=time.perf_counter() - start, refused=True)
   seconds = time.perf_counter() - start
   analysis = compiled.memory_analysis()
+  counted = compiled.cost_analysis()
+  counted = (counted[0] if isinstance(counted, (list, tuple)) else counted) or {}
   return Footprint(
-      params=_shard_bytes(params),
-      optimizer=_shard_bytes(opt_state),
+      **state,
       temporaries=int(analysis.temp_size_in_bytes),
       peak=int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes),
-      compile_seconds=seconds)
+      compile_seconds=seconds, flops=float(counted.get("flops", 0.0)),
+      bytes_accessed=float(counted.get("bytes accessed", 0.0)))
 
 
 def measure(model: ModelConfig, shape: tuple[int, int], setting: Setting,
             target: Target) -> Footprint:
   """The footprint of one (model, (batch, seq_len), setting), from the cache when it is there."""
-  key = json.dumps([dataclasses.asdict(model), shape, dataclasses.asdict(setting),
-                    len(target.devices), target.model_axis, jax.__version__], default=list)
+  key = [dataclasses.asdict(model), shape, dataclasses.asdict(setting), len(target.devices),
+         target.model_axis, jax.__version__]
+  if target.name != "cpu":  # the CPU plan's keys stay as they were
+    key += [target.name] + ([tpu.libtpu_version()] if target.slice else [])
+  key = json.dumps(key, default=list)
   path = (None if target.cache_dir is None else
           target.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")
   if path is not None and path.exists():
@@ -165,6 +211,7 @@ class _Search:
                floor: Setting | None = None):
     self.model, self.shape, self.target, self.floor = model, shape, target, floor
     self.measured: dict[Setting, Footprint] = {}
+    self.skipped: set[Setting] = set()  # ruled out by the lower bound, not compiled
     data_devices = len(target.devices) // target.model_axis
     self.fsdps = [f for f in _powers_of_two(data_devices) if model.d_model % f == 0]
     batch = shape[0]
@@ -179,22 +226,52 @@ class _Search:
     return self.floor is not None and _rank(setting) < _rank(self.floor)
 
   def fits(self, setting: Setting) -> bool:
-    if self.below_floor(setting):
+    if self.below_floor(setting) or self.bounded_out(setting):
       return False
     return self.footprint(setting).peak <= self.target.capacity_bytes
 
-  def fewest_microbatches(self, remat: str, fsdp: int) -> int | None:
-    """The fewest microbatches whose step fits at this FSDP degree. Counts whose temporaries
-    cannot fit are not compiled: temporaries (activations over m, plus gradients and gathered
-    weights) shrink at most in proportion to 1 / m."""
-    m = next((c for c in self.micros if not self.below_floor(Setting(fsdp, remat, c))), None)
+  def bounded_out(self, setting: Setting) -> bool:
+    """Whether the lower bound alone rules the setting out (it is then never compiled)."""
+    if lower_bound(self.model, self.shape, setting, self.target) > self.target.capacity_bytes:
+      self.skipped.add(setting)
+      return True
+    return False
+
+  def from_most_fsdp(self, remat: str) -> Setting | None:
+    """The fewest microbatches at the largest FSDP degree, then the smallest degree that fits
+    them: exact while memory never grows with the FSDP degree (XLA:CPU, tested)."""
+    most = self.fsdps[-1]
+    micro = self.fewest_microbatches(remat, most)
+    return None if micro is None else Setting(self.smallest_fsdp(remat, micro, most), remat,
+                                              micro)
+
+  def over_every_fsdp(self, remat: str) -> Setting | None:
+    """The cheapest of every FSDP degree's fewest microbatches (each degree searching only the
+    counts that could still beat the best so far): for the TPU compiler, whose temporaries can
+    grow with the FSDP degree (docs/memory.md)."""
+    best = None
+    for fsdp in self.fsdps:
+      micro = self.fewest_microbatches(remat, fsdp, below=best.microbatches if best else None)
+      if micro is not None:
+        best = Setting(fsdp, remat, micro)
+    return best
+
+  def fewest_microbatches(self, remat: str, fsdp: int, below: int | None = None) -> int | None:
+    """The fewest microbatches (fewer than `below`, if given) whose step fits at this FSDP
+    degree. Counts whose temporaries cannot fit are not compiled: temporaries (activations over
+    m, plus gradients and gathered weights) shrink at most in proportion to 1 / m."""
+    counts = [c for c in self.micros if below is None or c < below]
+    m = next((c for c in counts if not self.below_floor(Setting(fsdp, remat, c))), None)
     while m is not None:
       setting = Setting(fsdp, remat, m)
       if self.fits(setting):
         return m
+      if setting in self.skipped:
+        m = next((c for c in counts if c > m), None)
+        continue
       fp = self.footprint(setting)
       room = self.target.capacity_bytes - (fp.peak - fp.temporaries)
-      m = next((c for c in self.micros if c > m and fp.temporaries * m / c <= room), None)
+      m = next((c for c in counts if c > m and fp.temporaries * m / c <= room), None)
     return None
 
   def smallest_fsdp(self, remat: str, micro: int, fits_at: int) -> int:
@@ -224,17 +301,18 @@ def choose(model: ModelConfig, shape: tuple[int, int], target: Target,
   if floor is not None and search.fits(floor):
     chosen = floor
   for remat in REMAT_ORDER if chosen is None else ():
-    micro = search.fewest_microbatches(remat, most)
-    if micro is not None:
-      chosen = Setting(search.smallest_fsdp(remat, micro, most), remat, micro)
+    chosen = search.over_every_fsdp(remat) if target.slice else search.from_most_fsdp(remat)
+    if chosen is not None:
       break
+  if not search.measured:  # every setting bounded out: compile the most frugal to show its need
+    search.footprint(Setting(most, REMAT_ORDER[-1], search.micros[-1]))
   shown = chosen or min(search.measured, key=lambda s: search.measured[s].peak)
   return ShapePlan(
       model=model, run_ids=run_ids, setting=chosen, measured_at=shown,
       footprint=search.measured[shown],
       analytic_state=analytic_state_bytes(model, shape[1], shown.fsdp * target.model_axis),
       compiles=sum(fp.compile_seconds > 0 for fp in search.measured.values()),
-      seconds=time.perf_counter() - started)
+      seconds=time.perf_counter() - started, skipped=len(search.skipped))
 
 
 def _siblings(models: list[ModelConfig], shape: tuple[int, int], target: Target,
@@ -246,6 +324,17 @@ def _siblings(models: list[ModelConfig], shape: tuple[int, int], target: Target,
     plans.append(choose(model, shape, target, tuple(run_ids[model]), floor))
     floor = plans[-1].setting
   return plans
+
+
+def largest_per_budget(runs) -> list:
+  """Each budget's largest family (most parameters; study.memory_runs "largest"): a first look
+  at the plan's hardest shapes."""
+  largest = {}
+  for run in runs:
+    key = (run.accounting.params_total, run.granularity)
+    if run.budget not in largest or key > largest[run.budget][0]:
+      largest[run.budget] = (key, run)
+  return [run for _, run in largest.values()]
 
 
 def plan_memory(runs, batch: int, seq_len: int, target: Target,
@@ -263,38 +352,52 @@ def plan_memory(runs, batch: int, seq_len: int, target: Target,
         model)
   largest_first = sorted(backbones.values(), key=lambda models: -max(
       accounting.account(m, seq_len).params_total for m in models))  # no lone tail
-  jobs = [(models, (batch, seq_len), target.model_axis, target.capacity_bytes, target.cache_dir,
-           {m: run_ids[m] for m in models}) for models in largest_first]
-  bar = tqdm(total=len(run_ids), desc="memory", unit="shape", disable=not progress)
+  portable = dataclasses.replace(target, devices=())  # devices do not pickle
+  jobs = [(models, (batch, seq_len), portable, {m: run_ids[m] for m in models})
+          for models in largest_first]
+  bar = tqdm(total=len(run_ids), desc=f"memory ({target.name})", unit="shape",
+             disable=not progress)
   workers = min(os.cpu_count() or 1, len(jobs))
+  done = []
   if workers == 1:
-    done = [_siblings(models, shape, target, ids) for models, shape, _, _, _, ids in jobs]
-    bar.update(len(run_ids))
+    for models, shape, _, ids in jobs:
+      done.append(_siblings(models, shape, target, ids))
+      _advance(bar, done[-1])
   else:
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-        initargs=(len(target.devices),)) as pool:
+        initargs=(len(target.devices), target.name)) as pool:
       futures = [pool.submit(_siblings_in_worker, *job) for job in jobs]
       for future in concurrent.futures.as_completed(futures):
-        bar.update(len(future.result()))  # an error stops the pass here
+        _advance(bar, future.result())  # an error stops the pass here
       done = [f.result() for f in futures]
   bar.close()
   chosen = {p.model: p for plans in done for p in plans}
   return [chosen[model] for model in run_ids]
 
 
+def _advance(bar, plans: list[ShapePlan]) -> None:
+  """One backbone's shapes done: the bar moves, and shows the time per compile."""
+  compiles = sum(p.compiles for p in plans)
+  seconds = sum(p.seconds for p in plans)
+  bar.set_postfix_str(f"{compiles} compiled, {seconds / max(compiles, 1):.0f} s each"
+                      if compiles else "from the cache")
+  bar.update(len(plans))
+
+
 _worker_devices: tuple = ()
 
 
-def _start_worker(n_devices: int) -> None:
+def _start_worker(n_devices: int, target_name: str) -> None:
   global _worker_devices
-  _worker_devices = simulated_devices(n_devices)
+  _worker_devices = (simulated_devices(n_devices) if target_name == "cpu"
+                     else tpu.devices(tpu.parse(target_name)))
 
 
-def _siblings_in_worker(models, shape, model_axis, capacity, cache_dir, run_ids):
-  """_siblings in a worker process, on its own simulated devices (devices do not pickle)."""
-  return _siblings(models, shape, Target(_worker_devices, model_axis, capacity, cache_dir),
-                   run_ids)
+def _siblings_in_worker(models, shape, target: Target, run_ids):
+  """_siblings in a worker process, on its own devices (simulated CPU devices, or the TPU
+  slice's compile-only devices)."""
+  return _siblings(models, shape, dataclasses.replace(target, devices=_worker_devices), run_ids)
 
 
 def _gb(n: float) -> str:
@@ -315,14 +418,22 @@ def _shape_name(model: ModelConfig) -> str:
   return f"d{model.d_model}L{model.n_layers} exits {','.join(map(str, model.exit_layers))}"
 
 
+def _compiled_for(target: Target) -> str:
+  if target.slice is None:
+    return (f"compiled for {len(target.devices)} simulated CPU devices (mesh.model="
+            f"{target.model_axis}); fits: peak <= {_gb(target.capacity_bytes)} GB")
+  return (f"compiled by the TPU compiler (libtpu {tpu.libtpu_version()}) for {target.name}, "
+          f"{len(target.devices)} devices (mesh.model={target.model_axis}); fits: what the "
+          f"compiler accepts, at most {_gb(target.capacity_bytes)} GB a device (its own figure)")
+
+
 def table(plans: list[ShapePlan], target: Target) -> str:
   """One line per model shape: the setting, XLA's bytes per device (parameters, optimizer
   state, temporaries, peak), the formula's state and its difference, and the compile cost."""
   header = (f"{'shape':<30} {'runs':>4} {'setting':<30} {'params':>7} {'optim':>7} {'temps':>7} "
             f"{'peak':>7} {'formula':>7} {'diff':>6} {'compiles':>8} {'s':>6}")
-  lines = [f"memory per device (GB = 1e9 bytes) of each shape's train step, compiled for "
-           f"{len(target.devices)} simulated devices (mesh.model={target.model_axis}); "
-           f"fits: peak <= {_gb(target.capacity_bytes)} GB", header, "-" * len(header)]
+  lines = [f"memory per device (GB = 1e9 bytes) of each shape's train step, "
+           f"{_compiled_for(target)}", header, "-" * len(header)]
   for p in plans:
     fp = p.footprint
     lines.append(f"{_shape_name(p.model):<30} {len(p.run_ids):>4} "
@@ -342,10 +453,13 @@ def refusals(plans: list[ShapePlan], target: Target) -> list[str]:
   lines = []
   for p in (p for p in plans if p.setting is None):
     fp = p.footprint
+    more = ("a larger slice (study.memory_target)" if target.slice else
+            "more devices (study.memory_devices, mesh.model) or more memory "
+            "(study.device_memory_gb)")
+    verdict = "the TPU compiler refused" if fp.refused else "peaks at"
     why = (f"{_shape_name(p.model)} fits no setting within {_gb(target.capacity_bytes)} GB per "
-           f"device: the most frugal tried ({p.measured_at}) peaks at {_gb(fp.peak)} GB, of which "
-           f"state {_gb(fp.params + fp.optimizer)} GB and temporaries {_gb(fp.temporaries)} GB; "
-           "give it more devices (study.memory_devices, mesh.model) or more memory "
-           "(study.device_memory_gb), or a smaller train.batch_size")
+           f"device: the most frugal tried ({p.measured_at}) {verdict} {_gb(fp.peak)} GB, of "
+           f"which state {_gb(fp.params + fp.optimizer)} GB and temporaries "
+           f"{_gb(fp.temporaries)} GB; give it {more}, or a smaller train.batch_size")
     lines += [f"refused {run_id}: {why}" for run_id in p.run_ids]
   return lines
