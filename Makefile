@@ -9,6 +9,8 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 STUDY ?= runs/isoflop-tiny
 CACHE := $(or $(FAMJAX_CACHE),$(HOME)/.cache/famjax)
+LIBTPU_PIN := $(shell sed -n 's/^ *\(libtpu==[0-9.]*\) *$$/\1/p' setup.cfg)
+TPU_LIB := build/libtpu
 
 .PHONY: run test check test-hf bench lint venv clean clean-cache
 
@@ -34,16 +36,21 @@ test: venv
 	  --ignore=tests/test_hf_live.py --ignore=tests/test_tpu.py tests
 
 # `make check`: the whole suite, notebooks and the second XLA code path included (CI runs it),
-# with its 20 slowest tests listed; then the TPU compiler's tests in .venv-tpu (the tpu extra:
-# libtpu, Linux x86-64 only; kept out of .venv, where it would make every JAX start probe for a
-# TPU)
+# with its 20 slowest tests listed; then the TPU compiler's tests with libtpu (Linux x86-64 only)
 check: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 \
 	  --ignore=tests/test_hf_live.py --ignore=tests/test_tpu.py tests
 	@if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
-	  $(MAKE) --no-print-directory venv VENV=.venv-tpu EXTRAS=test,tpu && \
-	  JAX_PLATFORMS=cpu .venv-tpu/bin/python -m pytest -q -rs tests/test_tpu.py; \
+	  $(MAKE) --no-print-directory $(TPU_LIB)/.installed && \
+	  PYTHONPATH=$(CURDIR)/$(TPU_LIB) JAX_PLATFORMS=cpu $(PY) -m pytest -q -rs tests/test_tpu.py; \
 	else echo "tests/test_tpu.py not run: libtpu is built for Linux x86-64 only"; fi
+
+# libtpu alone, at the tpu extra's pin, beside .venv and on the path of the TPU tests only: in
+# .venv it would make every JAX start probe for a TPU (a second and a page of warnings each)
+$(TPU_LIB)/.installed: setup.cfg
+	rm -rf $(TPU_LIB)
+	$(PY) -m pip install -q --no-deps --target $(TPU_LIB) '$(LIBTPU_PIN)'
+	touch $@
 
 # `make test-hf`: exports and fixtures against transformers itself (installs the hf extra:
 # transformers and the CPU torch wheel)
@@ -61,7 +68,7 @@ bench: venv
 # Removes the environment and build files only: runs/ (checkpoints, studies) is never touched,
 # nor famjax's cache of token files and compiled programs (`make clean-cache`).
 clean:
-	rm -rf $(VENV) .venv-tpu .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 # Removes famjax's cache: token files and XLA's compiled programs ($FAMJAX_CACHE, else
 # ~/.cache/famjax); both are rebuilt on the next run.

@@ -1,4 +1,5 @@
-"""The shape of the package: short functions with few parameters, and no import cycles."""
+"""The shape of the package: short functions with few parameters, no import cycles, pins that
+agree."""
 
 import ast
 from pathlib import Path
@@ -72,3 +73,22 @@ def test_importing_famjax_leaves_matplotlib_alone(tmp_path):
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "MPLBACKEND": "svg"}, cwd=PACKAGE.parent)
   assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_tpu_extra_pins_the_libtpu_the_pinned_jax_asks_for():
+  """`make check` installs libtpu alone at the tpu extra's pin, so that pin must be jax's own."""
+  import configparser
+  from importlib import metadata
+
+  from packaging.requirements import Requirement
+  setup = configparser.ConfigParser()
+  setup.read(PACKAGE.parent / "setup.cfg")
+  tpu_extra = {r.name: r for r in map(Requirement, setup["options.extras_require"]["tpu"].split())}
+  jax_pin = next(r for r in map(Requirement, setup["options"]["install_requires"].split())
+                 if r.name == "jax")
+  assert tpu_extra["jax"].specifier == jax_pin.specifier
+  assert metadata.version("jax") in jax_pin.specifier
+  asked = next(r for r in map(Requirement, metadata.requires("jax"))
+               if r.name == "libtpu" and r.marker and r.marker.evaluate({"extra": "tpu"}))
+  (pinned,) = tpu_extra["libtpu"].specifier
+  assert pinned.operator == "==" and pinned.version in asked.specifier, (pinned, asked)

@@ -1,7 +1,7 @@
 """The memory plan for a TPU slice compiled by the TPU compiler itself (libtpu, the `tpu` extra):
 the HBM it allows, the search's choice on its footprints, a step it refuses reported as not
-fitting, and the cost table. `make check` runs this file in .venv-tpu (the tpu extra, Linux
-x86-64 only: libtpu ships no other wheel); elsewhere it says why it cannot run."""
+fitting, and the cost table. `make check` runs this file with libtpu at the tpu extra's pin on its
+path (Linux x86-64 only: libtpu ships no other wheel); elsewhere it says why it cannot run."""
 
 import dataclasses
 import itertools
@@ -19,8 +19,8 @@ from famjax.study import cost, memory, tpu
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.machine() != "x86_64"
     or tpu.libtpu_version() == "absent",
-    reason="libtpu is the tpu extra, built for Linux x86-64 only: `make check` runs this file in "
-           ".venv-tpu (pip install -e '.[test,tpu]')")
+    reason="needs libtpu (the tpu extra, built for Linux x86-64 only): `make check` installs it "
+           "in build/libtpu and runs this file with it")
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=2, d_ff=256, max_seq_len=256,
                     exit_layers=(2, 4), dtype="bfloat16")
