@@ -4,8 +4,10 @@ cheapest setting that fits, refusals, and the --dry_run --memory command line.""
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -153,3 +155,44 @@ def test_dry_run_memory_prints_a_setting_for_every_run_and_refuses_what_cannot_f
   assert refused.returncode == 0, refused.stderr[-3000:]
   lines = [l for l in refused.stdout.splitlines() if l.startswith("refused C3e10_")]
   assert len(lines) == 2 and "fits no setting within 0.0 GB per device" in lines[0]
+
+
+KILLED_PLAN = """
+import concurrent.futures, multiprocessing, os, sys, time
+from famjax.study import memory
+
+if __name__ == "__main__":
+  with concurrent.futures.ProcessPoolExecutor(
+      1, mp_context=multiprocessing.get_context("spawn"), initializer=memory._start_worker,
+      initargs=(1, "cpu")) as pool:
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 600)  # a backbone's compiles, minutes long
+    time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+  try:
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_plan_takes_its_compile_workers_with_it(tmp_path):
+  script = tmp_path / "plan.py"
+  script.write_text(KILLED_PLAN)
+  plan = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                          cwd=ROOT)
+  worker = int(plan.stdout.readline())
+  assert _running(worker)
+  plan.kill()
+  plan.wait()
+  deadline = time.monotonic() + 30
+  while _running(worker) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  try:
+    assert not _running(worker), "the plan's worker outlived it"
+  finally:
+    if _running(worker):
+      os.kill(worker, signal.SIGKILL)

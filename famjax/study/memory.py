@@ -18,6 +18,7 @@ import json
 import math
 import multiprocessing
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -390,8 +391,16 @@ _worker_devices: tuple = ()
 
 def _start_worker(n_devices: int, target_name: str) -> None:
   global _worker_devices
+  threading.Thread(target=_exit_with_parent, daemon=True).start()
   _worker_devices = (simulated_devices(n_devices) if target_name == "cpu"
                      else tpu.devices(tpu.parse(target_name)))
+
+
+def _exit_with_parent() -> None:
+  """A killed plan (`kill`, a scheduler's SIGTERM) takes its workers with it: they would otherwise
+  finish their backbone's compiles, minutes each, beside the plan that resumes it."""
+  multiprocessing.parent_process().join()
+  os._exit(1)
 
 
 def _siblings_in_worker(models, shape, target: Target, run_ids):
