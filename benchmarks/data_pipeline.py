@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 TOKENIZE = """
 import json, sys, time
 from famjax import data
-from famjax.config import DataConfig
+from famjax.data.config import DataConfig
 cfg = DataConfig(corpus=sys.argv[1], tokenizer=sys.argv[2], num_workers=int(sys.argv[3]),
                  cache_dir=sys.argv[4])
 began = time.perf_counter()
@@ -117,11 +117,14 @@ def loader_over_step(corpus: str, tokenizer: Path, cache: Path) -> dict:
   import numpy as np
 
   from experiments.configs import train as presets
-  from famjax import config, data, sharding
-  from famjax.train import Trainer
-  cfg = config.experiment_from_dict(presets.get_config("small").to_dict())
+  from famjax import data
+  from famjax.data.config import DataConfig
+  from famjax.model import sharding
+  from famjax.train.config import experiment_from_dict
+  from famjax.train.loop import Trainer
+  cfg = experiment_from_dict(presets.get_config("small").to_dict())
   tc = cfg.train
-  tokens = data.load_tokens(config.DataConfig(corpus=corpus, tokenizer=str(tokenizer),
+  tokens = data.load_tokens(DataConfig(corpus=corpus, tokenizer=str(tokenizer),
                                               cache_dir=str(cache)), progress=False)
   batches = data.train_batches(tokens.train, tc.seq_len, tc.batch_size, seed=0)
   next(batches)

@@ -23,8 +23,13 @@ import numpy as np
 from flax import nnx
 
 from experiments.configs import train as presets
-from famjax import accounting, checkpoint, config, data, decode, sharding, train
-from famjax.model import FamilialTransformer
+from famjax import data
+from famjax.decode import decoder, strategies
+from famjax.model import counts, sharding
+from famjax.model.config import MeshConfig
+from famjax.model.transformer import FamilialTransformer
+from famjax.train import checkpoint, loop
+from famjax.train.config import experiment_from_dict
 
 
 def best_of(fn, repeats=3):
@@ -83,7 +88,7 @@ def cache_bytes_per_token(model_cfg, max_len: int) -> dict[int, float]:
     cfg = dataclasses.replace(model_cfg, n_kv_heads=heads)
     with nnx.use_eager_sharding(False):
       model = FamilialTransformer(cfg, rngs=nnx.Rngs(0))
-    state = decode.empty_state(model, 1, max_len, cfg.n_exits - 1)
+    state = strategies.empty_state(model, 1, max_len, cfg.n_exits - 1)
     caches = list(state.segments) + ([state.head] if state.head is not None else [])
     out[heads] = sum(a.nbytes for kv in caches for a in kv) / max_len
   return out
@@ -95,17 +100,17 @@ def main():
   parser.add_argument("--workdir", default="runs/bench-decode")
   parser.add_argument("--context", type=int, default=256)
   args = parser.parse_args()
-  base = config.experiment_from_dict(presets.get_config("tiny").to_dict())
+  base = experiment_from_dict(presets.get_config("tiny").to_dict())
   max_len = 2 * args.context
   cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, max_seq_len=max_len),
                             train=dataclasses.replace(base.train, steps=args.steps,
                                                       progress=False))
-  summary = train.train(cfg, args.workdir)
-  mesh = sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
-  trainer = train.Trainer.create(cfg, mesh)
+  summary = loop.train(cfg, args.workdir)
+  mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+  trainer = loop.Trainer.create(cfg, mesh)
   step, state, _ = checkpoint.restore_latest(checkpoint.manager(args.workdir, 3), trainer.state)
   model = nnx.merge(trainer.progs.graphdef, state["params"])
-  dec = decode.Decoder(model, max_len=max_len)
+  dec = decoder.Decoder(model, max_len=max_len)
   tokens = data.load_tokens(cfg.data)
   val = np.asarray(tokens.val[: max(4 * max_len, 4 * 128 + 1)], np.int32)  # (c) reads 513
   last = cfg.model.n_exits  # the deepest exit (exits count from 1)
@@ -133,8 +138,8 @@ def main():
   # prefill every block up to exit G; both compute one row of logits
   t = args.context - 1
   blocks = [layers + private for layers, private in
-            zip(cfg.model.exit_layers, accounting.private_blocks(cfg.model))]
-  block_flops = t * accounting.block_forward_flops(cfg.model, t)
+            zip(cfg.model.exit_layers, counts.private_blocks(cfg.model))]
+  block_flops = t * counts.block_forward_flops(cfg.model, t)
   logits_flops = 2 * cfg.model.vocab_size * cfg.model.d_model
   predicted = (((blocks[-1] - cfg.model.exit_layers[0]) * block_flops + logits_flops)
                / (blocks[-1] * block_flops + logits_flops))

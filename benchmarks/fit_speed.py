@@ -22,7 +22,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import huber
 
-from famjax.scaling import bootstrap, fit, io, laws
+from famjax.scaling import bootstrap, fit_data, fitting, laws
 
 PARAMS = ("a", "b", "e", "alpha", "beta")
 
@@ -60,24 +60,24 @@ def main():
              "It is data/svg_extracted_data.csv of the repository "
              "epoch-research/analyzing-chinchilla: pass --data=PATH to it, or set "
              "FAMJAX_REFERENCE_DATA to a folder holding chinchilla-epoch/svg_extracted_data.csv")
-  data = io.epoch_chinchilla(args.data)
+  data = fit_data.epoch_chinchilla(args.data)
   starts = laws.CHINCHILLA.starts(args.every)
   n_starts = len(starts["a"])
 
   start = time.perf_counter()
-  problem = fit.Problem.of(laws.CHINCHILLA, data, delta=args.delta)
-  result = fit.fit(problem, starts=starts, progress=True)
+  problem = fitting.Problem.of(laws.CHINCHILLA, data, delta=args.delta)
+  result = fitting.fit(problem, starts=starts, progress=True)
   fit_s = time.perf_counter() - start
-  boot = bootstrap.bootstrap(result, fit.Resampling(args.bootstrap), progress=True)
+  boot = bootstrap.bootstrap(result, fitting.Resampling(args.bootstrap), progress=True)
   famjax_s = time.perf_counter() - start
 
   start = time.perf_counter()
-  warm = fit.fit(problem, starts=starts)
-  bootstrap.bootstrap(warm, fit.Resampling(args.bootstrap))
+  warm = fitting.fit(problem, starts=starts)
+  bootstrap.bootstrap(warm, fitting.Resampling(args.bootstrap))
   warm_s = time.perf_counter() - start
   grown = {k: np.append(v, v[0] * (1.01 if k == "loss" else 1.0)) for k, v in data.items()}
   start = time.perf_counter()
-  fit.fit(fit.Problem.of(laws.CHINCHILLA, grown, delta=args.delta), starts=starts)
+  fitting.fit(fitting.Problem.of(laws.CHINCHILLA, grown, delta=args.delta), starts=starts)
   one_more_row_s = time.perf_counter() - start
 
   with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,8 @@ import dataclasses
 import json
 
 from famjax import pipeline
-from famjax.study import isoflop, memory, remember, tpu
+from famjax.hardware import memory, tpu
+from famjax.study import isoflop, saved_config
 
 
 def main():
@@ -22,13 +23,13 @@ def main():
   parser.add_argument("--target", default="tpu:v5p:2x2x2")
   args = parser.parse_args()
   from experiments.configs import isoflop as presets
-  study, base = remember.configs(presets.get_config("paper").to_dict())
+  study, base = saved_config.configs(presets.get_config("paper").to_dict())
   study = dataclasses.replace(study, memory_target=args.target, memory_runs="largest")
   chips = tpu.parse(args.target).chips  # the CPU devices first: before JAX's CPU backend starts
   cpu_target = pipeline.memory_target(dataclasses.replace(
       study, memory_target="cpu", memory_devices=chips), base)
   tpu_target = pipeline.memory_target(study, base)
-  runs = memory.largest_per_budget(isoflop.plan(study, base, study.planned_corpus_tokens).runs)
+  runs = memory.largest_per_budget(isoflop.plan_study(study, base, study.planned_corpus_tokens).runs)
   shape = (base.train.batch_size, base.train.seq_len)
   plans = memory.plan_memory(runs, *shape, tpu_target)
   gb = lambda n: round(n / 1e9, 2)

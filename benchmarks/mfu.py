@@ -3,7 +3,9 @@
 Trains `--preset` (experiments/configs/train.py) in bfloat16 on every local device (data parallel
 unless --model / --fsdp say otherwise), for each --remat policy, and prints step time, tokens/s,
 MFU = famjax.accounting FLOPs per token x tokens/s / (peak FLOP/s per device x devices; the peak
-from famjax.accounting.PEAK_FLOPS by device kind, or --peak_flops) and peak device memory. On
+from famjax.model.config import MeshConfig
+from famjax.train.config import ExperimentConfig, experiment_from_dict
+from famjax.hardware.chips by device kind, or --peak_flops) and peak device memory. On
 accelerators jax.nn.dot_product_attention picks the fused attention kernel. Ends with one JSON line.
 
 Usage: python benchmarks/mfu.py --preset small [--remat none,block,dots] [--batch 32 --seq 512]
@@ -20,8 +22,11 @@ import jax
 import numpy as np
 
 from experiments.configs import train as presets
-from famjax import accounting, config, sharding
-from famjax.train import Trainer
+from famjax.hardware import chips
+from famjax.model import counts, sharding
+from famjax.model.config import MeshConfig
+from famjax.train.config import ExperimentConfig, experiment_from_dict
+from famjax.train.loop import Trainer
 
 
 def main():
@@ -36,13 +41,14 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--peak_flops", type=float, default=0.0, help="per device; 0: by kind")
   args = parser.parse_args()
-  base = config.experiment_from_dict(presets.get_config(args.preset).to_dict())
+  base = experiment_from_dict(presets.get_config(args.preset).to_dict())
   train_cfg = dataclasses.replace(base.train, batch_size=args.batch or base.train.batch_size,
                                   seq_len=args.seq or base.train.seq_len, progress=False)
   devices = jax.devices()
   kind = devices[0].device_kind
-  peak = args.peak_flops or accounting.peak_flops(kind)
-  mesh = sharding.make_mesh(config.MeshConfig(data=-1, fsdp=args.fsdp, model=args.model))
+  chip = chips.of_device_kind(kind)
+  peak = args.peak_flops or (chip.peak_flops if chip else None)
+  mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=args.fsdp, model=args.model))
   batch = np.random.default_rng(0).integers(0, base.model.vocab_size,
                                             (train_cfg.batch_size, train_cfg.seq_len + 1),
                                             dtype=np.int32)
@@ -53,7 +59,7 @@ def main():
   for remat in args.remat.split(","):
     model = dataclasses.replace(base.model, dtype=args.dtype, remat=remat,
                                 max_seq_len=max(base.model.max_seq_len, train_cfg.seq_len))
-    trainer = Trainer.create(config.ExperimentConfig(model=model, train=train_cfg), mesh)
+    trainer = Trainer.create(ExperimentConfig(model=model, train=train_cfg), mesh)
     jax.block_until_ready(trainer.step(batch))  # compile
     times = []
     for _ in range(args.steps):
@@ -62,7 +68,7 @@ def main():
       times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     tokens_per_s = train_cfg.batch_size * train_cfg.seq_len / step_s
-    flops_per_token = accounting.account(model, train_cfg.seq_len).flops_per_token
+    flops_per_token = counts.account(model, train_cfg.seq_len).flops_per_token
     mfu = flops_per_token * tokens_per_s / (peak * len(devices)) if peak else None
     stats = devices[0].memory_stats() or {}
     peak_gb = stats.get("peak_bytes_in_use", 0) / 1e9 or None

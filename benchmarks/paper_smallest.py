@@ -17,17 +17,19 @@ from pathlib import Path
 import jax
 
 from experiments.configs import isoflop as presets
-from famjax import accounting, train
-from famjax import workdir as workdir_files
-from famjax.config import DataConfig, ExperimentConfig, TrainConfig
-from famjax.study import isoflop, remember
+from famjax.data.config import DataConfig
+from famjax.hardware import chips
+from famjax.model import counts
+from famjax.study import isoflop, saved_config
+from famjax.train import loop, workdir_files
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 
 def smallest_paper_model():
-  study_cfg, base = remember.configs(presets.get_config("paper").to_dict())
-  plan = isoflop.plan(study_cfg, base, study_cfg.planned_corpus_tokens)
+  study_cfg, base = saved_config.configs(presets.get_config("paper").to_dict())
+  plan = isoflop.plan_study(study_cfg, base, study_cfg.planned_corpus_tokens)
   return min((r.experiment.model for r in plan.runs),
-             key=lambda m: accounting.account(m, 2048).params_total)
+             key=lambda m: counts.account(m, 2048).params_total)
 
 
 def main():
@@ -47,12 +49,13 @@ def main():
                         progress=False))
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
-    summary = train.train(cfg, workdir)
+    summary = loop.train(cfg, workdir)
     seconds = time.perf_counter() - start
     rates = [r["tokens_per_s"] for r in workdir_files.read_metrics(
         Path(workdir) / workdir_files.METRICS) if "tokens_per_s" in r]
   tokens_per_s = rates[-1]  # the last log window: compiled, warmed up
-  peak = accounting.peak_flops(jax.devices()[0].device_kind)
+  chip = chips.of_device_kind(jax.devices()[0].device_kind)
+  peak = chip.peak_flops if chip else None
   mfu = summary["flops_per_token"] * tokens_per_s / peak if peak else None
   print(json.dumps({"shape": f"d{model.d_model}L{model.n_layers}",
                     "params": summary["params_total"], "device": jax.devices()[0].device_kind,

@@ -1,5 +1,5 @@
 """The memory plan's choice for one shape, checked on the device it plans for: the cheapest
-setting the compiler fits in this device's memory (famjax.study.memory), then one real train step
+setting the compiler fits in this device's memory (famjax.hardware.memory), then one real train step
 at that setting, with the compiler's peak and the device's own peak bytes side by side.
 
 Default shape: the `paper` preset's smallest family (d1024L8, G = 4, vocabulary 32768, bfloat16)
@@ -17,9 +17,11 @@ import json
 import jax
 import numpy as np
 
-from famjax import sharding, train
-from famjax.config import MeshConfig, ModelConfig, TrainConfig
-from famjax.study import memory
+from famjax.hardware import memory
+from famjax.model import sharding
+from famjax.model.config import MeshConfig, ModelConfig
+from famjax.train import optimizer, step
+from famjax.train.config import TrainConfig
 
 PAPER_SMALLEST = ModelConfig(vocab_size=32768, d_model=1024, n_layers=8, n_heads=8, d_ff=2728,
                              max_seq_len=2048, dtype="bfloat16", exit_layers=(2, 4, 6, 8))
@@ -30,7 +32,7 @@ SMOKE = ModelConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=4, d_ff=128,
 def run_step(model: ModelConfig, shape: tuple[int, int], setting: memory.Setting, device):
   """One train step at `setting` on `device`; its peak bytes in use (None if not reported)."""
   mesh = sharding.make_mesh(MeshConfig(data=1), devices=[device])
-  progs = train.programs(dataclasses.replace(model, remat=setting.remat), mesh,
+  progs = step.programs(dataclasses.replace(model, remat=setting.remat), mesh,
                          setting.microbatches)
   batch, seq_len = shape
   with jax.set_mesh(mesh):
@@ -38,7 +40,7 @@ def run_step(model: ModelConfig, shape: tuple[int, int], setting: memory.Setting
     opt_state = progs.init_opt(params)
     tokens = np.random.default_rng(0).integers(0, model.vocab_size, (batch, seq_len + 1),
                                                dtype=np.int32)
-    hparams = {k: np.float32(v) for k, v in train.hyperparameters(TrainConfig(), 1e-4).items()}
+    hparams = {k: np.float32(v) for k, v in optimizer.hyperparameters(TrainConfig(), 1e-4).items()}
     weights = np.full(model.n_exits, 1.0 / model.n_exits, np.float32)
     jax.block_until_ready(progs.step(params, opt_state, tokens, hparams, weights))
   stats = device.memory_stats() or {}

@@ -16,20 +16,22 @@ import time
 import jax
 import numpy as np
 
-from famjax import sharding, train
-from famjax.config import ExperimentConfig, ModelConfig, TrainConfig
+from famjax.model import sharding
+from famjax.model.config import ModelConfig
+from famjax.train import optimizer, step
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 
 def compiled_step(model: ModelConfig, batch: int, seq_len: int):
   cfg = ExperimentConfig(model=model, train=TrainConfig(batch_size=batch, seq_len=seq_len,
                                                         steps=10, warmup_steps=1))
   mesh = sharding.make_mesh()
-  progs = train.programs(model, mesh)
+  progs = step.programs(model, mesh)
   with jax.set_mesh(mesh):
     params = jax.eval_shape(progs.init_params, 0)
     opt_state = jax.eval_shape(progs.init_opt, params)
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32)
-    hparams = {k: np.float32(v) for k, v in train.hyperparameters(cfg.train, 1e-3).items()}
+    hparams = {k: np.float32(v) for k, v in optimizer.hyperparameters(cfg.train, 1e-3).items()}
     weights = np.full(model.n_exits, 1.0 / model.n_exits, np.float32)
     start = time.perf_counter()
     compiled = progs.step.lower(params, opt_state, tokens, hparams, weights).compile()

@@ -14,9 +14,10 @@ import time
 import jax
 import numpy as np
 
-from famjax import accounting, sharding
-from famjax.config import ExperimentConfig, ModelConfig, TrainConfig
-from famjax.train import Trainer
+from famjax.model import counts, sharding
+from famjax.model.config import ModelConfig
+from famjax.train.config import ExperimentConfig, TrainConfig
+from famjax.train.loop import Trainer
 
 BACKBONE = ModelConfig(d_model=256, n_layers=8, n_heads=8, d_ff=1024, max_seq_len=256,
                        exit_layers=(8,))
@@ -44,7 +45,7 @@ def compare(family_cfg: ModelConfig, args, mesh) -> dict:
     for name, trainer in trainers.items():
       times[name].append(timed_steps(trainer, batch, args.steps_per_round))
   step = {name: statistics.median(t) for name, t in times.items()}
-  flops = {name: accounting.account(t.cfg.model, args.seq).flops_per_token
+  flops = {name: counts.account(t.cfg.model, args.seq).flops_per_token
            for name, t in trainers.items()}
   tokens = args.batch * args.seq
   return {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from famjax.files import WorkdirBusy, default_cache_dir
+from famjax.common.files import WorkdirBusy, default_cache_dir
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -44,7 +44,7 @@ def use_compilation_cache() -> Path | None:
 
 def initialize_distributed() -> None:
   """Joins a multi-host run when --coordinator_address (or JAX_COORDINATOR_ADDRESS) is set."""
-  from famjax import sharding
+  from famjax.model import sharding
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 

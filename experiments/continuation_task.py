@@ -30,7 +30,7 @@ def main(argv):
   del argv
   from famjax.data import sources
   from famjax.evaluation import tasks
-  source = sources.plan(_CORPUS.value)
+  source = sources.from_corpus(_CORPUS.value)
   texts = list(itertools.islice((t for unit in source.units for t in sources.read(
       unit, source.text_field)), SOURCE_TEXTS))
   yaml = tasks.write_continuation_task(

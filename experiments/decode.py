@@ -13,7 +13,9 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import cli
-from famjax import data, decode, train
+from famjax import data
+from famjax.decode import decoder, relay_state, sampling
+from famjax.train import loop
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Prompt text.")
@@ -35,7 +37,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def load(workdir: Path):
   """The family and tokenizer of a trained workdir (its latest checkpoint, its saved tokenizer:
   the corpus is not read)."""
-  cfg, model = train.load_model(workdir)
+  cfg, model = loop.load_model(workdir)
   try:
     return cfg, model, data.load_tokenizer(workdir)
   except FileNotFoundError:
@@ -55,11 +57,11 @@ def main(argv):
   if _RELAY_TO.value and not _EXIT.value < _RELAY_TO.value <= n_exits:
     raise ValueError(f"--relay_to must be deeper than --exit={_EXIT.value} and at most "
                      f"{n_exits}; got {_RELAY_TO.value}")
-  dec = decode.Decoder(model)
+  dec = decoder.Decoder(model)
   prompt = [int(t) for t in tokenizer.encode(_PROMPT.value)]
   text = lambda row: tokenizer.decode([int(t) for t in row if t >= 0])
-  sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
-                             (int(tokenizer.eos_id),))
+  chosen = sampling.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
+                           (int(tokenizer.eos_id),))
 
   def timed(label, fn):
     start = time.perf_counter()
@@ -68,14 +70,14 @@ def main(argv):
     return out
 
   state, generated = timed(f"exit {_EXIT.value}", lambda: dec.generate(
-      [prompt], _EXIT.value, _MAX_NEW.value, sampling, _SEED.value))
+      [prompt], _EXIT.value, _MAX_NEW.value, chosen, _SEED.value))
   print(_PROMPT.value + text(generated[0]))
   if _RELAY_TO.value:
-    size = len(decode.to_bytes(state))
+    size = len(relay_state.to_bytes(state))
     relayed, logits = timed(f"relay to exit {_RELAY_TO.value} (state {size:,} bytes, "
                             f"{size / int(state.lengths_B[0]):,.0f} per token)",
                             lambda: dec.relay(state, _RELAY_TO.value))
-    _, more = dec.continue_(relayed, logits, _MAX_NEW.value, sampling, _SEED.value)
+    _, more = dec.continue_(relayed, logits, _MAX_NEW.value, chosen, _SEED.value)
     print(_PROMPT.value + text(generated[0]) + text(more[0]))
   if _CONFIDENCE.value:
     out, depth = timed(f"confidence exits at {_CONFIDENCE.value}", lambda: dec.confident(

@@ -65,8 +65,8 @@ def main(argv):
     if exits or strategies:
       raise ValueError("--study evaluates every exit: --exits, --confidence and "
                        "--speculative_exit are for one --workdir")
-    from famjax.evaluation import study
-    study.evaluate_study(_STUDY.value, _TASKS.value, options, metric=_LINK_METRIC.value,
+    from famjax.evaluation import study_link
+    study_link.evaluate_study(_STUDY.value, _TASKS.value, options, metric=_LINK_METRIC.value,
                          floor=_LINK_FLOOR.value)
     out = Path(_STUDY.value) / runner.EVAL_DIR
     print((out / "link.md").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 from absl import flags, logging
 
 from experiments import cli
-from famjax.hf import runs
+from famjax.train import hf_export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir.", required=True)
 _EXIT = flags.DEFINE_string("exit", "all", "Exit to export, 1..G, or 'all'.")
@@ -25,7 +25,7 @@ def main(argv):
   exit_ = _EXIT.value.strip()
   if exit_ != "all" and not exit_.isdigit():
     raise ValueError(f"--exit must be an exit number (1..G) or 'all'; got {exit_!r}")
-  records = runs.export(Path(_WORKDIR.value), exit_ if exit_ == "all" else int(exit_),
+  records = hf_export.export_run(Path(_WORKDIR.value), exit_ if exit_ == "all" else int(exit_),
                         Path(_OUT.value))
   for record in records:
     where = Path(_OUT.value) / record.get("directory", "")

@@ -14,8 +14,8 @@ from pathlib import Path
 from absl import flags
 
 from experiments import cli
-from famjax.files import atomic_write_text
-from famjax.scaling import compare, fit, fitted_law, io, laws
+from famjax.common.files import atomic_write_text
+from famjax.scaling import compare, fit_data, fitted_law, fitting, laws
 
 MIN_BOOTSTRAP = 100
 
@@ -34,7 +34,7 @@ flags.register_validator("bootstrap", lambda n: n == 0 or n >= MIN_BOOTSTRAP,
                          f"--bootstrap must be 0 (no intervals) or at least {MIN_BOOTSTRAP}")
 _GROUP_BY = flags.DEFINE_string("group_by", None, "Resample whole groups of rows sharing this "
                                 "column (e.g. an IsoFLOP budget) instead of single rows.")
-_DELTA = flags.DEFINE_float("huber_delta", fit.DEFAULT_DELTA, "Huber delta on log residuals.",
+_DELTA = flags.DEFINE_float("huber_delta", fitting.DEFAULT_DELTA, "Huber delta on log residuals.",
                             lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
 _GRID_EVERY = flags.DEFINE_integer("grid_every", 1, "Keep every k-th of the law's fit starts (1: "
@@ -55,13 +55,13 @@ def main(argv):
   del argv
   _check_writable(Path(_OUT.value))
   cli.use_compilation_cache()
-  frame = io.read_table(_DATA.value)
+  frame = fit_data.read_table(_DATA.value)
   if _COMPARE.value:
     summary = _compare(frame)
-    print(compare.table(summary))
+    print(compare.comparison_table(summary))
   else:
     summary = _fit(frame)
-    print(fitted_law.table(summary))
+    print(fitted_law.law_table(summary))
   atomic_write_text(_OUT.value, json.dumps(summary, indent=1))
   print(f"wrote {_OUT.value}")
 
@@ -76,7 +76,7 @@ def _compare(frame) -> dict:
 
 def _fit(frame) -> dict:
   law = _NAMED[_LAW.value]
-  data = io.validate(frame, law, source=_DATA.value)
+  data = fit_data.validate(frame, law, source=_DATA.value)
   grouping = None
   if _GROUP_BY.value:
     if _GROUP_BY.value not in frame.columns:

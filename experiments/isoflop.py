@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from experiments import cli
 from famjax import pipeline
-from famjax.study import publish, remember
+from famjax.study import publish, saved_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           cli.config_help("isoflop.py", "tiny", "small"))
@@ -47,10 +47,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   values = _CONFIG.value.to_dict()
   if _DRY_RUN.value:
-    print(pipeline.dry_run(*remember.configs(values), with_memory=_MEMORY.value))
+    print(pipeline.dry_run(*saved_config.configs(values), with_memory=_MEMORY.value))
     return
   # an existing study runs with its own config (STUDY/config.json), whatever the default preset
-  study_cfg, base = remember.configs(remember.remembered(_OUTDIR.value, values,
+  study_cfg, base = saved_config.configs(saved_config.remembered(_OUTDIR.value, values,
                                                    cli.given_config_fields()))
   cli.use_compilation_cache()
   cli.initialize_distributed()

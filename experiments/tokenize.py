@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from experiments import cli
 from famjax import data
-from famjax.config import DataConfig
+from famjax.data.config import DataConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           cli.config_help("train.py", "tiny", "small"))

@@ -12,8 +12,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
-from famjax import config as famjax_config
-from famjax import hf, train
+from famjax.hf import checkpoint_import
+from famjax.train import config, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           cli.config_help("train.py", "tiny", "small"))
@@ -28,12 +28,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   cli.use_compilation_cache()
   cli.initialize_distributed()
-  cfg = famjax_config.experiment_from_dict(hf.with_checkpoint(_CONFIG.value.to_dict()))
+  cfg = config.experiment_from_dict(checkpoint_import.with_checkpoint(_CONFIG.value.to_dict()))
   if cfg.train.init_from:
     print(f"init_from {cfg.train.init_from}: {cfg.model.n_layers} layers, d_model "
           f"{cfg.model.d_model}, exits after layers {list(cfg.model.exit_layers)}, tokenizer "
           f"{cfg.data.tokenizer}, trainable {cfg.train.trainable!r}")
-  summary = train.train(cfg, _WORKDIR.value)
+  summary = loop.train(cfg, _WORKDIR.value)
   print(f"trained {summary['step']} steps, {summary['tokens']:,} tokens; corpus "
         f"{summary['corpus_fingerprint'][:12]}")
   print(f"{'exit':>4} {'layer':>5} {'params':>12} {'train loss':>10} {'val loss':>9}")

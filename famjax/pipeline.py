@@ -1,7 +1,7 @@
 """An IsoFLOP study from end to end: plan, this task's share of the sweep (with a live fit as
 records arrive), then the report from every record present; --dry_run's table and estimate.
 
-STUDY/ holds config.json (the study's own config, famjax.study.remember), plan.json, runs/RUN_ID/
+STUDY/ holds config.json (the study's own config, famjax.study.saved_config), plan.json, runs/RUN_ID/
 (each run's workdir and records.json), data/ (records and fit-ready rows as CSV and parquet),
 report.json, report.md and plots/.
 """
@@ -15,13 +15,15 @@ from typing import NamedTuple
 
 import jax
 
-from famjax import accounting, data
+from famjax import data
 from famjax.analysis import render
-from famjax.analysis.analyze import analyze
-from famjax.analysis.live import LiveFit
-from famjax.config import ExperimentConfig, StudyConfig
-from famjax.files import default_cache_dir
-from famjax.study import cost, isoflop, memory, results, sweep, tpu
+from famjax.analysis.live_fit import LiveFit
+from famjax.analysis.study_analysis import analyze_study
+from famjax.common.files import default_cache_dir
+from famjax.hardware import chips, cost, memory, tpu
+from famjax.study import isoflop, records, sweep
+from famjax.study.config import StudyConfig
+from famjax.train.config import ExperimentConfig
 
 
 def flops_rule(study: StudyConfig, base: ExperimentConfig) -> dict | None:
@@ -36,21 +38,21 @@ def flops_rule(study: StudyConfig, base: ExperimentConfig) -> dict | None:
 def dry_run(study: StudyConfig, base: ExperimentConfig, with_memory: bool = False) -> str:
   """The plan as a table, what was dropped and why, total FLOPs and accelerator-hours; trains
   nothing (reads the corpus only to count its tokens, unless study.planned_corpus_tokens).
-  with_memory adds famjax.study.memory's plan: bytes per device and setting of every run."""
+  with_memory adds famjax.hardware.memory's plan: bytes per device and setting of every run."""
   target = memory_target(study, base) if with_memory else None  # before JAX's CPU backend starts
   corpus_tokens = study.planned_corpus_tokens or len(data.load_tokens(base.data).train)
-  plan = isoflop.plan(study, base, corpus_tokens)
-  peak = accounting.PEAK_FLOPS[study.device]
+  plan = isoflop.plan_study(study, base, corpus_tokens)
+  peak = chips.chip(study.device).peak_flops
   if target is None:
-    lines = [isoflop.table(plan), ""]
+    lines = [isoflop.plan_table(plan), ""]
   else:
     started = time.perf_counter()
     runs = plan.runs if study.memory_runs == "all" else memory.largest_per_budget(plan.runs)
     shape = (base.train.batch_size, base.train.seq_len)
     shapes = memory.plan_memory(runs, *shape, target)
-    lines = [isoflop.table(plan, memory.run_cells(shapes)), "", memory.table(shapes, target)]
+    lines = [isoflop.plan_table(plan, memory.run_cells(shapes)), "", memory.memory_table(shapes, target)]
     if target.slice is not None:
-      lines += ["", cost.table(shapes, runs, shape, target)]
+      lines += ["", cost.cost_table(shapes, runs, shape, target)]
     lines += [f"memory pass: {time.perf_counter() - started:.0f} s", ""]
     lines += memory.refusals(shapes, target)
   lines += [f"dropped {run_id}: {why}" for run_id, why in plan.dropped]
@@ -66,7 +68,7 @@ def memory_target(study: StudyConfig, base: ExperimentConfig) -> memory.Target:
   the TPU slice of study.memory_target with the HBM its compiler allows."""
   cache = default_cache_dir() / "memory"
   if study.memory_target != "cpu":
-    devices = tpu.devices(tpu.parse(study.memory_target))
+    devices = tpu.devices(study.memory_slice)
     if len(devices) % base.mesh.model:
       raise ValueError(f"mesh.model={base.mesh.model} must divide the {len(devices)} devices of "
                        f"study.memory_target={study.memory_target}")
@@ -96,7 +98,7 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task:
     base = dataclasses.replace(base, train=dataclasses.replace(
         base.train, wandb_group=outdir.resolve().name))
   tokens = data.load_tokens(base.data)
-  plan = isoflop.plan(study, base, len(tokens.train))
+  plan = isoflop.plan_study(study, base, len(tokens.train))
   if not plan.runs:
     raise ValueError("the plan holds no run: " + "; ".join(f"{i}: {w}" for i, w in plan.dropped))
   context = {"corpus_fingerprint": tokens.fingerprint, "study": dataclasses.asdict(study)}
@@ -109,23 +111,23 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task:
     live = LiveFit(outdir, study.analysis, tokens.fingerprint) if live_fit else None
     outcome = sweep.run(plan, outdir, task_index=task.index, num_tasks=task.count, tokens=tokens,
                         on_finished=_quietly(live) if live else None, progress=progress)
-  frame = results.collect(outdir, tokens.fingerprint, allow_other_corpora)
-  done = set(frame.loc[frame["status"] == results.OK, "run_id"]) if len(frame) else set()
+  frame = records.collect(outdir, tokens.fingerprint, allow_other_corpora)
+  done = set(frame.loc[frame["status"] == records.OK, "run_id"]) if len(frame) else set()
   missing = sorted(r.run_id for r in plan.runs if r.run_id not in done)
   out = {"report": None, "files": {}, "sweep": outcome, "missing": missing}
   unfinished = {r.run_id for r in plan.runs} - done - set(outcome.failed if outcome else {})
   if (fit_only or not unfinished) and jax.process_index() == 0 and len(frame):
-    analysis = analyze(frame, study.analysis, plan, context, progress=progress,
-                       flops_rule=flops_rule(study, base))
+    analysis = analyze_study(frame, study.analysis, plan, context, progress=progress,
+                             flops_rule=flops_rule(study, base))
     out["report"], out["files"] = analysis.report, render.write(outdir, analysis)
   return out
 
 
 def _quietly(live):
   """The live fit must never stop a sweep: a failure is one printed line."""
-  def call(spec, records):
+  def call(spec, run_records):
     try:
-      live(spec, records)
+      live(spec, run_records)
     except Exception as e:  # noqa: BLE001 (reported, and the sweep goes on)
       print(f"live fit skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
   return call
@@ -141,7 +143,7 @@ def summary(result: dict, outdir: str | Path) -> str:
   lines = []
   familial = report_.laws.get("familial")
   if familial:
-    lines.append(fitted_law.table(familial.summary()))
+    lines.append(fitted_law.law_table(familial.summary()))
   elif not report_.has_isoflop_runs:
     lines.append("no IsoFLOP runs (study.budgets = ()): no law is fitted")
   else:

@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from famjax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-from famjax.scaling import fit, laws
+from famjax.data.config import DataConfig
+from famjax.model.config import ModelConfig
+from famjax.scaling import fitting, laws
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 WORDS = ("the model exits early when its confidence is high and the shared backbone keeps its "
          "cache for deeper tiers def return import class for while if else loss token layer "
@@ -114,6 +116,6 @@ def synthetic_family(noise=0.0, seed=0):
   n, d, g = np.meshgrid(np.geomspace(3e7, 3e9, 6), np.geomspace(1e9, 1e11, 5), [1, 2, 4, 8])
   data = {"N": n.ravel(), "D": d.ravel(), "G": g.ravel().astype(float)}
   with jax.enable_x64(True):
-    clean = np.asarray(laws.loss(laws.FAMILIAL, PAPER, fit.as_data(data)))
+    clean = np.asarray(laws.loss(laws.FAMILIAL, PAPER, fitting.as_data(data)))
   data["loss"] = clean * np.exp(noise * rng.standard_normal(clean.shape))
   return data

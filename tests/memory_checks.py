@@ -1,7 +1,7 @@
 """Run in a subprocess (JAX must start with 2 CPU devices); prints `RESULT {json}`.
 
 Measures every setting of a small family's train step on a simulated 2-device node, then asks
-famjax.study.memory.choose for each capacity between the measured peaks, so that the test can
+famjax.hardware.memory.choose for each capacity between the measured peaks, so that the test can
 compare its search with the brute-force cheapest setting. Called by tests/test_memory.py.
 """
 
@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from famjax.config import ModelConfig
-from famjax.study import memory
+from famjax.hardware import memory
+from famjax.model.config import ModelConfig
 
 
 def main(cache: Path):

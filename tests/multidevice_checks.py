@@ -11,8 +11,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from famjax import checkpoint, decode, sharding, train  # noqa: E402
-from famjax.config import DataConfig, ExperimentConfig, MeshConfig, TrainConfig  # noqa: E402
+from famjax.data.config import DataConfig
+from famjax.decode import decoder
+from famjax.model import sharding
+from famjax.model.config import MeshConfig
+from famjax.train import checkpoint, loop, step
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 from conftest import tiny_model, write_corpus  # noqa: E402
 
@@ -49,14 +53,14 @@ def main(workdir: Path):
   batch = np.random.default_rng(0).integers(0, 259, (8, 33), dtype=np.int32)
   out = {"step": {}}
 
-  reference = train.Trainer.create(cfg, one)
+  reference = loop.Trainer.create(cfg, one)
   initial = leaves(reference.params)
   ref_loss = float(reference.step(batch)["loss"])
   ref_params = leaves(reference.params)
   out["moved"] = min(float(np.max(np.abs(a - b))) for a, b in zip(ref_params, initial))
   out["param_specs"], out["mu_specs"], out["nu_specs"] = {}, {}, {}
   for shape, mesh in meshes.items():
-    trainer = train.Trainer.create(cfg, mesh)
+    trainer = loop.Trainer.create(cfg, mesh)
     adam = trainer.opt_state[1].inner_state[0]
     out["param_specs"][str(shape)] = specs(trainer.params)
     out["mu_specs"][str(shape)], out["nu_specs"][str(shape)] = specs(adam.mu), specs(adam.nu)
@@ -64,7 +68,7 @@ def main(workdir: Path):
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(leaves(trainer.params), ref_params)]
     out["step"][str(shape)] = {"loss": loss, "ref_loss": ref_loss, "max_param_diff": max(diffs)}
 
-  fsdp = train.Trainer.create(cfg, meshes[(1, 8, 1)])
+  fsdp = loop.Trainer.create(cfg, meshes[(1, 8, 1)])
   leaves_of = lambda t: jax.tree.leaves((t.params, t.opt_state))
   out["fsdp_bytes"] = {
       "per_device": sum(x.addressable_shards[0].data.nbytes for x in leaves_of(fsdp)),
@@ -72,17 +76,17 @@ def main(workdir: Path):
 
   # 3 steps under fsdp, 3 on (data 2, model 4), 3 under fsdp again, the last 3 on one device;
   # compare with an uninterrupted run
-  straight = train.train(cfg, workdir / "straight", mesh=one)
+  straight = loop.train(cfg, workdir / "straight", mesh=one)
   for mesh, stop in ((meshes[(1, 8, 1)], 3), (meshes[(2, 1, 4)], 6), (meshes[(1, 8, 1)], 9)):
-    train.train(cfg, workdir / "moved", mesh=mesh, stop_after=stop)
-  moved = train.train(cfg, workdir / "moved", mesh=one)
+    loop.train(cfg, workdir / "moved", mesh=mesh, stop_after=stop)
+  moved = loop.train(cfg, workdir / "moved", mesh=one)
   out["legs"] = [r["step"] for r in _train_records(workdir / "moved")]
   out["resume"] = {"straight": straight["val_loss"], "moved": moved["val_loss"],
                    "straight_train": straight["train_loss"], "moved_train": moved["train_loss"]}
   mngr = checkpoint.manager(workdir / "moved", 3)
-  state, _ = checkpoint.restore(mngr, 12, train.Trainer.create(cfg, one).state)
+  state, _ = checkpoint.restore(mngr, 12, loop.Trainer.create(cfg, one).state)
   ref_state, _ = checkpoint.restore(checkpoint.manager(workdir / "straight", 3), 12,
-                                    train.Trainer.create(cfg, one).state)
+                                    loop.Trainer.create(cfg, one).state)
   out["resume"]["max_param_diff"] = max(
       float(np.max(np.abs(a - b))) for a, b in zip(leaves(state["params"]),
                                                    leaves(ref_state["params"])))
@@ -90,7 +94,7 @@ def main(workdir: Path):
   prompts = [[5, 6, 7, 8], [9, 10]]
   decoded = {}
   for name, mesh in (("one", one), ("mesh", meshes[(2, 1, 4)])):
-    dec = decode.Decoder(train.create_model(cfg.model, 0, mesh), mesh=mesh)
+    dec = decoder.Decoder(step.create_model(cfg.model, 0, mesh), mesh=mesh)
     state, logits = dec.prefill(prompts, 2)
     decoded[name] = {"tokens": np.asarray(dec.continue_(state, logits, 8)[1]).tolist(),
                      "logits": np.asarray(logits)}
@@ -108,8 +112,8 @@ def _grouped_query_on_a_mesh(one, mesh, prompts) -> dict:
                          vocab_size=264)
   decoded = {}
   for name, on in (("one", one), ("mesh", mesh)):
-    model = train.create_model(model_cfg, 0, on)
-    dec = decode.Decoder(model, mesh=on)
+    model = step.create_model(model_cfg, 0, on)
+    dec = decoder.Decoder(model, mesh=on)
     state, logits = dec.prefill(prompts, 2)
     decoded[name] = (np.asarray(dec.continue_(state, logits, 8)[1]).tolist(), np.asarray(logits))
   attn = model.segments[0].blocks.attn

@@ -4,11 +4,11 @@ import jax
 import pytest
 from flax import nnx
 
-from famjax import accounting
-from famjax.config import ModelConfig
-from famjax.model import ExitSubModel, FamilialTransformer
-from famjax.sharding import make_mesh
-from famjax.train import create_model
+from famjax.model import counts
+from famjax.model.config import ModelConfig
+from famjax.model.sharding import make_mesh
+from famjax.model.transformer import ExitSubModel, FamilialTransformer
+from famjax.train.step import create_model
 
 from conftest import tiny_model
 
@@ -30,11 +30,11 @@ def test_counts_equal_the_parameter_tree(head, unembed, attention):
                    **ATTENTION[attention])
   with nnx.use_eager_sharding(False):
     family = nnx.eval_shape(lambda: FamilialTransformer(cfg, rngs=nnx.Rngs(0)))
-  acc = accounting.account(cfg, seq_len=16)
+  acc = counts.account(cfg, seq_len=16)
   assert acc.params_total == n_params(family)
   for g in range(cfg.n_exits):
     assert acc.params_per_exit[g] == n_params(ExitSubModel(family, g))
-  embedding = cfg.vocab_size * cfg.d_model * (1 + accounting.n_unembeddings(cfg))
+  embedding = cfg.vocab_size * cfg.d_model * (1 + counts.n_unembeddings(cfg))
   assert acc.params_non_embedding == acc.params_total - embedding
 
 
@@ -42,7 +42,7 @@ def test_flops_match_a_hand_count():
   # V=10, D=4, F=8, L=2, exits after layers 1 and 2, private exit block, per-exit heads, T=3.
   cfg = ModelConfig(vocab_size=10, d_model=4, n_heads=2, d_ff=8, n_layers=2, exit_layers=(1, 2),
                     exit_head="block", unembed="per_exit", max_seq_len=8)
-  acc = accounting.account(cfg, seq_len=3)
+  acc = counts.account(cfg, seq_len=3)
   block_matmuls = 4 * 4 * 4 + 3 * 4 * 8            # q, k, v, o + gate, up, down = 160
   attention = 2 * 3 * 4 + 2 * 3 * 4                  # scores + weighted values, per token = 48
   forward = (3 * (2 * block_matmuls + attention)     # 2 backbone layers + 1 private exit block
@@ -73,7 +73,7 @@ def test_flops_agree_with_the_compiler(attention):
   x = jax.numpy.zeros((2, 64), jax.numpy.int32)
   loss = lambda p: nnx.merge(graphdef, p)(x).sum()
   cost = jax.jit(jax.value_and_grad(loss)).lower(params).compile().cost_analysis()
-  predicted = accounting.account(cfg, seq_len=64).flops_per_token * 2 * 64
+  predicted = counts.account(cfg, seq_len=64).flops_per_token * 2 * 64
   assert 1.0 < cost["flops"] / predicted < 1.03
   # 3 attention layers, forward + backward
   attention_flops = 3 * 4 * 64 * cfg.n_heads * cfg.head_size * 3 * 2 * 64

@@ -8,22 +8,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax.scaling import bootstrap, fit, fitted_law, laws, leverage, stages
+from famjax.scaling import bootstrap, fitted_law, fitting, laws, leverage
+from famjax.scaling.solver import fit_stages
 
 from conftest import PAPER, reference_data_dir, synthetic_family
 
 
 def resample_counts(n_rows: int, n: int, seed: int) -> np.ndarray:
   with jax.enable_x64(True):
-    return np.asarray(fit.Resampling(n, seed).counts(n_rows))
+    return np.asarray(fitting.Resampling(n, seed).counts(n_rows))
 
 
 @pytest.fixture(scope="module")
 def family_bootstrap():
   """200 refits of a 120-row family from the paper's law with 1% noise."""
   data = synthetic_family(noise=0.01, seed=1)
-  result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), starts=laws.FAMILIAL.starts(450))
-  return data, result, bootstrap.bootstrap(result, fit.Resampling(200, 0), fit.Solver(lanes=32))
+  result = fitting.fit(fitting.Problem.of(laws.FAMILIAL, data), starts=laws.FAMILIAL.starts(450))
+  return data, result, bootstrap.bootstrap(result, fitting.Resampling(200, 0), fitting.Solver(lanes=32))
 
 
 @pytest.mark.fp_path
@@ -81,7 +82,7 @@ def isoflop_family(noise, seed):
   n, d, g = map(np.array, zip(*rows))
   data = {"N": n, "D": d, "G": g}
   with jax.enable_x64(True):
-    clean = np.asarray(laws.loss(laws.FAMILIAL, PAPER, fit.as_data(data)))
+    clean = np.asarray(laws.loss(laws.FAMILIAL, PAPER, fitting.as_data(data)))
   data["loss"] = clean * np.exp(noise * rng.standard_normal(clean.shape))
   return data
 
@@ -100,8 +101,8 @@ def test_bootstrap_intervals_cover_the_truth():
   starts = {**laws.CHINCHILLA.starts(), "gamma": np.zeros(4500)}
   for seed in range(replicates):
     data = isoflop_family(noise=0.005, seed=seed)
-    result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), starts=starts)
-    boot = bootstrap.bootstrap(result, fit.Resampling(n_boot, seed))
+    result = fitting.fit(fitting.Problem.of(laws.FAMILIAL, data), starts=starts)
+    boot = bootstrap.bootstrap(result, fitting.Resampling(n_boot, seed))
     estimate = laws.to_natural_params(result.params)
     for name, truth in laws.PAPER_FAMILIAL.items():
       lo, hi = boot.ci95[name]
@@ -122,9 +123,9 @@ def _scipy_refits(law, data, counts, starts_BP, x0):
   from scipy.optimize import minimize
   names = law.param_names
   with jax.enable_x64(True):
-    arrays = fit.as_data(data)
-    value_and_grad = jax.jit(jax.value_and_grad(lambda x, w: fit.objective(
-        dict(zip(names, x)), arrays, w, law=law, delta=fit.DEFAULT_DELTA)))
+    arrays = fitting.as_data(data)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda x, w: fitting.objective(
+        dict(zip(names, x)), arrays, w, law=law, delta=fitting.DEFAULT_DELTA)))
     out = []
     for b, w in enumerate(counts):
       fun = lambda x: tuple(np.asarray(v) for v in value_and_grad(x, jnp.asarray(w)))
@@ -140,8 +141,8 @@ def _scipy_refits(law, data, counts, starts_BP, x0):
 
 def _compare_with_scipy(data, n_boot):
   law = laws.CHINCHILLA
-  result = fit.fit(fit.Problem.of(law, data))
-  boot = bootstrap.bootstrap(result, fit.Resampling(n_boot, 0))
+  result = fitting.fit(fitting.Problem.of(law, data))
+  boot = bootstrap.bootstrap(result, fitting.Resampling(n_boot, 0))
   names = law.param_names
   logs = laws.to_log_params({laws.to_natural_name(k): boot.samples[laws.to_natural_name(k)]
                              for k in names})
@@ -167,13 +168,13 @@ def _epoch_like_study(n_rows):
 def _lowest_ends_of_a_wider_search(law, data, counts_BR, k=32):
   """[B] the lowest converged end of each resample's k lowest starts, each run to
   convergence: a search 4x wider than the bootstrap's screened starts."""
-  problem = fit.Problem.of(law, data)
+  problem = fitting.Problem.of(law, data)
   with jax.enable_x64(True):
-    starts_SP = fit.start_points(problem, distinct=True)
-    top_BC = np.asarray(stages.lowest_start_points(problem, starts_SP, counts_BR, k=k))
+    starts_SP = fitting.start_points(problem, distinct=True)
+    top_BC = np.asarray(fit_stages.lowest_start_points(problem, starts_SP, counts_BR, k=k))
     weights_SR = np.repeat(counts_BR, k, axis=0)
-    ends = stages.descend(problem, starts_SP[top_BC.ravel()], weights_SR, fit.Solver(), stages.HOST)
-    ends = stages.settle(problem, ends, weights_SR, fit.Solver(), stages.HOST)
+    ends = fit_stages.descend(problem, starts_SP[top_BC.ravel()], weights_SR, fitting.Solver(), fit_stages.HOST)
+    ends = fit_stages.settle(problem, ends, weights_SR, fitting.Solver(), fit_stages.HOST)
   return np.where(ends.converged_S, ends.value_S, np.inf).reshape(len(counts_BR), k).min(axis=1)
 
 
@@ -187,24 +188,24 @@ def test_small_study_refits_are_as_low_as_a_wider_start_search(monkeypatch):
   whatever the CPU, the screened starts lower some refits that the bootstrap without them leaves
   higher, and raise none."""
   law, data, n = laws.CHINCHILLA, _epoch_like_study(20), 500
-  full = fit.fit(fit.Problem.of(law, data), starts=law.starts(5))
+  full = fitting.fit(fitting.Problem.of(law, data), starts=law.starts(5))
   counts_BR = resample_counts(20, n, 0)
 
   def refit_objectives():
-    boot = bootstrap.bootstrap(full, fit.Resampling(n, 0))
+    boot = bootstrap.bootstrap(full, fitting.Resampling(n, 0))
     refits = laws.to_log_params({name: boot.samples[name]
                                  for name in map(laws.to_natural_name, law.param_names)})
     with jax.enable_x64(True):
-      arrays = fit.as_data(data)
-      return boot, np.asarray(jax.vmap(lambda x, w: fit.objective(
-          x, arrays, w, law=law, delta=fit.DEFAULT_DELTA))(refits, jnp.asarray(counts_BR)))
+      arrays = fitting.as_data(data)
+      return boot, np.asarray(jax.vmap(lambda x, w: fitting.objective(
+          x, arrays, w, law=law, delta=fitting.DEFAULT_DELTA))(refits, jnp.asarray(counts_BR)))
 
   boot, refit_B = refit_objectives()
   wider_B = _lowest_ends_of_a_wider_search(law, data, counts_BR)
   above_B = refit_B > np.minimum(wider_B, refit_B) * (1 + 1e-6)
   assert boot.failed == 0 and boot.multimodal >= 1
   assert above_B.sum() <= 4, np.flatnonzero(above_B)
-  monkeypatch.setattr(stages, "SCREENED_MAX_ROWS", 0)
+  monkeypatch.setattr(fit_stages, "SCREENED_MAX_ROWS", 0)
   _, plain_B = refit_objectives()
   plain_B = np.where(np.isfinite(plain_B), plain_B, np.inf)  # a failed refit of the plain path
   lowered = refit_B < plain_B * (1 - 1e-7)
@@ -223,19 +224,19 @@ def test_a_traced_bootstrap_runs_the_host_procedure():
   on the host (test_small_study_refits_are_as_low_as_a_wider_start_search): one function serves
   both engines."""
   law, data, n = laws.CHINCHILLA, _epoch_like_study(20), 400
-  problem, resampling = fit.Problem.of(law, data), fit.Resampling(n, 0)
+  problem, resampling = fitting.Problem.of(law, data), fitting.Resampling(n, 0)
 
   def objectives(boot):
     with jax.enable_x64(True):
       refits = laws.to_log_params(jax.device_get(boot.samples))
-      objective = lambda x, w: fit.objective(x, fit.as_data(data), w, law=law,
-                                             delta=fit.DEFAULT_DELTA)
+      objective = lambda x, w: fitting.objective(x, fitting.as_data(data), w, law=law,
+                                             delta=fitting.DEFAULT_DELTA)
       return np.asarray(jax.vmap(objective)(refits, resampling.counts(20)))
 
-  host = objectives(bootstrap.bootstrap(fit.fit(problem), resampling))
+  host = objectives(bootstrap.bootstrap(fitting.fit(problem), resampling))
   with jax.enable_x64(True):
     traced = objectives(jax.jit(lambda p: bootstrap.bootstrap(
-        fit.estimate(p), resampling, fit.Solver(lanes=64)))(problem))
+        fitting.estimate(p), resampling, fitting.Solver(lanes=64)))(problem))
   same = np.isfinite(host) & np.isfinite(traced) & (np.abs(traced / host - 1) <= 1e-6)
   assert (~same).sum() <= 2, (np.flatnonzero(~same), host[~same], traced[~same])
 
@@ -247,18 +248,18 @@ def test_traced_restarts_from_thinned_starts_settle_what_the_host_settles():
   resamples have several minima, and the two engines' settle rounds whiten with exact and with
   finite-difference Hessians (17 of 20 the same, 2026-12-03; at least 14 asserted)."""
   data = _epoch_like_study(20)
-  problem = fit.Problem.of(laws.CHINCHILLA, data)
+  problem = fitting.Problem.of(laws.CHINCHILLA, data)
   with jax.enable_x64(True):
-    x_P = np.array([fit.fit(problem).params[k] for k in problem.names])
-    counts_BR = np.asarray(fit.Resampling(40, 3).counts(20))
-    early = stages.descend(problem, np.broadcast_to(x_P, (40, x_P.size)), counts_BR,
-                           fit.Solver(fit.StopRules(maxiter=3)), stages.HOST)
+    x_P = np.array([fitting.fit(problem).params[k] for k in problem.names])
+    counts_BR = np.asarray(fitting.Resampling(40, 3).counts(20))
+    early = fit_stages.descend(problem, np.broadcast_to(x_P, (40, x_P.size)), counts_BR,
+                           fitting.Solver(fitting.StopRules(maxiter=3)), fit_stages.HOST)
     unsettled_B = np.arange(40) % 2 == 0  # the others stay as they are
-    solver = fit.Solver(lanes=16)
+    solver = fitting.Solver(lanes=16)
     host = bootstrap._restart_unsettled(problem, early, counts_BR, unsettled_B, solver,
-                                        stages.HOST)
+                                        fit_stages.HOST)
     traced = jax.device_get(jax.jit(lambda ends, counts: bootstrap._restart_unsettled(
-        problem, ends, counts, jnp.asarray(unsettled_B), solver, stages.TRACED))(
+        problem, ends, counts, jnp.asarray(unsettled_B), solver, fit_stages.TRACED))(
             jax.tree.map(jnp.asarray, early), jnp.asarray(counts_BR)))
   assert host.converged_S[unsettled_B].all() and traced.converged_S[unsettled_B].all()
   same = np.abs(traced.value_S[unsettled_B] / host.value_S[unsettled_B] - 1) <= 1e-6
@@ -320,7 +321,7 @@ def branch_family(noise, seed):
   n, d, g, e, run = map(np.array, zip(*rows))
   data = {"N": n, "D": d, "G": g.astype(float), "exit": e.astype(float)}
   with jax.enable_x64(True):
-    clean = np.asarray(laws.loss(laws.BRANCH, truth, fit.as_data(data)))
+    clean = np.asarray(laws.loss(laws.BRANCH, truth, fitting.as_data(data)))
   data["loss"] = clean * np.exp(noise * rng.standard_normal(clean.shape))
   return data, run
 
@@ -335,8 +336,8 @@ def test_branch_law_intervals_cover_the_truth():
   starts = {**laws.CHINCHILLA.starts(), "alpha_b": np.zeros(4500), "beta_b": np.zeros(4500)}
   for seed in range(30):
     data, runs = branch_family(noise=0.005, seed=seed)
-    result = fit.fit(fit.Problem.of(laws.BRANCH, data), starts=starts)
-    boot = bootstrap.bootstrap(result, fit.Resampling(500, seed, runs))
+    result = fitting.fit(fitting.Problem.of(laws.BRANCH, data), starts=starts)
+    boot = bootstrap.bootstrap(result, fitting.Resampling(500, seed, runs))
     for name in covered:
       lo, hi = boot.ci95[name]
       covered[name].append(lo <= BRANCH_TRUTH[name] <= hi)

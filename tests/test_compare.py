@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax import config
-from famjax.scaling import compare, fit, io, laws
+from famjax.scaling import compare, fit_data, fitting, laws
+from famjax.study import config
 
 from conftest import PAPER
 
@@ -27,7 +27,7 @@ def _design(seed=0, noise=0.0, law=laws.GAMMA_D, params=None):
   columns["C"] = 6 * columns["N"] * columns["D"]
   params = params or {**PAPER, "gamma_slope": GAMMA_SLOPE}
   with jax.enable_x64(True):
-    clean = np.asarray(laws.loss(law, params, fit.as_data(columns)))
+    clean = np.asarray(laws.loss(law, params, fitting.as_data(columns)))
   rng = np.random.default_rng(seed)
   columns["loss"] = clean * np.exp(noise * rng.standard_normal(clean.shape))
   return columns
@@ -49,7 +49,7 @@ def test_the_candidate_laws_match_their_closed_forms():
       "paper": (e + a / n ** alpha + data_term) * g ** gamma,
   }
   with jax.enable_x64(True):
-    data = fit.as_data({"N": n, "D": d, "G": g})
+    data = fitting.as_data({"N": n, "D": d, "G": g})
     for name, law in laws.CANDIDATES.items():
       got = laws.loss(law, {**PAPER, "gamma_slope": slope}, data)
       np.testing.assert_allclose(got, expected[name], rtol=1e-12, err_msg=name)
@@ -71,8 +71,8 @@ def test_exit_size_laws_refuse_more_exits_than_they_sum_over():
   frame = pd.DataFrame(_design(noise=0.01))
   frame.loc[3, "G"] = laws.MAX_EXITS + 1
   with pytest.raises(ValueError, match=r"size_only law sums over at most 64 exits.*rows \[3\]"):
-    io.validate(frame, laws.SIZE_ONLY)
-  io.validate(frame, laws.FAMILIAL)  # the paper's law takes any G
+    fit_data.validate(frame, laws.SIZE_ONLY)
+  fit_data.validate(frame, laws.FAMILIAL)  # the paper's law takes any G
 
 
 def test_laplace_aic_charges_two_per_parameter():
@@ -90,14 +90,33 @@ def test_held_out_rows_are_predicted_by_a_fit_that_never_saw_them():
   data = {k: columns[k] for k in ("N", "D", "G", "loss")}
   labels = compare._fold_labels(columns, "configuration")
   assert np.unique(labels).size == 36  # 4 N x 3 D x 3 G; two seeds per configuration
-  exact = fit.fit(fit.Problem.of(laws.GAMMA_D, data), starts=laws.GAMMA_D.starts(45))
+  exact = fitting.fit(fitting.Problem.of(laws.GAMMA_D, data), starts=laws.GAMMA_D.starts(45))
   held = compare.held_out(exact, labels, "configuration")
   assert held.n_folds == 36 and held.max_abs < 1e-4
-  paper = fit.fit(fit.Problem.of(laws.FAMILIAL, data), starts=laws.FAMILIAL.starts(45))
+  paper = fitting.fit(fitting.Problem.of(laws.FAMILIAL, data), starts=laws.FAMILIAL.starts(45))
   by_d = compare.held_out(paper, columns["D"], "budget")
   assert by_d.mean_abs > 20 * held.mean_abs
   bias = by_d.bias_by_G(columns["G"])
   assert abs(bias[4]) > abs(bias[1])
+
+
+def test_a_held_out_fold_keeps_its_whole_perturbation():
+  """One configuration's rows raised 5% above noise-free gamma_d rows: refitted without them, the
+  law predicts the truth there, so their held-out error is the whole perturbation, 1/1.05 - 1. The
+  full fit, which saw them, bends toward them (4e-4 here, Huber-robust as it is): a refit that
+  kept the fold's own rows would predict that, not the truth."""
+  columns = _design()
+  data = {k: columns[k] for k in ("N", "D", "G", "loss")}
+  labels = compare._fold_labels(columns, "configuration")
+  fold = labels == labels[35]  # the largest N, D and G
+  data["loss"] = np.where(fold, data["loss"] * 1.05, data["loss"])
+  result = fitting.fit(fitting.Problem.of(laws.GAMMA_D, data), starts=laws.GAMMA_D.starts(45))
+  held = compare.held_out(result, labels, "configuration")
+  whole = 1 / 1.05 - 1
+  np.testing.assert_allclose(held.error_R[fold], whole, atol=1e-8)
+  with jax.enable_x64(True):
+    in_sample = np.asarray(laws.loss(laws.GAMMA_D, result.params, fitting.as_data(data)))
+  assert np.all(in_sample[fold] / data["loss"][fold] - 1 - whole > 1e-4)  # the data tell them apart
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +148,7 @@ def test_a_comparison_summary_is_json_and_prints_its_ranking(comparison):
   law = summary["laws"]["paper"]
   assert law["n_params"] == 6 and set(law["held_out"]["budget"]["bias_by_G"]) == {"1", "2", "4"}
   assert law["fit"]["law"] == "familial"
-  text = compare.table(summary)
+  text = compare.comparison_table(summary)
   assert "ranked by leave-one-budget-out" in text and f"best: {result.best.name}" in text
 
 

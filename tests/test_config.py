@@ -1,14 +1,8 @@
 import pytest
 
-from famjax.config import (
-  DataConfig,
-  ExperimentConfig,
-  MeshConfig,
-  ModelConfig,
-  TrainConfig,
-  config_hash,
-  experiment_from_dict,
-)
+from famjax.data.config import DataConfig
+from famjax.model.config import MeshConfig, ModelConfig
+from famjax.train.config import ExperimentConfig, TrainConfig, config_hash, experiment_from_dict
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from famjax import data, train
-from famjax.config import DataConfig
+from famjax import data
 from famjax.data import sources, store, tokenizers
+from famjax.data.config import DataConfig
+from famjax.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [f"document {i}: the shared backbone — exits {'é' * (i % 3)} and {i * 'tokens '}"
@@ -85,7 +86,7 @@ def test_a_directory_of_mixed_kinds_reads_each_file_by_its_kind(kinds, tmp_path)
   (mixed / ".hidden").write_bytes(b"\x00")
   got = tokens_of(mixed)
   assert got.n_train_docs + got.n_val_docs == 2 * len(DOCS) + 1
-  assert [u.kind for u in sources.plan(str(mixed)).units] == ["json", "saved", "text"]
+  assert [u.kind for u in sources.from_corpus(str(mixed)).units] == ["json", "saved", "text"]
 
 
 def test_two_workers_build_the_store_one_builds(kinds, tmp_path):
@@ -121,7 +122,7 @@ def _files(directory: Path) -> dict:
 KILLER = """
 import os, signal, sys
 from famjax import data
-from famjax.config import DataConfig
+from famjax.data.config import DataConfig
 from famjax.data import sources, store
 store._ENCODE_BYTES = store._FLUSH_TOKENS = 1  # write each document as it comes
 read, seen = sources.read, []
@@ -220,7 +221,7 @@ def test_a_model_vocabulary_below_the_tokenizers_is_refused(tiny_experiment, tmp
   cfg = tiny_experiment()
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=200))
   with pytest.raises(ValueError, match=r"model.vocab_size=200 is smaller than the 259-token"):
-    train.train(cfg, tmp_path)
+    loop.train(cfg, tmp_path)
   assert not list(tmp_path.iterdir())  # nothing claimed
 
 
@@ -299,4 +300,4 @@ def test_saved_tokenizers_rebuild_from_their_directory(tmp_path):
   assert isinstance(data.load_tokenizer(tmp_path), tokenizers.ByteTokenizer)
   with pytest.raises(FileNotFoundError, match="no saved tokenizer"):
     data.load_tokenizer(tmp_path / "elsewhere")
-  assert sources.plan(str(tmp_path / "tokenizer")).units  # a directory of files is a corpus
+  assert sources.from_corpus(str(tmp_path / "tokenizer")).units  # a directory of files is a corpus

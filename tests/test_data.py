@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from famjax import data
-from famjax.config import DataConfig
+from famjax.data.config import DataConfig
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_bpe_tokenizer_trains_locally_and_is_cached(corpus_dir, private_cache):
 
 
 def test_the_local_bpe_sample_is_bounded_and_holds_training_documents_only(corpus_dir):
-  source = data.sources.plan(str(corpus_dir))
+  source = data.sources.from_corpus(str(corpus_dir))
   sample = list(data.bpe_sample(source, 0.1, max_bytes=5000))
   sizes = [len(t.encode()) for t in sample]
   assert sum(sizes[:-1]) < 5000 <= sum(sizes)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from famjax import decode
-from famjax.model import FamilialTransformer
+from famjax.decode import decoder, relay_state, sampling
+from famjax.model.transformer import FamilialTransformer
 
 from conftest import tiny_model
 
@@ -33,7 +33,7 @@ def build(cfg, seed=0):
 
 @pytest.fixture(scope="module")
 def decoders():
-  return {kind: decode.Decoder(build(tiny_model(exit_head=kind[0], unembed=kind[1],
+  return {kind: decoder.Decoder(build(tiny_model(exit_head=kind[0], unembed=kind[1],
                                                 max_seq_len=32)))
           for kind in KINDS}
 
@@ -68,7 +68,7 @@ def test_relay_equals_running_the_deeper_exit_from_scratch(decoders, kind):
     sequence = shallow.tokens_BS[b, :int(shallow.lengths_B[b])]
     direct = dec.logits(sequence[None])[2, 0, -1]
     np.testing.assert_allclose(relay_logits[b], direct, atol=1e-5)
-  restored = decode.from_bytes(decode.to_bytes(shallow))
+  restored = relay_state.from_bytes(relay_state.to_bytes(shallow))
   again, again_logits = dec.relay(restored, 3)
   np.testing.assert_array_equal(again_logits, relay_logits)
   _, a = dec.continue_(relayed, relay_logits, 6)
@@ -79,7 +79,7 @@ def test_relay_equals_running_the_deeper_exit_from_scratch(decoders, kind):
 def test_relay_state_size_per_token(decoders):
   dec = decoders[("block", "per_exit")]
   state, _ = dec.generate([[1, 2, 3, 4, 5, 6, 7, 8]], 1, 8)
-  size = len(decode.to_bytes(state))
+  size = len(relay_state.to_bytes(state))
   cfg = dec.cfg
   per_token = (cfg.d_model + 2 * cfg.kv_heads * cfg.head_size * (cfg.exit_layers[0] + 1)) * 4 + 4
   assert size == pytest.approx(16 * per_token, rel=0.1)  # hidden + K, V of layer 1 and the block
@@ -90,7 +90,7 @@ def test_grouped_query_caches_hold_fewer_heads_and_every_decoding_path_agrees():
   cached, relayed, confidence and speculative decoding equal their slow paths as with MHA."""
   cfg = tiny_model(n_heads=4, n_kv_heads=1, attention_bias=True, exit_head="block",
                    unembed="shared", max_seq_len=32)
-  dec = decode.Decoder(build(cfg, seed=2))
+  dec = decoder.Decoder(build(cfg, seed=2))
   state, generated = dec.generate(PROMPTS, 1, 6)
   assert state.segments[0].k.shape[-2:] == (1, cfg.head_size) and state.head.v.shape[-2] == 1
   sequence = PROMPTS[0] + [int(t) for t in generated[0]]
@@ -123,7 +123,7 @@ def test_a_token_that_exits_early_leaves_keys_for_the_layers_it_skipped():
   """With a threshold between exit 0's and the deepest exit's confidence, tokens mix exits, and
   the output still equals stepping exit by exit with propagated hidden states (checked against
   the deepest exit only where every earlier token took it)."""
-  dec = decode.Decoder(build(tiny_model(max_seq_len=32), seed=3))
+  dec = decoder.Decoder(build(tiny_model(max_seq_len=32), seed=3))
   logits = dec.logits(jnp.asarray([PROMPTS[0]]))
   probs = jax.nn.softmax(logits[:, 0, -1], -1).max(-1)
   threshold = float(probs.mean())
@@ -143,7 +143,7 @@ def agreeing_family():
     out["kernel"] = out["kernel"] * 0.2
   pure["exits"][1]["norm"]["scale"] = pure["exits"][0]["norm"]["scale"]
   nnx.replace_by_pure_dict(state, pure)
-  return decode.Decoder(nnx.merge(graphdef, state))
+  return decoder.Decoder(nnx.merge(graphdef, state))
 
 
 def test_speculative_greedy_output_equals_plain_greedy(agreeing_family):
@@ -172,18 +172,18 @@ def test_bad_requests_are_clear_errors(decoders):
 def test_sampling_respects_top_k_and_top_p():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 400)
-  draw = lambda **kw: np.array([int(decode.sample(logits, k, 1.0, **kw)[0]) for k in keys])
+  draw = lambda **kw: np.array([int(sampling.sample(logits, k, 1.0, **kw)[0]) for k in keys])
   assert set(draw(top_k=2)) == {0, 1}
   assert set(draw(top_p=0.75)) == {0, 1}
   assert set(draw()) == {0, 1, 2, 3}
-  assert int(decode.sample(logits, keys[0])[0]) == 0  # temperature 0: greedy
+  assert int(sampling.sample(logits, keys[0])[0]) == 0  # temperature 0: greedy
 
 
 def test_stop_tokens_end_a_row(decoders):
   dec = decoders[("norm", "tied")]
   _, free = dec.generate(PROMPTS, 3, 8)
   stop = int(free[0, 2])
-  _, stopped = dec.generate(PROMPTS, 3, 8, decode.Sampling(stop_tokens=(stop,)))
+  _, stopped = dec.generate(PROMPTS, 3, 8, sampling.Sampling(stop_tokens=(stop,)))
   row = [int(t) for t in stopped[0]]
   assert row[:3] == [int(t) for t in free[0, :3]] and all(t == -1 for t in row[3:])
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from famjax import train
-from famjax.config import DataConfig, ExperimentConfig, TrainConfig
+from famjax.data.config import DataConfig
+from famjax.train import loop
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 from conftest import tiny_model
 
@@ -35,7 +36,7 @@ def workdir(corpus_dir, tmp_path_factory):
                                            learning_rate=1e-2, eval_every=30,
                                            checkpoint_every=30, eval_batches=1,
                                            progress=False))
-  train.train(cfg, out)
+  loop.train(cfg, out)
   return out
 
 

@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from famjax import train
-from famjax.config import DataConfig, ExperimentConfig, TrainConfig
+from famjax.data.config import DataConfig
 from famjax.scaling import laws
-from famjax.study import results
+from famjax.study import records
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 from conftest import tiny_model
 
-study = pytest.importorskip("famjax.evaluation.study",
+study = pytest.importorskip("famjax.evaluation.study_link",
                             reason="lm-eval is the eval extra: pip install -e '.[eval]'")
 from famjax.evaluation import runner, tasks  # noqa: E402
+from famjax.train import loop  # noqa: E402
 
 TASK = "famjax_continuation"
 STEPS = {"C1e9_short": (1e9, 3), "C1e9_long": (1e9, 40), "C2e9": (2e9, 15)}
@@ -50,8 +51,8 @@ def write_run(study_dir, corpus_dir, run_id, budget, steps):
       train=TrainConfig(batch_size=8, seq_len=32, steps=steps, warmup_steps=2,
                         learning_rate=1e-2, eval_every=steps, checkpoint_every=steps,
                         eval_batches=2, progress=False))
-  summary = train.train(cfg, workdir)
-  records = [{"run_id": run_id, "kind": "isoflop", "status": results.OK, "C": budget, "G": 3,
+  summary = loop.train(cfg, workdir)
+  records = [{"run_id": run_id, "kind": "isoflop", "status": records.OK, "C": budget, "G": 3,
               "exit": g, "exit_layer": g, "P": g - 1, "Q": 3 - g,
               "N_exit": summary["params_per_exit"][g - 1],
               "N_exit_non_embedding": summary["non_embedding_params_per_exit"][g - 1],
@@ -62,7 +63,7 @@ def write_run(study_dir, corpus_dir, run_id, budget, steps):
               "flops_per_token": summary["flops_per_token"], "seed": 0,
               "corpus_fingerprint": summary["corpus_fingerprint"], "config_hash": "h",
               "wall_seconds": 1.0} for g in (1, 2, 3)]
-  results.write_records(workdir, records)
+  records.write_records(workdir, records)
 
 
 @pytest.fixture(scope="module")

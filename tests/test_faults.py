@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax import checkpoint, train
-from famjax.files import WorkdirBusy, WorkdirLock, atomic_write_text
+from famjax.common.files import WorkdirBusy, WorkdirLock, atomic_write_text
+from famjax.train import checkpoint, loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,19 +31,19 @@ def metrics_steps(workdir, key="train_loss"):
 
 def test_fewer_steps_than_the_latest_checkpoint_is_refused(tiny_experiment, tmp_path):
   cfg = tiny_experiment(steps=40, checkpoint_every=20)
-  done = train.train(cfg, tmp_path)
+  done = loop.train(cfg, tmp_path)
   summary = (tmp_path / "summary.json").read_text()
   shorter = tiny_experiment(steps=30, checkpoint_every=20)
   with pytest.raises(ValueError, match="train.steps=30 .* below step 40 of the latest checkpoint"):
-    train.train(shorter, tmp_path)
+    loop.train(shorter, tmp_path)
   assert (tmp_path / "summary.json").read_text() == summary
   assert done["step"] == 40 and done["tokens"] == 40 * 8 * 32
 
 
 def test_a_paused_run_reports_the_step_its_state_has(tiny_experiment, tmp_path):
   cfg = tiny_experiment(steps=40, checkpoint_every=10)
-  train.train(cfg, tmp_path, stop_after=20)
-  again = train.train(cfg, tmp_path, stop_after=10)  # asks to stop before where it is
+  loop.train(cfg, tmp_path, stop_after=20)
+  again = loop.train(cfg, tmp_path, stop_after=10)  # asks to stop before where it is
   assert again["step"] == 20 and again["tokens"] == 20 * 8 * 32
   assert json.loads((tmp_path / "summary.json").read_text())["step"] == 20
 
@@ -84,15 +84,15 @@ def test_the_lock_excludes_a_second_holder_in_the_same_process(tmp_path):
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_experiment, tmp_path,
                                                                      caplog):
   cfg = tiny_experiment(steps=30, checkpoint_every=10)
-  straight = train.train(cfg, tmp_path / "straight")
+  straight = loop.train(cfg, tmp_path / "straight")
   workdir = tmp_path / "damaged"
-  train.train(cfg, workdir)
+  loop.train(cfg, workdir)
   files = sorted((workdir / "checkpoints" / "30").rglob("*"), key=lambda p: -p.stat().st_size
                  if p.is_file() else 0)
   victim = files[0]
   victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
   with caplog.at_level("WARNING"):
-    resumed = train.train(cfg, workdir)  # retrains steps 21..30 from checkpoint 20
+    resumed = loop.train(cfg, workdir)  # retrains steps 21..30 from checkpoint 20
   assert "checkpoint at step 30 does not restore" in caplog.text
   assert len([r for r in caplog.records if "does not restore" in r.getMessage()]) == 1
   aside = list((workdir / checkpoint.DAMAGED_DIR).glob("30-*"))
@@ -105,16 +105,16 @@ def test_a_checkpoint_of_another_parameter_layout_is_refused_and_kept(tiny_exper
   """A checkpoint whose parameter tree differs from the model's (as one written before the
   scanned-segment layout) is not a damaged one: the run stops with a message naming the
   difference, and the checkpoint stays where it is."""
-  from famjax import sharding
+  from famjax.model import sharding
   cfg = tiny_experiment(steps=10, checkpoint_every=10)
-  state = train.Trainer.create(cfg, sharding.make_mesh()).state
+  state = loop.Trainer.create(cfg, sharding.make_mesh()).state
   params = dict(state["params"])
   params["layers"] = params.pop("segments")  # another layout: per-layer, not scanned segments
   mngr = checkpoint.manager(tmp_path, 3)
   checkpoint.save(mngr, 5, {**state, "params": params}, {"batches": {}, "elapsed_seconds": 0.0})
   mngr.wait_until_finished()
   with pytest.raises(ValueError, match=r"another parameter layout.*segments.*Nothing was moved"):
-    train.train(cfg, tmp_path)
+    loop.train(cfg, tmp_path)
   assert (tmp_path / "checkpoints" / "5").is_dir()
   assert not (tmp_path / checkpoint.DAMAGED_DIR).exists()
   assert not (tmp_path / "config.json").exists()
@@ -123,49 +123,49 @@ def test_a_checkpoint_of_another_parameter_layout_is_refused_and_kept(tiny_exper
 def test_a_torn_last_metrics_line_is_dropped_and_each_step_logged_once(tiny_experiment, tmp_path,
                                                                         caplog):
   cfg = tiny_experiment(steps=40, checkpoint_every=20)
-  train.train(cfg, tmp_path, stop_after=30)  # checkpoints at 20 and 30, logs to 30
+  loop.train(cfg, tmp_path, stop_after=30)  # checkpoints at 20 and 30, logs to 30
   with (tmp_path / "metrics.jsonl").open("a") as f:
     f.write('{"step": 31, "train_lo')
   with caplog.at_level("WARNING"):
-    train.train(cfg, tmp_path)
+    loop.train(cfg, tmp_path)
   assert "dropping a malformed last line" in caplog.text
   assert metrics_steps(tmp_path) == list(range(10, 41, 10))
 
 
 def test_a_malformed_middle_metrics_line_names_the_file_and_line(tiny_experiment, tmp_path):
   cfg = tiny_experiment(steps=40, checkpoint_every=20)
-  train.train(cfg, tmp_path, stop_after=20)
+  loop.train(cfg, tmp_path, stop_after=20)
   path = tmp_path / "metrics.jsonl"
   lines = path.read_text().splitlines()
   path.write_text("\n".join(lines[:1] + ["not json"] + lines[1:]) + "\n")
   with pytest.raises(ValueError, match=f"{path}:2: malformed metrics line"):
-    train.train(cfg, tmp_path)
+    loop.train(cfg, tmp_path)
 
 
 def test_resuming_from_step_zero_keeps_no_stale_records(tiny_experiment, tmp_path):
   """A kill during the first save leaves logs but no checkpoint: the rerun logs each step once."""
   cfg = tiny_experiment(steps=20, checkpoint_every=20)
-  train.train(cfg, tmp_path)
+  loop.train(cfg, tmp_path)
   import shutil
   shutil.rmtree(tmp_path / "checkpoints")
   (tmp_path / "summary.json").unlink()
-  train.train(cfg, tmp_path)
+  loop.train(cfg, tmp_path)
   assert metrics_steps(tmp_path) == [10, 20] and metrics_steps(tmp_path, "val_loss") == [20]
 
 
 def test_a_run_that_fails_its_checks_does_not_claim_the_workdir(tiny_experiment, tmp_path):
   bad = tiny_experiment(batch_size=4096)  # more windows per batch than the corpus holds
   with pytest.raises(ValueError, match="train.batch_size"):
-    train.train(bad, tmp_path)
+    loop.train(bad, tmp_path)
   assert not (tmp_path / "config.json").exists()
   good = tiny_experiment(steps=10, batch_size=8)
-  assert train.train(good, tmp_path)["step"] == 10
+  assert loop.train(good, tmp_path)["step"] == 10
 
 
 def test_changed_settings_on_resume_are_recorded(tiny_experiment, tmp_path, caplog):
-  train.train(tiny_experiment(steps=40, checkpoint_every=20), tmp_path, stop_after=20)
+  loop.train(tiny_experiment(steps=40, checkpoint_every=20), tmp_path, stop_after=20)
   with caplog.at_level("WARNING"):
-    train.train(tiny_experiment(steps=40, checkpoint_every=20, learning_rate=3e-3), tmp_path)
+    loop.train(tiny_experiment(steps=40, checkpoint_every=20, learning_rate=3e-3), tmp_path)
   assert "train.learning_rate: 0.01 -> 0.003" in caplog.text
   history = json.loads((tmp_path / "config.json").read_text())["history"]
   assert [h["from_step"] for h in history] == [0, 20]
@@ -173,7 +173,7 @@ def test_changed_settings_on_resume_are_recorded(tiny_experiment, tmp_path, capl
 
 
 def test_output_files_get_the_users_normal_permissions(tiny_experiment, tmp_path):
-  train.train(tiny_experiment(steps=10), tmp_path)
+  loop.train(tiny_experiment(steps=10), tmp_path)
   mask = os.umask(0)
   os.umask(mask)
   for name in ("summary.json", "config.json", "metrics.jsonl"):

@@ -28,7 +28,7 @@ def _families(gamma_of_width, seed_noise=0.003, rng_seed=0):
 
 
 def test_gamma_direct_recovers_a_shared_gamma_and_does_not_reject_it():
-  grid = gamma_grid.analyze(_families(lambda w: 0.03))
+  grid = gamma_grid.measure_grid(_families(lambda w: 0.03))
   assert len(grid.cells) == 4 and all(c.n_families == 6 for c in grid.cells)
   for cell in grid.cells:
     assert cell.gamma.ci95[0] < 0.03 < cell.gamma.ci95[1]
@@ -39,7 +39,7 @@ def test_gamma_direct_recovers_a_shared_gamma_and_does_not_reject_it():
 
 
 def test_a_gamma_that_changes_with_width_is_detected():
-  grid = gamma_grid.analyze(_families(lambda w: 0.01 if w == 32 else 0.05))
+  grid = gamma_grid.measure_grid(_families(lambda w: 0.01 if w == 32 else 0.05))
   by = {t.per: t for t in grid.homogeneity}
   assert by["d_model"].p < 1e-4 and by["d_model"].df[0] == 1
   assert by["D"].p > 0.01  # gamma does not change with D here
@@ -75,7 +75,7 @@ def test_branch_exponents_over_controls_are_the_ratio_regression():
 
 def test_a_study_without_a_grid_has_no_gamma_grid():
   frame = _families(lambda w: 0.03).assign(kind="isoflop")
-  assert gamma_grid.analyze(frame) is None
+  assert gamma_grid.measure_grid(frame) is None
 
 
 def _grid_with_controls(sharing_of_tokens, noise=0.002, rng_seed=0):
@@ -111,7 +111,7 @@ def _log_tokens(tokens):
 
 
 def test_gamma_splits_into_size_and_sharing_parts():
-  grid = gamma_grid.analyze(_grid_with_controls(lambda d: 0.02 + 0.01 * _log_tokens(d)))
+  grid = gamma_grid.measure_grid(_grid_with_controls(lambda d: 0.02 + 0.01 * _log_tokens(d)))
   assert len(grid.cells) == 8
   for cell in grid.cells:
     # one design for the three responses: the parts add up to gamma_direct
@@ -123,14 +123,14 @@ def test_gamma_splits_into_size_and_sharing_parts():
 
 
 def test_gamma_against_tokens_rising_and_levelling_off():
-  rising = gamma_grid.analyze(_grid_with_controls(lambda d: 0.02 + 0.01 * _log_tokens(d)))
+  rising = gamma_grid.measure_grid(_grid_with_controls(lambda d: 0.02 + 0.01 * _log_tokens(d)))
   trend = {t.part: t for t in rising.trends}
   assert set(trend) == {"gamma", "size", "sharing"}
   assert trend["sharing"].slope.ci95[0] < 0.01 < trend["sharing"].slope.ci95[1]
   assert trend["sharing"].curvature.ci95[0] < 0 < trend["sharing"].curvature.ci95[1]
   assert trend["size"].slope.ci95[0] < 0 < trend["size"].slope.ci95[1]
   assert trend["gamma"].d_reference == pytest.approx(np.sqrt(8) * 1e6)
-  levelling = gamma_grid.analyze(_grid_with_controls(
+  levelling = gamma_grid.measure_grid(_grid_with_controls(
       lambda d: 0.02 + 0.01 * _log_tokens(d) - 0.01 * _log_tokens(d) ** 2))
   curvature = {t.part: t.curvature for t in levelling.trends}["sharing"]
   assert curvature.ci95[1] < 0 and curvature.ci95[0] < -0.01 < curvature.ci95[1]
@@ -138,7 +138,7 @@ def test_gamma_against_tokens_rising_and_levelling_off():
 
 def test_the_deepest_exit_tax_is_paired_by_seed():
   """The deepest exit of a G-exit family loses G^sharing(D) times its dense backbone's loss."""
-  grid = gamma_grid.analyze(_grid_with_controls(lambda d: 0.03))
+  grid = gamma_grid.measure_grid(_grid_with_controls(lambda d: 0.03))
   assert {(t.G, t.n_seeds) for t in grid.tax} == {(2, 2), (4, 2)}
   assert len(grid.tax) == 2 * 4 * 2  # widths x tokens x G
   for tax in grid.tax:

@@ -18,10 +18,14 @@ from flax import nnx, traverse_util
 from safetensors.numpy import load_file
 from scipy.special import log_softmax
 
-from famjax import hf, sharding, train
-from famjax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-from famjax.decode import Decoder
-from famjax.model import FamilialTransformer
+from famjax.data.config import DataConfig
+from famjax.decode.decoder import Decoder
+from famjax.hf import checkpoint_export, checkpoint_import, configs
+from famjax.model import sharding
+from famjax.model.config import ModelConfig
+from famjax.model.transformer import FamilialTransformer
+from famjax.train import loop, step
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 from conftest import tiny_model
 
@@ -46,7 +50,7 @@ def fixture_tensors(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def imported():
-  return {name: hf.load(FIXTURES / name) for name in NAMES}
+  return {name: checkpoint_import.load(FIXTURES / name) for name in NAMES}
 
 
 def test_the_fixtures_cover_gqa_mqa_biases_head_dim_tying_and_shards(imported):
@@ -75,8 +79,8 @@ def test_a_checkpoint_gives_the_logits_and_greedy_text_transformers_computed(imp
 @pytest.mark.parametrize("name", NAMES)
 def test_import_export_import_is_bit_exact_with_the_fixture_names(imported, name, tmp_path):
   cfg, params = imported[name]
-  hf.export_exit(cfg, params, 1, tmp_path / "out")
-  again_cfg, again = hf.load(tmp_path / "out")
+  checkpoint_export.export_exit(cfg, params, 1, tmp_path / "out")
+  again_cfg, again = checkpoint_import.load(tmp_path / "out")
   assert again_cfg == cfg
   jax.tree.map(np.testing.assert_array_equal, again, params)
   ours, theirs = load_file(str(tmp_path / "out" / "model.safetensors")), fixture_tensors(name)
@@ -104,10 +108,10 @@ def test_each_exported_exit_is_a_dense_model_with_that_exits_logits(family, tmp_
   tokens_BT = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10))
   logits_GBTV = np.asarray(model(tokens_BT))
   for exit_ in range(1, cfg.n_exits + 1):
-    record = hf.export_exit(cfg, params, exit_, tmp_path / f"exit{exit_}")
+    record = checkpoint_export.export_exit(cfg, params, exit_, tmp_path / f"exit{exit_}")
     private = cfg.exit_head == "block" and exit_ < cfg.n_exits
     assert record["num_hidden_layers"] == cfg.exit_layers[exit_ - 1] + private
-    dense_cfg, dense = hf.load(tmp_path / f"exit{exit_}")
+    dense_cfg, dense = checkpoint_import.load(tmp_path / f"exit{exit_}")
     assert dense_cfg.unembed == ("tied" if cfg.unembed == "tied" else "shared")
     np.testing.assert_allclose(np.asarray(build(dense_cfg, dense)(tokens_BT)[0]),
                                logits_GBTV[exit_ - 1], rtol=1e-5, atol=1e-5)
@@ -116,10 +120,10 @@ def test_each_exported_exit_is_a_dense_model_with_that_exits_logits(family, tmp_
 @pytest.mark.parametrize("unembed, head", [("per_exit", "norm"), ("shared", "block")])
 def test_added_exits_start_from_the_final_norm_and_unembedding(imported, unembed, head):
   dense_cfg, dense = imported["llama_gqa"]
-  cfg = hf.family_config(FIXTURES / "llama_gqa", exit_layers=(1, 2, 4), unembed=unembed,
+  cfg = checkpoint_import.family_config(FIXTURES / "llama_gqa", exit_layers=(1, 2, 4), unembed=unembed,
                          exit_head=head)
   fresh = nnx.to_pure_dict(nnx.state(build(cfg)))
-  family = build(cfg, hf.family_params(cfg, fresh, dense_cfg, dense, "copy"))
+  family = build(cfg, checkpoint_import.family_params(cfg, fresh, dense_cfg, dense, "copy"))
   tokens_BT = np.load(FIXTURES / "llama_gqa" / "expected.npz")["tokens"]
   logits_GBTV = np.asarray(family(tokens_BT))
   # equal up to float rounding: the family scans its layers in two segments, the dense one in one
@@ -133,7 +137,7 @@ def test_added_exits_start_from_the_final_norm_and_unembedding(imported, unembed
   short = dataclasses.replace(dense_cfg, n_layers=depth, exit_layers=(depth,))
   np.testing.assert_allclose(logits_GBTV[0], np.asarray(build(short, truncated)(tokens_BT))[0],
                              rtol=1e-5, atol=1e-5)
-  fresh_start = hf.family_params(cfg, fresh, dense_cfg, dense, "fresh")
+  fresh_start = checkpoint_import.family_params(cfg, fresh, dense_cfg, dense, "fresh")
   np.testing.assert_array_equal(fresh_start["exits"][0]["norm"]["scale"],
                                 fresh["exits"][0]["norm"]["scale"])
 
@@ -179,7 +183,7 @@ def test_bad_checkpoints_are_one_line_errors_naming_the_file_and_nothing_is_writ
   spoil, message = BAD[case]
   spoil(directory)
   with pytest.raises((ValueError, FileNotFoundError)) as error:
-    hf.load(directory)
+    checkpoint_import.load(directory)
   text = str(error.value)
   assert message in text and "\n" not in text
   assert str(directory) in text
@@ -191,7 +195,7 @@ def test_an_unrelated_output_directory_is_never_replaced(imported, tmp_path):
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("keep")
   with pytest.raises(FileExistsError, match="not a famjax export"):
-    hf.export_exit(cfg, params, 1, tmp_path / "mine")
+    checkpoint_export.export_exit(cfg, params, 1, tmp_path / "mine")
   assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
@@ -206,7 +210,7 @@ def test_a_warm_started_family_trains_only_its_exits_and_last_segment(corpus_dir
   embedding and layers 1-2 are bit-identical, layers 3-4 and the heads moved, and the optimizer
   state holds only what trains."""
   source = FIXTURES / "llama_gqa"
-  values = hf.with_checkpoint({"model": {"exit_layers": (2, 4), "max_seq_len": 64},
+  values = checkpoint_import.with_checkpoint({"model": {"exit_layers": (2, 4), "max_seq_len": 64},
                                "data": {"corpus": str(corpus_dir), "val_fraction": 0.1},
                                "train": {"init_from": str(source), "trainable": "exits+last_2",
                                          "exit_warmup_steps": 4, "batch_size": 4,
@@ -216,18 +220,18 @@ def test_a_warm_started_family_trains_only_its_exits_and_last_segment(corpus_dir
   assert values["data"]["tokenizer"] == str(source / "tokenizer.json")
   cfg = ExperimentConfig(model=ModelConfig(**values["model"]), data=DataConfig(**values["data"]),
                          train=TrainConfig(**values["train"]))
-  dense_cfg, dense = hf.load(source)
-  np.testing.assert_array_equal(train.exit_weights(cfg.train, 2, 0), [0.0, 0.5])
-  np.testing.assert_array_equal(train.exit_weights(cfg.train, 2, 2), [0.25, 0.5])
-  summary = train.train(cfg, tmp_path / "run")
-  _, model = train.load_model(tmp_path / "run")
+  dense_cfg, dense = checkpoint_import.load(source)
+  np.testing.assert_array_equal(step.exit_weights(cfg.train, 2, 0), [0.0, 0.5])
+  np.testing.assert_array_equal(step.exit_weights(cfg.train, 2, 2), [0.25, 0.5])
+  summary = loop.train(cfg, tmp_path / "run")
+  _, model = loop.load_model(tmp_path / "run")
   after = nnx.to_pure_dict(nnx.state(model))
-  before = hf.family_params(cfg.model, jax.tree.map(np.asarray, after), dense_cfg, dense)
+  before = checkpoint_import.family_params(cfg.model, jax.tree.map(np.asarray, after), dense_cfg, dense)
   changed = {k: not np.array_equal(v, _leaves(before)[k]) for k, v in _leaves(after).items()}
   frozen = {k for k in changed if k[0] == "embed" or k[:2] == ("segments", 0)}
   assert frozen and not any(changed[k] for k in frozen)
   assert all(changed[k] for k in changed if k not in frozen)
-  trainer = train.Trainer.create(cfg, sharding.make_mesh(devices=jax.devices()[:1]))
+  trainer = loop.Trainer.create(cfg, sharding.make_mesh(devices=jax.devices()[:1]))
   _, adam = trainer.opt_state
   mu_paths = set(traverse_util.flatten_dict(adam.inner_state[0].mu))
   assert mu_paths == set(changed) - frozen
@@ -238,9 +242,9 @@ def test_a_warm_started_family_trains_only_its_exits_and_last_segment(corpus_dir
 
 def test_the_deepest_exit_starts_at_the_checkpoints_loss(imported):
   dense_cfg, dense = imported["llama_gqa"]
-  cfg = hf.family_config(FIXTURES / "llama_gqa", exit_layers=(2, 4))
+  cfg = checkpoint_import.family_config(FIXTURES / "llama_gqa", exit_layers=(2, 4))
   fresh = nnx.to_pure_dict(nnx.state(build(cfg)))
-  family = build(cfg, hf.family_params(cfg, fresh, dense_cfg, dense))
+  family = build(cfg, checkpoint_import.family_params(cfg, fresh, dense_cfg, dense))
   tokens_BT = np.load(FIXTURES / "llama_gqa" / "expected.npz")["tokens"]
   ce_G = np.asarray(family.exit_losses(tokens_BT[:, :-1], tokens_BT[:, 1:]))
   logits = np.load(FIXTURES / "llama_gqa" / "expected.npz")["logits"][:, :-1]
@@ -279,9 +283,9 @@ def test_the_commands_warm_start_from_a_checkpoint_and_export_every_exit(corpus_
   index = json.loads((tmp_path / "hf" / "index.json").read_text())
   assert [(e["exit"], e["num_hidden_layers"], e["architecture"]) for e in index["exits"]] == [
       (1, 1, "Qwen2ForCausalLM"), (2, 3, "Qwen2ForCausalLM")]
-  deepest_cfg, deepest = hf.load(tmp_path / "hf" / "exit2")
-  source_cfg, source = hf.load(FIXTURES / "qwen2_bias")
-  assert hf.configs.architecture_fields(deepest_cfg) == hf.configs.architecture_fields(source_cfg)
+  deepest_cfg, deepest = checkpoint_import.load(tmp_path / "hf" / "exit2")
+  source_cfg, source = checkpoint_import.load(FIXTURES / "qwen2_bias")
+  assert configs.architecture_fields(deepest_cfg) == configs.architecture_fields(source_cfg)
   assert deepest_cfg.unembed == "shared"  # the preset's per-exit heads: copies of the embedding
   # trainable=exits: the heads trained; the embedding and the backbone are the source's
   jax.tree.map(np.testing.assert_array_equal, deepest["segments"], source["segments"])

@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 from test_hf import FIXTURES, NAMES, build
 
-from famjax import hf, train
-from famjax.decode import Decoder
-from famjax.hf import runs
+from famjax.decode.decoder import Decoder
+from famjax.hf import checkpoint_export, checkpoint_import
+from famjax.train import hf_export, loop
 
 from conftest import tiny_model
 
@@ -52,11 +52,11 @@ def test_every_exported_exit_of_a_trained_family_runs_in_transformers(tmp_path, 
   its initial value), exported whole: every exit's logits and greedy text in transformers."""
   model_cfg = tiny_model(n_heads=4, n_kv_heads=2, attention_bias=True, exit_head="block",
                          unembed="per_exit", vocab_size=264)
-  train.train(tiny_experiment(model=model_cfg, steps=20), tmp_path / "run")
-  records = runs.export(tmp_path / "run", "all", tmp_path / "out", progress=False)
+  loop.train(tiny_experiment(model=model_cfg, steps=20), tmp_path / "run")
+  records = hf_export.export_run(tmp_path / "run", "all", tmp_path / "out", progress=False)
   index = json.loads((tmp_path / "out" / "index.json").read_text())
   assert [e["exit"] for e in index["exits"]] == [1, 2, 3]
-  _, family = train.load_model(tmp_path / "run")
+  _, family = loop.load_model(tmp_path / "run")
   tokens_BT = np.random.default_rng(0).integers(0, 259, (2, 12))
   logits_GBTV = np.asarray(family(tokens_BT))
   decoder = Decoder(family, max_len=24)
@@ -74,16 +74,16 @@ def test_every_exported_exit_of_a_trained_family_runs_in_transformers(tmp_path, 
 
 @pytest.mark.parametrize("name", ("llama_gqa", "mistral_sharded"))
 def test_a_family_on_an_imported_checkpoint_exports_back_to_transformers(name, tmp_path):
-  dense_cfg, dense = hf.load(FIXTURES / name)
-  cfg = hf.family_config(FIXTURES / name, exit_layers=(2, dense_cfg.n_layers),
+  dense_cfg, dense = checkpoint_import.load(FIXTURES / name)
+  cfg = checkpoint_import.family_config(FIXTURES / name, exit_layers=(2, dense_cfg.n_layers),
                          unembed="per_exit", exit_head="block")
   fresh = nnx.to_pure_dict(nnx.state(build(cfg)))
-  params = hf.family_params(cfg, fresh, dense_cfg, dense, "fresh")
+  params = checkpoint_import.family_params(cfg, fresh, dense_cfg, dense, "fresh")
   family = build(cfg, params)
   tokens_BT = np.load(FIXTURES / name / "expected.npz")["tokens"]
   logits_GBTV = np.asarray(family(tokens_BT))
   for exit_ in (1, 2):
-    hf.export_exit(cfg, params, exit_, tmp_path / f"exit{exit_}")
+    checkpoint_export.export_exit(cfg, params, exit_, tmp_path / f"exit{exit_}")
     error = relative_error(hf_logits(tmp_path / f"exit{exit_}", tokens_BT),
                            logits_GBTV[exit_ - 1])
     assert error <= 1e-4, (exit_, error)

@@ -6,9 +6,11 @@ import math
 
 import pytest
 
-from famjax import accounting
-from famjax.config import ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
+from famjax.model import counts
+from famjax.model.config import ModelConfig
 from famjax.study import isoflop
+from famjax.study.config import StudyConfig
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 BASE = ExperimentConfig(model=ModelConfig(vocab_size=264, max_seq_len=64),
                         train=TrainConfig(batch_size=16, seq_len=64, steps=1, warmup_steps=0))
@@ -19,14 +21,14 @@ STUDY = StudyConfig(budgets=(3e10, 1e11, 3e11), granularities=(1, 2, 4), head_di
 
 @pytest.fixture(scope="module")
 def plan():
-  return isoflop.plan(STUDY, BASE, corpus_tokens=30_000_000)
+  return isoflop.plan_study(STUDY, BASE, corpus_tokens=30_000_000)
 
 
 def test_tokens_times_flops_per_token_is_the_budget_within_one_step(plan):
   per_step = BASE.train.batch_size * BASE.train.seq_len
   for run in plan.runs:
     budget = run.budget if run.kind == isoflop.ISOFLOP else run.budget / run.granularity
-    fpt = accounting.account(run.experiment.model, 64).flops_per_token
+    fpt = counts.account(run.experiment.model, 64).flops_per_token
     assert run.flops_per_token == fpt
     assert run.tokens == run.steps * per_step == run.experiment.train.total_steps * per_step
     assert 0 <= budget - run.flops < fpt * per_step, run.run_id
@@ -35,9 +37,9 @@ def test_tokens_times_flops_per_token_is_the_budget_within_one_step(plan):
 
 
 def test_six_n_rule_counts_six_flops_per_parameter():
-  plan = isoflop.plan(dataclasses.replace(STUDY, flops="6N", leverage=""), BASE)
+  plan = isoflop.plan_study(dataclasses.replace(STUDY, flops="6N", leverage=""), BASE)
   for run in plan.runs:
-    n = accounting.account(run.experiment.model, 64).params_non_embedding
+    n = counts.account(run.experiment.model, 64).params_non_embedding
     assert run.flops_per_token == 6.0 * n
 
 
@@ -99,7 +101,7 @@ def test_each_budget_trains_consecutive_widths_that_move_up_with_compute(plan):
 
 
 def test_runs_with_too_few_steps_or_too_many_epochs_are_dropped_with_the_reason():
-  tight = isoflop.plan(dataclasses.replace(STUDY, min_steps=400, leverage=""), BASE,
+  tight = isoflop.plan_study(dataclasses.replace(STUDY, min_steps=400, leverage=""), BASE,
                        corpus_tokens=600_000)
   reasons = dict(tight.dropped)
   assert any("fewer than study.min_steps=400" in why for why in reasons.values())
@@ -110,12 +112,12 @@ def test_runs_with_too_few_steps_or_too_many_epochs_are_dropped_with_the_reason(
 
 
 def test_a_prior_outside_the_ladder_is_noted():
-  plan = isoflop.plan(dataclasses.replace(STUDY, budgets=(1e14,), leverage="", min_steps=1), BASE)
+  plan = isoflop.plan_study(dataclasses.replace(STUDY, budgets=(1e14,), leverage="", min_steps=1), BASE)
   assert plan.notes and "outside the ladder" in plan.notes[0]
 
 
 def test_dense_models_match_each_exit_and_share_the_budget():
-  plan = isoflop.plan(dataclasses.replace(STUDY, seeds=(0, 1)), BASE, corpus_tokens=30_000_000)
+  plan = isoflop.plan_study(dataclasses.replace(STUDY, seeds=(0, 1)), BASE, corpus_tokens=30_000_000)
   dense = [r for r in plan.runs if r.kind == isoflop.DENSE_MATCH]
   families = [r for r in plan.runs if r.kind == isoflop.ISOFLOP and r.budget == 1e11
               and r.granularity == 4]
@@ -123,8 +125,8 @@ def test_dense_models_match_each_exit_and_share_the_budget():
   assert len(dense) == 4 * len(families) and len(families) == 2 * STUDY.sizes_per_budget
   for run in dense:
     family = plan.run(run.matches)
-    family_acc = accounting.account(family.experiment.model, 64)
-    acc = accounting.account(run.experiment.model, 64)
+    family_acc = counts.account(family.experiment.model, 64)
+    acc = counts.account(run.experiment.model, 64)
     g = run.matched_exit
     assert run.experiment.model.n_exits == 1 and run.seed == family.seed
     assert acc.params_total == family_acc.params_per_exit[g - 1]
@@ -134,7 +136,7 @@ def test_dense_models_match_each_exit_and_share_the_budget():
 
 def test_leverage_widths_middle_matches_only_the_middle_family_of_the_first_seed():
   study = dataclasses.replace(STUDY, leverage_widths="middle", seeds=(3, 1))
-  plan = isoflop.plan(study, BASE, corpus_tokens=30_000_000)
+  plan = isoflop.plan_study(study, BASE, corpus_tokens=30_000_000)
   dense = [r for r in plan.runs if r.kind == isoflop.DENSE_MATCH]
   widths = isoflop.budget_widths(study, BASE, 1e11)[0]
   (family_id,) = {r.matches for r in dense}
@@ -162,18 +164,18 @@ def test_run_ids_are_unique_and_name_the_design(plan):
 
 
 def test_table_lists_every_run_and_the_total(plan):
-  text = isoflop.table(plan)
+  text = isoflop.plan_table(plan)
   assert all(r.run_id in text for r in plan.runs)
   assert f"{len(plan.runs)} runs" in text and f"{plan.total_flops:.3g}" in text
 
 
 def test_paper_preset_plans_billion_parameter_families_without_reading_a_corpus():
   from experiments.configs import isoflop as presets
-  from famjax.study import remember
-  study_cfg, base = remember.configs(presets.get_config("paper").to_dict())
-  plan = isoflop.plan(study_cfg, base, study_cfg.planned_corpus_tokens)
+  from famjax.study import saved_config
+  study_cfg, base = saved_config.configs(presets.get_config("paper").to_dict())
+  plan = isoflop.plan_study(study_cfg, base, study_cfg.planned_corpus_tokens)
   assert len(plan.runs) >= 5 * 4 * 4
-  sizes = [accounting.account(r.experiment.model, 2048).params_total for r in plan.runs]
+  sizes = [counts.account(r.experiment.model, 2048).params_total for r in plan.runs]
   assert min(sizes) < 1e9 and max(sizes) > 5e9
   rates = {r.experiment.model.d_model: r.experiment.train.learning_rate for r in plan.runs}
   assert rates[1024] == pytest.approx(3e-4) and rates[4096] == pytest.approx(1.5e-4)
@@ -185,9 +187,9 @@ def test_medium_preset_is_out_of_the_embedding_regime_with_a_gamma_grid():
   """Every family: width >= 32, heads >= 16 wide, embedding and exit heads under 25% of its
   parameters; budgets up to at least 1e12, two seeds, gamma-grid families and their controls."""
   from experiments.configs import isoflop as presets
-  from famjax.study import remember
-  study_cfg, base = remember.configs(presets.get_config("medium").to_dict())
-  plan = isoflop.plan(study_cfg, base)
+  from famjax.study import saved_config
+  study_cfg, base = saved_config.configs(presets.get_config("medium").to_dict())
+  plan = isoflop.plan_study(study_cfg, base)
   families = [r for r in plan.runs if r.kind in (isoflop.ISOFLOP, isoflop.GRID)]
   for run in families:
     model = run.experiment.model
@@ -202,7 +204,7 @@ def test_medium_preset_is_out_of_the_embedding_regime_with_a_gamma_grid():
 def test_gamma_grid_trains_every_g_on_one_backbone_and_the_same_tokens():
   grid_study = dataclasses.replace(STUDY, grid_widths=(16,), grid_tokens=(102_400,), seeds=(0, 1),
                                    leverage="")
-  runs = [r for r in isoflop.plan(grid_study, BASE).runs
+  runs = [r for r in isoflop.plan_study(grid_study, BASE).runs
           if r.kind in (isoflop.GRID, isoflop.EXIT_CONTROL)]
   families = [r for r in runs if r.kind == isoflop.GRID]
   assert sorted((r.granularity, r.seed) for r in families) == [(g, s) for g in (1, 2, 4)
@@ -221,7 +223,7 @@ def test_placements_vary_exits_apart_from_g_on_one_backbone_and_the_same_tokens(
   study = dataclasses.replace(STUDY, budgets=(), leverage="", placements=PLACEMENTS,
                               placement_width=16, placement_tokens=102_400,
                               placement_seeds=(0, 1, 2))
-  runs = isoflop.plan(study, BASE).runs
+  runs = isoflop.plan_study(study, BASE).runs
   assert {r.kind for r in runs} == {isoflop.PLACEMENT, isoflop.PLACEMENT_CONTROL}
   families = [r for r in runs if r.kind == isoflop.PLACEMENT]
   assert sorted(";".join(",".join(map(str, r.experiment.model.exit_layers))
@@ -234,7 +236,7 @@ def test_placements_vary_exits_apart_from_g_on_one_backbone_and_the_same_tokens(
   assert {r.tokens for r in runs} == {102_400} and len(runs) == 3 * (6 + 4)
   assert {r.experiment.train.seed for r in runs} == {0, 1, 2}
   with pytest.raises(ValueError, match="must end at the final layer of the 4-layer backbone"):
-    isoflop.plan(dataclasses.replace(study, placements="1,3"), BASE)
+    isoflop.plan_study(dataclasses.replace(study, placements="1,3"), BASE)
 
 
 @pytest.mark.parametrize("field, value, message", [

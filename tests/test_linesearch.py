@@ -7,7 +7,7 @@ import jaxopt
 import numpy as np
 import pytest
 
-from famjax.scaling.linesearch import LaneLineSearch, OneTrialLineSearch, ended
+from famjax.scaling.solver.line_search import LaneLineSearch, OneTrialLineSearch, ended
 
 
 def rosenbrock(x):

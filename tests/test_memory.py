@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from famjax.config import StudyConfig
-from famjax.study import cost, memory, tpu
+from famjax.hardware import cost, memory, tpu
+from famjax.study.config import StudyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,7 +159,7 @@ def test_dry_run_memory_prints_a_setting_for_every_run_and_refuses_what_cannot_f
 
 KILLED_PLAN = """
 import concurrent.futures, multiprocessing, os, sys, time
-from famjax.study import memory
+from famjax.hardware import memory
 
 if __name__ == "__main__":
   with concurrent.futures.ProcessPoolExecutor(

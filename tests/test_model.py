@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from famjax.model import ExitSubModel, FamilialTransformer, rotary
-from famjax.sharding import make_mesh
-from famjax.train import create_model
+from famjax.model.sharding import make_mesh
+from famjax.model.transformer import ExitSubModel, FamilialTransformer, rotary
+from famjax.train.step import create_model
 
 from conftest import tiny_model
 

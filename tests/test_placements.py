@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from famjax.analysis import placements
-from famjax.study import results
+from famjax.study import records
 from famjax.study.isoflop import PLACEMENT, PLACEMENT_CONTROL
 
 LAYOUTS = ((1, 4), (2, 4), (3, 4), (1, 2, 4), (2, 3, 4), (1, 2, 3, 4))
@@ -40,7 +40,7 @@ def _records(alpha_b, beta_b, noise=0.002, seeds=(0, 1, 2), rng_seed=0, one_expo
 
 
 def test_branch_terms_are_recovered_and_one_exponent_fits_worse():
-  found = placements.analyze(_records(0.02, -0.01), n_bootstrap=500)
+  found = placements.measure_placements(_records(0.02, -0.01), n_bootstrap=500)
   assert (found.n_families, found.n_exits) == (18, 3 * (2 + 2 + 2 + 3 + 3 + 4))
   assert found.alpha_b.estimate == pytest.approx(0.02, abs=0.003)
   assert found.beta_b.estimate == pytest.approx(-0.01, abs=0.003)
@@ -56,21 +56,21 @@ def test_intervals_over_seeds_and_families_cover_at_about_their_level():
   least 15 (measured over 60: 51 for alpha_b, 57 for beta_b; 45 and 52 unwidened)."""
   covered = np.zeros(2, int)
   for rng_seed in range(1, 21):
-    found = placements.analyze(_records(0.02, -0.01, rng_seed=rng_seed), n_bootstrap=300)
+    found = placements.measure_placements(_records(0.02, -0.01, rng_seed=rng_seed), n_bootstrap=300)
     covered += [found.alpha_b.ci95[0] < 0.02 < found.alpha_b.ci95[1],
                 found.beta_b.ci95[0] < -0.01 < found.beta_b.ci95[1]]
   assert (covered >= 15).all(), covered
 
 
 def test_one_exponent_fits_better_when_every_exit_pays_g():
-  found = placements.analyze(_records(0.0, 0.0, one_exponent=0.03), n_bootstrap=500)
+  found = placements.measure_placements(_records(0.0, 0.0, one_exponent=0.03), n_bootstrap=500)
   assert found.one_exponent.estimate == pytest.approx(0.03, abs=0.002)
   assert found.rss_one < found.rss_two
 
 
 def test_no_placements_no_section():
   frame = _records(0.02, 0.0).assign(kind="isoflop")
-  assert placements.analyze(frame) is None
+  assert placements.measure_placements(frame) is None
 
 
 def test_a_study_of_grid_and_placements_alone_reports_and_plots(tmp_path):
@@ -78,17 +78,17 @@ def test_a_study_of_grid_and_placements_alone_reports_and_plots(tmp_path):
   and the validation noise, and render writes them."""
   from test_gamma_grid import _grid_with_controls
 
-  from famjax.analysis import analyze, render
+  from famjax.analysis import render, study_analysis
   frame = pd.concat([_grid_with_controls(lambda d: 0.03), _records(0.02, -0.01)],
                     ignore_index=True)
   frame = frame.assign(train_loss=frame["val_loss"] * 1.01,
                        val_loss_first_half=frame["val_loss"] * 1.002,
                        val_loss_second_half=frame["val_loss"] * 0.998)
   frame = frame.assign(error="", matches="", matched_exit=0, matched_G=frame["G"])  # as records
-  for column in results.REQUIRED:  # the record fields this analysis does not read
+  for column in records.REQUIRED:  # the record fields this analysis does not read
     if column not in frame:
       frame[column] = frame["N_exit_non_embedding"] if column.startswith("N_") else 1.0
-  result = analyze.analyze(frame)
+  result = study_analysis.analyze_study(frame)
   report = result.report
   assert report.laws == {} and report.law_comparison is None
   assert report.placements.n_families == 18 and len(report.gamma_grid.tax) == 16

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from famjax.analysis import gamma_grid, measured_leverage
-from famjax.config import AnalysisConfig
-from famjax.scaling import compare, fit, io, laws
+from famjax.scaling import compare, fit_data, fitting, laws
+from famjax.study.config import AnalysisConfig
 
 MEDIUM = Path(__file__).resolve().parents[1] / "results" / "medium"
 
@@ -18,8 +18,8 @@ MEDIUM = Path(__file__).resolve().parents[1] / "results" / "medium"
 def test_the_familial_law_refits_to_the_published_report():
   report = json.loads((MEDIUM / "report.json").read_text())
   published = report["laws"]["familial"]
-  data = io.validate(pd.read_csv(MEDIUM / "data" / "familial.csv"), laws.FAMILIAL)
-  refit = fit.fit(fit.Problem.of(laws.FAMILIAL, data))
+  data = fit_data.validate(pd.read_csv(MEDIUM / "data" / "familial.csv"), laws.FAMILIAL)
+  refit = fitting.fit(fitting.Problem.of(laws.FAMILIAL, data))
   natural = laws.to_natural_params(refit.params)
   assert refit.objective == pytest.approx(published["objective"], rel=1e-6)
   for name in ("gamma", "alpha", "beta"):
@@ -29,7 +29,7 @@ def test_the_familial_law_refits_to_the_published_report():
 
 def test_gamma_without_the_law_comes_from_the_published_records():
   report = json.loads((MEDIUM / "report.json").read_text())
-  grid = gamma_grid.analyze(pd.read_csv(MEDIUM / "data" / "records.csv"))
+  grid = gamma_grid.measure_grid(pd.read_csv(MEDIUM / "data" / "records.csv"))
   assert len(grid.cells) == len(report["gamma_grid"]["cells"]) == 4
   assert grid.shared.estimate == pytest.approx(report["gamma_grid"]["shared"]["estimate"],
                                                rel=1e-9)
@@ -60,7 +60,7 @@ def test_the_law_ranking_recomputes_from_the_published_records():
   law's held-out errors and objective, and the ranking's confidence (which needs no refits)."""
   published = json.loads((MEDIUM / "compare.json").read_text())
   frame = pd.read_csv(MEDIUM / "data" / "familial.csv")
-  columns = {**io.validate(frame, laws.FAMILIAL), "C": frame["C"].to_numpy(float)}
+  columns = {**fit_data.validate(frame, laws.FAMILIAL), "C": frame["C"].to_numpy(float)}
   again = compare.compare({name: laws.CANDIDATES[name] for name in published["laws"]}, columns,
                           n_bootstrap=0).summary()
   assert list(again["laws"]) == list(published["laws"]) and again["best"] == "gamma_d"
@@ -85,7 +85,7 @@ def test_the_laws_grid_spans_16x_in_tokens_and_its_tax_and_trends_recompute():
   """results/laws (`experiments.isoflop --config=experiments/configs/isoflop.py:laws`): the gamma
   grid's four token counts and two widths, and every cell's parts, trend and tax from records."""
   report, frame = _laws_study()
-  grid = gamma_grid.analyze(frame)
+  grid = gamma_grid.measure_grid(frame)
   tokens = sorted({cell.D for cell in grid.cells})
   assert len(tokens) >= 4 and tokens[-1] / tokens[0] >= 16
   assert {cell.d_model for cell in grid.cells} == {32, 48}
@@ -110,7 +110,7 @@ def test_the_laws_placements_and_validation_noise_recompute():
   from famjax.analysis import placements
   report, frame = _laws_study()
   published = report["placements"]
-  again = placements.analyze(frame, "val", published["n_bootstrap"],
+  again = placements.measure_placements(frame, "val", published["n_bootstrap"],
                              report["options"]["seed"])
   assert again.n_families == published["n_families"] == 6 * 3
   for name in ("alpha_b", "beta_b", "one_exponent"):

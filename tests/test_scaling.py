@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from famjax.scaling import bootstrap, fit, fitted_law, io, laws, leverage, stages
-from famjax.scaling.problem import Coordinates
+from famjax.scaling import bootstrap, fit_data, fitted_law, fitting, laws, leverage
+from famjax.scaling.problem_and_solver import Coordinates
+from famjax.scaling.solver import fit_stages
 
 from conftest import PAPER, reference_data_dir, synthetic_family
 
@@ -19,7 +20,7 @@ def test_laws_match_their_closed_forms():
   nat = laws.PAPER_FAMILIAL
   dense = nat["E"] + nat["A"] / n ** nat["alpha"] + nat["B"] / d ** nat["beta"]
   with jax.enable_x64(True):
-    data = fit.as_data({"N": n, "D": d, "G": g, "exit": e})
+    data = fitting.as_data({"N": n, "D": d, "G": g, "exit": e})
     np.testing.assert_allclose(laws.loss(laws.CHINCHILLA, PAPER, data), dense, rtol=1e-12)
     np.testing.assert_allclose(laws.loss(laws.FAMILIAL, PAPER, data), dense * g ** nat["gamma"],
                                rtol=1e-12)
@@ -101,8 +102,8 @@ def test_efficiency_leverage_of_the_published_law():
 @pytest.fixture(scope="module")
 def familial_fit():
   data = synthetic_family(noise=0.0005, seed=3)
-  return data, fit.fit(fit.Problem.of(laws.FAMILIAL, data),
-                       fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000)),
+  return data, fitting.fit(fitting.Problem.of(laws.FAMILIAL, data),
+                       fitting.Solver(fitting.StopRules(tol=1e-12, maxiter=3000)),
                        starts=laws.FAMILIAL.starts(450))
 
 
@@ -119,11 +120,11 @@ def test_fit_recovers_the_generating_parameters(familial_fit):
 def test_fitted_parameters_are_differentiable_in_the_observed_losses(familial_fit):
   data, result = familial_fit
   with jax.enable_x64(True):
-    arrays = fit.as_data(data)
+    arrays = fitting.as_data(data)
 
     def alpha_of(losses):
-      params, _ = fit.solve(laws.FAMILIAL, result.params, {**arrays, "loss": losses},
-                            stop=fit.StopRules(tol=1e-12, maxiter=3000))
+      params, _ = fitting.solve(laws.FAMILIAL, result.params, {**arrays, "loss": losses},
+                            stop=fitting.StopRules(tol=1e-12, maxiter=3000))
       return params["alpha"]
 
     grad = jax.jit(jax.grad(alpha_of))(arrays["loss"])
@@ -145,8 +146,8 @@ def test_the_objective_is_the_huber_sum_of_log_residuals_computed_by_hand():
   huber = np.where(np.abs(residual) <= 1e-3, 0.5 * residual ** 2,
                    1e-3 * (np.abs(residual) - 0.5e-3))
   with jax.enable_x64(True):
-    value = fit.objective(params, fit.as_data(data), jnp.asarray(weights), law=laws.CHINCHILLA,
-                          delta=fit.DEFAULT_DELTA)
+    value = fitting.objective(params, fitting.as_data(data), jnp.asarray(weights), law=laws.CHINCHILLA,
+                          delta=fitting.DEFAULT_DELTA)
   assert float(value) == pytest.approx(float(np.sum(weights * huber)), rel=1e-8)
 
 
@@ -157,32 +158,32 @@ def test_the_default_fit_shrugs_off_an_outlier():
   data = synthetic_family(noise=0.0005, seed=5)
   data["loss"] = data["loss"].copy()
   data["loss"][17] *= 1.3
-  fitted = lambda delta: laws.to_natural_params(fit.fit(
-      fit.Problem.of(laws.FAMILIAL, data, delta=delta), starts=laws.FAMILIAL.starts(450)).params)
-  robust, squared = fitted(fit.DEFAULT_DELTA), fitted(1.0)
+  fitted = lambda delta: laws.to_natural_params(fitting.fit(
+      fitting.Problem.of(laws.FAMILIAL, data, delta=delta), starts=laws.FAMILIAL.starts(450)).params)
+  robust, squared = fitted(fitting.DEFAULT_DELTA), fitted(1.0)
   truth = laws.PAPER_FAMILIAL
   assert robust["gamma"] == pytest.approx(truth["gamma"], rel=0.05)
   assert abs(squared["gamma"] / truth["gamma"] - 1) > 3 * abs(robust["gamma"] / truth["gamma"] - 1)
 
 
-def whitened(problem: fit.Problem, params) -> Coordinates:
+def whitened(problem: fitting.Problem, params) -> Coordinates:
   """Coordinates in which the problem's objective has the identity as Hessian at params."""
   with jax.enable_x64(True):
-    at = stages.whiten(problem, np.array([[params[k] for k in problem.names]]),
-                       np.ones((1, problem.n_rows)), fit.Solver(), stages.HOST)
+    at = fit_stages.whiten(problem, np.array([[params[k] for k in problem.names]]),
+                       np.ones((1, problem.n_rows)), fitting.Solver(), fit_stages.HOST)
   return Coordinates(at.origin[0], at.basis[0])
 
 
-def descend(problem: fit.Problem, starts, weights_SR, solver, coordinates=None):
+def descend(problem: fitting.Problem, starts, weights_SR, solver, coordinates=None):
   """L-BFGS from every start ({name: [S]}) from the host."""
   with jax.enable_x64(True):
-    return stages.descend(problem, fit.start_points(problem, starts), weights_SR, solver,
-                          stages.HOST, coordinates)
+    return fit_stages.descend(problem, fitting.start_points(problem, starts), weights_SR, solver,
+                          fit_stages.HOST, coordinates)
 
 
 def resample_counts(n_rows: int, n: int, seed: int, groups=None) -> np.ndarray:
   with jax.enable_x64(True):
-    return np.asarray(fit.Resampling(n, seed, groups).counts(n_rows))
+    return np.asarray(fitting.Resampling(n, seed, groups).counts(n_rows))
 
 
 def test_whitened_coordinates_make_the_hessian_the_identity(familial_fit):
@@ -190,11 +191,11 @@ def test_whitened_coordinates_make_the_hessian_the_identity(familial_fit):
   smooth objective: a Huber delta beyond every residual)."""
   data, result = familial_fit
   names = tuple(result.params)
-  coordinates = whitened(fit.Problem.of(laws.FAMILIAL, data, delta=1.0), result.params)
+  coordinates = whitened(fitting.Problem.of(laws.FAMILIAL, data, delta=1.0), result.params)
   with jax.enable_x64(True):
-    arrays = fit.as_data(data)
+    arrays = fitting.as_data(data)
     weights = jnp.ones_like(arrays["loss"])
-    in_solver = lambda z: fit.objective(
+    in_solver = lambda z: fitting.objective(
         dict(zip(names, coordinates.origin + coordinates.basis @ z)), arrays, weights,
         law=laws.FAMILIAL, delta=1.0)
     hessian = np.asarray(jax.hessian(in_solver)(jnp.zeros(len(names))))
@@ -209,8 +210,8 @@ def test_whitened_refits_match_refits_in_the_laws_coordinates(familial_fit):
   data, result = familial_fit
   counts = resample_counts(len(data["loss"]), 32, seed=1)
   starts = {k: np.full(32, v) for k, v in result.params.items()}
-  problem = fit.Problem.of(laws.FAMILIAL, data)
-  solver = fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000), lanes=16)
+  problem = fitting.Problem.of(laws.FAMILIAL, data)
+  solver = fitting.Solver(fitting.StopRules(tol=1e-12, maxiter=3000), lanes=16)
   plain, white = [descend(problem, starts, counts, solver, coordinates)
                   for coordinates in (None, whitened(problem, result.params))]
   assert white.converged_S.all()
@@ -227,11 +228,11 @@ def test_restart_carries_starts_that_stalled_on_to_the_minimum(familial_fit):
   data, result = familial_fit
   starts = {k: v + np.linspace(-0.1, 0.1, 8) for k, v in result.params.items()}
   weights = np.ones((8, len(data["loss"])))
-  problem = fit.Problem.of(laws.FAMILIAL, data)
-  stalled = descend(problem, starts, weights, fit.Solver(fit.StopRules(ftol=1e-2), 8))
-  full = descend(problem, starts, weights, fit.Solver(fit.StopRules(tol=1e-12, maxiter=3000), 8))
+  problem = fitting.Problem.of(laws.FAMILIAL, data)
+  stalled = descend(problem, starts, weights, fitting.Solver(fitting.StopRules(ftol=1e-2), 8))
+  full = descend(problem, starts, weights, fitting.Solver(fitting.StopRules(tol=1e-12, maxiter=3000), 8))
   with jax.enable_x64(True):
-    restarted = stages.restart(problem, stalled, weights, fit.Solver(lanes=8), stages.HOST)
+    restarted = fit_stages.restart(problem, stalled, weights, fitting.Solver(lanes=8), fit_stages.HOST)
   ran_to_the_end = full.converged_S  # (a plain run from the farthest starts can end unconverged)
   assert ran_to_the_end.sum() >= 4
   assert stalled.converged_S[ran_to_the_end].all()
@@ -246,8 +247,8 @@ def test_the_queue_evaluates_its_starts_when_maxiter_is_zero():
   data = synthetic_family(noise=0.01)
   starts = {k: np.full(3, v) + np.array([0.0, 0.1, -0.1]) for k, v in PAPER.items()}
   weights = np.ones((3, len(data["loss"])))
-  problem = fit.Problem.of(laws.FAMILIAL, data)
-  ends = descend(problem, starts, weights, fit.Solver(fit.StopRules(maxiter=0), 8))
+  problem = fitting.Problem.of(laws.FAMILIAL, data)
+  ends = descend(problem, starts, weights, fitting.Solver(fitting.StopRules(maxiter=0), 8))
   params, value = ends.params(problem.names), ends.value_S
   expected = []
   for s in range(3):  # the Huber sum by hand, in numpy
@@ -288,7 +289,7 @@ def test_group_resampling_draws_whole_groups_with_replacement():
 ])
 def test_bad_fit_data_is_a_clear_error(frame, law, message):
   with pytest.raises(ValueError, match=message):
-    io.validate(frame, law)
+    fit_data.validate(frame, law)
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +298,7 @@ def epoch_data():
   path = reference_data_dir() / "chinchilla-epoch" / "svg_extracted_data.csv"
   if not path.exists():
     pytest.skip(f"reference data not found at {path} (set FAMJAX_REFERENCE_DATA)")
-  return io.epoch_chinchilla(path)
+  return fit_data.epoch_chinchilla(path)
 
 
 def test_epoch_rows(epoch_data):
@@ -348,12 +349,12 @@ def test_epoch_chinchilla_from_every_start_and_bootstrap(epoch_data):
   (a heavy-tailed exp(b)) 1267-1458, a seed-to-seed spread of about 5%: B is held to 15%, three
   times that, the others to 10%."""
   data = epoch_data
-  result = fit.fit(fit.Problem.of(laws.CHINCHILLA, data))
+  result = fitting.fit(fitting.Problem.of(laws.CHINCHILLA, data))
   assert result.objective <= 0.0010182741
   got = laws.to_natural_params(result.params)
   for name, value in {"A": 477.8, "B": 2143, "E": 1.8172, "alpha": 0.3473, "beta": 0.3672}.items():
     assert got[name] == pytest.approx(value, rel=0.005), name
-  boot = bootstrap.bootstrap(result, fit.Resampling(4000, 0))
+  boot = bootstrap.bootstrap(result, fitting.Resampling(4000, 0))
   for name, se in {"A": 124.5, "B": 1293, "E": 0.0257, "alpha": 0.0154, "beta": 0.0206}.items():
     assert boot.se[name] == pytest.approx(se, rel=0.15 if name == "B" else 0.10), name
 
@@ -365,8 +366,8 @@ def test_estimate_gradients_match_finite_differences():
   """d gamma / d loss_i by implicit differentiation, against central differences, on the rows
   that move the estimate most (rows beyond the Huber delta do not move it at all)."""
   with jax.enable_x64(True):
-    data = fit.as_data(synthetic_family(noise=0.0005, seed=3))
-    gamma = lambda losses, w: fit.estimate(fit.Problem.of(laws.FAMILIAL, dict(data, loss=losses)),
+    data = fitting.as_data(synthetic_family(noise=0.0005, seed=3))
+    gamma = lambda losses, w: fitting.estimate(fitting.Problem.of(laws.FAMILIAL, dict(data, loss=losses)),
                                            weights=w, starts=STARTS).params["gamma"]
     ones = jnp.ones(120)
     # one compiled program for both gradients, one for the estimate itself
@@ -384,13 +385,13 @@ def test_estimate_gradients_match_finite_differences():
 def test_estimate_vmaps_over_studies_and_compiles_once_per_shape():
   with jax.enable_x64(True):
     # four studies: a batch of several, each of which must match its own unbatched fit
-    studies = [fit.as_data(synthetic_family(noise=0.002, seed=s)) for s in range(4)]
-    single = jax.jit(lambda d: fit.estimate(fit.Problem.of(laws.FAMILIAL, d), starts=STARTS))
+    studies = [fitting.as_data(synthetic_family(noise=0.002, seed=s)) for s in range(4)]
+    single = jax.jit(lambda d: fitting.estimate(fitting.Problem.of(laws.FAMILIAL, d), starts=STARTS))
     separate = [single(d) for d in studies]
     assert single._cache_size() == 1
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *studies)
     batched = jax.jit(jax.vmap(
-        lambda d: fit.estimate(fit.Problem.of(laws.FAMILIAL, d), starts=STARTS)))(stacked)
+        lambda d: fitting.estimate(fitting.Problem.of(laws.FAMILIAL, d), starts=STARTS)))(stacked)
   for name in PAPER:
     np.testing.assert_allclose(batched.params[name], [e.params[name] for e in separate],
                                rtol=1e-8, err_msg=name)
@@ -404,13 +405,13 @@ def test_estimate_bootstrap_gives_intervals_like_the_host_bootstrap():
   data = synthetic_family(noise=0.01, seed=1)
   with jax.enable_x64(True):
     def estimate_and_bootstrap(problem, key):
-      est = fit.estimate(problem, starts=STARTS)
-      return est, bootstrap.bootstrap(est, fit.Resampling(400, key), fit.Solver(lanes=64))
+      est = fitting.estimate(problem, starts=STARTS)
+      return est, bootstrap.bootstrap(est, fitting.Resampling(400, key), fitting.Solver(lanes=64))
 
-    est, boot = jax.jit(estimate_and_bootstrap)(fit.Problem.of(laws.FAMILIAL, data),
+    est, boot = jax.jit(estimate_and_bootstrap)(fitting.Problem.of(laws.FAMILIAL, data),
                                                 jax.random.key(0))
-  host = bootstrap.bootstrap(fit.fit(fit.Problem.of(laws.FAMILIAL, data), starts=STARTS),
-                             fit.Resampling(400))
+  host = bootstrap.bootstrap(fitting.fit(fitting.Problem.of(laws.FAMILIAL, data), starts=STARTS),
+                             fitting.Resampling(400))
   assert float(boot.converged_B.mean()) > 0.99
   assert float(boot.se["gamma"]) == pytest.approx(host.se["gamma"], rel=0.2)
   lo, hi = (float(x) for x in boot.ci95["gamma"])
@@ -420,14 +421,14 @@ def test_estimate_bootstrap_gives_intervals_like_the_host_bootstrap():
 def test_estimate_refuses_a_silent_float32_fit():
   data = {k: np.asarray(v, np.float32) for k, v in synthetic_family().items()}
   with pytest.raises(TypeError, match="jax.enable_x64"):
-    fit.estimate(fit.Problem.of(laws.FAMILIAL, data), starts=STARTS)
+    fitting.estimate(fitting.Problem.of(laws.FAMILIAL, data), starts=STARTS)
 
 
 @pytest.mark.fp_path
 def test_failed_refits_are_left_out_and_counted():
   data = synthetic_family(noise=0.01, seed=1)
-  result = fit.fit(fit.Problem.of(laws.FAMILIAL, data), starts=STARTS)
-  boot = bootstrap.bootstrap(result, fit.Resampling(100), fit.Solver(fit.StopRules(maxiter=1)))
+  result = fitting.fit(fitting.Problem.of(laws.FAMILIAL, data), starts=STARTS)
+  boot = bootstrap.bootstrap(result, fitting.Resampling(100), fitting.Solver(fitting.StopRules(maxiter=1)))
   assert boot.failed > 0 and boot.converged_share == pytest.approx(1 - boot.failed / 100)
   assert np.isnan(boot.samples["gamma"]).sum() == boot.failed
   ok = boot.samples["gamma"][np.isfinite(boot.samples["gamma"])]
@@ -448,5 +449,5 @@ def test_a_parameter_at_a_boundary_is_flagged_and_its_interval_unidentified():
   assert summary["bootstrap"]["ci95"]["E"] is None
   assert summary["bootstrap"]["se"]["E"] is None
   assert summary["bootstrap"]["ci95"]["alpha"] is not None
-  assert "unidentified (boundary)" in fitted_law.table(summary)
+  assert "unidentified (boundary)" in fitted_law.law_table(summary)
 

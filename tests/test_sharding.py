@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from famjax import sharding
-from famjax.config import MeshConfig
-from famjax.sharding import RULES, mesh_shape
+from famjax.model import sharding
+from famjax.model.config import MeshConfig
+from famjax.model.sharding import RULES, mesh_shape
 
 from conftest import tiny_model
 

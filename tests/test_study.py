@@ -10,17 +10,13 @@ import pandas as pd
 import pytest
 
 from famjax import data, pipeline
-from famjax.analysis import analyze, measured_leverage, report
-from famjax.config import (
-  AnalysisConfig,
-  DataConfig,
-  ExperimentConfig,
-  ModelConfig,
-  StudyConfig,
-  TrainConfig,
-)
-from famjax.scaling import io, laws
-from famjax.study import isoflop, publish, remember, results
+from famjax.analysis import measured_leverage, report, study_analysis
+from famjax.data.config import DataConfig
+from famjax.model.config import ModelConfig
+from famjax.scaling import fit_data, laws
+from famjax.study import isoflop, publish, records, saved_config
+from famjax.study.config import AnalysisConfig, StudyConfig
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 
 def mini(corpus_dir, **study_overrides):
@@ -53,7 +49,7 @@ def mini_study(corpus_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   outdir, result, study_cfg, base = mini_study
-  plan = isoflop.plan(study_cfg, base)
+  plan = isoflop.plan_study(study_cfg, base)
   assert result["missing"] == [] and result["sweep"].failed == {}
   rep = json.loads((outdir / "report.json").read_text())
   assert rep["runs"]["finished"] == rep["runs"]["planned"] == len(plan.runs)
@@ -114,7 +110,7 @@ def test_a_miniature_study_writes_its_report_and_plots(mini_study):
   assert comparison["laws"]["paper"]["held_out"]["budget"]["n_folds"] == 3
   assert "## Which familial law? Held-out error" in text and f"**{comparison['best']}**" in text
   for law in ("familial", "branch", "chinchilla"):
-    io.validate(io.read_table(outdir / "data" / f"{law}.csv"), laws.LAWS[law])
+    fit_data.validate(fit_data.read_table(outdir / "data" / f"{law}.csv"), laws.LAWS[law])
   # the study and each run keep the tokenizer, so nothing downstream needs the corpus
   assert data.load_tokenizer(outdir).name == "byte"
   assert data.load_tokenizer(next(outdir.glob("runs/*"))).name == "byte"
@@ -150,18 +146,18 @@ def test_fit_only_reports_from_the_records_present(mini_study, tmp_path):
 
 @pytest.mark.slow
 def test_a_published_study_refits_to_its_report_without_its_runs(mini_study, tmp_path):
-  from famjax.scaling import fit
+  from famjax.scaling import fitting
   outdir, _, study_cfg, _ = mini_study
   dest = tmp_path / "results" / "mini"
   written = publish.publish(outdir, dest)
   names = {p.relative_to(dest).as_posix() for p in written}
-  # config.json is the command line's (remember.remembered); pipeline.run alone writes none
+  # config.json is the command line's (saved_config.remembered); pipeline.run alone writes none
   assert {"plan.json", "report.md", "report.json", "data/familial.csv", "data/records.csv",
           "plots/isoflop.png"} <= names
   assert not any(n.startswith("runs/") or n.endswith(".parquet") for n in names)
   published = json.loads((dest / "report.json").read_text())["laws"]["familial"]
-  data = io.validate(pd.read_csv(dest / "data" / "familial.csv"), laws.FAMILIAL)
-  refit = fit.fit(fit.Problem.of(laws.FAMILIAL, data),
+  data = fit_data.validate(pd.read_csv(dest / "data" / "familial.csv"), laws.FAMILIAL)
+  refit = fitting.fit(fitting.Problem.of(laws.FAMILIAL, data),
                   starts=laws.FAMILIAL.starts(study_cfg.grid_every))
   natural = laws.to_natural_params(refit.params)
   for name in ("gamma", "alpha", "beta"):
@@ -220,15 +216,15 @@ def synthetic_frame(curves_at_edge=False):
 
 def test_edges_flag_minima_the_sizes_did_not_bracket():
   frame = synthetic_frame(curves_at_edge=True)
-  edges = analyze._edges(results.law_rows(frame, "familial"))
+  edges = study_analysis._edges(records.law_rows(frame, "familial"))
   assert len(edges) == 9 and {e.minimum_at for e in edges} == {"smallest"}
-  inner = analyze._edges(results.law_rows(synthetic_frame(), "familial"))
+  inner = study_analysis._edges(records.law_rows(synthetic_frame(), "familial"))
   assert all(e.minimum_at in ("interior", "smallest", "largest") for e in inner)
 
 
 def test_extrapolation_recovers_an_exact_law():
-  rows = results.law_rows(synthetic_frame(), "familial")
-  out, table = analyze._extrapolation(rows, AnalysisConfig(grid_every=10))
+  rows = records.law_rows(synthetic_frame(), "familial")
+  out, table = study_analysis._extrapolation(rows, AnalysisConfig(grid_every=10))
   assert out.held_out_budget == 1e20 and out.n_held_out == 15
   assert out.max_abs_relative_error < 1e-3
   assert table["held_out"].sum() == 15
@@ -249,25 +245,25 @@ def test_a_study_remembers_its_config_and_takes_only_analysis_overrides(tmp_path
   recorded one, not the default preset's; an analysis field may change and is recorded; a field
   that would train other runs is refused, naming it."""
   small, tiny = _preset("small"), _preset("tiny")
-  assert remember.remembered(tmp_path, small)["study"]["bootstrap"] == small["study"]["bootstrap"]
-  again = remember.remembered(tmp_path, tiny, given=[])
-  other = remember.remembered(tmp_path / "other", small)
-  assert remember.configs(again) == remember.configs(other)
+  assert saved_config.remembered(tmp_path, small)["study"]["bootstrap"] == small["study"]["bootstrap"]
+  again = saved_config.remembered(tmp_path, tiny, given=[])
+  other = saved_config.remembered(tmp_path / "other", small)
+  assert saved_config.configs(again) == saved_config.configs(other)
   more = {**small, "study": {**small["study"], "bootstrap": 3000}}
-  kept = remember.remembered(tmp_path, more, given=["study.bootstrap"])
+  kept = saved_config.remembered(tmp_path, more, given=["study.bootstrap"])
   assert kept["study"]["bootstrap"] == 3000
-  recorded = json.loads((tmp_path / remember.CONFIG).read_text())
+  recorded = json.loads((tmp_path / saved_config.CONFIG).read_text())
   assert recorded["history"] == [{"changed": {"study.bootstrap": [small["study"]["bootstrap"],
                                                                   3000]}}]
-  assert remember.remembered(tmp_path, tiny, given=[])["study"]["bootstrap"] == 3000
+  assert saved_config.remembered(tmp_path, tiny, given=[])["study"]["bootstrap"] == 3000
   smaller = {**small, "study": {**kept["study"], "device_memory_gb": 40.0}}  # --dry_run's node
-  assert remember.remembered(tmp_path, smaller, given=["study.device_memory_gb"])["study"][
+  assert saved_config.remembered(tmp_path, smaller, given=["study.device_memory_gb"])["study"][
       "device_memory_gb"] == 40.0
   with pytest.raises(ValueError, match=r"study\.widths.*without --config"):
-    remember.remembered(tmp_path, tiny)  # a whole other preset: widths, budgets, ...
+    saved_config.remembered(tmp_path, tiny)  # a whole other preset: widths, budgets, ...
   wider = {**small, "study": {**small["study"], "widths": [64, 128]}}
   with pytest.raises(ValueError, match=r"study\.widths: \[.*\] -> \[64, 128\]"):
-    remember.remembered(tmp_path, wider, given=["study.widths"])
+    saved_config.remembered(tmp_path, wider, given=["study.widths"])
 
 
 @pytest.mark.slow
@@ -277,7 +273,7 @@ def test_the_command_line_refuses_another_config_for_an_existing_study(tmp_path)
   import sys
   from pathlib import Path
   root = Path(__file__).resolve().parents[1]
-  remember.remembered(tmp_path, _preset("tiny"))
+  saved_config.remembered(tmp_path, _preset("tiny"))
   out = subprocess.run([sys.executable, "-m", "experiments.isoflop",
                         "--config=experiments/configs/isoflop.py:small", f"--outdir={tmp_path}",
                         "--fit_only"], cwd=root, capture_output=True, text=True, timeout=300,

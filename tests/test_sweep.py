@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from famjax import train
-from famjax.config import DataConfig, ExperimentConfig, ModelConfig, StudyConfig, TrainConfig
-from famjax.study import isoflop, results, sweep
+from famjax.data.config import DataConfig
+from famjax.model.config import ModelConfig
+from famjax.study import isoflop, records, sweep
+from famjax.study.config import StudyConfig
+from famjax.train import loop
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +29,7 @@ def mini_plan(corpus_dir):
                           data=DataConfig(corpus=str(corpus_dir), val_fraction=0.1),
                           train=TrainConfig(batch_size=4, seq_len=16, steps=1, warmup_steps=0,
                                             eval_batches=2, progress=False))
-  return isoflop.plan(study, base)
+  return isoflop.plan_study(study, base)
 
 
 class FakeTokens:
@@ -34,7 +37,7 @@ class FakeTokens:
 
 
 def fake_train(fail_on=()):
-  """Stands in for train.train: a summary whose losses fall with the run's tokens."""
+  """Stands in for loop.train: a summary whose losses fall with the run's tokens."""
   calls = []
 
   def run(cfg, workdir, tokens=None, **_):
@@ -53,50 +56,50 @@ def test_a_failing_run_is_recorded_and_the_rest_continue(corpus_dir, tmp_path, m
   plan = mini_plan(corpus_dir)
   bad = plan.runs[1].run_id
   run, calls = fake_train(fail_on={bad})
-  monkeypatch.setattr(train, "train", run)
+  monkeypatch.setattr(loop, "train", run)
   outcome = sweep.run(plan, tmp_path, tokens=FakeTokens(), progress=False)
   assert list(outcome.failed) == [bad] and "simulated out-of-memory" in outcome.failed[bad]
   assert len(outcome.trained) == len(plan.runs) - 1
-  frame = results.collect(tmp_path)
+  frame = records.collect(tmp_path)
   failed = frame[frame["run_id"] == bad]
   assert set(failed["status"]) == {"failed"} and failed["val_loss"].isna().all()
   assert "RuntimeError" in (tmp_path / "runs" / bad / "error.txt").read_text()
   # the next sweep retries the failed run only
   run, calls = fake_train()
-  monkeypatch.setattr(train, "train", run)
+  monkeypatch.setattr(loop, "train", run)
   again = sweep.run(plan, tmp_path, tokens=FakeTokens(), progress=False)
   assert calls == [bad] and again.trained == [bad]
   assert len(again.skipped) == len(plan.runs) - 1
-  assert set(results.collect(tmp_path)["status"]) == {"ok"}
+  assert set(records.collect(tmp_path)["status"]) == {"ok"}
 
 
 def test_two_tasks_train_every_run_exactly_once(corpus_dir, tmp_path, monkeypatch):
   plan = mini_plan(corpus_dir)
   run, calls = fake_train()
-  monkeypatch.setattr(train, "train", run)
+  monkeypatch.setattr(loop, "train", run)
   for task in range(2):
     sweep.run(plan, tmp_path, task_index=task, num_tasks=2, tokens=FakeTokens(), progress=False)
   assert sorted(calls) == sorted(r.run_id for r in plan.runs)
-  frame = results.collect(tmp_path)
+  frame = records.collect(tmp_path)
   assert frame.groupby(["run_id", "exit"]).size().max() == 1
 
 
 def test_a_run_held_by_another_process_is_left_to_it(corpus_dir, tmp_path, monkeypatch):
-  from famjax.files import WorkdirLock
+  from famjax.common.files import WorkdirLock
   plan = mini_plan(corpus_dir)
   run, calls = fake_train()
-  monkeypatch.setattr(train, "train", run)
+  monkeypatch.setattr(loop, "train", run)
   held = plan.runs[0].run_id
   with WorkdirLock(sweep.run_dir(tmp_path, held)):
-    monkeypatch.setattr(train, "train", _locking(run))
+    monkeypatch.setattr(loop, "train", _locking(run))
     outcome = sweep.run(plan, tmp_path, tokens=FakeTokens(), progress=False)
   assert list(outcome.busy) == [held] and f"process {os.getpid()}" in outcome.busy[held]
-  assert not (sweep.run_dir(tmp_path, held) / results.RECORDS).exists()
+  assert not (sweep.run_dir(tmp_path, held) / records.RECORDS).exists()
 
 
 def _locking(run):
-  """The stand-in trainer takes the workdir lock, as train.train does."""
-  from famjax.files import WorkdirLock
+  """The stand-in trainer takes the workdir lock, as loop.train does."""
+  from famjax.common.files import WorkdirLock
 
   def locked(cfg, workdir, **kwargs):
     with WorkdirLock(workdir):
@@ -107,7 +110,7 @@ def _locking(run):
 def test_a_study_directory_of_another_plan_is_refused(corpus_dir, tmp_path):
   plan = mini_plan(corpus_dir)
   sweep.write_plan(tmp_path, plan)
-  other = isoflop.Plan(plan.runs[:2], (), ())
+  other = isoflop.StudyPlan(plan.runs[:2], (), ())
   with pytest.raises(ValueError, match="holds a study with another plan"):
     sweep.write_plan(tmp_path, other)
   sweep.write_plan(tmp_path, plan)  # the same plan again is fine
@@ -151,13 +154,13 @@ def test_a_sweep_killed_mid_run_loses_nothing_and_duplicates_nothing(corpus_dir,
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  records = lambda: sorted(study_dir.glob(f"runs/*/{results.RECORDS}"))
+  records = lambda: sorted(study_dir.glob(f"runs/*/{records.RECORDS}"))
   deadline = time.time() + 300
   while len(records()) < 2 and time.time() < deadline and proc.poll() is None:
     time.sleep(0.2)
   # wait until a run without records has a checkpoint: the kill lands mid-run
   started = lambda: [d for d in study_dir.glob("runs/*") if (d / "checkpoints").exists()
-                     and not (d / results.RECORDS).exists()]
+                     and not (d / records.RECORDS).exists()]
   while not started() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
@@ -171,7 +174,7 @@ def test_a_sweep_killed_mid_run_loses_nothing_and_duplicates_nothing(corpus_dir,
   assert sorted(after) == sorted(r["run_id"] for r in plan["runs"])
   for run_id, text in before.items():
     assert after[run_id] == text, f"{run_id} was trained again"
-  frame = results.collect(study_dir)
+  frame = records.collect(study_dir)
   assert (frame.groupby(["run_id", "exit"]).size() == 1).all()
   assert set(frame["status"]) == {"ok"}
   for run in study_dir.glob("runs/*"):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from famjax.config import ModelConfig
-from famjax.study import cost, memory, tpu
+from famjax.hardware import cost, memory, tpu
+from famjax.model.config import ModelConfig
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.machine() != "x86_64"
@@ -72,7 +72,7 @@ def test_the_cost_counts_remats_recomputation(v5e, tmp_path):
   step = cost.step_cost(plan, SHAPE, cached)
   assert step.peak_flops == 197e12 and step.program_flops >= step.model_flops
   assert 0 < step.mfu_bound <= 1 and step.bound in ("compute", "memory")
-  assert "v5e chip-hours" in cost.table([plan], [], SHAPE, cached)
+  assert "v5e chip-hours" in cost.cost_table([plan], [], SHAPE, cached)
 
 
 def test_a_step_the_compiler_refuses_does_not_fit(v5e):

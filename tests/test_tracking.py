@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import wandb
 
-from famjax import train
-from famjax.config import DataConfig, ExperimentConfig, TrainConfig, config_hash
+from famjax.data.config import DataConfig
+from famjax.train import loop
+from famjax.train.config import ExperimentConfig, TrainConfig, config_hash
 
 from conftest import tiny_model
 
@@ -42,8 +43,8 @@ def traced(tmp_path_factory, corpus_dir):
   original = wandb.sdk.wandb_run.Run.finish
   mp.setattr(wandb.sdk.wandb_run.Run, "finish", finish)
   try:
-    return dict(plain=train.train(plain, root / "plain"),
-                tracked=train.train(tracked, root / "run-a"), wandb=finished, root=root,
+    return dict(plain=loop.train(plain, root / "plain"),
+                tracked=loop.train(tracked, root / "run-a"), wandb=finished, root=root,
                 hashes=(config_hash(plain), config_hash(tracked)))
   finally:
     mp.undo()

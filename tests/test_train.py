@@ -9,14 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from famjax import checkpoint, data, sharding, train
-from famjax.config import DataConfig, ExperimentConfig, TrainConfig
+from famjax import data
+from famjax.data.config import DataConfig
+from famjax.model import counts, sharding
+from famjax.train import checkpoint, loop, optimizer, step
+from famjax.train.config import ExperimentConfig, TrainConfig
 
 from conftest import tiny_model
 
 
 def restored_params(workdir, cfg):
-  trainer = train.Trainer.create(cfg, sharding.make_mesh())
+  trainer = loop.Trainer.create(cfg, sharding.make_mesh())
   mngr = checkpoint.manager(workdir, 3)
   state, _ = checkpoint.restore(mngr, mngr.latest_step(), trainer.state)
   return state["params"]
@@ -38,10 +41,10 @@ def runs(tmp_path_factory, corpus_dir):
   root = tmp_path_factory.mktemp("runs")
   tokens = data.load_tokens(cfg.data)
   val = data.eval_batches(tokens.val, 32, 8, 2)
-  initial_val = train.Trainer.create(cfg, sharding.make_mesh()).evaluate(val)
-  full = train.train(cfg, root / "straight")
-  paused = train.train(cfg, root / "resumed", stop_after=30)
-  resumed = train.train(cfg, root / "resumed")
+  initial_val = loop.Trainer.create(cfg, sharding.make_mesh()).evaluate(val)
+  full = loop.train(cfg, root / "straight")
+  paused = loop.train(cfg, root / "resumed", stop_after=30)
+  resumed = loop.train(cfg, root / "resumed")
   return dict(cfg=cfg, root=root, initial_val=initial_val, full=full, paused=paused,
               resumed=resumed)
 
@@ -51,9 +54,8 @@ def test_training_lowers_every_exits_validation_loss(runs):
 
 
 def test_summary_has_the_documented_fields(runs):
-  from famjax import accounting
   summary = json.loads((runs["root"] / "straight" / "summary.json").read_text())
-  acc = accounting.account(runs["cfg"].model, 32)
+  acc = counts.account(runs["cfg"].model, 32)
   assert summary["exit_layers"] == [1, 2, 3] and summary["step"] == 60
   assert summary["tokens"] == 60 * 8 * 32
   assert len(summary["train_loss"]) == len(summary["val_loss"]) == 3
@@ -86,8 +88,8 @@ def test_a_model_loads_for_deployment_with_its_parameters_only(runs, monkeypatch
   optimizer is never initialised, and the parameters equal those of a full restore."""
   def no_optimizer(*_):
     raise AssertionError("load_model built an optimizer state")
-  monkeypatch.setattr(train.Trainer, "create", no_optimizer)
-  cfg, model = train.load_model(runs["root"] / "straight")
+  monkeypatch.setattr(loop.Trainer, "create", no_optimizer)
+  cfg, model = loop.load_model(runs["root"] / "straight")
   assert cfg == runs["cfg"]
   from flax import nnx
   loaded = nnx.to_pure_dict(nnx.state(model))
@@ -113,20 +115,20 @@ def test_accumulated_microbatches_update_as_the_whole_batch(tiny_experiment, exi
   batches = data.train_batches(tokens.train, 32, 8, 0)
   steps = [next(batches) for _ in range(2)]
   mesh = sharding.make_mesh()
-  progs = train.programs(model, mesh)
+  progs = step.programs(model, mesh)
   weights_G = jnp.full(len(exit_layers), 1.0 / len(exit_layers))
   value_and_grad = jax.value_and_grad(lambda p, b: jnp.dot(
-      weights_G, train.exit_losses(progs.graphdef, p, b)))
+      weights_G, step.exit_losses(progs.graphdef, p, b)))
   with jax.set_mesh(mesh):
     params = progs.init_params(0)
     whole = jax.jit(value_and_grad)(params, jnp.asarray(steps[0]))
-    parts = jax.jit(lambda p, b: train._accumulated(value_and_grad, p, b, 4))(
+    parts = jax.jit(lambda p, b: step._accumulated(value_and_grad, p, b, 4))(
         params, jnp.asarray(steps[0]))
   for a, b in zip(jax.tree.leaves(parts), jax.tree.leaves(whole), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
   out = {}
   for m in (1, 4):
-    trainer = train.Trainer.create(
+    trainer = loop.Trainer.create(
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=m)), mesh)
     out[m] = [jax.device_get(trainer.step(b)) for b in steps], jax.device_get(trainer.params)
   for whole_metrics, parts_metrics in zip(out[1][0], out[4][0]):
@@ -146,9 +148,9 @@ def test_rerunning_a_finished_run_trains_nothing(runs, monkeypatch):
   log_before = (workdir / "metrics.jsonl").read_text()
   steps_before = checkpoint.manager(workdir, 3).all_steps()
   calls = []
-  original = train.Trainer.step
-  monkeypatch.setattr(train.Trainer, "step", lambda self, b: calls.append(1) or original(self, b))
-  again = train.train(runs["cfg"], workdir)
+  original = loop.Trainer.step
+  monkeypatch.setattr(loop.Trainer, "step", lambda self, b: calls.append(1) or original(self, b))
+  again = loop.train(runs["cfg"], workdir)
   assert calls == [] and again["step"] == 60
   assert again["val_loss"] == runs["full"]["val_loss"]
   assert again["train_loss"] == runs["full"]["train_loss"]
@@ -160,13 +162,13 @@ def test_workdir_of_another_config_is_refused(runs):
   import dataclasses
   other = dataclasses.replace(runs["cfg"], model=tiny_model(exit_layers=(2, 3)))
   with pytest.raises(ValueError, match="different.*model"):
-    train.train(other, runs["root"] / "straight")
+    loop.train(other, runs["root"] / "straight")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_experiment, tmp_path,
                                                                    monkeypatch):
   """A run that diverges at step 7 (NaN weights) stops there; checkpoint 6 stays good."""
-  original, calls = train.Trainer.step, []
+  original, calls = loop.Trainer.step, []
 
   def diverging_step(self, tokens_BT):
     calls.append(1)
@@ -174,21 +176,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_experimen
       self.params = jax.tree.map(lambda x: x * np.nan, self.params)
     return original(self, tokens_BT)
 
-  monkeypatch.setattr(train.Trainer, "step", diverging_step)
+  monkeypatch.setattr(loop.Trainer, "step", diverging_step)
   cfg = tiny_experiment(checkpoint_every=2, steps=40)
   with pytest.raises(FloatingPointError, match="non-finite training loss at step 7"):
-    train.train(cfg, tmp_path)
+    loop.train(cfg, tmp_path)
   assert checkpoint.manager(tmp_path, 3).latest_step() == 6
   params = restored_params(tmp_path, cfg)
   assert all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(params))
-  monkeypatch.setattr(train.Trainer, "step", original)
-  assert train.train(cfg, tmp_path, stop_after=8)["step"] == 8  # and it resumes from there
+  monkeypatch.setattr(loop.Trainer, "step", original)
+  assert loop.train(cfg, tmp_path, stop_after=8)["step"] == 8  # and it resumes from there
 
 
 def test_vocabulary_smaller_than_the_tokenizer_is_an_error(tiny_experiment, tmp_path):
   cfg = tiny_experiment(model=tiny_model(vocab_size=100))
   with pytest.raises(ValueError, match="model.vocab_size=100"):
-    train.train(cfg, tmp_path)
+    loop.train(cfg, tmp_path)
 
 
 @pytest.mark.slow
@@ -209,7 +211,7 @@ def test_command_line_entry_point(corpus_dir, tmp_path):
 def test_the_loss_is_the_exit_weighted_sum_and_a_zero_weight_exit_is_not_trained(
     tiny_experiment, corpus_dir):
   cfg = tiny_experiment(exit_weights=(0.25, 0.0, 0.75), weight_decay=0.0, warmup_steps=0)
-  trainer = train.Trainer.create(cfg, sharding.make_mesh())
+  trainer = loop.Trainer.create(cfg, sharding.make_mesh())
   before = jax.tree.map(np.asarray, trainer.params)
   batch = np.random.default_rng(0).integers(0, 259, (8, 33), dtype=np.int32)
   metrics = jax.device_get(trainer.step(batch))
@@ -221,7 +223,7 @@ def test_the_loss_is_the_exit_weighted_sum_and_a_zero_weight_exit_is_not_trained
   assert not changed(lambda p: p["exits"][1])  # norm and unembedding of the zero-weight exit
   assert changed(lambda p: p["exits"][0]) and changed(lambda p: p["exits"][2])
   assert changed(lambda p: p["segments"][0])
-  default = train.Trainer.create(tiny_experiment(), sharding.make_mesh())  # 1/G each
+  default = loop.Trainer.create(tiny_experiment(), sharding.make_mesh())  # 1/G each
   metrics = jax.device_get(default.step(batch))
   assert float(metrics["loss"]) == pytest.approx(float(np.mean(metrics["exit_loss"])), rel=1e-6)
 
@@ -235,17 +237,17 @@ def test_learning_rate_schedules(schedule, checks):
   steps and linear to 10% (WSD, decay_fraction 0.2)."""
   tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-2, min_lr_ratio=0.1,
                    schedule=schedule, decay_fraction=0.2)
-  lr = train.learning_rate_schedule(tc)
-  for step, value in checks.items():
-    assert float(lr(step)) == pytest.approx(value, rel=1e-5, abs=1e-9), step
+  lr = optimizer.learning_rate_schedule(tc)
+  for at, value in checks.items():
+    assert float(lr(at)) == pytest.approx(value, rel=1e-5, abs=1e-9), at
 
 
 def test_weight_decay_spares_norm_scales():
   params = {"kernel": np.ones((3, 4), np.float32), "norm": {"scale": np.ones(4, np.float32)}}
-  optimizer = train.make_optimizer()
-  state = train.with_hyperparameters(optimizer.init(params), train.hyperparameters(
+  adamw = optimizer.make_optimizer()
+  state = optimizer.with_hyperparameters(adamw.init(params), optimizer.hyperparameters(
       TrainConfig(weight_decay=0.5), 1.0))
   zeros = jax.tree.map(np.zeros_like, params)
-  updates, _ = optimizer.update(zeros, state, params)
+  updates, _ = adamw.update(zeros, state, params)
   np.testing.assert_allclose(updates["kernel"], -0.5 * params["kernel"])
   np.testing.assert_array_equal(updates["norm"]["scale"], 0.0)

@@ -1,5 +1,5 @@
 """Presets for experiments/isoflop.py: `--config=experiments/configs/isoflop.py:tiny` (or `small`,
-`medium`, `laws`, `paper`). Sections: `study` (famjax.config.StudyConfig: budgets, granularities,
+`medium`, `laws`, `paper`). Sections: `study` (famjax.study.config.StudyConfig: budgets, granularities,
 the size ladder, the gamma grid, exit placements, fitting), and `model`, `data`, `train`, `mesh`
 as for experiments/train.py, which every run starts from (the planner sets each run's shape,
 exits, steps, warmup and seed). Override any field, e.g.
@@ -10,7 +10,10 @@ import dataclasses
 
 import ml_collections
 
-from famjax.config import DataConfig, MeshConfig, ModelConfig, StudyConfig, TrainConfig
+from famjax.data.config import DataConfig
+from famjax.model.config import MeshConfig, ModelConfig
+from famjax.study.config import StudyConfig
+from famjax.train.config import TrainConfig
 
 PADDED_BYTE_VOCAB = 264  # 259 byte-tokenizer ids, padded to split over up to 8 model shards
 

@@ -8,7 +8,9 @@ import dataclasses
 
 import ml_collections
 
-from famjax.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
+from famjax.data.config import DataConfig
+from famjax.model.config import MeshConfig, ModelConfig
+from famjax.train.config import TrainConfig
 
 # The byte tokenizer's 259 ids, padded to a multiple of 8 so the vocabulary (embedding and every
 # exit's unembedding) splits evenly over up to 8 model-parallel devices.

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from famjax.study import results
+from famjax.study import records
 from famjax.study.isoflop import EXIT_CONTROL, GRID
 
 CELL = ["d_model", "D"]
@@ -123,7 +123,7 @@ def _dummies(labels: pd.Series) -> np.ndarray:
 
 
 def _ok(frame: pd.DataFrame) -> pd.DataFrame:
-  return frame[frame["status"] == results.OK]
+  return frame[frame["status"] == records.OK]
 
 
 def dense_controls(frame: pd.DataFrame, loss: str,
@@ -253,7 +253,7 @@ def _shared(rows: pd.DataFrame):
   return _slope(coef, cov, df, 0), rss, df
 
 
-def analyze(frame: pd.DataFrame, loss: str = "val") -> GammaGrid | None:
+def measure_grid(frame: pd.DataFrame, loss: str = "val") -> GammaGrid | None:
   """The gamma grid's findings, or None where the study has no (finished) grid."""
   rows = family_rows(frame, loss).dropna(subset=["loss"])
   if rows.empty or rows["G"].nunique() < 2:

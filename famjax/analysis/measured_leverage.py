@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.stats
 
 from famjax.scaling import laws
-from famjax.study import results
+from famjax.study import records
 from famjax.study.isoflop import DENSE_MATCH
 
 
@@ -59,7 +59,7 @@ def measured(frame, config, law_interval=None) -> list[MeasuredLeverage]:
   next to the fitted law's prediction for the same N and D: law_interval(fn) gives fn of the
   familial fit's parameters and its bootstrap interval (None: no familial fit)."""
   suffix = "_non_embedding" if config.param_count == "non_embedding" else ""
-  ok = frame[frame["status"] == results.OK]
+  ok = frame[frame["status"] == records.OK]
   dense = ok[ok["kind"] == DENSE_MATCH]
   out = []
   for family_id, matched in dense.groupby("matches"):

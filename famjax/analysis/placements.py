@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from famjax.analysis.gamma_grid import CONTROL_KEY, dense_controls
-from famjax.study import results
+from famjax.study import records
 from famjax.study.isoflop import PLACEMENT, PLACEMENT_CONTROL
 
 
@@ -59,7 +59,7 @@ class Placements:
 
 def paired_exits(frame: pd.DataFrame, loss: str = "val") -> pd.DataFrame:
   """Every finished placement exit beside its control's loss (column control_loss)."""
-  exits = frame[(frame["status"] == results.OK) & (frame["kind"] == PLACEMENT)]
+  exits = frame[(frame["status"] == records.OK) & (frame["kind"] == PLACEMENT)]
   controls = dense_controls(frame, loss, (PLACEMENT_CONTROL,))
   paired = exits.merge(controls, on=CONTROL_KEY)
   return paired.assign(y=np.log(pd.to_numeric(paired[f"{loss}_loss"]).to_numpy(float)
@@ -109,7 +109,7 @@ def _excess_table(paired: pd.DataFrame) -> list[ExitExcess]:
   return sorted(out, key=lambda e: (len(e.placement), e.placement, e.exit_layer))
 
 
-def analyze(frame: pd.DataFrame, loss: str = "val", n_bootstrap: int = 2000,
+def measure_placements(frame: pd.DataFrame, loss: str = "val", n_bootstrap: int = 2000,
             seed: int = 0) -> Placements | None:
   """The placement families' findings, or None where the study has fewer than three exits
   with controls."""

@@ -16,13 +16,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from famjax.analysis import gamma_grid
-from famjax.scaling import fit as fitlib
-from famjax.scaling import laws
+from famjax.scaling import fitting, laws
 
 
 def _law_loss(law: laws.Law, params: dict, columns: dict) -> np.ndarray:
   with jax.enable_x64(True):
-    return np.asarray(laws.loss(law, params, fitlib.as_data(columns)))
+    return np.asarray(laws.loss(law, params, fitting.as_data(columns)))
 
 
 def _colours(values) -> dict:

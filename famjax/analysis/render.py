@@ -1,6 +1,6 @@
 """A study's report rendered for people and files: report.json, report.md (tables, plots
 linked), the PNG plots (plots.py) and the fit-ready tables, from an Analysis
-(famjax.analysis.analyze)."""
+(famjax.analysis.study_analysis)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from famjax.analysis.gamma_grid import GammaGrid, Slope, Tax, Trend
 from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage
 from famjax.analysis.placements import Placements
 from famjax.analysis.report import Analysis, Edge, Extrapolation, FromLaw, Regime, Report
-from famjax.files import atomic_write_text
+from famjax.common.files import atomic_write_text
 from famjax.scaling import compare, fitted_law
-from famjax.study import results
+from famjax.study import records
 
 
 def write(study_dir: str | Path, analysis: Analysis) -> dict[str, Path]:
@@ -25,7 +25,7 @@ def write(study_dir: str | Path, analysis: Analysis) -> dict[str, Path]:
   study_dir = Path(study_dir)
   figures = plots.draw_all(study_dir / "plots", analysis)
   options = analysis.report.options
-  tables = results.export(analysis.frame, study_dir / "data", loss=options.fit_loss,
+  tables = records.write_tables(analysis.frame, study_dir / "data", loss=options.fit_loss,
                           param_count=options.param_count)
   atomic_write_text(study_dir / "report.json", json.dumps(
       _strict(analysis.report.to_json()), indent=1, default=_json_default))

@@ -1,5 +1,5 @@
 """What a study found, as typed values: the Report (report.json is its `to_json()`) and the
-Analysis that also holds the tables and fits its plots draw. famjax.analysis.analyze makes them;
+Analysis that also holds the tables and fits its plots draw. famjax.analysis.study_analysis makes them;
 render and plots write them."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pandas as pd
 from famjax.analysis.gamma_grid import GammaGrid
 from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage, optional
 from famjax.analysis.placements import Placements
-from famjax.config import AnalysisConfig
 from famjax.scaling.compare import Comparison
 from famjax.scaling.fitted_law import FittedLaw
+from famjax.study.config import AnalysisConfig
 
 
 def _json(value):

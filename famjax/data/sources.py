@@ -158,7 +158,7 @@ def _stat_key(files: list[Path]) -> str:
   return h.hexdigest()
 
 
-def plan(corpus: str, text_field: str = "text") -> Source:
+def from_corpus(corpus: str, text_field: str = "text") -> Source:
   """The units of "stdlib" or of comma-separated files, directories and glob patterns."""
   if corpus == "stdlib":
     files = stdlib_files()

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from famjax.common.files import atomic_write_text
 from famjax.data import sources, tokenizers
-from famjax.files import atomic_write_text
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the worker processes are the parallelism
 FORMAT = 2

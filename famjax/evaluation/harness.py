@@ -28,9 +28,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from famjax import data, decode, sharding, train
-from famjax.config import DTYPES, MeshConfig
+from famjax import data
+from famjax.decode import decoder, sampling
 from famjax.evaluation import scoring
+from famjax.model import sharding
+from famjax.model.config import DTYPES, MeshConfig
+from famjax.train import loop, step
 
 STRATEGIES = ("exit", "confidence", "speculative")
 HARNESS_OPTIONS = ("device", "max_batch_size")  # the harness passes these; JAX places the model
@@ -64,13 +67,13 @@ class Strategy:
 def _load(workdir: str, dtype: str):
   """(config, model, tokenizer) of a trained run, its compute dtype set to `dtype` (kept for the
   next exit of the same run: evaluating every exit loads it once)."""
-  cfg, model = train.load_model(workdir)
+  cfg, model = loop.load_model(workdir)
   if dtype not in DTYPES:
     raise ValueError(f"model_args dtype must be one of {DTYPES}; got {dtype!r}")
   if dtype != cfg.model.dtype:
     model_cfg = dataclasses.replace(cfg.model, dtype=dtype)
     mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    model = nnx.merge(train.programs(model_cfg, mesh).graphdef, nnx.state(model))
+    model = nnx.merge(step.programs(model_cfg, mesh).graphdef, nnx.state(model))
     cfg = dataclasses.replace(cfg, model=model_cfg)
   return cfg, model, data.load_tokenizer(workdir)
 
@@ -89,7 +92,7 @@ class FamjaxLM(TemplateLM):
     if not 1 <= self.exit <= n_exits:
       raise ValueError(f"model_args exit must be in 1..{n_exits}; got {exit}")
     self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
-    self.decoder = decode.Decoder(model)
+    self.decoder = decoder.Decoder(model)
 
   @classmethod
   def create_from_arg_obj(cls, arg_dict, additional_config=None):
@@ -146,8 +149,8 @@ class FamjaxLM(TemplateLM):
       tokens = self.decoder.speculative([prompt], max_new, strategy.draft_exit,
                                         strategy.lookahead)[0]
     else:
-      sampling = decode.Sampling(stop_tokens=(self.eot_token_id,))
-      tokens = self.decoder.generate([prompt], self.exit, max_new, sampling)[1]
+      until = sampling.Sampling(stop_tokens=(self.eot_token_id,))
+      tokens = self.decoder.generate([prompt], self.exit, max_new, until)[1]
     row = [int(t) for t in np.asarray(tokens)[0] if t >= 0]
     return row[:row.index(self.eot_token_id)] if self.eot_token_id in row else row
 

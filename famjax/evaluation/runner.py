@@ -12,10 +12,10 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 from matplotlib.figure import Figure
 
-from famjax import accounting
-from famjax import workdir as workdir_files
+from famjax.common.files import atomic_write_text
 from famjax.evaluation.harness import FamjaxLM
-from famjax.files import atomic_write_text
+from famjax.model import counts
+from famjax.train import workdir_files
 
 EVAL_DIR = "eval"
 
@@ -34,7 +34,7 @@ def metrics(task_results: dict) -> dict[str, tuple[float, float | None]]:
   return out
 
 
-def table(results: dict[str, dict]) -> str:
+def exits_table(results: dict[str, dict]) -> str:
   """Markdown: one row per task and metric, one column per evaluated exit or strategy."""
   names = list(results)
   lines = ["| task | metric | " + " | ".join(names) + " |",
@@ -58,7 +58,7 @@ def plot(results: dict[str, dict], cfg, path: Path) -> None:
   if not exits:
     return
   layers = [cfg.model.exit_layers[g - 1] for g in exits]
-  flops = accounting.account(cfg.model, cfg.train.seq_len).forward_flops_per_token_per_exit
+  flops = counts.account(cfg.model, cfg.train.seq_len).forward_flops_per_token_per_exit
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
   for task in sorted({t for name in results for t in results[name]}):
@@ -103,6 +103,6 @@ def evaluate(workdir, tasks: list[str], exits: list[int] | None = None,
   out_dir = workdir / EVAL_DIR
   out_dir.mkdir(exist_ok=True)
   atomic_write_text(out_dir / "results.json", json.dumps(raw, indent=1, default=str))
-  atomic_write_text(out_dir / "table.md", table(results))
+  atomic_write_text(out_dir / "table.md", exits_table(results))
   plot(results, cfg, out_dir / "tasks_by_exit.png")
   return results

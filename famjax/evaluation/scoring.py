@@ -34,7 +34,7 @@ def bucket_length(n: int, max_len: int) -> int:
 def score(decoder, requests, exit_: int, batch_size: int,
           progress=None) -> list[tuple[float, bool]]:
   """(sum of the continuation's log-probabilities, greedy) per request, in the given order, at
-  exit `exit_` (1..G) of `decoder` (a famjax.decode.Decoder). `progress(n)` is told of each
+  exit `exit_` (1..G) of `decoder` (a famjax.decode.decoder.Decoder). `progress(n)` is told of each
   batch done."""
   windows = [_window(c, t, decoder.max_len) for c, t in requests]
   order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from famjax.files import atomic_write_text
+from famjax.common.files import atomic_write_text
 
 TEMPLATE = """task: {name}
 dataset_path: json

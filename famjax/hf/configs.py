@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from famjax.config import ModelConfig
+from famjax.model.config import ModelConfig
 
 CONFIG = "config.json"
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",

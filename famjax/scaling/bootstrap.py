@@ -2,13 +2,13 @@
 percentile intervals (also of derived quantities) and, for the familial law, one-sided tests of
 gamma > 0.
 
-One procedure (`refit_resamples`), run by either engine of stages.py: `bootstrap` of a host
+One procedure (`refit_resamples`), run by either engine of fit_stages.py: `bootstrap` of a host
 FitResult drives it from the host with a progress bar; of an `fit.Estimate` it is traced (jit,
 vmap; its results carry no gradient), masked queues standing in for the host's index sets. Every
 refit converges or is accounted for: refits start from the full-data optimum in coordinates
-whitened by the full-data Hessian there (stages.whiten); those that stop unconverged are
+whitened by the full-data Hessian there (fit_stages.whiten); those that stop unconverged are
 continued, whitened at their own point by their own objective, and every refit is then restarted
-with a fresh L-BFGS memory until none moves (stages.settle); a second path, screened starts and
+with a fresh L-BFGS memory until none moves (fit_stages.settle); a second path, screened starts and
 restarts from thinned starts settle resamples with several minima (see `refit_resamples`); the
 rest are failed, excluded from the SEs and intervals, and counted.
 
@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from famjax.scaling import stages
-from famjax.scaling.fit import Estimate, FitResult
-from famjax.scaling.lanes import Outcome
-from famjax.scaling.problem import Coordinates, Problem, Resampling, Solver, start_points
+from famjax.scaling.fitting import Estimate, FitResult
+from famjax.scaling.problem_and_solver import Coordinates, Problem, Solver, start_points
+from famjax.scaling.resampling import Resampling
+from famjax.scaling.solver import fit_stages
+from famjax.scaling.solver.vmapped_lbfgs import Outcome
 
 
 class Bootstrap(NamedTuple):
@@ -85,14 +86,14 @@ def _lower_of(a: Outcome, b: Outcome, xp) -> Outcome:
 
 
 def _two_paths(p: Problem, ends: Outcome, x_P, counts_BR, solver: Solver,
-               engine: stages.Engine):
+               engine: fit_stages.Engine):
   """Refits that also take the law's own coordinates from the optimum (every refit of a study of
   up to BOTH_PATHS_MAX_ROWS rows, else every PILOT_EVERY-th, and all if one of those lands
   lower), each keeping the lower end; and which refits' second path ended lower."""
   xp, n = engine.xp, counts_BR.shape[0]
   start_BP = xp.broadcast_to(x_P, (n, x_P.size))
-  raw_path = lambda active_B: stages.settle(
-      p, stages.descend(p, start_BP, counts_BR, solver, engine, None, active_B), counts_BR,
+  raw_path = lambda active_B: fit_stages.settle(
+      p, fit_stages.descend(p, start_BP, counts_BR, solver, engine, None, active_B), counts_BR,
       solver, engine)
   pilot_B = np.arange(n) % (1 if p.n_rows <= BOTH_PATHS_MAX_ROWS else PILOT_EVERY) == 0
   raw = raw_path(pilot_B)
@@ -105,27 +106,27 @@ def _two_paths(p: Problem, ends: Outcome, x_P, counts_BR, solver: Solver,
   return _lower_of(ends, raw, xp), _lower(ends, raw)
 
 
-def _screened(p: Problem, ends: Outcome, counts_BR, solver: Solver, engine: stages.Engine):
-  """Each refit also from the stages.SCREENED_STARTS of the law's starts lowest in its own
+def _screened(p: Problem, ends: Outcome, counts_BR, solver: Solver, engine: fit_stages.Engine):
+  """Each refit also from the fit_stages.SCREENED_STARTS of the law's starts lowest in its own
   objective, the lowest converged end kept; and which refits a screened start lowered."""
   starts_SP = start_points(p, distinct=True)
   top_BC = _lowest_start_points(p, starts_SP, counts_BR, engine.xp)
-  found = stages.screened(p, starts_SP, counts_BR, top_BC, solver, engine)
+  found = fit_stages.screened(p, starts_SP, counts_BR, top_BC, solver, engine)
   lowered_B = ends.converged_S & found.converged_S & _lower(ends, found)
-  return stages.lower_converged(ends, found, engine.xp), lowered_B
+  return fit_stages.lower_converged(ends, found, engine.xp), lowered_B
 
 
-_jit_lowest_start_points = jax.jit(stages.lowest_start_points, static_argnames=("k",))
+_jit_lowest_start_points = jax.jit(fit_stages.lowest_start_points, static_argnames=("k",))
 
 
 def _lowest_start_points(p: Problem, starts_SP, counts_BR, xp):
   if xp is np:  # one compiled program, not an eager op per step
     return np.asarray(_jit_lowest_start_points(p, starts_SP, counts_BR))
-  return stages.lowest_start_points(p, starts_SP, counts_BR)
+  return fit_stages.lowest_start_points(p, starts_SP, counts_BR)
 
 
 def _restart_from_starts(p: Problem, ends: Outcome, counts_BR, solver: Solver,
-                         engine: stages.Engine, index_K, valid_K=None) -> Outcome:
+                         engine: fit_stages.Engine, index_K, valid_K=None) -> Outcome:
   """Refits index_K (those where valid_K) from thinned starts plus where they stopped; the best
   start of each is settled, and kept where it converged lower (or the refit had not)."""
   xp = engine.xp
@@ -135,19 +136,19 @@ def _restart_from_starts(p: Problem, ends: Outcome, counts_BR, solver: Solver,
                           ends.x_SP[index_K][:, None]], axis=1)
   counts_KR = counts_BR[index_K]
   active = None if valid_K is None else xp.repeat(valid_K, n_tries)
-  found = stages.descend(p, x_KTP.reshape(k * n_tries, -1), xp.repeat(counts_KR, n_tries, axis=0),
+  found = fit_stages.descend(p, x_KTP.reshape(k * n_tries, -1), xp.repeat(counts_KR, n_tries, axis=0),
                          solver, engine, None, active)
   value_KT = xp.where(found.converged_S, found.value_S, xp.inf).reshape(k, n_tries)
   found = found.take(xp.arange(k) * n_tries + xp.argmin(value_KT, axis=1))
-  found = stages.settle(p, found, counts_KR, solver, engine)
-  kept = stages.lower_converged(ends.take(index_K), found, xp)
+  found = fit_stages.settle(p, found, counts_KR, solver, engine)
+  kept = fit_stages.lower_converged(ends.take(index_K), found, xp)
   if valid_K is not None:
     index_K = xp.where(valid_K, index_K, counts_BR.shape[0])  # out of range: dropped
   return ends.put(index_K, kept, xp)
 
 
 def _restart_unsettled(p: Problem, ends: Outcome, counts_BR, unsettled_B, solver: Solver,
-                       engine: stages.Engine) -> Outcome:
+                       engine: fit_stages.Engine) -> Outcome:
   """`_restart_from_starts` for every unsettled refit: all at once from the host; traced, in
   blocks of RESTART_BLOCK until none is left (a loop that runs no block when none is)."""
   if engine.xp is np:
@@ -167,7 +168,7 @@ def _restart_unsettled(p: Problem, ends: Outcome, counts_BR, unsettled_B, solver
   return jax.lax.while_loop(lambda c: c[1].any(), block, (ends, unsettled_B))[0]
 
 
-def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.Engine,
+def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: fit_stages.Engine,
                     progress: bool = False) -> tuple[Outcome, jax.Array]:
   """Refits on every resample (row weights counts_BR), started from the optimum x_P, and which
   refits showed several minima.
@@ -175,20 +176,20 @@ def refit_resamples(p: Problem, x_P, counts_BR, solver: Solver, engine: stages.E
   Small studies can have resamples whose objective has several local minima, where refits from
   the same start reach different ones by different paths, or none reaches the lowest. So refits
   also take a second path (`_two_paths`), and every refit of a study of up to
-  stages.SCREENED_MAX_ROWS rows also runs from the stages.SCREENED_STARTS starts lowest in
+  fit_stages.SCREENED_MAX_ROWS rows also runs from the fit_stages.SCREENED_STARTS starts lowest in
   its own objective (`_screened`). Each refit whose second path found a lower objective (or that
   did not converge) is settled by restarts from thinned starts. Refits that still have not
   converged are failed.
   """
   xp, n = engine.xp, counts_BR.shape[0]
-  at = stages.whiten(p, x_P[None], xp.ones((1, p.n_rows)), solver, engine)
-  ends = stages.descend(p, xp.broadcast_to(x_P, (n, x_P.size)), counts_BR, solver,
+  at = fit_stages.whiten(p, x_P[None], xp.ones((1, p.n_rows)), solver, engine)
+  ends = fit_stages.descend(p, xp.broadcast_to(x_P, (n, x_P.size)), counts_BR, solver,
                         engine.shown("bootstrap" if progress else None),
                         Coordinates(at.origin[0], at.basis[0]))
-  ends = stages.settle(p, ends, counts_BR, solver, engine)
+  ends = fit_stages.settle(p, ends, counts_BR, solver, engine)
   ends, paths_differ_B = _two_paths(p, ends, x_P, counts_BR, solver, engine)
   screened_lower_B = xp.zeros(n, bool)
-  if p.n_rows <= stages.SCREENED_MAX_ROWS:
+  if p.n_rows <= fit_stages.SCREENED_MAX_ROWS:
     ends, screened_lower_B = _screened(p, ends, counts_BR, solver, engine)
   unsettled_B = paths_differ_B | ~ends.converged_S
   ends = _restart_unsettled(p, ends, counts_BR, unsettled_B, solver, engine)
@@ -201,7 +202,7 @@ def bootstrap(fit: FitResult | Estimate, resampling: Resampling, solver: Solver 
   optimum, by `refit_resamples`. A host FitResult gives numpy results (a progress bar if
   `progress`); an Estimate (inside jit or vmap) gives arrays."""
   traced = isinstance(fit, Estimate)
-  engine = stages.TRACED if traced else stages.HOST
+  engine = fit_stages.TRACED if traced else fit_stages.HOST
   xp, p = engine.xp, fit.problem
   with contextlib.nullcontext() if traced else jax.enable_x64(True):
     counts_BR = resampling.counts(p.n_rows)
@@ -211,10 +212,10 @@ def bootstrap(fit: FitResult | Estimate, resampling: Resampling, solver: Solver 
     else:
       counts_BR, x_P = np.asarray(counts_BR), np.array([fit.params[k] for k in p.names])
     ends, multimodal_B = refit_resamples(p, x_P, counts_BR, solver, engine, progress)
-    natural = stages.natural_samples(p, ends, xp)
+    natural = fit_stages.natural_samples(p, ends, xp)
     if "alpha" in natural and "beta" in natural:
       natural.update(derived(natural))
-    se, ci95 = stages.interval_summary(natural, xp)
+    se, ci95 = fit_stages.interval_summary(natural, xp)
   if traced:
     return Bootstrap(natural, ends.converged_S, multimodal_B, se, ci95)
   return Bootstrap(natural, np.asarray(ends.converged_S), np.asarray(multimodal_B),

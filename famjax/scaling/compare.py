@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from famjax.scaling import bootstrap as bootlib
-from famjax.scaling import fit as fitlib
-from famjax.scaling import fitted_law, io, laws, stages
+from famjax.scaling import bootstrap, fit_data, fitted_law, fitting, laws
+from famjax.scaling.solver import fit_stages
 
 SCHEMES = ("budget", "configuration")
 N_RESAMPLES = 2000  # resamples of configurations behind the ranking's confidence
@@ -59,11 +58,11 @@ def laplace_aic(objective: float, n_rows: int, n_params: int, delta: float) -> f
 
 
 def columns_of(frame, candidates: Mapping[str, laws.Law], source: str) -> dict[str, np.ndarray]:
-  """The columns every candidate reads, validated (io.validate: errors name the rows), and C, a
+  """The columns every candidate reads, validated (fit_data.validate: errors name the rows), and C, a
   run's budget, where the table has it."""
   columns = {}
   for law in candidates.values():
-    columns.update(io.validate(frame, law, source=source))
+    columns.update(fit_data.validate(frame, law, source=source))
   if "C" in frame.columns:
     columns["C"] = frame["C"].to_numpy(float)
   return columns
@@ -76,7 +75,7 @@ def _fold_labels(columns: Mapping[str, np.ndarray], scheme: str) -> np.ndarray:
   return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
 
 
-def held_out(result: fitlib.FitResult, labels_R: np.ndarray, scheme: str) -> HeldOut:
+def held_out(result: fitting.FitResult, labels_R: np.ndarray, scheme: str) -> HeldOut:
   """`result`'s law refitted without each fold of `labels_R` (one label per row): every fold's
   refit at once, as bootstrap refits with the fold's rows weighted 0 (bootstrap.refit_resamples:
   from the full fit's optimum, with every retry), then the fold's rows predicted."""
@@ -85,10 +84,10 @@ def held_out(result: fitlib.FitResult, labels_R: np.ndarray, scheme: str) -> Hel
   in_fold_FR = labels_R[None, :] == folds[:, None]
   x_P = np.array([result.params[k] for k in problem.names])
   with jax.enable_x64(True):
-    ends, _ = bootlib.refit_resamples(problem, x_P, (~in_fold_FR).astype(np.float64),
-                                      fitlib.Solver(), stages.HOST)
+    ends, _ = bootstrap.refit_resamples(problem, x_P, (~in_fold_FR).astype(np.float64),
+                                      fitting.Solver(), fit_stages.HOST)
     params_F = {k: jnp.asarray(v) for k, v in zip(problem.names, np.asarray(ends.x_SP).T)}
-    data = fitlib.as_data(problem.data)
+    data = fitting.as_data(problem.data)
     predicted_FR = np.asarray(jax.vmap(
         lambda p: laws.loss(problem.law, {**problem.fixed, **p}, data))(params_F))
   predicted_R = predicted_FR[in_fold_FR.argmax(axis=0), np.arange(problem.n_rows)]
@@ -166,7 +165,7 @@ class Comparison:
 
 def compare(candidates: Mapping[str, laws.Law], columns: Mapping[str, np.ndarray], *,
             n_bootstrap: int = 1000, seed: int = 0, starts_every: int = 1,
-            delta: float = fitlib.DEFAULT_DELTA, progress: bool = False) -> Comparison:
+            delta: float = fitting.DEFAULT_DELTA, progress: bool = False) -> Comparison:
   """Fits every law of `candidates` ({name: Law}) to the same rows (`columns`: N, D, G, loss,
   and C, a run's budget, for leave-one-budget-out) and ranks them by held-out error."""
   if not candidates:
@@ -205,7 +204,7 @@ def confidence_text(summary: Mapping) -> str:
           f"[{100 * lo:+.2f}, {100 * hi:+.2f}]")
 
 
-def table(summary: Mapping) -> str:
+def comparison_table(summary: Mapping) -> str:
   """The ranking as printed text: held-out errors (%), per-G bias, AIC."""
   by = summary["ranked_by"]
   schemes = list(next(iter(summary["laws"].values()))["held_out"])

@@ -11,9 +11,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from famjax.scaling import bootstrap as bootlib
-from famjax.scaling import fit as fitlib
-from famjax.scaling import laws
+from famjax.scaling import bootstrap, fitting, laws
 
 ORDER = ("E", "A", "B", "alpha", "beta", "gamma", "gamma_slope", "alpha_b", "beta_b", "a_opt",
          "b_opt")
@@ -58,8 +56,8 @@ class Grouping(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class FittedLaw:
   """A law's fit, its bootstrap and what follows from them, typed; `summary()` is its JSON."""
-  result: fitlib.FitResult
-  boot: bootlib.Bootstrap | None
+  result: fitting.FitResult
+  boot: bootstrap.Bootstrap | None
   boundary: dict[str, str]  # parameter -> why it is unidentified (`boundaries`)
   gamma_test: dict | None  # bootstrap.gamma_test, for the familial law with refits
   resampled: str  # "rows", or the Grouping's name
@@ -71,7 +69,7 @@ class FittedLaw:
     result, edge, boot = self.result, self.boundary, self.boot
     natural = laws.to_natural_params(result.params)
     out = {"law": result.law.name, "params": natural,
-           "derived": bootlib.derived(natural) if {"alpha", "beta"} <= set(natural) else {},
+           "derived": bootstrap.derived(natural) if {"alpha", "beta"} <= set(natural) else {},
            "objective": result.objective, "n_rows": result.n_rows,
            "converged": result.converged, "boundary": edge,
            "starts": {"n": int(result.start_objective.size),
@@ -89,12 +87,12 @@ class FittedLaw:
 
 
 def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int = 0,
-            grouping: Grouping | None = None, delta: float = fitlib.DEFAULT_DELTA,
+            grouping: Grouping | None = None, delta: float = fitting.DEFAULT_DELTA,
             starts: Mapping | None = None, progress: bool = False) -> FittedLaw:
   """Grid fit, bootstrap refits (of rows, or of whole groups) and, for the familial law with
   refits, the one-sided tests of gamma > 0."""
   start = time.perf_counter()
-  result = fitlib.fit(fitlib.Problem.of(law, data, delta=delta), starts=starts, progress=progress)
+  result = fitting.fit(fitting.Problem.of(law, data, delta=delta), starts=starts, progress=progress)
   edge = boundaries(law, result.params, data)
   if not result.converged:
     warnings.warn(f"{law.name} law: no start converged; the estimates are the lowest "
@@ -104,20 +102,20 @@ def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int 
                   "reported as unidentified", stacklevel=2)
   boot = None
   if n_bootstrap:
-    resampling = fitlib.Resampling(n_bootstrap, seed, None if grouping is None else grouping.labels)
-    boot = bootlib.bootstrap(result, resampling, progress=progress)
+    resampling = fitting.Resampling(n_bootstrap, seed, None if grouping is None else grouping.labels)
+    boot = bootstrap.bootstrap(result, resampling, progress=progress)
     if boot.failed:
       warnings.warn(f"{law.name} law: {boot.failed} of {boot.n} bootstrap refits did not "
                     "converge after every retry; they are left out of the SEs and intervals",
                     stacklevel=2)
   test = None
   if law is laws.FAMILIAL and boot is not None and "gamma" in result.params:
-    test = bootlib.gamma_test(boot, result.params["gamma"])
+    test = bootstrap.gamma_test(boot, result.params["gamma"])
   return FittedLaw(result, boot, edge, test, grouping.name if grouping else "rows",
                    time.perf_counter() - start)
 
 
-def table(record: dict) -> str:
+def law_table(record: dict) -> str:
   """The estimates with SE and 95% interval, and the gamma tests, as printed text."""
   lines = [f"{record['law']} law, {record['n_rows']} rows, objective {record['objective']:.10g}",
            f"{'param':>8} {'estimate':>12} {'SE':>10} {'95% CI':>26}"]

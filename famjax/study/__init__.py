@@ -1,3 +1,3 @@
-"""The experiment machinery: the IsoFLOP plan, the sweep that trains it, run records, the memory
-plan, a study's remembered config and its publication. famjax.pipeline runs a study end to end
-with famjax.analysis on top."""
+"""The experiment machinery: the study's config, the IsoFLOP plan (isoflop.py), the sweep that
+trains it, run records, a study's saved config and its publication. famjax.pipeline runs a study
+end to end with famjax.analysis on top; famjax.hardware plans its memory and cost."""

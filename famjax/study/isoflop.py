@@ -25,8 +25,11 @@ from typing import Mapping
 
 import numpy as np
 
-from famjax import accounting
-from famjax.config import ExperimentConfig, ModelConfig, StudyConfig, TrainConfig, config_hash
+from famjax.hardware import chips
+from famjax.model import counts
+from famjax.model.config import ModelConfig
+from famjax.study.config import StudyConfig
+from famjax.train.config import ExperimentConfig, TrainConfig, config_hash
 
 ISOFLOP, DENSE_MATCH = "isoflop", "dense_match"
 GRID, EXIT_CONTROL = "gamma_grid", "exit_control"  # the gamma grid's families and dense controls
@@ -51,12 +54,12 @@ class RunSpec:
   matches: str = ""  # DENSE_MATCH: run id of the family it is compared with
   matched_exit: int = 0  # DENSE_MATCH: the family's exit (1-based) whose sub-model it matches
   # parameters and FLOPs of the model, computed once here and read by the plan and the records
-  accounting: accounting.Accounting | None = None
+  accounting: counts.Accounting | None = None
 
   def __post_init__(self):
     if self.accounting is None:
       model, seq_len = self.experiment.model, self.experiment.train.seq_len
-      object.__setattr__(self, "accounting", accounting.account(model, seq_len))
+      object.__setattr__(self, "accounting", counts.account(model, seq_len))
 
   @property
   def steps(self) -> int:
@@ -83,7 +86,7 @@ class RunSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class StudyPlan:
   runs: tuple[RunSpec, ...]
   dropped: tuple[tuple[str, str], ...]  # (run id, why it was dropped)
   notes: tuple[str, ...]  # warnings about the design, e.g. a prior N* outside the ladder
@@ -93,7 +96,7 @@ class Plan:
     return sum(r.flops for r in self.runs)
 
   def accelerator_hours(self, device: str, mfu: float) -> float:
-    return self.total_flops / (accounting.PEAK_FLOPS[device] * mfu) / 3600.0
+    return self.total_flops / (chips.chip(device).peak_flops * mfu) / 3600.0
 
   def run(self, run_id: str) -> RunSpec:
     return next(r for r in self.runs if r.run_id == run_id)
@@ -137,12 +140,12 @@ def exit_layers(study: StudyConfig, n_layers: int, granularity: int) -> tuple[in
   return layers
 
 
-def family_params(study: StudyConfig, acc: accounting.Accounting) -> int:
+def family_params(study: StudyConfig, acc: counts.Accounting) -> int:
   """N of a family under study.param_count."""
   return acc.params_non_embedding if study.param_count == "non_embedding" else acc.params_total
 
 
-def flops_per_token(study: StudyConfig, acc: accounting.Accounting) -> float:
+def flops_per_token(study: StudyConfig, acc: counts.Accounting) -> float:
   """Training FLOPs per token under study.flops."""
   if study.flops == "6N":
     return 6.0 * family_params(study, acc)
@@ -165,7 +168,7 @@ def flops_rule(study: StudyConfig, base: ModelConfig, seq_len: int,
     n, k = [], []
     for width in study.widths:
       try:
-        acc = accounting.account(model_shape(study, base, width, g), seq_len)
+        acc = counts.account(model_shape(study, base, width, g), seq_len)
       except ValueError:  # fewer layers than exits
         continue
       n.append(family_params(study, acc))
@@ -184,7 +187,7 @@ def budget_widths(study: StudyConfig, base: ExperimentConfig, budget: float) -> 
   dense model, trained on C FLOPs, sees tokens_per_param tokens per parameter (D/N falls as the
   width grows). Also a note if the prior optimum lies outside the ladder."""
   seq_len = base.train.seq_len
-  accs = [accounting.account(model_shape(study, base.model, w, 1), seq_len) for w in study.widths]
+  accs = [counts.account(model_shape(study, base.model, w, 1), seq_len) for w in study.widths]
   n_w = np.array([family_params(study, acc) for acc in accs], float)
   d_w = np.array([budget / flops_per_token(study, acc) for acc in accs])
   log_ratio = np.log(d_w / n_w)[::-1]  # increasing
@@ -219,7 +222,7 @@ class _Planner:
     study, tc = self.study, self.base.train
     seed = extra.pop("seed", study.seeds[0])
     per_step = tc.batch_size * tc.seq_len
-    acc = accounting.account(model, tc.seq_len)
+    acc = counts.account(model, tc.seq_len)
     fpt = flops_per_token(study, acc)
     steps = int(run_budget / fpt // per_step)
     if steps < study.min_steps:
@@ -261,7 +264,7 @@ class _Planner:
 
   def _matches(self, family, budget: float, granularity: int) -> list:
     model, before, matches = family.experiment.model, len(self.dropped), []
-    private = accounting.private_blocks(model)
+    private = counts.private_blocks(model)
     for g, layer in enumerate(model.exit_layers, start=1):
       dense = model_shape(self.study, self.base.model, model.d_model, 1,
                           n_layers=layer + private[g - 1])
@@ -286,7 +289,7 @@ class _Planner:
       depths = set()
       for granularity in study.granularities:
         model = model_shape(study, self.base.model, width, granularity)
-        private = accounting.private_blocks(model)
+        private = counts.private_blocks(model)
         depths |= {layer + p for layer, p in zip(model.exit_layers, private)}
         runs.append(self._fixed_tokens(f"{tag}_G{granularity}_s{seed}", GRID, granularity,
                                        model, steps, seed=seed))
@@ -312,7 +315,7 @@ class _Planner:
         raise ValueError(f"study.placements: exits {layers} must end at the final layer of the "
                          f"{backbone.n_layers}-layer backbone of width {study.placement_width}")
       family = dataclasses.replace(backbone, exit_layers=layers)
-      depths |= {layer + p for layer, p in zip(layers, accounting.private_blocks(family))}
+      depths |= {layer + p for layer, p in zip(layers, counts.private_blocks(family))}
       families.append(family)
     runs = []
     for seed in study.placement_seeds or study.seeds:
@@ -328,14 +331,14 @@ class _Planner:
   def _fixed_tokens(self, run_id, kind, granularity, model, steps, **extra) -> RunSpec | None:
     """A run of exactly `steps` optimizer steps (its budget C is what they cost)."""
     per_step = self.base.train.batch_size * self.base.train.seq_len
-    fpt = flops_per_token(self.study, accounting.account(model, self.base.train.seq_len))
+    fpt = flops_per_token(self.study, counts.account(model, self.base.train.seq_len))
     budget = steps * per_step * fpt
     # half a step of slack so that rounding C / FLOPs-per-token cannot lose a step
     return self.spec(run_id, kind, budget, budget + per_step * fpt / 2, granularity, model,
                      **extra)
 
 
-def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None = None) -> Plan:
+def plan_study(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None = None) -> StudyPlan:
   """Every run of the study. `base` gives everything but the model's shape and the steps
   (vocabulary, exit heads, batch, sequence length, optimizer); corpus_tokens (training tokens of
   the corpus) enables the epochs check."""
@@ -356,13 +359,13 @@ def plan(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None =
     runs.extend(planner.dense_matches(budget, granularity, runs))
   runs.extend(planner.grid())
   runs.extend(planner.placements())
-  return Plan(tuple(runs), tuple(planner.dropped), tuple(notes))
+  return StudyPlan(tuple(runs), tuple(planner.dropped), tuple(notes))
 
 
-def table(plan_: Plan, extra: tuple[str, Mapping[str, str]] = ("", {})) -> str:
+def plan_table(plan_: StudyPlan, extra: tuple[str, Mapping[str, str]] = ("", {})) -> str:
   """The plan as a text table, with total FLOPs. `heads`: share of the family's parameters in
   its embedding and exit heads; `x dense`: its FLOPs per token over a dense model of its shape;
-  `extra`: (header, {run id: cell}) of more columns, e.g. famjax.study.memory.run_cells."""
+  `extra`: (header, {run id: cell}) of more columns, e.g. famjax.hardware.memory.run_cells."""
   header = (f"{'run id':<34} {'C':>8} {'G':>2} {'exit layers':<12} {'N per exit (total)':<34} "
             f"{'D':>12} {'steps':>6} {'FLOPs':>9} {'heads':>6} {'x dense':>7} {extra[0]}").rstrip()
   lines = [header, "-" * len(header)]

@@ -1,4 +1,4 @@
-"""Runs a plan, or task i's share of it, one train.train per run in STUDY/runs/RUN_ID/.
+"""Runs a plan, or task i's share of it, one loop.train per run in STUDY/runs/RUN_ID/.
 
 Idempotent and resumable: a run whose records say it finished is skipped, an interrupted one
 resumes from its checkpoints, and a run that fails is recorded as failed (its error in its
@@ -20,10 +20,11 @@ from typing import Callable
 import jax
 from tqdm.auto import tqdm
 
-from famjax import data, train
-from famjax.config import config_hash
-from famjax.files import WorkdirBusy, atomic_write_text
-from famjax.study import isoflop, results
+from famjax import data
+from famjax.common.files import WorkdirBusy, atomic_write_text
+from famjax.study import isoflop, records
+from famjax.train import loop
+from famjax.train.config import config_hash
 
 PLAN = "plan.json"
 
@@ -40,7 +41,7 @@ def run_dir(study_dir: str | Path, run_id: str) -> Path:
   return Path(study_dir) / "runs" / run_id
 
 
-def write_plan(study_dir: str | Path, plan: isoflop.Plan, extra: dict | None = None) -> None:
+def write_plan(study_dir: str | Path, plan: isoflop.StudyPlan, extra: dict | None = None) -> None:
   """STUDY/plan.json: every planned run (the plan table's fields), what was dropped and why.
   A study directory holding a plan with other runs is refused: use a new directory."""
   record = {**plan.describe(), **(extra or {})}
@@ -61,7 +62,7 @@ def read_plan(study_dir: str | Path) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def run(plan: isoflop.Plan, study_dir: str | Path, *, task_index: int = 0, num_tasks: int = 1,
+def run(plan: isoflop.StudyPlan, study_dir: str | Path, *, task_index: int = 0, num_tasks: int = 1,
         tokens: data.TokenData | None = None,
         on_finished: Callable[[isoflop.RunSpec, list[dict]], None] | None = None,
         progress: bool = True) -> SweepOutcome:
@@ -78,13 +79,13 @@ def run(plan: isoflop.Plan, study_dir: str | Path, *, task_index: int = 0, num_t
              dynamic_ncols=True)
   for spec in bar:
     workdir = run_dir(study_dir, spec.run_id)
-    if results.finished(workdir, config_hash(spec.experiment)):
+    if records.finished(workdir, config_hash(spec.experiment)):
       outcome.skipped.append(spec.run_id)
       continue
     bar.set_postfix_str(spec.run_id)
     began = time.perf_counter()
     try:
-      summary = train.train(spec.experiment, workdir, tokens=tokens)
+      summary = loop.train(spec.experiment, workdir, tokens=tokens)
     except WorkdirBusy as e:
       outcome.busy[spec.run_id] = e.holder
       tqdm.write(f"{spec.run_id}: skipped, in use by {e.holder}")
@@ -96,18 +97,18 @@ def run(plan: isoflop.Plan, study_dir: str | Path, *, task_index: int = 0, num_t
                  f"{workdir / 'error.txt'}")
       if jax.process_index() == 0:
         atomic_write_text(workdir / "error.txt", traceback.format_exc())
-        results.write_records(workdir, results.run_records(
+        records.write_records(workdir, records.run_records(
             spec, None, fingerprint=tokens.fingerprint, wall_seconds=time.perf_counter() - began,
             error=error))
       continue
-    records = results.run_records(spec, summary, fingerprint=tokens.fingerprint,
-                                  wall_seconds=summary["train_seconds"])
+    run_records = records.run_records(spec, summary, fingerprint=tokens.fingerprint,
+                                      wall_seconds=summary["train_seconds"])
     if jax.process_index() == 0:
-      results.write_records(workdir, records)
+      records.write_records(workdir, run_records)
     outcome.trained.append(spec.run_id)
     losses = " ".join(f"{x:.3f}" for x in summary["val_loss"])
     tqdm.write(f"{spec.run_id}: val loss {losses} ({time.perf_counter() - began:.1f} s)")
     if on_finished is not None:
-      on_finished(spec, records)
+      on_finished(spec, run_records)
   bar.close()
   return outcome
