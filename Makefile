@@ -33,17 +33,17 @@ run: venv
 # `make test`: every test but the statistical and end-to-end ones (marked slow), for each change.
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" \
-	  --ignore=tests/test_hf_live.py --ignore=tests/test_tpu.py tests
+	  --ignore=tests/hf/test_hf_live.py --ignore=tests/hardware/test_tpu.py tests
 
 # `make check`: the whole suite, notebooks and the second XLA code path included (CI runs it),
 # with its 20 slowest tests listed; then the TPU compiler's tests with libtpu (Linux x86-64 only)
 check: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 \
-	  --ignore=tests/test_hf_live.py --ignore=tests/test_tpu.py tests
+	  --ignore=tests/hf/test_hf_live.py --ignore=tests/hardware/test_tpu.py tests
 	@if [ "$$(uname -sm)" = "Linux x86_64" ]; then \
 	  $(MAKE) --no-print-directory $(TPU_LIB)/.installed && \
-	  PYTHONPATH=$(CURDIR)/$(TPU_LIB) JAX_PLATFORMS=cpu $(PY) -m pytest -q -rs tests/test_tpu.py; \
-	else echo "tests/test_tpu.py not run: libtpu is built for Linux x86-64 only"; fi
+	  PYTHONPATH=$(CURDIR)/$(TPU_LIB) JAX_PLATFORMS=cpu $(PY) -m pytest -q -rs tests/hardware/test_tpu.py; \
+	else echo "tests/hardware/test_tpu.py not run: libtpu is built for Linux x86-64 only"; fi
 
 # libtpu alone, at the tpu extra's pin, beside .venv and on the path of the TPU tests only: in
 # .venv it would make every JAX start probe for a TPU (a second and a page of warnings each)
@@ -56,7 +56,7 @@ $(TPU_LIB)/.installed: setup.cfg
 # transformers and the CPU torch wheel)
 test-hf:
 	$(MAKE) --no-print-directory venv EXTRAS=test,hf
-	$(PY) -m pytest -q -s tests/test_hf_live.py
+	$(PY) -m pytest -q -s tests/hf/test_hf_live.py
 
 lint: venv
 	$(PY) -m ruff check .

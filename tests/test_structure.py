@@ -10,8 +10,9 @@ MAX_LINES = 60
 
 
 def _modules() -> dict[str, ast.Module]:
-  return {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts): ast.parse(
-      path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
+  """{dotted name: syntax tree}; a package's __init__.py under the package's own name."""
+  return {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(
+      ".__init__"): ast.parse(path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _n_params(node: ast.FunctionDef) -> int:
@@ -62,6 +63,50 @@ def test_no_import_cycles():
   assert not cycles, cycles
 
 
+# Each package imports only from packages on a lower layer (or from itself): the house's floors.
+LAYERS = {"common": 0, "scaling": 1, "model": 1, "data": 1, "hf": 2, "decode": 2, "train": 3,
+          "hardware": 4, "study": 5, "analysis": 6, "evaluation": 6, "pipeline": 7}
+
+
+def _package(module: str) -> str:
+  return module.split(".")[1] if module.count(".") else "famjax"
+
+
+def test_every_import_points_down_the_layers():
+  modules = _modules()
+  assert {_package(m) for m in modules} - {"famjax"} <= set(LAYERS), "a new package"
+  upward = [f"{m} imports {i}" for m, tree in modules.items() for i in _imports(m, tree)
+            if i in modules and _package(m) in LAYERS and _package(i) in LAYERS
+            and _package(i) != _package(m) and LAYERS[_package(i)] >= LAYERS[_package(m)]]
+  assert not upward, upward
+
+
+def test_the_fitter_imports_nothing_of_famjax_outside_it():
+  """famjax.scaling is importable without the training stack: its own modules only."""
+  modules = _modules()
+  outside = [f"{m} imports {i}" for m, tree in modules.items() if _package(m) == "scaling"
+             for i in _imports(m, tree) if i.startswith("famjax.") and _package(i) != "scaling"]
+  assert not outside, outside
+
+
+def test_only_the_fitter_sets_the_xla_scheduler_flag():
+  """`import famjax` (and training) leaves XLA_FLAGS alone; importing the fitter adds its one
+  setting, and an explicit setting of that flag wins."""
+  import os
+  import subprocess
+  import sys
+  flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
+  code = ("import os, famjax, famjax.train.loop; before = os.environ.get('XLA_FLAGS', ''); "
+          "import famjax.scaling.fitting; print(repr(before), repr(os.environ['XLA_FLAGS']))")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=PACKAGE.parent)
+  assert out.stdout.split() == ["''", f"'{flag}=false'"], out.stderr[-2000:]
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, "XLA_FLAGS": f"{flag}=true"}, cwd=PACKAGE.parent)
+  assert out.stdout.split() == [f"'{flag}=true'"] * 2, out.stderr[-2000:]
+
+
 def test_importing_famjax_leaves_matplotlib_alone(tmp_path):
   """The caller's matplotlib backend survives importing and plotting with famjax."""
   import os
@@ -92,3 +137,28 @@ def test_the_tpu_extra_pins_the_libtpu_the_pinned_jax_asks_for():
                if r.name == "libtpu" and r.marker and r.marker.evaluate({"extra": "tpu"}))
   (pinned,) = tpu_extra["libtpu"].specifier
   assert pinned.operator == "==" and pinned.version in asked.specifier, (pinned, asked)
+
+
+def structure_table() -> str:
+  """The packages by layer, their modules, lines and the packages each imports: docs/design.md's
+  table, printed by `python tests/test_structure.py`."""
+  modules = _modules()
+  path = lambda m: PACKAGE.parent / (m.replace(".", "/") + ".py")
+  lines = {m: len((path(m) if path(m).exists() else path(m + ".__init__").parent / "__init__.py")
+                  .read_text().splitlines()) for m in modules}
+  rows = ["| layer | package | modules | lines | imports from |", "|---|---|---|---|---|"]
+  arrows = set()
+  for name, layer in sorted(LAYERS.items(), key=lambda kv: (-kv[1], kv[0])):
+    own = [m for m in modules if _package(m) == name]
+    uses = sorted({_package(i) for m in own for i in _imports(m, modules[m])
+                   if i in modules and _package(i) not in (name, "famjax")})
+    arrows |= {(name, u) for u in uses}
+    rows.append(f"| {layer} | {name} | {len(own)} | {sum(lines[m] for m in own):,} | "
+                f"{', '.join(uses) or '-'} |")
+  rows.append(f"\n{len(modules)} modules, {sum(lines.values()):,} lines, {len(arrows)} package "
+              "imports, none pointing up a layer, no import cycle.")
+  return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  print(structure_table())

@@ -183,7 +183,7 @@ def test_a_local_task_runs_through_the_harness_command_line(workdir, tmp_path):
       [sys.executable, "-m", "famjax.evaluation", "--model", "famjax", "--model_args",
        f"workdir={workdir},exit=2,batch_size=4", "--tasks", "famjax_next_word",
        "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out")],
-      cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env,
+      cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, env=env,
       timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   [result_file] = list((tmp_path / "out").rglob("results*.json"))
@@ -199,7 +199,7 @@ def test_the_evaluate_command_tables_every_exit(workdir, tmp_path):
       [sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}",
        "--tasks=famjax_next_word", f"--include_path={tmp_path / 'tasks'}", "--limit=8",
        "--speculative_exit=1"],
-      cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env,
+      cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, env=env,
       timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.loads((workdir / "eval" / "results.json").read_text())

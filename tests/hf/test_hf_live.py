@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import nnx
-from test_hf import FIXTURES, NAMES, build
 
 from famjax.decode.decoder import Decoder
 from famjax.hf import checkpoint_export, checkpoint_import
 from famjax.train import hf_export, loop
 
 from conftest import tiny_model
+from test_hf import FIXTURES, NAMES, build
 
 torch = pytest.importorskip("torch", reason="make test-hf installs the hf extra")
 transformers = pytest.importorskip("transformers", reason="make test-hf installs the hf extra")

@@ -166,7 +166,7 @@ def test_without_three_budgets_laws_are_ranked_by_configurations():
 @pytest.mark.slow
 def test_the_fit_command_compares_laws(tmp_path):
   pd.DataFrame(_design(seed=2, noise=0.002)).to_csv(tmp_path / "runs.csv", index=False)
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   run = lambda *args: subprocess.run(
       [sys.executable, "-m", "experiments.fit", f"--data={tmp_path / 'runs.csv'}",
        f"--out={tmp_path / 'compare.json'}", "--grid_every=45", *args], cwd=root,

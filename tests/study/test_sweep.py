@@ -18,7 +18,7 @@ from famjax.study.config import StudyConfig
 from famjax.train import loop
 from famjax.train.config import ExperimentConfig, TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def mini_plan(corpus_dir):

@@ -1,4 +1,4 @@
-"""Hugging Face interop without transformers: the committed fixtures (tests/data/hf, made by
+"""Hugging Face interop without transformers: the committed fixtures (tests/fixtures/hf, made by
 make_fixtures.py with transformers) load into famjax and give the logits transformers computed;
 import -> export -> import is bit-exact; exports hold each exit; a family warm-started from a
 checkpoint starts where it is, and trains only what train.trainable says."""
@@ -29,7 +29,7 @@ from famjax.train.config import ExperimentConfig, TrainConfig
 
 from conftest import tiny_model
 
-FIXTURES = Path(__file__).resolve().parent / "data" / "hf"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 NAMES = ("llama_gqa", "qwen2_bias", "mistral_sharded")
 
 
@@ -254,7 +254,7 @@ def test_the_deepest_exit_starts_at_the_checkpoints_loss(imported):
 
 
 def _run(*args) -> subprocess.CompletedProcess:
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   return subprocess.run([sys.executable, "-m", *args], cwd=root, capture_output=True, text=True,
                         env=os.environ, timeout=600)
 

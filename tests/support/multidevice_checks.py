@@ -1,6 +1,6 @@
 """Run in a subprocess with 8 fake CPU devices (XLA_FLAGS set before JAX starts); prints JSON.
 
-Called by tests/test_sharding.py so the rest of the suite keeps one fast device.
+Called by tests/model/test_sharding.py so the rest of the suite keeps one fast device.
 """
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
 from famjax.data.config import DataConfig
 from famjax.decode import decoder
 from famjax.model import sharding

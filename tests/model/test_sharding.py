@@ -19,7 +19,7 @@ from famjax.model.sharding import RULES, mesh_shape
 
 from conftest import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Golden specs, one per parameter kind (axis names from RULES), trailing unsharded axes dropped;
 # blocks stacked in a segment have a leading, unsplit "layers" axis.
@@ -52,7 +52,7 @@ def canonical(spec: str) -> str:
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("multidevice")
-  script = str(ROOT / "tests" / "multidevice_checks.py")
+  script = str(ROOT / "tests" / "support" / "multidevice_checks.py")
   out = subprocess.run([sys.executable, script, str(workdir)], capture_output=True, text=True,
                        env=fake_devices_env(8), timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -76,9 +76,9 @@ def test_no_placements_no_section():
 def test_a_study_of_grid_and_placements_alone_reports_and_plots(tmp_path):
   """budgets=(): no IsoFLOP rows, no law fitted; the report still has the grid, the placements
   and the validation noise, and render writes them."""
-  from test_gamma_grid import _grid_with_controls
-
   from famjax.analysis import render, study_analysis
+
+  from test_gamma_grid import _grid_with_controls
   frame = pd.concat([_grid_with_controls(lambda d: 0.03), _records(0.02, -0.01)],
                     ignore_index=True)
   frame = frame.assign(train_loss=frame["val_loss"] * 1.01,

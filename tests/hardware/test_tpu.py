@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     or tpu.libtpu_version() == "absent",
     reason="needs libtpu (the tpu extra, built for Linux x86-64 only): `make check` installs it "
            "in build/libtpu and runs this file with it")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=2, d_ff=256, max_seq_len=256,
                     exit_layers=(2, 4), dtype="bfloat16")
 SHAPE = (32, 256)

@@ -18,7 +18,7 @@ from famjax.data import sources, store, tokenizers
 from famjax.data.config import DataConfig
 from famjax.train import loop
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [f"document {i}: the shared backbone — exits {'é' * (i % 3)} and {i * 'tokens '}"
         for i in range(40)]
 

@@ -2,7 +2,7 @@
 
 Measures every setting of a small family's train step on a simulated 2-device node, then asks
 famjax.hardware.memory.choose for each capacity between the measured peaks, so that the test can
-compare its search with the brute-force cheapest setting. Called by tests/test_memory.py.
+compare its search with the brute-force cheapest setting. Called by tests/hardware/test_memory.py.
 """
 
 import itertools

@@ -313,7 +313,7 @@ def test_fit_command_line(tmp_path):
   from pathlib import Path
   data = synthetic_family(noise=0.01, seed=2)
   pd.DataFrame(data).to_csv(tmp_path / "runs.csv", index=False)
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   out = subprocess.run([sys.executable, "-m", "experiments.fit", f"--data={tmp_path / 'runs.csv'}",
                         "--law=familial", "--bootstrap=100", "--grid_every=450",
                         f"--out={tmp_path / 'fit.json'}"], cwd=root, capture_output=True,
@@ -335,7 +335,7 @@ def test_fit_command_line_rejects_bad_data(tmp_path):
   import sys
   from pathlib import Path
   pd.DataFrame({"N": [1e8] * 9, "D": [1e9] * 9, "loss": [2.0] * 9}).to_csv(tmp_path / "x.csv")
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   out = subprocess.run([sys.executable, "-m", "experiments.fit", f"--data={tmp_path / 'x.csv'}",
                         "--law=familial"], cwd=root, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "lacks ['G']" in out.stderr

@@ -190,7 +190,7 @@ def test_stop_tokens_end_a_row(decoders):
 
 @pytest.mark.slow
 def test_decode_command_line(corpus_dir, tmp_path):
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   env = dict(os.environ, PYTHONPATH=str(root))
   corpus = shutil.copytree(corpus_dir, tmp_path / "corpus")
   workdir = tmp_path / "run"

@@ -138,11 +138,11 @@ def test_the_study_command_prints_the_link(evaluated_study):
   out = subprocess.run(
       [sys.executable, "-m", "experiments.evaluate", f"--study={study_dir}", f"--tasks={TASK}",
        f"--include_path={options['include_path']}", "--link_floor=0.25"],
-      cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+      cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"## {TASK}" in out.stdout and "each run left out" in out.stdout
   bad = subprocess.run(
       [sys.executable, "-m", "experiments.evaluate", f"--study={study_dir}",
        f"--workdir={study_dir}", f"--tasks={TASK}"],
-      cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+      cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0 and "exactly one of --workdir" in bad.stderr

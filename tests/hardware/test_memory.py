@@ -18,13 +18,13 @@ import pytest
 from famjax.hardware import cost, memory, tpu
 from famjax.study.config import StudyConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
   cache = tmp_path_factory.mktemp("memory-cache")
-  out = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_checks.py"), str(cache)],
+  out = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "memory_checks.py"), str(cache)],
                        capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
   assert out.returncode == 0, out.stderr[-3000:]

@@ -195,7 +195,7 @@ def test_vocabulary_smaller_than_the_tokenizer_is_an_error(tiny_experiment, tmp_
 
 @pytest.mark.slow
 def test_command_line_entry_point(corpus_dir, tmp_path):
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   cmd = [sys.executable, "-m", "experiments.train",
          "--config=experiments/configs/train.py:tiny", f"--workdir={tmp_path}",
          f"--config.data.corpus={corpus_dir}", "--config.data.val_fraction=0.1",
