@@ -29,7 +29,8 @@ def main():
   cpu_target = pipeline.memory_target(dataclasses.replace(
       study, memory_target="cpu", memory_devices=chips), base)
   tpu_target = pipeline.memory_target(study, base)
-  runs = memory.largest_per_budget(isoflop.plan_study(study, base, study.planned_corpus_tokens).runs)
+  runs = memory.largest_per_budget(isoflop.plan_study(study, base,
+                                                      study.planned_corpus_tokens).runs)
   shape = (base.train.batch_size, base.train.seq_len)
   plans = memory.plan_memory(runs, *shape, tpu_target)
   gb = lambda n: round(n / 1e9, 2)

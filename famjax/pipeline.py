@@ -1,9 +1,9 @@
 """An IsoFLOP study from end to end: plan, this task's share of the sweep (with a live fit as
 records arrive), then the report from every record present; --dry_run's table and estimate.
 
-STUDY/ holds config.json (the study's own config, famjax.study.saved_config), plan.json, runs/RUN_ID/
-(each run's workdir and records.json), data/ (records and fit-ready rows as CSV and parquet),
-report.json, report.md and plots/.
+STUDY/ holds config.json (the study's own config, famjax.study.saved_config), plan.json,
+runs/RUN_ID/ (each run's workdir and records.json), data/ (records and fit-ready rows as CSV and
+parquet), report.json, report.md and plots/.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def dry_run(study: StudyConfig, base: ExperimentConfig, with_memory: bool = Fals
     runs = plan.runs if study.memory_runs == "all" else memory.largest_per_budget(plan.runs)
     shape = (base.train.batch_size, base.train.seq_len)
     shapes = memory.plan_memory(runs, *shape, target)
-    lines = [isoflop.plan_table(plan, memory.run_cells(shapes)), "", memory.memory_table(shapes, target)]
+    lines = [isoflop.plan_table(plan, memory.run_cells(shapes)), "", memory.memory_table(shapes,
+                                                                                         target)]
     if target.slice is not None:
       lines += ["", cost.cost_table(shapes, runs, shape, target)]
     lines += [f"memory pass: {time.perf_counter() - started:.0f} s", ""]

@@ -31,7 +31,8 @@ def reference_data_dir() -> Path:
 # collection order, so a long file dealt last would leave one worker running it alone at the end
 # (xdist's default order, most tests first, started the second code path's 4-minute file last).
 # Only the order changes, never what runs.
-LONGEST_FIRST = ("test_portability.py", "test_bootstrap.py", "test_notebooks.py", "test_pipeline.py",
+LONGEST_FIRST = ("test_portability.py", "test_bootstrap.py", "test_notebooks.py",
+                 "test_pipeline.py",
                  "test_sharding.py", "test_memory.py", "test_decode.py", "test_fitting.py")
 
 

@@ -245,7 +245,8 @@ def test_a_study_remembers_its_config_and_takes_only_analysis_overrides(tmp_path
   recorded one, not the default preset's; an analysis field may change and is recorded; a field
   that would train other runs is refused, naming it."""
   small, tiny = _preset("small"), _preset("tiny")
-  assert saved_config.remembered(tmp_path, small)["study"]["bootstrap"] == small["study"]["bootstrap"]
+  assert saved_config.remembered(tmp_path,
+                                 small)["study"]["bootstrap"] == small["study"]["bootstrap"]
   again = saved_config.remembered(tmp_path, tiny, given=[])
   other = saved_config.remembered(tmp_path / "other", small)
   assert saved_config.configs(again) == saved_config.configs(other)

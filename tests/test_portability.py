@@ -19,7 +19,8 @@ SECOND_PATH = "--xla_cpu_max_isa=AVX"
 # the fitter's test files; of these only the tests marked fp_path run again: those whose outcome
 # follows an optimizer's floating-point path (fits, refits, bootstrap rates, the line search's
 # own path), not those of closed forms, input errors, the command line or finite differences
-PORTABLE = ("tests/scaling/test_fitting.py", "tests/scaling/test_bootstrap.py", "tests/scaling/test_line_search.py")
+PORTABLE = ("tests/scaling/test_fitting.py", "tests/scaling/test_bootstrap.py",
+            "tests/scaling/test_line_search.py")
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Presets for experiments/isoflop.py: `--config=experiments/configs/isoflop.py:tiny` (or `small`,
-`medium`, `laws`, `paper`). Sections: `study` (famjax.study.config.StudyConfig: budgets, granularities,
+`medium`, `laws`, `paper`). Sections: `study` (famjax.study.config.StudyConfig: budgets,
+                                               granularities,
 the size ladder, the gamma grid, exit placements, fitting), and `model`, `data`, `train`, `mesh`
 as for experiments/train.py, which every run starts from (the planner sets each run's shape,
 exits, steps, warmup and seed). Override any field, e.g.

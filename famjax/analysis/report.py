@@ -1,6 +1,6 @@
 """What a study found, as typed values: the Report (report.json is its `to_json()`) and the
-Analysis that also holds the tables and fits its plots draw. famjax.analysis.study_analysis makes them;
-render and plots write them."""
+Analysis that also holds the tables and fits its plots draw. famjax.analysis.study_analysis makes
+them; render and plots write them."""
 
 from __future__ import annotations
 

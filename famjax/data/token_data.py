@@ -65,7 +65,8 @@ def tokenizer_for(cfg: DataConfig, source: sources.Source | None = None):
   if cfg.tokenizer == "byte":
     return tokenizers.ByteTokenizer()
   if cfg.tokenizer == "bpe":
-    return _local_bpe(cfg, source or sources.from_corpus(cfg.corpus, cfg.text_field), cache_root(cfg))
+    return _local_bpe(cfg, source or sources.from_corpus(cfg.corpus, cfg.text_field),
+                      cache_root(cfg))
   return tokenizers.from_file(cfg.tokenizer, cfg.eos_token)
 
 

@@ -58,8 +58,8 @@ def laplace_aic(objective: float, n_rows: int, n_params: int, delta: float) -> f
 
 
 def columns_of(frame, candidates: Mapping[str, laws.Law], source: str) -> dict[str, np.ndarray]:
-  """The columns every candidate reads, validated (fit_data.validate: errors name the rows), and C, a
-  run's budget, where the table has it."""
+  """The columns every candidate reads, validated (fit_data.validate: errors name the rows), and
+  C, a run's budget, where the table has it."""
   columns = {}
   for law in candidates.values():
     columns.update(fit_data.validate(frame, law, source=source))

@@ -102,7 +102,8 @@ def fit_law(law: laws.Law, data: Mapping, *, n_bootstrap: int = 4000, seed: int 
                   "reported as unidentified", stacklevel=2)
   boot = None
   if n_bootstrap:
-    resampling = fitting.Resampling(n_bootstrap, seed, None if grouping is None else grouping.labels)
+    resampling = fitting.Resampling(n_bootstrap, seed,
+                                    None if grouping is None else grouping.labels)
     boot = bootstrap.bootstrap(result, resampling, progress=progress)
     if boot.failed:
       warnings.warn(f"{law.name} law: {boot.failed} of {boot.n} bootstrap refits did not "

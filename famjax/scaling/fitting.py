@@ -124,8 +124,8 @@ def _check_float64(data: Mapping) -> None:
 
 def estimate(problem: Problem, solver: Solver = Solver(lanes=64), *, weights=None,
              starts: Mapping | None = None) -> Estimate:
-  """Fits the problem as a JAX function: the stages of `fit` (fit_stages.best_of_starts, from `starts`,
-  the law's own by default; concrete), then one jaxopt.LBFGS run from the best start whose
+  """Fits the problem as a JAX function: the stages of `fit` (fit_stages.best_of_starts, from
+  `starts`, the law's own by default; concrete), then one jaxopt.LBFGS run from the best start whose
   result is differentiable, by implicit differentiation, in the losses and the row `weights`.
   Works inside jax.jit (one compilation per data shape), jax.vmap (over studies of the same
   shape) and jax.grad; `bootstrap.bootstrap(estimate, resampling)` refits its resamples, traced.
@@ -139,7 +139,8 @@ def estimate(problem: Problem, solver: Solver = Solver(lanes=64), *, weights=Non
   frozen = dataclasses.replace(problem, data={k: const(v) for k, v in data.items()},
                                fixed={k: jnp.asarray(v) for k, v in problem.fixed.items()})
   weights = jnp.ones(frozen.n_rows) if weights is None else jnp.asarray(weights)
-  ends, best = fit_stages.best_of_starts(frozen, start_points(problem, starts), const(weights), solver,
+  ends, best = fit_stages.best_of_starts(frozen, start_points(problem, starts), const(weights),
+                                         solver,
                                    fit_stages.TRACED)
   params, state = solve(problem.law, frozen.params(ends.x_SP[best]), data, weights,
                         delta=problem.delta, fixed=frozen.fixed, stop=solver.stop)

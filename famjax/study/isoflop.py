@@ -338,7 +338,8 @@ class _Planner:
                      **extra)
 
 
-def plan_study(study: StudyConfig, base: ExperimentConfig, corpus_tokens: int | None = None) -> StudyPlan:
+def plan_study(study: StudyConfig, base: ExperimentConfig,
+               corpus_tokens: int | None = None) -> StudyPlan:
   """Every run of the study. `base` gives everything but the model's shape and the steps
   (vocabulary, exit heads, batch, sequence length, optimizer); corpus_tokens (training tokens of
   the corpus) enables the epochs check."""

@@ -1,5 +1,6 @@
-"""Exports of a trained run's exits (`python -m experiments.export`): famjax.hf.checkpoint_export.export_exit on
-the parameters of the run's newest checkpoint, with the run's tokenizer."""
+"""Exports of a trained run's exits (`python -m experiments.export`):
+famjax.hf.checkpoint_export.export_exit on the parameters of the run's newest checkpoint, with the
+run's tokenizer."""
 
 from __future__ import annotations
 

@@ -77,7 +77,8 @@ def test_held_out_runs_are_predicted_better_than_by_the_mean_and_within_the_inte
   assert out["n"] == 30 and out["runs"] == 10
   assert out["mae"] < out["baseline_mae"] / 4
   assert out["coverage95"] >= 0.85
-  loo = accuracy_link.leave_one_run_out(points, accuracy_link.fit(points["loss"], points["accuracy"]))
+  loo = accuracy_link.leave_one_run_out(points, accuracy_link.fit(points["loss"],
+                                                                  points["accuracy"]))
   assert loo["runs"] == 30 and loo["mae"] < loo["baseline_mae"] / 4
 
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
   cache = tmp_path_factory.mktemp("memory-cache")
-  out = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "memory_checks.py"), str(cache)],
+  out = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "memory_checks.py"),
+                        str(cache)],
                        capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
   assert out.returncode == 0, out.stderr[-3000:]

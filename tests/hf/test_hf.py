@@ -120,7 +120,8 @@ def test_each_exported_exit_is_a_dense_model_with_that_exits_logits(family, tmp_
 @pytest.mark.parametrize("unembed, head", [("per_exit", "norm"), ("shared", "block")])
 def test_added_exits_start_from_the_final_norm_and_unembedding(imported, unembed, head):
   dense_cfg, dense = imported["llama_gqa"]
-  cfg = checkpoint_import.family_config(FIXTURES / "llama_gqa", exit_layers=(1, 2, 4), unembed=unembed,
+  cfg = checkpoint_import.family_config(FIXTURES / "llama_gqa", exit_layers=(1, 2, 4),
+                                        unembed=unembed,
                          exit_head=head)
   fresh = nnx.to_pure_dict(nnx.state(build(cfg)))
   family = build(cfg, checkpoint_import.family_params(cfg, fresh, dense_cfg, dense, "copy"))
@@ -226,7 +227,8 @@ def test_a_warm_started_family_trains_only_its_exits_and_last_segment(corpus_dir
   summary = loop.train(cfg, tmp_path / "run")
   _, model = loop.load_model(tmp_path / "run")
   after = nnx.to_pure_dict(nnx.state(model))
-  before = checkpoint_import.family_params(cfg.model, jax.tree.map(np.asarray, after), dense_cfg, dense)
+  before = checkpoint_import.family_params(cfg.model, jax.tree.map(np.asarray, after), dense_cfg,
+                                           dense)
   changed = {k: not np.array_equal(v, _leaves(before)[k]) for k, v in _leaves(after).items()}
   frozen = {k for k in changed if k[0] == "embed" or k[:2] == ("segments", 0)}
   assert frozen and not any(changed[k] for k in frozen)

@@ -24,7 +24,8 @@ def family_bootstrap():
   """200 refits of a 120-row family from the paper's law with 1% noise."""
   data = synthetic_family(noise=0.01, seed=1)
   result = fitting.fit(fitting.Problem.of(laws.FAMILIAL, data), starts=laws.FAMILIAL.starts(450))
-  return data, result, bootstrap.bootstrap(result, fitting.Resampling(200, 0), fitting.Solver(lanes=32))
+  return data, result, bootstrap.bootstrap(result, fitting.Resampling(200, 0),
+                                           fitting.Solver(lanes=32))
 
 
 @pytest.mark.fp_path
@@ -173,7 +174,8 @@ def _lowest_ends_of_a_wider_search(law, data, counts_BR, k=32):
     starts_SP = fitting.start_points(problem, distinct=True)
     top_BC = np.asarray(fit_stages.lowest_start_points(problem, starts_SP, counts_BR, k=k))
     weights_SR = np.repeat(counts_BR, k, axis=0)
-    ends = fit_stages.descend(problem, starts_SP[top_BC.ravel()], weights_SR, fitting.Solver(), fit_stages.HOST)
+    ends = fit_stages.descend(problem, starts_SP[top_BC.ravel()], weights_SR, fitting.Solver(),
+                              fit_stages.HOST)
     ends = fit_stages.settle(problem, ends, weights_SR, fitting.Solver(), fit_stages.HOST)
   return np.where(ends.converged_S, ends.value_S, np.inf).reshape(len(counts_BR), k).min(axis=1)
 

@@ -146,7 +146,8 @@ def test_the_objective_is_the_huber_sum_of_log_residuals_computed_by_hand():
   huber = np.where(np.abs(residual) <= 1e-3, 0.5 * residual ** 2,
                    1e-3 * (np.abs(residual) - 0.5e-3))
   with jax.enable_x64(True):
-    value = fitting.objective(params, fitting.as_data(data), jnp.asarray(weights), law=laws.CHINCHILLA,
+    value = fitting.objective(params, fitting.as_data(data), jnp.asarray(weights),
+                              law=laws.CHINCHILLA,
                           delta=fitting.DEFAULT_DELTA)
   assert float(value) == pytest.approx(float(np.sum(weights * huber)), rel=1e-8)
 
@@ -159,7 +160,8 @@ def test_the_default_fit_shrugs_off_an_outlier():
   data["loss"] = data["loss"].copy()
   data["loss"][17] *= 1.3
   fitted = lambda delta: laws.to_natural_params(fitting.fit(
-      fitting.Problem.of(laws.FAMILIAL, data, delta=delta), starts=laws.FAMILIAL.starts(450)).params)
+      fitting.Problem.of(laws.FAMILIAL, data,
+                         delta=delta), starts=laws.FAMILIAL.starts(450)).params)
   robust, squared = fitted(fitting.DEFAULT_DELTA), fitted(1.0)
   truth = laws.PAPER_FAMILIAL
   assert robust["gamma"] == pytest.approx(truth["gamma"], rel=0.05)
@@ -230,9 +232,11 @@ def test_restart_carries_starts_that_stalled_on_to_the_minimum(familial_fit):
   weights = np.ones((8, len(data["loss"])))
   problem = fitting.Problem.of(laws.FAMILIAL, data)
   stalled = descend(problem, starts, weights, fitting.Solver(fitting.StopRules(ftol=1e-2), 8))
-  full = descend(problem, starts, weights, fitting.Solver(fitting.StopRules(tol=1e-12, maxiter=3000), 8))
+  full = descend(problem, starts, weights, fitting.Solver(fitting.StopRules(tol=1e-12,
+                                                                            maxiter=3000), 8))
   with jax.enable_x64(True):
-    restarted = fit_stages.restart(problem, stalled, weights, fitting.Solver(lanes=8), fit_stages.HOST)
+    restarted = fit_stages.restart(problem, stalled, weights, fitting.Solver(lanes=8),
+                                   fit_stages.HOST)
   ran_to_the_end = full.converged_S  # (a plain run from the farthest starts can end unconverged)
   assert ran_to_the_end.sum() >= 4
   assert stalled.converged_S[ran_to_the_end].all()
@@ -367,7 +371,8 @@ def test_estimate_gradients_match_finite_differences():
   that move the estimate most (rows beyond the Huber delta do not move it at all)."""
   with jax.enable_x64(True):
     data = fitting.as_data(synthetic_family(noise=0.0005, seed=3))
-    gamma = lambda losses, w: fitting.estimate(fitting.Problem.of(laws.FAMILIAL, dict(data, loss=losses)),
+    gamma = lambda losses, w: fitting.estimate(fitting.Problem.of(laws.FAMILIAL, dict(data,
+                                                                                      loss=losses)),
                                            weights=w, starts=STARTS).params["gamma"]
     ones = jnp.ones(120)
     # one compiled program for both gradients, one for the estimate itself
@@ -386,7 +391,8 @@ def test_estimate_vmaps_over_studies_and_compiles_once_per_shape():
   with jax.enable_x64(True):
     # four studies: a batch of several, each of which must match its own unbatched fit
     studies = [fitting.as_data(synthetic_family(noise=0.002, seed=s)) for s in range(4)]
-    single = jax.jit(lambda d: fitting.estimate(fitting.Problem.of(laws.FAMILIAL, d), starts=STARTS))
+    single = jax.jit(lambda d: fitting.estimate(fitting.Problem.of(laws.FAMILIAL, d),
+                                                starts=STARTS))
     separate = [single(d) for d in studies]
     assert single._cache_size() == 1
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *studies)
@@ -428,7 +434,8 @@ def test_estimate_refuses_a_silent_float32_fit():
 def test_failed_refits_are_left_out_and_counted():
   data = synthetic_family(noise=0.01, seed=1)
   result = fitting.fit(fitting.Problem.of(laws.FAMILIAL, data), starts=STARTS)
-  boot = bootstrap.bootstrap(result, fitting.Resampling(100), fitting.Solver(fitting.StopRules(maxiter=1)))
+  boot = bootstrap.bootstrap(result, fitting.Resampling(100),
+                             fitting.Solver(fitting.StopRules(maxiter=1)))
   assert boot.failed > 0 and boot.converged_share == pytest.approx(1 - boot.failed / 100)
   assert np.isnan(boot.samples["gamma"]).sum() == boot.failed
   ok = boot.samples["gamma"][np.isfinite(boot.samples["gamma"])]

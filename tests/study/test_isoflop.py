@@ -112,12 +112,14 @@ def test_runs_with_too_few_steps_or_too_many_epochs_are_dropped_with_the_reason(
 
 
 def test_a_prior_outside_the_ladder_is_noted():
-  plan = isoflop.plan_study(dataclasses.replace(STUDY, budgets=(1e14,), leverage="", min_steps=1), BASE)
+  plan = isoflop.plan_study(dataclasses.replace(STUDY, budgets=(1e14,), leverage="", min_steps=1),
+                            BASE)
   assert plan.notes and "outside the ladder" in plan.notes[0]
 
 
 def test_dense_models_match_each_exit_and_share_the_budget():
-  plan = isoflop.plan_study(dataclasses.replace(STUDY, seeds=(0, 1)), BASE, corpus_tokens=30_000_000)
+  plan = isoflop.plan_study(dataclasses.replace(STUDY, seeds=(0, 1)), BASE,
+                            corpus_tokens=30_000_000)
   dense = [r for r in plan.runs if r.kind == isoflop.DENSE_MATCH]
   families = [r for r in plan.runs if r.kind == isoflop.ISOFLOP and r.budget == 1e11
               and r.granularity == 4]
