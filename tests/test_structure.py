@@ -32,12 +32,18 @@ def test_no_function_is_long_or_takes_many_parameters():
 
 
 def _imports(module: str, tree: ast.Module) -> set[str]:
+  """What a module imports; `from package import submodule` imports the submodule alone (a
+  package's __init__ that re-exports its modules is not imported back by them)."""
   found = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       found |= {a.name for a in node.names}
     elif isinstance(node, ast.ImportFrom) and node.module:
-      found.add(node.module)
+      package = PACKAGE.parent / node.module.replace(".", "/")
+      submodules = {a.name for a in node.names if (package / f"{a.name}.py").exists()
+                    or (package / a.name / "__init__.py").exists()}
+      if len(submodules) < len(node.names):
+        found.add(node.module)
       found |= {f"{node.module}.{a.name}" for a in node.names}
   return found
 

@@ -52,7 +52,7 @@ def write_run(study_dir, corpus_dir, run_id, budget, steps):
                         learning_rate=1e-2, eval_every=steps, checkpoint_every=steps,
                         eval_batches=2, progress=False))
   summary = loop.train(cfg, workdir)
-  records = [{"run_id": run_id, "kind": "isoflop", "status": records.OK, "C": budget, "G": 3,
+  rows = [{"run_id": run_id, "kind": "isoflop", "status": records.OK, "C": budget, "G": 3,
               "exit": g, "exit_layer": g, "P": g - 1, "Q": 3 - g,
               "N_exit": summary["params_per_exit"][g - 1],
               "N_exit_non_embedding": summary["non_embedding_params_per_exit"][g - 1],
@@ -63,7 +63,7 @@ def write_run(study_dir, corpus_dir, run_id, budget, steps):
               "flops_per_token": summary["flops_per_token"], "seed": 0,
               "corpus_fingerprint": summary["corpus_fingerprint"], "config_hash": "h",
               "wall_seconds": 1.0} for g in (1, 2, 3)]
-  records.write_records(workdir, records)
+  records.write_records(workdir, rows)
 
 
 @pytest.fixture(scope="module")

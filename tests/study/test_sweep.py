@@ -154,9 +154,9 @@ def test_a_sweep_killed_mid_run_loses_nothing_and_duplicates_nothing(corpus_dir,
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  records = lambda: sorted(study_dir.glob(f"runs/*/{records.RECORDS}"))
+  written = lambda: sorted(study_dir.glob(f"runs/*/{records.RECORDS}"))
   deadline = time.time() + 300
-  while len(records()) < 2 and time.time() < deadline and proc.poll() is None:
+  while len(written()) < 2 and time.time() < deadline and proc.poll() is None:
     time.sleep(0.2)
   # wait until a run without records has a checkpoint: the kill lands mid-run
   started = lambda: [d for d in study_dir.glob("runs/*") if (d / "checkpoints").exists()
@@ -165,12 +165,12 @@ def test_a_sweep_killed_mid_run_loses_nothing_and_duplicates_nothing(corpus_dir,
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  before = {p.parent.name: p.read_text() for p in records()}
+  before = {p.parent.name: p.read_text() for p in written()}
   assert len(before) >= 2
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   plan = json.loads((study_dir / sweep.PLAN).read_text())
-  after = {p.parent.name: p.read_text() for p in records()}
+  after = {p.parent.name: p.read_text() for p in written()}
   assert sorted(after) == sorted(r["run_id"] for r in plan["runs"])
   for run_id, text in before.items():
     assert after[run_id] == text, f"{run_id} was trained again"
