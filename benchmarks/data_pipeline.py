@@ -116,10 +116,10 @@ def loader_over_step(corpus: str, tokenizer: Path, cache: Path) -> dict:
   import jax
   import numpy as np
 
-  from experiments.configs import train as presets
   from famjax import data
   from famjax.data.config import DataConfig
   from famjax.model import sharding
+  from famjax.presets import train as presets
   from famjax.train.config import experiment_from_dict
   from famjax.train.loop import Trainer
   cfg = experiment_from_dict(presets.get_config("small").to_dict())

@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.configs import train as presets
 from famjax import data
 from famjax.decode import decoder, strategies
 from famjax.model import counts, sharding
 from famjax.model.config import MeshConfig
 from famjax.model.transformer import FamilialTransformer
+from famjax.presets import train as presets
 from famjax.train import checkpoint, loop
 from famjax.train.config import experiment_from_dict
 

@@ -22,7 +22,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--target", default="tpu:v5p:2x2x2")
   args = parser.parse_args()
-  from experiments.configs import isoflop as presets
+  from famjax.presets import isoflop as presets
   study, base = saved_config.configs(presets.get_config("paper").to_dict())
   study = dataclasses.replace(study, memory_target=args.target, memory_runs="largest")
   chips = tpu.parse(args.target).chips  # the CPU devices first: before JAX's CPU backend starts

@@ -1,6 +1,6 @@
 """Training throughput and model FLOPs utilisation (MFU) of a preset on the devices present.
 
-Trains `--preset` (experiments/configs/train.py) in bfloat16 on every local device (data parallel
+Trains `--preset` (famjax/presets/train.py) in bfloat16 on every local device (data parallel
 unless --model / --fsdp say otherwise), for each --remat policy, and prints step time, tokens/s,
 MFU = famjax.accounting FLOPs per token x tokens/s / (peak FLOP/s per device x devices; the peak
 from famjax.model.config import MeshConfig
@@ -21,10 +21,10 @@ import time
 import jax
 import numpy as np
 
-from experiments.configs import train as presets
 from famjax.hardware import chips
 from famjax.model import counts, sharding
 from famjax.model.config import MeshConfig
+from famjax.presets import train as presets
 from famjax.train.config import ExperimentConfig, experiment_from_dict
 from famjax.train.loop import Trainer
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import jax
 
-from experiments.configs import isoflop as presets
 from famjax.data.config import DataConfig
 from famjax.hardware import chips
 from famjax.model import counts
+from famjax.presets import isoflop as presets
 from famjax.study import isoflop, saved_config
 from famjax.train import loop, workdir_files
 from famjax.train.config import ExperimentConfig, TrainConfig

@@ -50,8 +50,8 @@ def dry_run(study: StudyConfig, base: ExperimentConfig, with_memory: bool = Fals
     runs = plan.runs if study.memory_runs == "all" else memory.largest_per_budget(plan.runs)
     shape = (base.train.batch_size, base.train.seq_len)
     shapes = memory.plan_memory(runs, *shape, target)
-    lines = [isoflop.plan_table(plan, memory.run_cells(shapes)), "", memory.memory_table(shapes,
-                                                                                         target)]
+    lines = [isoflop.plan_table(plan, memory.run_cells(shapes)), "",
+             memory.memory_table(shapes, target)]
     if target.slice is not None:
       lines += ["", cost.cost_table(shapes, runs, shape, target)]
     lines += [f"memory pass: {time.perf_counter() - started:.0f} s", ""]

@@ -50,7 +50,7 @@ def test_a_paused_run_reports_the_step_its_state_has(tiny_experiment, tmp_path):
 
 @pytest.mark.slow
 def test_a_second_trainer_on_a_workdir_is_refused_naming_the_holder(corpus_dir, tmp_path):
-  args = ["--config=experiments/configs/train.py:tiny", f"--workdir={tmp_path}",
+  args = ["--config=tiny", f"--workdir={tmp_path}",
           f"--config.data.corpus={corpus_dir}", "--config.data.val_fraction=0.1",
           "--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.d_ff=64",
           "--config.train.seq_len=32", "--config.train.batch_size=4",
@@ -200,9 +200,8 @@ def test_unknown_config_fields_are_one_line_errors_naming_the_closest_field(tmp_
 def test_presets_resolve_from_any_directory_and_help_explains_overrides(tmp_path):
   out = cli("experiments.train", "--helpshort", cwd=tmp_path)
   assert "--config.SECTION.FIELD=VALUE" in out.stdout
-  assert "experiments/configs/train.py:small" in out.stdout
-  out = cli("experiments.isoflop", "--dry_run", "--config=experiments/configs/isoflop.py:paper",
-            cwd=tmp_path)
+  assert "--config=small (famjax/presets/train.py)" in out.stdout
+  out = cli("experiments.isoflop", "--dry_run", "--config=paper", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "h100 hours at 40% MFU" in out.stdout
 

@@ -231,13 +231,8 @@ def test_extrapolation_recovers_an_exact_law():
 
 
 def _preset(name):
-  import importlib.util
-  from pathlib import Path
-  path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "isoflop.py"
-  spec = importlib.util.spec_from_file_location("isoflop_presets", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(name).to_dict()
+  from famjax.presets import isoflop as presets
+  return presets.get_config(name).to_dict()
 
 
 def test_a_study_remembers_its_config_and_takes_only_analysis_overrides(tmp_path):
@@ -276,7 +271,7 @@ def test_the_command_line_refuses_another_config_for_an_existing_study(tmp_path)
   root = Path(__file__).resolve().parents[1]
   saved_config.remembered(tmp_path, _preset("tiny"))
   out = subprocess.run([sys.executable, "-m", "experiments.isoflop",
-                        "--config=experiments/configs/isoflop.py:small", f"--outdir={tmp_path}",
+                        "--config=small", f"--outdir={tmp_path}",
                         "--fit_only"], cwd=root, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=str(root)))
   assert out.returncode != 0 and "Traceback" not in out.stderr
@@ -342,7 +337,7 @@ def test_the_readme_slurm_example_runs_on_a_named_corpus_and_tokenizer(tmp_path)
   corpus = (f"--config.data.corpus={tmp_path}/corpus/*.parquet "
             f"--config.data.tokenizer={tmp_path}/tokenizer.json --config.model.vocab_size=304 "
             "--config.data.val_fraction=0.1")
-  words = {".venv/bin/python": sys.executable, "$CORPUS": corpus,
+  words = {".venv/bin/famjax": str(Path(sys.executable).parent / "famjax"), "$CORPUS": corpus,
            "FAMJAX_CACHE=/shared/cache/famjax ": "", "srun ": "",
            "/shared/studies/paper": str(tmp_path / "study"), "$SLURM_ARRAY_TASK_ID": "0",
            "$SLURM_ARRAY_TASK_COUNT": "2"}

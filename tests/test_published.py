@@ -82,7 +82,7 @@ def _laws_study():
 
 
 def test_the_laws_grid_spans_16x_in_tokens_and_its_tax_and_trends_recompute():
-  """results/laws (`experiments.isoflop --config=experiments/configs/isoflop.py:laws`): the gamma
+  """results/laws (`experiments.isoflop --config=laws`): the gamma
   grid's four token counts and two widths, and every cell's parts, trend and tax from records."""
   report, frame = _laws_study()
   grid = gamma_grid.measure_grid(frame)

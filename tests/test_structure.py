@@ -71,7 +71,8 @@ def test_no_import_cycles():
 
 # Each package imports only from packages on a lower layer (or from itself): the house's floors.
 LAYERS = {"common": 0, "scaling": 1, "model": 1, "data": 1, "hf": 2, "decode": 2, "train": 3,
-          "hardware": 4, "study": 5, "analysis": 6, "evaluation": 6, "pipeline": 7}
+          "hardware": 4, "study": 5, "presets": 6, "analysis": 6, "evaluation": 6, "pipeline": 7,
+          "commands": 8, "cli": 9, "__main__": 10}
 
 
 def _package(module: str) -> str:
@@ -126,23 +127,41 @@ def test_importing_famjax_leaves_matplotlib_alone(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
 
 
-def test_the_tpu_extra_pins_the_libtpu_the_pinned_jax_asks_for():
-  """`make check` installs libtpu alone at the tpu extra's pin, so that pin must be jax's own."""
-  import configparser
+def test_the_lock_pins_the_libtpu_its_jax_asks_for():
+  """`make check` installs libtpu alone at the lock's pin, so that pin must be what the locked jax's
+  `tpu` extra asks for; and the lock holds the jax this environment runs."""
   from importlib import metadata
+
+  from packaging.requirements import Requirement
+  lock = dict(line.split("==") for line in (PACKAGE.parent / "requirements-lock.txt").read_text()
+              .splitlines() if line and not line.startswith("#"))
+  if lock["jax"] != metadata.version("jax"):
+    import pytest
+    pytest.skip(f"this environment runs jax {metadata.version('jax')}, not the lock's (floors)")
+  asked = next(r for r in map(Requirement, metadata.requires("jax"))
+               if r.name == "libtpu" and r.marker and r.marker.evaluate({"extra": "tpu"}))
+  assert lock["libtpu"] in asked.specifier, (lock["libtpu"], asked)
+
+
+def test_every_dependency_is_a_range_that_the_lock_satisfies():
+  """setup.cfg's requirements are ranges (no exact pins); the lock's versions lie within them."""
+  import configparser
 
   from packaging.requirements import Requirement
   setup = configparser.ConfigParser()
   setup.read(PACKAGE.parent / "setup.cfg")
-  tpu_extra = {r.name: r for r in map(Requirement, setup["options.extras_require"]["tpu"].split())}
-  jax_pin = next(r for r in map(Requirement, setup["options"]["install_requires"].split())
-                 if r.name == "jax")
-  assert tpu_extra["jax"].specifier == jax_pin.specifier
-  assert metadata.version("jax") in jax_pin.specifier
-  asked = next(r for r in map(Requirement, metadata.requires("jax"))
-               if r.name == "libtpu" and r.marker and r.marker.evaluate({"extra": "tpu"}))
-  (pinned,) = tpu_extra["libtpu"].specifier
-  assert pinned.operator == "==" and pinned.version in asked.specifier, (pinned, asked)
+  lock = dict(line.split("==") for line in (PACKAGE.parent / "requirements-lock.txt").read_text()
+              .splitlines() if line and not line.startswith("#"))
+  lock = {name.lower().replace("_", "-"): version for name, version in lock.items()}
+  requirements = [Requirement(line) for section in ("install_requires",) for line in
+                  setup["options"][section].split("\n") if line.strip()]
+  requirements += [Requirement(line) for extra in setup["options.extras_require"].values()
+                   for line in extra.split("\n") if line.strip()]
+  pinned = [str(r) for r in requirements if any(s.operator == "==" for s in r.specifier)]
+  assert not pinned, pinned
+  outside = [f"{r} (lock {lock[r.name.lower()]})" for r in requirements
+             if r.name.lower() in lock and lock[r.name.lower()] not in r.specifier]
+  assert not outside, outside
 
 
 def structure_table() -> str:

@@ -1,4 +1,4 @@
-"""Every exit of a run on the harness's tasks (`python -m experiments.evaluate`): the harness's
+"""Every exit of a run on the harness's tasks (`famjax evaluate`): the harness's
 own results per exit (eval/results.json), a tasks x exits table with the harness's standard
 errors (eval/table.md), and each task's metric against the exit's depth, with its forward FLOPs
 per token on a second axis (eval/tasks_by_exit.png)."""

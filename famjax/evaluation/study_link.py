@@ -1,4 +1,4 @@
-"""Loss against accuracy over a study (`python -m experiments.evaluate --study=DIR`): every
+"""Loss against accuracy over a study (`famjax evaluate --study=DIR`): every
 finished run's exits evaluated on the tasks (each run's eval/ kept, so a rerun skips what is
 done), a monotone link from validation loss to each task's accuracy fitted across them with
 bootstrap intervals, checked on held-out runs (the largest budget's runs, and each run left out in

@@ -39,9 +39,21 @@ def matmul_flops(jaxpr) -> float:
       total += 2.0 * np.prod(eqn.outvars[0].aval.shape, dtype=np.float64) * contracted
       continue
     times = _LOOP_LENGTH.get(eqn.primitive.name, lambda params: 1)(eqn.params)
-    for sub in core.jaxprs_in_params(eqn.params):
+    for sub in _jaxprs_in(eqn.params):
       total += times * matmul_flops(sub)
   return total
+
+
+def _jaxprs_in(params):
+  """The jaxprs an equation's parameters hold (a scan's body, a cond's branches, ...): what
+  jax.extend.core.jaxprs_in_params gives in newer jax (0.10; 0.8 lacks it), for the older jax famjax
+  accepts."""
+  for value in params.values():
+    for item in value if isinstance(value, tuple) else (value,):
+      if isinstance(item, core.Jaxpr):
+        yield item
+      elif isinstance(item, core.ClosedJaxpr):
+        yield item.jaxpr
 
 
 @dataclasses.dataclass(frozen=True)

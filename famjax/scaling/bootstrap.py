@@ -136,9 +136,8 @@ def _restart_from_starts(p: Problem, ends: Outcome, counts_BR, solver: Solver,
                           ends.x_SP[index_K][:, None]], axis=1)
   counts_KR = counts_BR[index_K]
   active = None if valid_K is None else xp.repeat(valid_K, n_tries)
-  found = fit_stages.descend(p, x_KTP.reshape(k * n_tries, -1), xp.repeat(counts_KR, n_tries,
-                                                                          axis=0),
-                         solver, engine, None, active)
+  found = fit_stages.descend(p, x_KTP.reshape(k * n_tries, -1),
+                             xp.repeat(counts_KR, n_tries, axis=0), solver, engine, None, active)
   value_KT = xp.where(found.converged_S, found.value_S, xp.inf).reshape(k, n_tries)
   found = found.take(xp.arange(k) * n_tries + xp.argmin(value_KT, axis=1))
   found = fit_stages.settle(p, found, counts_KR, solver, engine)

@@ -1,4 +1,7 @@
-"""Reading and validating fit data (CSV, JSONL, parquet), and Epoch AI's Chinchilla table."""
+"""Reading and validating fit data (CSV, JSONL, parquet), and Epoch AI's Chinchilla table.
+
+Validation takes a pandas DataFrame or any mapping of columns; only reading a file needs pandas
+(imported then), so that the fitter imports without it."""
 
 from __future__ import annotations
 
@@ -6,13 +9,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from famjax.scaling.laws import Law
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-  """A table of runs from CSV, JSONL or parquet; errors name the file."""
+def read_table(path: str | Path):
+  """A table of runs (a pandas DataFrame) from CSV, JSONL or parquet; errors name the file."""
+  import pandas as pd
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")
@@ -29,7 +32,20 @@ def read_table(path: str | Path) -> pd.DataFrame:
   return frame
 
 
-def validate(frame: pd.DataFrame, law: Law, *, source: str = "the data") -> dict[str, np.ndarray]:
+def _numbers(values) -> np.ndarray:
+  """float64 values; entries that are not numbers become nan (as pandas' to_numeric coerces)."""
+  try:
+    return np.asarray(values, np.float64)
+  except (TypeError, ValueError):
+    def number(v):
+      try:
+        return float(v)
+      except (TypeError, ValueError):
+        return np.nan
+    return np.array([number(v) for v in values], np.float64)
+
+
+def validate(frame, law: Law, *, source: str = "the data") -> dict[str, np.ndarray]:
   """The law's columns as float64 arrays; every problem is an error naming its rows or columns.
 
   Refused: missing or non-positive values, too few rows, a variable the law needs that does not
@@ -38,13 +54,14 @@ def validate(frame: pd.DataFrame, law: Law, *, source: str = "the data") -> dict
   allowed, with a warning: each counts as a separate run and narrows the intervals.
   """
   needed = ("loss",) + law.columns
-  missing = [c for c in needed if c not in frame.columns]
+  found = list(frame.columns if hasattr(frame, "columns") else frame)
+  missing = [c for c in needed if c not in found]
   if missing:
     raise ValueError(f"the {law.name} law needs columns {list(needed)}; {source} lacks {missing} "
-                     f"(found {list(frame.columns)})")
+                     f"(found {found})")
   columns = {}
   for name in needed:
-    values = pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float64)
+    values = _numbers(frame[name])
     bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
     if bad.size:
       raise ValueError(f"column {name!r} must be finite and > 0; rows {bad[:10].tolist()}"
@@ -54,8 +71,9 @@ def validate(frame: pd.DataFrame, law: Law, *, source: str = "the data") -> dict
       if bad.size:
         raise ValueError(f"column {name!r} must hold integers; rows {bad[:10].tolist()} do not")
     columns[name] = values
-  if len(frame) < len(law.param_names) + 1:
-    raise ValueError(f"the {law.name} law has {len(law.param_names)} parameters; {len(frame)} "
+  n_rows = len(columns["loss"])
+  if n_rows < len(law.param_names) + 1:
+    raise ValueError(f"the {law.name} law has {len(law.param_names)} parameters; {n_rows} "
                      f"rows are too few to fit it (need at least {len(law.param_names) + 1})")
   if law.max_G is not None:
     bad = np.flatnonzero(columns["G"] > law.max_G)
@@ -76,9 +94,10 @@ def validate(frame: pd.DataFrame, law: Law, *, source: str = "the data") -> dict
     if np.unique(values).size < 2:
       raise ValueError(f"the {law.name} law cannot be identified: {name} takes one value "
                        f"({values[0]:g}) in every row of {source}; it needs at least two")
-  duplicated = frame.duplicated(subset=list(needed))
-  if duplicated.any():
-    warnings.warn(f"{source}: rows {np.flatnonzero(duplicated)[:10].tolist()} repeat earlier rows "
+  _, first = np.unique(np.stack([columns[c] for c in needed], axis=1), axis=0, return_index=True)
+  duplicated = np.setdiff1d(np.arange(n_rows), first)
+  if duplicated.size:
+    warnings.warn(f"{source}: rows {duplicated[:10].tolist()} repeat earlier rows "
                   "exactly; each counts as a separate run (and narrows the intervals)",
                   stacklevel=2)
   return columns
@@ -90,6 +109,7 @@ def epoch_chinchilla(path: str | Path) -> dict[str, np.ndarray]:
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist (Epoch AI's svg_extracted_data.csv)")
+  import pandas as pd
   frame = pd.read_csv(path).sort_values("loss", kind="stable").iloc[:-5]
   n = frame["Model Size"].to_numpy(np.float64)
   return {"N": n, "D": frame["Training FLOP"].to_numpy(np.float64) / (6.0 * n),

@@ -1,5 +1,5 @@
 """A law fitted to data with its bootstrap and tests (FittedLaw), its JSON summary (what
-`experiments.fit` writes as fit.json and the IsoFLOP study's report.json holds per law), and the
+`famjax fit` writes as fit.json and the IsoFLOP study's report.json holds per law), and the
 table it prints."""
 
 from __future__ import annotations

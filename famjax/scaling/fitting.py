@@ -140,8 +140,7 @@ def estimate(problem: Problem, solver: Solver = Solver(lanes=64), *, weights=Non
                                fixed={k: jnp.asarray(v) for k, v in problem.fixed.items()})
   weights = jnp.ones(frozen.n_rows) if weights is None else jnp.asarray(weights)
   ends, best = fit_stages.best_of_starts(frozen, start_points(problem, starts), const(weights),
-                                         solver,
-                                   fit_stages.TRACED)
+                                         solver, fit_stages.TRACED)
   params, state = solve(problem.law, frozen.params(ends.x_SP[best]), data, weights,
                         delta=problem.delta, fixed=frozen.fixed, stop=solver.stop)
   return Estimate(frozen, params, state.value, state.error <= solver.stop.tol, weights)

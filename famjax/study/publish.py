@@ -12,7 +12,7 @@ PUBLISHED = ("config.json", "plan.json", "report.md", "report.json", "data/*.csv
 
 def publish(study_dir: str | Path, dest: str | Path) -> list[Path]:
   """Copies a finished study's records and report (PUBLISHED) into dest, e.g. results/medium,
-  so that anyone can refit it (`experiments.fit --data=DEST/data/familial.csv`) or read it
+  so that anyone can refit it (`famjax fit --data=DEST/data/familial.csv`) or read it
   without training; report.md's plot links stay valid."""
   study_dir, dest = Path(study_dir), Path(dest)
   if not (study_dir / "report.json").exists():

@@ -1,6 +1,6 @@
 """Run records of a study: one per (run, exit), written atomically into each run's own workdir,
 collected into a pandas DataFrame, turned into the rows each scaling law is fitted to, and
-exported as CSV and parquet that `experiments.fit --data=` reads directly.
+exported as CSV and parquet that `famjax fit --data=` reads directly.
 
 Rows of the laws (N under the study's param_count, D the run's training tokens):
 - branch: one row per exit of every family: N = the exit's sub-model, loss = that exit's loss;

@@ -1,4 +1,4 @@
-"""Exports of a trained run's exits (`python -m experiments.export`):
+"""Exports of a trained run's exits (`famjax export`):
 famjax.hf.checkpoint_export.export_exit on the parameters of the run's newest checkpoint, with the
 run's tokenizer."""
 

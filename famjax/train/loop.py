@@ -193,7 +193,20 @@ def _summary(cfg, trainer, train_loss, val_loss_VG, seconds: float, fingerprint:
       "flops_per_token": acc.flops_per_token,
       "train_seconds": seconds,
       "corpus_fingerprint": fingerprint,
+      "versions": software_versions(),
   }
+
+
+VERSIONED = ("famjax", "jax", "jaxlib", "flax", "optax", "numpy")
+
+
+def software_versions() -> dict[str, str]:
+  """The installed versions of famjax and the libraries whose numerics a run depends on, and the
+  backend JAX ran on: what summary.json records, so that runs of other versions are told apart."""
+  from importlib import metadata
+  out = {name: metadata.version(name) for name in VERSIONED}
+  out["backend"] = jax.default_backend()
+  return out
 
 
 def _start(cfg, workdir, trainer, start: int, tokenizer) -> None:

@@ -141,7 +141,7 @@ def test_ranks_order_remat_then_microbatches_then_fsdp():
 @pytest.mark.slow
 def test_dry_run_memory_prints_a_setting_for_every_run_and_refuses_what_cannot_fit(tmp_path):
   common = [sys.executable, "-m", "experiments.isoflop",
-            "--config=experiments/configs/isoflop.py:tiny", "--dry_run", "--memory",
+            "--config=tiny", "--dry_run", "--memory",
             "--config.study.budgets=(3e10,)", "--config.study.granularities=(1,2)",
             "--config.study.sizes_per_budget=1", "--config.study.planned_corpus_tokens=30000000",
             "--config.study.memory_devices=2", "--config.study.leverage="]

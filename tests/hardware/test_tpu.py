@@ -87,7 +87,7 @@ def test_a_step_the_compiler_refuses_does_not_fit(v5e):
 @pytest.mark.slow
 def test_the_dry_run_plans_a_tpu_slice_and_a_rerun_reads_the_cache(tmp_path):
   command = [sys.executable, "-m", "experiments.isoflop",
-             "--config=experiments/configs/isoflop.py:tiny", "--dry_run", "--memory",
+             "--config=tiny", "--dry_run", "--memory",
              "--config.study.memory_target=tpu:v5e:2x2", "--config.study.memory_runs=largest",
              "--config.study.planned_corpus_tokens=30000000", "--config.study.leverage="]
   env = dict(os.environ, FAMJAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")

@@ -266,7 +266,7 @@ def test_the_commands_warm_start_from_a_checkpoint_and_export_every_exit(corpus_
   """experiments.train with init_from (exits after layers 2 and 4 of the Qwen2 fixture) and
   experiments.export --exit=all; a mismatched exit layer is a one-line error that writes
   nothing."""
-  common = ["--config=experiments/configs/train.py:tiny", f"--config.data.corpus={corpus_dir}",
+  common = ["--config=tiny", f"--config.data.corpus={corpus_dir}",
             "--config.data.val_fraction=0.1", f"--config.train.init_from={FIXTURES}/qwen2_bias",
             "--config.train.steps=3", "--config.train.warmup_steps=1",
             "--config.train.seq_len=16", "--config.train.batch_size=4",

@@ -161,7 +161,7 @@ def free_port() -> int:
 
 
 def cli(workdir, corpus, *extra):
-  return [sys.executable, "-m", "experiments.train", "--config=experiments/configs/train.py:tiny",
+  return [sys.executable, "-m", "experiments.train", "--config=tiny",
           f"--workdir={workdir}", f"--config.data.corpus={corpus}",
           "--config.data.val_fraction=0.1",
           "--config.model.d_model=32", "--config.model.n_heads=4", "--config.model.d_ff=64",

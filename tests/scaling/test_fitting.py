@@ -160,8 +160,8 @@ def test_the_default_fit_shrugs_off_an_outlier():
   data["loss"] = data["loss"].copy()
   data["loss"][17] *= 1.3
   fitted = lambda delta: laws.to_natural_params(fitting.fit(
-      fitting.Problem.of(laws.FAMILIAL, data,
-                         delta=delta), starts=laws.FAMILIAL.starts(450)).params)
+      fitting.Problem.of(laws.FAMILIAL, data, delta=delta),
+      starts=laws.FAMILIAL.starts(450)).params)
   robust, squared = fitted(fitting.DEFAULT_DELTA), fitted(1.0)
   truth = laws.PAPER_FAMILIAL
   assert robust["gamma"] == pytest.approx(truth["gamma"], rel=0.05)
@@ -371,9 +371,9 @@ def test_estimate_gradients_match_finite_differences():
   that move the estimate most (rows beyond the Huber delta do not move it at all)."""
   with jax.enable_x64(True):
     data = fitting.as_data(synthetic_family(noise=0.0005, seed=3))
-    gamma = lambda losses, w: fitting.estimate(fitting.Problem.of(laws.FAMILIAL, dict(data,
-                                                                                      loss=losses)),
-                                           weights=w, starts=STARTS).params["gamma"]
+    problem = lambda losses: fitting.Problem.of(laws.FAMILIAL, dict(data, loss=losses))
+    gamma = lambda losses, w: fitting.estimate(problem(losses), weights=w,
+                                               starts=STARTS).params["gamma"]
     ones = jnp.ones(120)
     # one compiled program for both gradients, one for the estimate itself
     grad, by_weight = map(np.asarray, jax.jit(jax.grad(gamma, argnums=(0, 1)))(data["loss"], ones))

@@ -172,7 +172,7 @@ def test_table_lists_every_run_and_the_total(plan):
 
 
 def test_paper_preset_plans_billion_parameter_families_without_reading_a_corpus():
-  from experiments.configs import isoflop as presets
+  from famjax.presets import isoflop as presets
   from famjax.study import saved_config
   study_cfg, base = saved_config.configs(presets.get_config("paper").to_dict())
   plan = isoflop.plan_study(study_cfg, base, study_cfg.planned_corpus_tokens)
@@ -188,7 +188,7 @@ def test_paper_preset_plans_billion_parameter_families_without_reading_a_corpus(
 def test_medium_preset_is_out_of_the_embedding_regime_with_a_gamma_grid():
   """Every family: width >= 32, heads >= 16 wide, embedding and exit heads under 25% of its
   parameters; budgets up to at least 1e12, two seeds, gamma-grid families and their controls."""
-  from experiments.configs import isoflop as presets
+  from famjax.presets import isoflop as presets
   from famjax.study import saved_config
   study_cfg, base = saved_config.configs(presets.get_config("medium").to_dict())
   plan = isoflop.plan_study(study_cfg, base)

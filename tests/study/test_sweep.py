@@ -118,7 +118,7 @@ def test_a_study_directory_of_another_plan_is_refused(corpus_dir, tmp_path):
 
 MINI_PRESET = """
 import ml_collections
-from experiments.configs.isoflop import get_config as base
+from famjax.presets.isoflop import get_config as base
 
 def get_config():
   config = base("tiny")

@@ -65,6 +65,9 @@ def test_summary_has_the_documented_fields(runs):
   assert summary["flops_per_token"] == acc.flops_per_token
   tokens = data.load_tokens(runs["cfg"].data)
   assert summary["corpus_fingerprint"] == tokens.fingerprint
+  from importlib import metadata
+  assert summary["versions"] == {**{name: metadata.version(name) for name in (
+      "famjax", "jax", "jaxlib", "flax", "optax", "numpy")}, "backend": "cpu"}
   last = [m for m in metrics(runs["root"] / "straight") if "train_loss" in m][-1]
   assert last["step"] == 60 and summary["train_loss"] == pytest.approx(last["train_loss"])
 
@@ -197,7 +200,7 @@ def test_vocabulary_smaller_than_the_tokenizer_is_an_error(tiny_experiment, tmp_
 def test_command_line_entry_point(corpus_dir, tmp_path):
   root = Path(__file__).resolve().parents[2]
   cmd = [sys.executable, "-m", "experiments.train",
-         "--config=experiments/configs/train.py:tiny", f"--workdir={tmp_path}",
+         "--config=tiny", f"--workdir={tmp_path}",
          f"--config.data.corpus={corpus_dir}", "--config.data.val_fraction=0.1",
          "--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.d_ff=64",
          "--config.train.steps=4", "--config.train.warmup_steps=1", "--config.train.seq_len=32",

@@ -74,9 +74,8 @@ def _fd_hessians(problem: Problem, x_SP, weights_SR, solver: Solver, active_S=No
   points = (x_SP[index, None, :] + offsets_KP[None]).reshape(-1, p)
   weights = np.broadcast_to(np.asarray(weights_SR, np.float64), (n, problem.n_rows))[index]
   evaluate = Solver(StopRules(maxiter=0, maxls=1), solver.lanes)
-  out = vmapped_lbfgs.run(problem, vmapped_lbfgs.queue(points, np.repeat(weights, 2 * p, axis=0),
-                                                       xp=np),
-                  evaluate)
+  queue = vmapped_lbfgs.queue(points, np.repeat(weights, 2 * p, axis=0), xp=np)
+  out = vmapped_lbfgs.run(problem, queue, evaluate)
   grad_SKP = out.grad_SP.reshape(len(index), 2 * p, p)
   hessian_SPP[index] = (grad_SKP[:, :p] - grad_SKP[:, p:]) / (2 * FD_STEP)
   return hessian_SPP
@@ -84,7 +83,10 @@ def _fd_hessians(problem: Problem, x_SP, weights_SR, solver: Solver, active_S=No
 
 def _host_run(problem: Problem, q: vmapped_lbfgs.Queue, solver: Solver, active_S=None, *,
               desc=None):
-  from tqdm.auto import tqdm
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:  # the light fitter's install has no tqdm: no progress bar
+    return vmapped_lbfgs.run(problem, q, solver, active_S=active_S)
   n = len(q.z_SP) if active_S is None else int(np.sum(active_S))
   with tqdm(total=n, desc=desc, unit="start", disable=desc is None) as bar:
     return vmapped_lbfgs.run(problem, q, solver, active_S, progress=bar)

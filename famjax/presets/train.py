@@ -1,4 +1,4 @@
-"""Presets for experiments/train.py: `--config=experiments/configs/train.py:tiny` (or `small`).
+"""Presets for experiments/train.py: `--config=tiny` (or `small`).
 
 Every field of famjax.config can be overridden from the command line, e.g.
 `--config.train.steps=200 --config.model.exit_head=block`.

@@ -1,9 +1,8 @@
-"""Presets for experiments/isoflop.py: `--config=experiments/configs/isoflop.py:tiny` (or `small`,
+"""Presets for experiments/isoflop.py: `--config=tiny` (or `small`,
 `medium`, `laws`, `paper`). Sections: `study` (famjax.study.config.StudyConfig: budgets,
-                                               granularities,
-the size ladder, the gamma grid, exit placements, fitting), and `model`, `data`, `train`, `mesh`
-as for experiments/train.py, which every run starts from (the planner sets each run's shape,
-exits, steps, warmup and seed). Override any field, e.g.
+granularities, the size ladder, the gamma grid, exit placements, fitting), and `model`, `data`,
+`train`, `mesh` as for experiments/train.py, which every run starts from (the planner sets each
+run's shape, exits, steps, warmup and seed). Override any field, e.g.
 `--config.study.budgets="(1e11,3e11)" --config.study.seeds="(0,1)"`.
 """
 

@@ -1,5 +1,6 @@
-"""What every entry point shares: a --config flag whose presets resolve from any directory,
-one-line errors for unknown --config.* fields and for bad input."""
+"""What every subcommand shares: a --config flag whose presets resolve from any directory (a
+preset's name alone, `--config=tiny`, or FILE:NAME), one-line errors for unknown --config.*
+fields and for bad input, the persistent compilation cache and multi-host set-up."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from absl import app, flags
 
 from famjax.common.files import WorkdirBusy, default_cache_dir
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+PRESETS = Path(__file__).resolve().parents[1] / "presets"  # famjax/presets, shipped in the wheel
 
 
 _COORDINATOR = flags.DEFINE_string(
@@ -42,6 +43,13 @@ def use_compilation_cache() -> Path | None:
   return path
 
 
+def quiet_logs() -> None:
+  """absl's WARNING level unless --verbosity is given: Orbax logs every save at INFO."""
+  if not flags.FLAGS["verbosity"].present:
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+
+
 def initialize_distributed() -> None:
   """Joins a multi-host run when --coordinator_address (or JAX_COORDINATOR_ADDRESS) is set."""
   from famjax.model import sharding
@@ -59,8 +67,8 @@ def given_config_fields(argv: list[str] | None = None) -> list[str] | None:
 
 def config_help(preset_file: str, default: str, example: str) -> str:
   """Help of an entry point's --config flag (whose default `run` supplies)."""
-  return (f"Preset as FILE:NAME, e.g. experiments/configs/{preset_file}:{example}; unset: "
-          f"{preset_file}:{default}. Override any field with --config.SECTION.FIELD=VALUE, "
+  return (f"Preset by name, e.g. --config={example} (famjax/presets/{preset_file}), or as "
+          f"FILE:NAME; unset: {default}. Override any field with --config.SECTION.FIELD=VALUE, "
           "e.g. --config.train.steps=500.")
 
 
@@ -95,14 +103,24 @@ def _unknown_field(spec: str, argv: list[str]) -> str | None:
   return None
 
 
-def _parse(argv: list[str], default: str) -> list[str]:
+def preset_spec(spec: str, preset_file: str) -> str:
+  """--config's value as FILE:NAME of a file that exists: a preset's name alone ("tiny") names one
+  of preset_file's presets; a FILE that does not exist here (experiments/configs/isoflop.py:tiny
+  from an older command line, or isoflop.py:tiny) is looked up by its name in famjax/presets."""
+  path, _, preset = spec.partition(":")
+  if not preset and not path.endswith(".py"):
+    return f"{PRESETS / preset_file}:{path}"
+  if not Path(path).exists() and (PRESETS / Path(path).name).exists():
+    return f"{PRESETS / Path(path).name}:{preset}" if preset else str(PRESETS / Path(path).name)
+  return spec
+
+
+def _parse(argv: list[str], preset_file: str, default: str) -> list[str]:
   if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
     argv = argv[:1] + [f"--config={default}"] + argv[1:]
+  argv = [f"--config={preset_spec(a.split('=', 1)[1], preset_file)}"
+          if a.startswith("--config=") else a for a in argv]
   spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
-  path, _, preset = spec.partition(":")
-  if not Path(path).exists() and (CONFIGS / Path(path).name).exists():
-    spec = f"{CONFIGS / Path(path).name}:{preset}" if preset else str(CONFIGS / Path(path).name)
-    argv = [f"--config={spec}" if a.startswith("--config=") else a for a in argv]
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -125,11 +143,12 @@ def _one_line_errors(main):
   return wrapped
 
 
-def run(main, preset_file: str | None = None, preset: str | None = None) -> None:
-  """absl's app.run, with a default --config of experiments/configs/PRESET_FILE:PRESET if the
-  entry point has one, and one-line errors."""
-  if preset_file is None:
+def run(main, preset: tuple[str, str] | None = None) -> None:
+  """absl's app.run with one-line errors and, for a subcommand with presets, (FILE, NAME), the
+  default --config famjax/presets/FILE:NAME."""
+  if preset is None:
     app.run(_one_line_errors(main))
     return
-  default = f"{CONFIGS / preset_file}:{preset}"
-  app.run(_one_line_errors(main), flags_parser=functools.partial(_parse, default=default))
+  preset_file, name = preset
+  app.run(_one_line_errors(main), flags_parser=functools.partial(
+      _parse, preset_file=preset_file, default=name))
