@@ -263,18 +263,18 @@ class _Search:
     """The fewest microbatches (fewer than `below`, if given) whose step fits at this FSDP
     degree. Counts whose temporaries cannot fit are not compiled: temporaries (activations over
     m, plus gradients and gathered weights) shrink at most in proportion to 1 / m."""
-    counts = [c for c in self.micros if below is None or c < below]
-    m = next((c for c in counts if not self.below_floor(Setting(fsdp, remat, c))), None)
+    candidates = [c for c in self.micros if below is None or c < below]
+    m = next((c for c in candidates if not self.below_floor(Setting(fsdp, remat, c))), None)
     while m is not None:
       setting = Setting(fsdp, remat, m)
       if self.fits(setting):
         return m
       if setting in self.skipped:
-        m = next((c for c in counts if c > m), None)
+        m = next((c for c in candidates if c > m), None)
         continue
       fp = self.footprint(setting)
       room = self.target.capacity_bytes - (fp.peak - fp.temporaries)
-      m = next((c for c in counts if c > m and fp.temporaries * m / c <= room), None)
+      m = next((c for c in candidates if c > m and fp.temporaries * m / c <= room), None)
     return None
 
   def smallest_fsdp(self, remat: str, micro: int, fits_at: int) -> int:
