@@ -111,7 +111,8 @@ def run(study: StudyConfig, base: ExperimentConfig, outdir: str | Path, *, task:
   if not fit_only:
     live = LiveFit(outdir, study.analysis, tokens.fingerprint) if live_fit else None
     outcome = sweep.run(plan, outdir, task_index=task.index, num_tasks=task.count, tokens=tokens,
-                        on_finished=_quietly(live) if live else None, progress=progress)
+                        on_finished=_quietly(live) if live else None, progress=progress,
+                        execution=study)
   frame = records.collect(outdir, tokens.fingerprint, allow_other_corpora)
   done = set(frame.loc[frame["status"] == records.OK, "run_id"]) if len(frame) else set()
   missing = sorted(r.run_id for r in plan.runs if r.run_id not in done)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from famjax.analysis import plots
+from famjax.analysis import plots, timing
 from famjax.analysis.gamma_grid import GammaGrid, Slope, Tax, Trend
 from famjax.analysis.measured_leverage import LeverageAtOptimum, MeasuredLeverage
 from famjax.analysis.placements import Placements
@@ -23,13 +23,15 @@ from famjax.study import records
 def write(study_dir: str | Path, analysis: Analysis) -> dict[str, Path]:
   """report.json, report.md, the PNG plots and the fit-ready tables (STUDY/data/)."""
   study_dir = Path(study_dir)
-  figures = plots.draw_all(study_dir / "plots", analysis)
+  with timing.section("plots"):
+    figures = plots.draw_all(study_dir / "plots", analysis)
   options = analysis.report.options
-  tables = records.write_tables(analysis.frame, study_dir / "data", loss=options.fit_loss,
-                          param_count=options.param_count)
-  atomic_write_text(study_dir / "report.json", json.dumps(
-      _strict(analysis.report.to_json()), indent=1, default=_json_default))
-  atomic_write_text(study_dir / "report.md", markdown(analysis.report, figures, study_dir))
+  with timing.section("tables and report"):
+    tables = records.write_tables(analysis.frame, study_dir / "data", loss=options.fit_loss,
+                                  param_count=options.param_count)
+    atomic_write_text(study_dir / "report.json", json.dumps(
+        _strict(analysis.report.to_json()), indent=1, default=_json_default))
+    atomic_write_text(study_dir / "report.md", markdown(analysis.report, figures, study_dir))
   return {"report.json": study_dir / "report.json", "report.md": study_dir / "report.md",
           **figures, **tables}
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from famjax.analysis import gamma_grid, measured_leverage, placements
+from famjax.analysis import gamma_grid, measured_leverage, placements, timing
 from famjax.analysis.report import (
   Analysis,
   ComputeOptimal,
@@ -58,16 +58,18 @@ def _fit_laws(rows, config, progress) -> tuple[dict, dict]:
     # a familial or Chinchilla row is a run; a branch run has a row per exit
     grouping = fitted_law.Grouping("runs", rows[name]["run_id"].to_numpy() if name == "branch"
                                    else None)
-    fits[name] = fitted_law.fit_law(law, data, n_bootstrap=config.bootstrap,
-                                    seed=config.bootstrap_seed, grouping=grouping,
-                                    starts=law.starts(config.grid_every), progress=progress)
+    with timing.section(f"{name} fit + bootstrap"):
+      fits[name] = fitted_law.fit_law(law, data, n_bootstrap=config.bootstrap,
+                                      seed=config.bootstrap_seed, grouping=grouping,
+                                      starts=law.starts(config.grid_every), progress=progress)
   return fits, skipped
 
 
-def _comparison(rows: pd.DataFrame, config: AnalysisConfig,
-                progress: bool) -> compare.Comparison | None:
+def _comparison(rows: pd.DataFrame, config: AnalysisConfig, progress: bool,
+                familial: fitted_law.FittedLaw | None) -> compare.Comparison | None:
   """config.compare_laws ranked on the familial rows (None when there are none to rank, or the
-  rows cannot identify one of them)."""
+  rows cannot identify one of them). The familial fit is the "paper" candidate's: the same law
+  on the same rows, bootstrap and starts."""
   if not config.compare_laws:
     return None
   candidates = {name: laws.CANDIDATES[name] for name in config.compare_laws}
@@ -75,9 +77,10 @@ def _comparison(rows: pd.DataFrame, config: AnalysisConfig,
     columns = compare.columns_of(rows, candidates, "the study's familial rows")
   except ValueError:
     return None
+  fitted = {"paper": familial} if familial is not None and "paper" in candidates else None
   return compare.compare(candidates, columns,
                          n_bootstrap=config.bootstrap, seed=config.bootstrap_seed,
-                         starts_every=config.grid_every, progress=progress)
+                         starts_every=config.grid_every, progress=progress, fitted=fitted)
 
 
 def _by_param_count(frame: pd.DataFrame, fits: dict, config) -> dict[str, dict] | None:
@@ -218,39 +221,47 @@ def _runs(frame: pd.DataFrame, plan: StudyPlan | None) -> Runs:
 
 
 def analyze_study(frame: pd.DataFrame, config: AnalysisConfig = AnalysisConfig(),
-            plan: StudyPlan | None = None, context: dict | None = None, progress: bool = False,
-            flops_rule: dict | None = None) -> Analysis:
+                  plan: StudyPlan | None = None, context: dict | None = None,
+                  progress: bool = False, flops_rule: dict | None = None) -> Analysis:
   """Fits, leverage, extrapolation and edge checks of a study's collected records (`frame`,
   records.collect), against the plan they were trained under; `context` (e.g. the corpus
-  fingerprint and the study config) is recorded beside the plan."""
-  rows = {name: records.law_rows(frame, name, loss=config.fit_loss,
-                                 param_count=config.param_count) for name in laws.LAWS}
+  fingerprint and the study config) is recorded beside the plan; timing.section times each
+  part."""
+  with timing.section("records to rows"):
+    rows = {name: records.law_rows(frame, name, loss=config.fit_loss,
+                                   param_count=config.param_count) for name in laws.LAWS}
   fits, skipped = _fit_laws(rows, config, progress)
-  param_counts = _by_param_count(frame, fits, config)
+  with timing.section("familial, other N"):
+    param_counts = _by_param_count(frame, fits, config)
   familial = fits.get("familial")
   from_law = None
-  if familial is not None:
-    budgets = sorted(rows["familial"]["C"].unique().tolist())
-    granularities = sorted(int(g) for g in rows["familial"]["G"].unique())
-    from_law = _leverage_from_law(familial, budgets, granularities, config,
-                                  flops_rule)
-  extrapolation, extrapolation_rows = _extrapolation(rows["familial"], config)
+  with timing.section("EL and N* from the law"):
+    if familial is not None:
+      budgets = sorted(rows["familial"]["C"].unique().tolist())
+      granularities = sorted(int(g) for g in rows["familial"]["G"].unique())
+      from_law = _leverage_from_law(familial, budgets, granularities, config, flops_rule)
+  with timing.section("extrapolation"):
+    extrapolation, extrapolation_rows = _extrapolation(rows["familial"], config)
   law_interval = None if familial is None else (
       lambda fn: _with_interval(fn, familial.result.params, _log_samples(familial)))
-  measured = measured_leverage.measured(frame, config, law_interval)
+  with timing.section("measured EL"):
+    measured = measured_leverage.measured(frame, config, law_interval)
+    at_optimum = (measured_leverage.at_optimum(measured, from_law.compute_optimal)
+                  if from_law else None)
+  with timing.section("gamma grid"):
+    grid = gamma_grid.measure_grid(frame, config.fit_loss)
+  with timing.section("law comparison"):
+    comparison = _comparison(rows["familial"], config, progress, familial)
+  with timing.section("placements"):
+    placed = placements.measure_placements(frame, config.fit_loss, max(config.bootstrap, 1000),
+                                           config.bootstrap_seed)
   report = Report(options=config, runs=_runs(frame, plan),
                   laws=dict(fits), skipped_laws=skipped,
                   edges=_edges(rows["familial"]),
-                  measured_leverage=measured,
-                  leverage_at_optimum=measured_leverage.at_optimum(
-                      measured, from_law.compute_optimal) if from_law else None,
+                  measured_leverage=measured, leverage_at_optimum=at_optimum,
                   extrapolation=extrapolation, from_law=from_law,
                   plan={**plan.describe(), **(context or {})} if plan else None,
-                  regime=_regime(plan), param_counts=param_counts,
-                  gamma_grid=gamma_grid.measure_grid(frame, config.fit_loss),
-                  law_comparison=_comparison(rows["familial"], config, progress),
-                  placements=placements.measure_placements(frame, config.fit_loss,
-                                                max(config.bootstrap, 1000),
-                                                config.bootstrap_seed),
+                  regime=_regime(plan), param_counts=param_counts, gamma_grid=grid,
+                  law_comparison=comparison, placements=placed,
                   validation_noise=_validation_noise(frame))
   return Analysis(report, rows, fits, frame, extrapolation_rows)

@@ -9,10 +9,13 @@ without --config, and refuse a --config that would train other runs.
 Logic lives in famjax.pipeline and famjax.study; this file only parses flags and prints.
 """
 
+import contextlib
+
 from absl import flags
 from ml_collections import config_flags
 
 from famjax import pipeline
+from famjax.analysis import timing
 from famjax.commands import common
 from famjax.study import publish, saved_config
 
@@ -35,6 +38,8 @@ _TASK_INDEX = flags.DEFINE_integer("task_index", 0, "This task's share of the pl
                                    "$SLURM_ARRAY_TASK_ID.", lower_bound=0)
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "Tasks sharing the plan, e.g. "
                                   "$SLURM_ARRAY_TASK_COUNT.", lower_bound=1)
+_PROFILE = flags.DEFINE_boolean("profile", False, "Print where the analysis spent its time: "
+                                "seconds per part, compiling and running, persistent-cache hits.")
 _LIVE_FIT = flags.DEFINE_boolean("live_fit", True, "Refit the familial law after every run.")
 _PUBLISH = flags.DEFINE_string("publish", None, "After the report, copy the study's config, plan, "
                                "report, fit-ready tables and plots (no checkpoints) into this "
@@ -56,11 +61,14 @@ def main(argv):
                                                    common.given_config_fields()))
   common.use_compilation_cache()
   common.initialize_distributed()
-  result = pipeline.run(study_cfg, base, _OUTDIR.value,
-                      task=pipeline.Task(_TASK_INDEX.value, _NUM_TASKS.value),
-                      fit_only=_FIT_ONLY.value, live_fit=_LIVE_FIT.value,
-                      allow_other_corpora=_ALLOW_OTHER_CORPORA.value)
+  with timing.Sections() if _PROFILE.value else contextlib.nullcontext() as sections:
+    result = pipeline.run(study_cfg, base, _OUTDIR.value,
+                          task=pipeline.Task(_TASK_INDEX.value, _NUM_TASKS.value),
+                          fit_only=_FIT_ONLY.value, live_fit=_LIVE_FIT.value,
+                          allow_other_corpora=_ALLOW_OTHER_CORPORA.value)
   print(pipeline.summary(result, _OUTDIR.value))
+  if sections is not None:
+    print(sections.table())
   if _PUBLISH.value and result["report"] is not None:
     written = publish.publish(_OUTDIR.value, _PUBLISH.value)
     print(f"published {len(written)} files to {_PUBLISH.value}")

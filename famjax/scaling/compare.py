@@ -14,7 +14,9 @@ Shape letters: R rows, B resamples, L laws.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 from typing import Mapping, NamedTuple, Sequence
 
 import jax
@@ -165,25 +167,40 @@ class Comparison:
 
 def compare(candidates: Mapping[str, laws.Law], columns: Mapping[str, np.ndarray], *,
             n_bootstrap: int = 1000, seed: int = 0, starts_every: int = 1,
-            delta: float = fitting.DEFAULT_DELTA, progress: bool = False) -> Comparison:
+            delta: float = fitting.DEFAULT_DELTA, progress: bool = False,
+            fitted: Mapping[str, fitted_law.FittedLaw] | None = None) -> Comparison:
   """Fits every law of `candidates` ({name: Law}) to the same rows (`columns`: N, D, G, loss,
-  and C, a run's budget, for leave-one-budget-out) and ranks them by held-out error."""
+  and C, a run's budget, for leave-one-budget-out) and ranks them by held-out error. `fitted`
+  holds fits of these rows already made the same way (bootstrap, seed, starts, delta), which
+  are used instead of fitting again. Laws are fitted one per usable core at once: the fitter's
+  XLA programs on a CPU keep about one core busy each."""
   if not candidates:
     raise ValueError("compare needs at least one law")
   schemes = [s for s in SCHEMES if s != "budget" or ("C" in columns
                                                     and np.unique(columns["C"]).size >= 3)]
   labels = {s: _fold_labels(columns, s) for s in schemes}
-  out = []
-  for name, law in candidates.items():
+  fitted = fitted or {}
+  threads = min(len(candidates), _usable_cores())
+
+  def candidate(name: str) -> Candidate:
+    law = candidates[name]
     data = {k: np.asarray(columns[k], np.float64) for k in ("loss",) + law.columns}
-    fitted = fitted_law.fit_law(law, data, n_bootstrap=n_bootstrap, seed=seed, delta=delta,
-                                starts=law.starts(starts_every), progress=progress)
-    result = fitted.result
-    out.append(Candidate(name, fitted, {s: held_out(result, labels[s], s) for s in schemes},
-                         laplace_aic(result.objective, result.n_rows, len(result.params), delta)))
+    fit = fitted.get(name) or fitted_law.fit_law(
+        law, data, n_bootstrap=n_bootstrap, seed=seed, delta=delta,
+        starts=law.starts(starts_every), progress=progress and threads == 1)
+    result = fit.result
+    return Candidate(name, fit, {s: held_out(result, labels[s], s) for s in schemes},
+                     laplace_aic(result.objective, result.n_rows, len(result.params), delta))
+
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    out = list(pool.map(candidate, candidates))
   ranked = sorted(out, key=lambda c: c.held_out[schemes[0]].mean_abs)
   confidence = _confidence(ranked, schemes[0], labels["configuration"], seed)
   return Comparison(ranked, schemes[0], confidence, np.asarray(columns["G"]))
+
+
+def _usable_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def bias_text(law: Mapping, scheme: str) -> str:

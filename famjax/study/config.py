@@ -1,5 +1,6 @@
 """The study's config: AnalysisConfig (what the analysis reads), EstimateConfig (what --dry_run
-assumes) and StudyConfig (the IsoFLOP plan, the gamma grid and exit placements)."""
+assumes), ExecutionConfig (how this host trains the runs) and StudyConfig (the IsoFLOP plan, the
+gamma grid and exit placements)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,28 @@ class EstimateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig(AnalysisConfig, EstimateConfig):
+class ExecutionConfig:
+  """How this host trains a study's runs (famjax.study.sweep); changes no run's config. A cohort's
+  run equals the run alone to float tolerance, not bitwise (famjax.train.cohort)."""
+
+  # runs trained at once, each worker process pinned to its own CPU cores; 0 = one per usable
+  # core when JAX computes on the CPU, one on an accelerator or in a multi-process job
+  workers: int = 0
+  # up to this many runs of one model shape (seeds, learning rates, exit weights, steps) trained
+  # as one vectorised program on one device; 1 = every run alone; 0 = 8 on an accelerator and 1
+  # on a CPU, where a cohort's step costs its runs' steps and more (docs/benchmarks.md)
+  cohort_size: int = 0
+
+  def __post_init__(self):
+    require(isinstance(self.workers, int) and 0 <= self.workers <= 1024, "study.workers",
+             "an integer in 0..1024 (0 = one per CPU core)", self.workers)
+    require(isinstance(self.cohort_size, int) and 0 <= self.cohort_size <= 256,
+             "study.cohort_size", "an integer in 0..256 (1 = every run alone, 0 = by backend)",
+             self.cohort_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig(AnalysisConfig, EstimateConfig, ExecutionConfig):
   """An IsoFLOP study: budgets x granularities x a ladder of model sizes, trained and fitted.
 
   Shape rule: a model of width d_model has n_heads = d_model / head_dim, d_ff = ff_ratio * d_model
@@ -141,6 +163,7 @@ class StudyConfig(AnalysisConfig, EstimateConfig):
     object.__setattr__(self, "budgets", tuple(float(c) for c in self.budgets))
     AnalysisConfig.__post_init__(self)
     EstimateConfig.__post_init__(self)
+    ExecutionConfig.__post_init__(self)
     for name in ("granularities", "widths", "seeds", "grid_widths", "grid_tokens",
                  "placement_seeds"):
       object.__setattr__(self, name, tuple(getattr(self, name)))

@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 import jax
 
 from famjax.common.files import atomic_write_text
-from famjax.study.config import AnalysisConfig, EstimateConfig, StudyConfig
+from famjax.study.config import AnalysisConfig, EstimateConfig, ExecutionConfig, StudyConfig
 from famjax.train.config import ExperimentConfig, experiment_from_dict
 
 
@@ -28,9 +28,10 @@ def configs(values: Mapping) -> tuple[StudyConfig, ExperimentConfig]:
 
 
 CONFIG = "config.json"
-# study fields that change only the analysis (fits, report, --dry_run's estimate), never which
-# runs are trained: an existing study accepts new values for these
-ANALYSIS_FIELDS = frozenset(f"study.{f.name}" for cls in (AnalysisConfig, EstimateConfig)
+# study fields that change only the analysis (fits, report, --dry_run's estimate) or how this host
+# trains, never which runs are trained: an existing study accepts new values for these
+ANALYSIS_FIELDS = frozenset(f"study.{f.name}"
+                            for cls in (AnalysisConfig, EstimateConfig, ExecutionConfig)
                             for f in dataclasses.fields(cls))
 
 

@@ -1,4 +1,5 @@
-"""Runs a plan, or task i's share of it, one loop.train per run in STUDY/runs/RUN_ID/.
+"""Runs a plan, or task i's share of it, each run in STUDY/runs/RUN_ID/: alone or in cohorts
+(famjax.study.units), in this process or in workers side by side (famjax.study.workers).
 
 Idempotent and resumable: a run whose records say it finished is skipped, an interrupted one
 resumes from its checkpoints, and a run that fails is recorded as failed (its error in its
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -21,12 +20,15 @@ import jax
 from tqdm.auto import tqdm
 
 from famjax import data
-from famjax.common.files import WorkdirBusy, atomic_write_text
-from famjax.study import isoflop, records
-from famjax.train import loop
+from famjax.common.files import atomic_write_text
+from famjax.study import isoflop, records, units
+from famjax.study.config import ExecutionConfig
+from famjax.study.units import run_dir
+from famjax.study.workers import default_cohort_size, default_workers, train_in_workers
 from famjax.train.config import config_hash
 
 PLAN = "plan.json"
+ONE_AT_A_TIME = ExecutionConfig(workers=1, cohort_size=1)
 
 
 @dataclasses.dataclass
@@ -35,10 +37,6 @@ class SweepOutcome:
   skipped: list[str] = dataclasses.field(default_factory=list)  # finished before this sweep
   failed: dict[str, str] = dataclasses.field(default_factory=dict)  # run id -> error
   busy: dict[str, str] = dataclasses.field(default_factory=dict)  # run id -> lock holder
-
-
-def run_dir(study_dir: str | Path, run_id: str) -> Path:
-  return Path(study_dir) / "runs" / run_id
 
 
 def write_plan(study_dir: str | Path, plan: isoflop.StudyPlan, extra: dict | None = None) -> None:
@@ -65,8 +63,13 @@ def read_plan(study_dir: str | Path) -> dict | None:
 def run(plan: isoflop.StudyPlan, study_dir: str | Path, *, task_index: int = 0, num_tasks: int = 1,
         tokens: data.TokenData | None = None,
         on_finished: Callable[[isoflop.RunSpec, list[dict]], None] | None = None,
-        progress: bool = True) -> SweepOutcome:
-  """Trains this task's share of the plan; on_finished(spec, records) after each run trained."""
+        progress: bool = True, execution: ExecutionConfig = ONE_AT_A_TIME) -> SweepOutcome:
+  """Trains this task's share of the plan; on_finished(spec, records) after each run trained.
+  execution.workers > 1 trains that many units at once in worker processes
+  (famjax.study.workers); execution.cohort_size > 1 trains up to that many runs of one shape as
+  one program (famjax.train.cohort); 0 picks either by backend."""
+  workers = execution.workers or default_workers()
+  cohort_size = execution.cohort_size or default_cohort_size()
   share = plan.share(task_index, num_tasks)
   outcome = SweepOutcome()
   if not share:
@@ -75,40 +78,40 @@ def run(plan: isoflop.StudyPlan, study_dir: str | Path, *, task_index: int = 0, 
   if any(r.experiment.data != data_cfg for r in share):
     raise ValueError("every run of a plan must read the same data config")
   tokens = data.load_tokens(data_cfg) if tokens is None else tokens
-  bar = tqdm(share, desc=f"sweep {task_index + 1}/{num_tasks}", unit="run", disable=not progress,
-             dynamic_ncols=True)
-  for spec in bar:
-    workdir = run_dir(study_dir, spec.run_id)
-    if records.finished(workdir, config_hash(spec.experiment)):
+  pending = []
+  for spec in share:
+    if records.finished(run_dir(study_dir, spec.run_id), config_hash(spec.experiment)):
       outcome.skipped.append(spec.run_id)
-      continue
-    bar.set_postfix_str(spec.run_id)
-    began = time.perf_counter()
-    try:
-      summary = loop.train(spec.experiment, workdir, tokens=tokens)
-    except WorkdirBusy as e:
-      outcome.busy[spec.run_id] = e.holder
-      tqdm.write(f"{spec.run_id}: skipped, in use by {e.holder}")
-      continue
-    except Exception as e:  # recorded, and the sweep goes on; KeyboardInterrupt stops it
-      error = f"{type(e).__name__}: {e}"
-      outcome.failed[spec.run_id] = error
-      tqdm.write(f"{spec.run_id}: FAILED ({error.splitlines()[0][:300]}); see "
-                 f"{workdir / 'error.txt'}")
-      if jax.process_index() == 0:
-        atomic_write_text(workdir / "error.txt", traceback.format_exc())
-        records.write_records(workdir, records.run_records(
-            spec, None, fingerprint=tokens.fingerprint, wall_seconds=time.perf_counter() - began,
-            error=error))
-      continue
-    run_records = records.run_records(spec, summary, fingerprint=tokens.fingerprint,
-                                      wall_seconds=summary["train_seconds"])
-    if jax.process_index() == 0:
-      records.write_records(workdir, run_records)
-    outcome.trained.append(spec.run_id)
-    losses = " ".join(f"{x:.3f}" for x in summary["val_loss"])
-    tqdm.write(f"{spec.run_id}: val loss {losses} ({time.perf_counter() - began:.1f} s)")
-    if on_finished is not None:
-      on_finished(spec, run_records)
+    else:
+      pending.append(spec)
+  work = units.form_units(pending, cohort_size)
+  bar = tqdm(total=len(pending), desc=f"sweep {task_index + 1}/{num_tasks}", unit="run",
+             disable=not progress, dynamic_ncols=True)
+  if min(workers, len(work)) > 1:
+    bar.set_postfix_str(f"{min(workers, len(work))} workers")
+    stream = train_in_workers(work, study_dir, data_cfg, workers, tokens.fingerprint)
+  else:
+    stream = _here(work, study_dir, tokens, bar)
+  for result in stream:
+    bar.update(1)
+    if result.status == units.BUSY:
+      outcome.busy[result.run_id] = result.detail
+      tqdm.write(f"{result.run_id}: skipped, in use by {result.detail}")
+    elif result.status == units.FAILED:
+      outcome.failed[result.run_id] = result.detail
+      tqdm.write(f"{result.run_id}: FAILED ({result.detail.splitlines()[0][:300]}); see "
+                 f"{run_dir(study_dir, result.run_id) / 'error.txt'}")
+    else:
+      outcome.trained.append(result.run_id)
+      tqdm.write(result.detail)
+      if on_finished is not None:
+        on_finished(plan.run(result.run_id), result.records)
   bar.close()
   return outcome
+
+
+def _here(work, study_dir, tokens, bar):
+  """The units trained in this process, one after another."""
+  for unit in work:
+    bar.set_postfix_str(",".join(spec.run_id for spec in unit)[:80])
+    yield from units.train_unit(unit, study_dir, tokens)

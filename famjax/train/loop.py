@@ -102,7 +102,7 @@ class Trainer:
     self.params, self.opt_state, self.step_count = state["params"], state["opt_state"], step
 
 
-def _check_finite(step: int, metrics: dict) -> None:
+def check_finite(step: int, metrics: dict) -> None:
   if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
     raise FloatingPointError(
         f"non-finite training loss at step {step} (loss={metrics['loss']}, per-exit="
@@ -124,7 +124,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
   workdir = Path(workdir)
   tc = cfg.train
   tokens = data.load_tokens(cfg.data) if tokens is None else tokens
-  _check_vocabulary(cfg, tokens)
+  check_vocabulary(cfg, tokens)
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   batches = data.train_batches(tokens.train, tc.seq_len, tc.batch_size, tc.seed, **proc)
@@ -141,7 +141,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, mesh: jax.sharding.Mesh | 
     lock.release()
 
 
-def _check_vocabulary(cfg: ExperimentConfig, tokens: data.TokenData) -> None:
+def check_vocabulary(cfg: ExperimentConfig, tokens: data.TokenData) -> None:
   """model.vocab_size below the tokenizer's is an error; above it, the extra rows are padding
   (never a target), which the log states."""
   size, have = cfg.model.vocab_size, tokens.vocab_size
@@ -171,7 +171,8 @@ def _resume(cfg, workdir, mngr, trainer, batches) -> tuple[int, float]:
   return start, elapsed
 
 
-def _summary(cfg, trainer, train_loss, val_loss_VG, seconds: float, fingerprint: str) -> dict:
+def run_summary(cfg, step_count: int, train_loss, val_loss_VG, seconds: float,
+                fingerprint: str) -> dict:
   """What a finished run reports (summary.json): losses per exit (validation: also over each
   half of the validation batches, whose gap measures the validation set's noise), size and
   cost."""
@@ -184,8 +185,8 @@ def _summary(cfg, trainer, train_loss, val_loss_VG, seconds: float, fingerprint:
       "train_loss": train_loss,
       "val_loss": val_loss_VG.mean(0).tolist(),
       "val_loss_halves": halves,
-      "step": trainer.step_count,
-      "tokens": trainer.step_count * cfg.train.batch_size * cfg.train.seq_len,
+      "step": step_count,
+      "tokens": step_count * cfg.train.batch_size * cfg.train.seq_len,
       "params_per_exit": list(acc.params_per_exit),
       "non_embedding_params_per_exit": list(acc.non_embedding_per_exit),
       "params_total": acc.params_total,
@@ -239,7 +240,7 @@ def _train_locked(cfg, workdir, trainer, batches, val_batches, tokens, stop_afte
   def consume(step: int, metrics) -> None:
     nonlocal tic, tic_step
     metrics = jax.device_get(metrics)
-    _check_finite(step, metrics)
+    check_finite(step, metrics)
     window.append(np.asarray(metrics["exit_loss"]))
     if step % tc.log_every == 0 or step == total:
       now = time.perf_counter()
@@ -289,7 +290,7 @@ def _finish(cfg, workdir, trainer, val_batches, window, seconds: float, fingerpr
     window = [] if last is None else [last]
   log_every = cfg.train.log_every
   train_loss = np.mean(window[-log_every:], axis=0).tolist() if window else None
-  summary = _summary(cfg, trainer, train_loss, val_loss_VG, seconds, fingerprint)
+  summary = run_summary(cfg, trainer.step_count, train_loss, val_loss_VG, seconds, fingerprint)
   workdir_files.write_summary(workdir, summary)
   return summary
 

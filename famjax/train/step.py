@@ -99,6 +99,7 @@ class Programs:
   init_opt: Any  # params -> optimizer state
   step: Any  # (params, opt_state, tokens_BT, hparams, weights_G) -> (params, opt_state, metrics)
   evaluate: Any  # (params, tokens_BT) -> ce_G
+  update: Any  # step before jit, which famjax.train.cohort vmaps over runs
 
 
 @functools.lru_cache(maxsize=32)
@@ -125,6 +126,7 @@ def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, microbatches: int = 1,
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   batch = sharding.batch_sharding(mesh)
+  update = functools.partial(train_step, plan=StepSpec(graphdef, optimizer, microbatches, split))
 
   def init_params(seed):
     with nnx.logical_axis_rules(sharding.RULES):
@@ -139,13 +141,13 @@ def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, microbatches: int = 1,
                           compiler_options={"xla_backend_optimization_level": 0}),
       init_opt=jax.jit(lambda params: optimizer.init(trained(params)),
                        in_shardings=(param_shardings,), out_shardings=opt_shardings),
-      step=jax.jit(functools.partial(train_step, plan=StepSpec(graphdef, optimizer,
-                                                               microbatches, split)),
+      step=jax.jit(update,
                    in_shardings=(param_shardings, opt_shardings, batch, replicated, replicated),
                    out_shardings=(param_shardings, opt_shardings, replicated),
                    donate_argnums=(0, 1)),
       evaluate=jax.jit(functools.partial(exit_losses, graphdef),
-                       in_shardings=(param_shardings, batch), out_shardings=replicated))
+                       in_shardings=(param_shardings, batch), out_shardings=replicated),
+      update=update)
 
 
 def create_model(cfg: ModelConfig, seed: int, mesh: jax.sharding.Mesh) -> FamilialTransformer:

@@ -152,6 +152,26 @@ def test_a_comparison_summary_is_json_and_prints_its_ranking(comparison):
   assert "ranked by leave-one-budget-out" in text and f"best: {result.best.name}" in text
 
 
+def test_laws_fitted_at_once_or_given_rank_as_fitted_one_by_one(comparison, monkeypatch):
+  columns, alone = comparison
+  given = {"paper": alone.candidates[[c.name for c in alone.candidates].index("paper")].fitted}
+  fits = []
+  real_fit_law = compare.fitted_law.fit_law
+  monkeypatch.setattr(compare.fitted_law, "fit_law",
+                      lambda law, *a, **k: fits.append(law.name) or real_fit_law(law, *a, **k))
+  together = compare.compare({"paper": laws.FAMILIAL, "gamma_d": laws.GAMMA_D}, columns,
+                             n_bootstrap=0, starts_every=45, fitted=given)
+  assert fits == ["gamma_d"]  # the given fit is not made again
+  assert _untimed(together.summary()) == _untimed(alone.summary())
+
+
+def _untimed(summary):
+  """A summary without its fits' wall times."""
+  if isinstance(summary, dict):
+    return {k: _untimed(v) for k, v in summary.items() if k != "seconds"}
+  return summary
+
+
 def test_without_three_budgets_laws_are_ranked_by_configurations():
   columns = _design(noise=0.002)
   columns.pop("C")

@@ -1,5 +1,6 @@
-"""The sweep: skip, resume and failure handling with a stand-in trainer (fast), and a real sweep
-killed with SIGKILL mid-run and rerun (a subprocess, as a user's launcher would run it)."""
+"""The sweep: skip, resume and failure handling with a stand-in trainer (fast), runs side by side
+in workers and as cohorts against one at a time, and a real sweep killed with SIGKILL mid-run
+and rerun (a subprocess, as a user's launcher would run it), leaving no worker behind."""
 
 import json
 import os
@@ -9,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from famjax.data.config import DataConfig
 from famjax.model.config import ModelConfig
-from famjax.study import isoflop, records, sweep
-from famjax.study.config import StudyConfig
+from famjax.study import isoflop, records, sweep, units, workers
+from famjax.study.config import ExecutionConfig, StudyConfig
 from famjax.train import loop
 from famjax.train.config import ExperimentConfig, TrainConfig
 
@@ -116,6 +118,42 @@ def test_a_study_directory_of_another_plan_is_refused(corpus_dir, tmp_path):
   sweep.write_plan(tmp_path, plan)  # the same plan again is fine
 
 
+def test_workers_and_cohorts_give_the_records_of_one_run_at_a_time(corpus_dir, tmp_path):
+  plan = mini_plan(corpus_dir)
+  alone = sweep.run(plan, tmp_path / "alone", progress=False)
+  both = sweep.run(plan, tmp_path / "both", progress=False,
+                   execution=ExecutionConfig(workers=2, cohort_size=4))
+  assert sorted(both.trained) == sorted(alone.trained) == sorted(r.run_id for r in plan.runs)
+  columns = ["run_id", "exit", "D", "N_family", "config_hash", "status"]
+  one, two = (records.collect(tmp_path / d).sort_values(["run_id", "exit"]).reset_index()
+              for d in ("alone", "both"))
+  assert one[columns].equals(two[columns])
+  # one core per worker instead of two, and vmap: float tolerance, not bitwise
+  np.testing.assert_allclose(two["val_loss"], one["val_loss"], atol=1e-5)
+  assert max(len(u) for u in units.form_units(list(plan.runs), 4)) > 1  # cohorts were formed
+
+
+def test_units_are_cohorts_of_one_shape_largest_first(corpus_dir):
+  plan = mini_plan(corpus_dir)
+  alone = units.form_units(list(plan.runs), 1)
+  assert [len(u) for u in alone] == [1] * len(plan.runs)
+  assert [u[0].run_id for u in alone] == [r.run_id for r in plan.share(0, 1)]
+  grouped = units.form_units(list(plan.runs), 2)
+  assert sorted(s.run_id for u in grouped for s in u) == sorted(r.run_id for r in plan.runs)
+  for unit in grouped:
+    assert len(unit) <= 2 and len({s.experiment.model for s in unit}) == 1
+  flops = [sum(s.flops for s in u) for u in grouped]
+  assert flops == sorted(flops, reverse=True)
+
+
+def test_workers_split_the_usable_cores():
+  cores = workers.usable_cores()
+  blocks = workers.core_sets(len(cores))
+  assert sorted(c for b in blocks for c in b) == cores and all(len(b) == 1 for b in blocks)
+  assert workers.core_sets(1) == [cores]
+  assert len(workers.core_sets(len(cores) + 1)) == len(cores) + 1  # shared round-robin
+
+
 MINI_PRESET = """
 import ml_collections
 from famjax.presets.isoflop import get_config as base
@@ -140,6 +178,7 @@ def get_config():
   config.train.seq_len = 16
   config.train.eval_batches = 2
   config.train.checkpoint_every = 5
+  config.study.workers = 2
   return config
 """
 
@@ -163,8 +202,14 @@ def test_a_sweep_killed_mid_run_loses_nothing_and_duplicates_nothing(corpus_dir,
                      and not (d / records.RECORDS).exists()]
   while not started() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.05)
+  children = _children(proc.pid)
+  assert children, "the sweep started no worker process"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  deadline = time.time() + 20
+  while any(_alive(pid) for pid in children) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(_alive(pid) for pid in children), "a worker outlived its killed sweep"
   before = {p.parent.name: p.read_text() for p in written()}
   assert len(before) >= 2
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -182,3 +227,24 @@ def test_a_sweep_killed_mid_run_loses_nothing_and_duplicates_nothing(corpus_dir,
              if "train_loss" in l]
     assert steps == sorted(set(steps)), run.name
   assert (study_dir / "report.md").exists() and "familial law" in done.stdout
+
+
+def _children(pid: int) -> list[int]:
+  """The processes whose parent is pid (Linux /proc)."""
+  found = []
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      found.append(int(stat.parent.name))
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+  except OSError:
+    return False
+  return state != "Z"
