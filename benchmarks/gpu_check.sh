@@ -9,10 +9,10 @@
 #   paper_train:  benchmarks/paper_smallest.py, 200 steps of the paper preset's smallest shape
 #   plan_on_gpu:  benchmarks/plan_on_gpu.py, the memory plan's choice for that shape (one GPU's
 #                 share of its batch) and one step at it: the compiler's and the device's peak
-#   study_throughput: benchmarks/study_throughput.py, 12 runs of the laws preset's width-32 gamma
-#                 grid one at a time and as cohorts (vmapped runs of one shape) on the GPU
+#   study_throughput: benchmarks/study_throughput.py, 24 runs of the laws preset's width-32 gamma
+#                 grid (125 steps each) one at a time and as cohorts (vmapped runs of one shape)
 # Usage: bash benchmarks/gpu_check.sh   (GPU_CHECK_SMOKE=1: tiny sizes, to check it on a CPU;
-# GPU_CHECK_PARTS="mfu study_throughput": those parts only; all of them take up to 11.5 minutes)
+# GPU_CHECK_PARTS="mfu study_throughput": those parts only; all of them take up to 12 minutes)
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -24,14 +24,14 @@ if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then
   DECODE_ARGS="--steps 20 --context 64"
   TRAIN_ARGS="--steps 3 --batch 2 --seq 128 --microbatches 1"
   PLAN_ARGS="--smoke"
-  STUDY_ARGS="--widths 32 --seeds 0,1 --tokens 16000 --modes sequential,cohorts"
+  STUDY_ARGS="--widths 32 --seeds 0,1 --tokens 52224 --modes cohorts --step_sizes 2"
 else
   MFU_ARGS="--preset small --remat none,dots,block"
   MEMORY_ARGS=""
   DECODE_ARGS="--steps 300"
   TRAIN_ARGS="--steps 200 --batch 32 --seq 2048"
   PLAN_ARGS=""
-  STUDY_ARGS="--widths 32 --seeds 0,1 --tokens 64000 --modes sequential,cohorts"
+  STUDY_ARGS="--widths 32 --seeds 0,1,2,3 --tokens 128000 --modes sequential,cohorts"
 fi
 PARTS=" ${GPU_CHECK_PARTS:-mfu step_memory decode paper_train plan_on_gpu study_throughput} "
 
@@ -54,4 +54,4 @@ part step_memory 90 $PY benchmarks/step_memory.py $MEMORY_ARGS
 part decode 110 $PY benchmarks/decode.py --workdir "$WORK/decode" $DECODE_ARGS
 part paper_train 120 $PY benchmarks/paper_smallest.py $TRAIN_ARGS
 part plan_on_gpu 120 $PY benchmarks/plan_on_gpu.py $PLAN_ARGS
-part study_throughput 110 $PY benchmarks/study_throughput.py $STUDY_ARGS
+part study_throughput 150 $PY benchmarks/study_throughput.py $STUDY_ARGS

@@ -8,7 +8,8 @@ several seeds, with 32 validation batches instead of 1024. Each mode trains a fr
 fresh process with its own empty persistent compilation cache, as `famjax study` runs (compile
 time counted), so no mode profits from another's compiled programs.
 Usage: python benchmarks/study_throughput.py [--widths 32] [--tokens 256000] [--seeds 0,1,2]
-       [--modes sequential,workers,cohorts,both] [--workers 0] [--cohort_size 8] [--step_only]
+       [--modes sequential,workers,cohorts,both] [--workers 0] [--cohort_size 8]
+       [--step_sizes 2,4,8] [--step_only]
 First it times one step of the smallest shape alone and R runs of it vmapped (per run).
 Ends with one JSON line.
 """
@@ -96,7 +97,11 @@ def study_plan(widths, tokens: int, seeds) -> isoflop.StudyPlan:
                               placement_tokens=0, placement_seeds=())
   base = ExperimentConfig(model=preset["model"], data=preset["data"],
                           train=dataclasses.replace(preset["train"], eval_batches=32))
-  return isoflop.plan_study(study, base)
+  plan = isoflop.plan_study(study, base)
+  if not plan.runs:
+    raise SystemExit(f"no run of at least {study.min_steps} steps at --tokens={tokens}: "
+                     f"{plan.dropped[:2]}")
+  return plan
 
 
 def _train(plan, outdir, n_workers, cohort_size):
@@ -128,6 +133,7 @@ def main():
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--workers", type=int, default=0, help="0: one per usable CPU core")
   parser.add_argument("--cohort_size", type=int, default=8)
+  parser.add_argument("--step_sizes", default="2,4,8", help="cohort sizes R of the step times")
   parser.add_argument("--step_only", action="store_true",
                       help="only the step times: one run alone against R runs vmapped")
   args = parser.parse_args()
@@ -135,7 +141,7 @@ def main():
   plan = study_plan([int(w) for w in args.widths.split(",")], args.tokens,
                     [int(s) for s in args.seeds.split(",")])
   gflops_matmul = matmul_gflops()
-  steps = step_times(plan)
+  steps = step_times(plan, [int(r) for r in args.step_sizes.split(",")])
   print(f"{steps['shape']}: {1e3 * steps['alone_s']:.1f} ms a step alone; vmapped, per run: "
         + ", ".join(f"R={k.split('_')[1]} {1e3 * v:.1f} ms" for k, v in steps.items()
                     if k.startswith("cohort_")))

@@ -25,7 +25,7 @@ _CPU_TRAIN = TrainConfig(batch_size=16, seq_len=64, steps=1, warmup_steps=0, lea
                          keep_checkpoints=2, log_every=10, progress=False)
 
 PRESETS = {
-    # The whole study on a 2-core CPU in 4-13 minutes (docs/benchmarks.md): 3 budgets x G in
+    # The whole study on a 2-core CPU in 4-16 minutes (docs/benchmarks.md): 3 budgets x G in
     # {1, 2, 4} x 4 sizes (N ~ 1k-13k non-embedding parameters, where these budgets' optima
     # lie), 2 dense models matched to the middle G = 2 family at 4e10 FLOPs. tokens_per_param 130
     # (non-embedding N) centres the sizes on the optima a pilot sweep found.

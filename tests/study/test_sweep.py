@@ -118,6 +118,7 @@ def test_a_study_directory_of_another_plan_is_refused(corpus_dir, tmp_path):
   sweep.write_plan(tmp_path, plan)  # the same plan again is fine
 
 
+@pytest.mark.slow
 def test_workers_and_cohorts_give_the_records_of_one_run_at_a_time(corpus_dir, tmp_path):
   plan = mini_plan(corpus_dir)
   alone = sweep.run(plan, tmp_path / "alone", progress=False)

@@ -28,6 +28,7 @@ from famjax.scaling.solver.line_search import OneTrialLineSearch, ended
 xla_scheduler.disable_concurrency_optimized_scheduler()  # before JAX first computes
 
 QUEUE_BLOCK = 8192  # queues are padded to a multiple of this, to share one compilation
+MIN_LANES = 8  # `run` gives a queue shorter than solver.lanes the next power of two of lanes
 MIN_ROWS = 16  # row counts are padded to a power of two at least this
 CHUNK_STEPS = 256  # loop steps per host call in `run`
 
@@ -273,7 +274,12 @@ def run(problem: Problem, q: Queue, solver: Solver, active_S=None, progress=None
     return out
   size = -(-max(n, solver.lanes) // QUEUE_BLOCK) * QUEUE_BLOCK
   padded, part = _padded(problem, jax.tree.map(lambda a: a[index], q), size)
-  solver = dataclasses.replace(solver, stop=StopRules(*(jnp.asarray(v) for v in solver.stop)))
+  # every lane steps each time, busy or not: a short queue (a polish, held-out folds, the few
+  # refits left to restart) on 256 lanes pays 256 lanes' steps; its starts' paths are the same
+  # on fewer lanes (each lane's arithmetic is its own), so their results are bitwise equal
+  lanes = min(solver.lanes, max(MIN_LANES, 1 << (n - 1).bit_length()))
+  solver = dataclasses.replace(solver, lanes=lanes,
+                               stop=StopRules(*(jnp.asarray(v) for v in solver.stop)))
   carry, going = _start(padded, part, solver, jnp.int32(n)), True
   while bool(going):
     carry, going = _advance(padded, part, solver, jnp.int32(n), carry)
