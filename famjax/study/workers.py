@@ -101,11 +101,12 @@ def train_in_workers(units: list[tuple[RunSpec, ...]], study_dir: str | Path, da
       else:
         done.add(index)
         yield from payload
+    for proc in procs:  # every unit is done: each worker has its stop and ends by itself
+      proc.join(timeout=30)
   finally:
     for proc in procs:
       if proc.is_alive():
         proc.terminate()
-    for proc in procs:
       proc.join(timeout=30)
     for channel in (jobs, results):
       channel.close()
