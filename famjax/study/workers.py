@@ -21,10 +21,12 @@ from typing import Iterator
 
 import jax
 import numpy as np
+from absl import logging
 
+from famjax import data
 from famjax.data.config import DataConfig
 from famjax.study.isoflop import RunSpec
-from famjax.study.units import FAILED, Outcome, bundles, record_failure, run_dir
+from famjax.study.units import FAILED, Outcome, bundles, record_failure, run_dir, train_unit
 
 # the process's JAX settings a worker takes over (the persistent compilation cache)
 JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
@@ -124,22 +126,19 @@ def _lost(unit, proc, study_dir, fingerprint) -> Iterator[Outcome]:
 
 def _work(worker: int, cores: list[int], jobs, results, study_dir: str, data_cfg: DataConfig,
           settings: dict) -> None:
-  """A worker's life: pinned to its cores before JAX starts its CPU backend, then one unit after
-  another until the queue says stop."""
+  """A worker's life: pinned to its cores before JAX starts its CPU backend (importing JAX starts
+  none), then one unit after another until the queue says stop."""
   if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, cores)
   _exit_with_parent()
   for name, value in settings.items():
     jax.config.update(name, value)
-  from absl import logging
   logging.set_verbosity(logging.WARNING)
-  from famjax import data
-  from famjax.study import units
   tokens = data.load_tokens(data_cfg)
   while (bundle := jobs.get()) is not None:
     for index, unit in bundle:
       results.put(("start", worker, index, None))
-      results.put(("done", worker, index, units.train_unit(unit, study_dir, tokens)))
+      results.put(("done", worker, index, train_unit(unit, study_dir, tokens)))
 
 
 def _exit_with_parent() -> None:
